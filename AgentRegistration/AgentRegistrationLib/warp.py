@@ -1,0 +1,58 @@
+"""The one spatial transformer of the engine, and composition of displacements.
+
+A displacement ``u`` (``(B, dim, *spatial)``, channel ``c`` along ITK axis ``c``, in voxels)
+maps each fixed voxel ``x`` to the moving position ``x + u(x)``; ``warp(M, u)(x) = M(x + u(x))``,
+the resampling convention of ITK. Outside the image, values are taken from the border.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_identity_cache: dict[tuple, torch.Tensor] = {}
+
+
+def identity_grid(spatial: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Voxel coordinates ``(dim, *spatial)``, channel order (x, y[, z]); built once per shape."""
+    key = (tuple(spatial), str(device), dtype)
+    grid = _identity_cache.get(key)
+    if grid is None:
+        axes = torch.meshgrid(*[torch.arange(n, device=device, dtype=dtype) for n in spatial], indexing="ij")
+        grid = torch.stack(axes[::-1])  # array order (z, y, x) -> ITK channel order (x, y, z)
+        _identity_cache[key] = grid
+    return grid
+
+
+def _sampling_grid(displacement: torch.Tensor) -> torch.Tensor:
+    spatial = displacement.shape[2:]
+    dim = len(spatial)
+    pos = identity_grid(tuple(spatial), displacement.device, displacement.dtype) + displacement
+    sizes = torch.tensor(spatial[::-1], device=displacement.device, dtype=displacement.dtype)
+    norm = 2.0 * pos / (sizes - 1).clamp(min=1).view(dim, *([1] * dim)) - 1.0
+    return norm.movedim(1, -1)  # (B, *spatial, dim), last axis (x, y[, z]) as grid_sample wants
+
+
+def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Resample ``image`` ``(B, C, *spatial)`` at ``x + displacement(x)``.
+
+    ``mode`` is ``"bilinear"`` (linear, also in 3-D) for intensities, ``"nearest"`` for labels.
+    Labels keep their dtype.
+    """
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"warp mode must be 'bilinear' or 'nearest', not {mode!r}")
+    if image.shape[0] != displacement.shape[0] and image.shape[0] != 1:
+        raise ValueError(f"batch sizes differ: image {image.shape[0]}, displacement {displacement.shape[0]}")
+    grid = _sampling_grid(displacement)
+    src = image.to(displacement.dtype)
+    if src.shape[0] == 1 and grid.shape[0] > 1:
+        src = src.expand(grid.shape[0], *src.shape[1:])
+    out = F.grid_sample(src, grid, mode=mode, padding_mode="border", align_corners=True)
+    return out.to(image.dtype) if not image.is_floating_point() else out
+
+
+def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Displacement of "apply ``first``, then ``second``" in resampling terms:
+    ``warp(warp(M, second), first) == warp(M, compose(first, second))``,
+    i.e. ``u(x) = first(x) + second(x + first(x))``."""
+    return first + warp(second, first)
