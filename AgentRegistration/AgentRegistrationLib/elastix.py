@@ -73,11 +73,37 @@ def _write_points(path: Path, points: np.ndarray) -> str:
     return str(path)
 
 
-def translation_prealignment(fixed: sitk.Image, moving: sitk.Image) -> np.ndarray:
+def translation_prealignment(fixed: sitk.Image, moving: sitk.Image, roi: sitk.Image | None = None,
+                             max_fraction: float = 0.15) -> tuple[np.ndarray, str]:
     """Translation ``t`` (physical units) with ``fixed(x) ~ moving(x + t)``, by elastix's
-    default translation registration (mutual information, 4 resolutions)."""
-    maps = register(fixed, moving, [default_map("translation")])
-    return np.array([float(v) for v in maps[0]["TransformParameters"]])
+    translation registration (Mattes mutual information, 3 resolutions) of the fixed image's
+    region of interest ``roi`` (a cropped copy of ``fixed``; default: all of it) to the moving
+    image, both intensity-normalised.
+
+    Returns ``(t, status)``. On these MR images the registration fails now and then (it stops
+    with an error, or runs away); then ``t`` is zero and ``status`` says why, so callers can
+    report it. A result is taken as a runaway when one of its components exceeds
+    ``max_fraction`` of the fixed image's extent along that axis.
+    """
+    from .preprocessing import normalise_intensity
+
+    def normalised(image):
+        out = sitk.GetImageFromArray(normalise_intensity(sitk.GetArrayFromImage(image)))
+        out.CopyInformation(image)
+        return out
+
+    dim = fixed.GetDimension()
+    parameter_map = default_map("translation", resolutions=3, MaximumStepLength="2.0", NumberOfSpatialSamples="4096",
+                                MaximumNumberOfIterations="300", RequiredRatioOfValidSamples="0.05")
+    try:
+        maps = register(normalised(roi if roi is not None else fixed), normalised(moving), [parameter_map])
+    except RuntimeError:
+        return np.zeros(dim), "elastix translation registration failed; no translation applied"
+    t = np.array([float(v) for v in maps[0]["TransformParameters"]])
+    extent = (np.array(fixed.GetSize()) - 1) * np.array(fixed.GetSpacing())
+    if np.any(np.abs(t) > max_fraction * extent):
+        return np.zeros(dim), f"elastix translation {np.round(t, 1).tolist()} ran away; no translation applied"
+    return t, "ok"
 
 
 def bspline_map(grid_spacing: tuple[float, ...], iterations: int = 500, resolutions: int = 3,
@@ -151,8 +177,9 @@ def bspline_transform_map(coefficients: np.ndarray, grid: ControlGrid, reference
 def transformix_displacement(maps: list[dict], reference: sitk.Image) -> np.ndarray:
     """transformix's deformation field on ``reference``'s grid: array ``(*array shape, dim)``,
     physical units, component order (x, y[, z])."""
-    field = itk.transformix_deformation_field(to_itk(reference), _parameter_object(maps))
-    return np.asarray(itk.array_from_image(field), dtype=np.float64)
+    with tempfile.TemporaryDirectory(prefix="agentreg-transformix-") as tmp:  # transformix writes a file there
+        field = itk.transformix_deformation_field(to_itk(reference), _parameter_object(maps), output_directory=tmp)
+        return np.asarray(itk.array_from_image(field), dtype=np.float64).copy()
 
 
 def resample_with(maps: list[dict], moving: sitk.Image, label: bool = False) -> sitk.Image:

@@ -143,6 +143,19 @@ def _inside_fraction(image: sitk.Image, frame: ModelFrame, translation: np.ndarr
     return float(resample_to_frame(ones, frame, translation, label=True).mean())
 
 
+def crop_roi(image: sitk.Image, crop_fraction: tuple[float, ...]) -> sitk.Image:
+    """The central box of ``image`` covering ``crop_fraction`` of each axis (for pre-alignment)."""
+    size = np.array(image.GetSize())
+    keep = np.maximum(np.round(size * np.array(crop_fraction[: image.GetDimension()])).astype(int), 1)
+    start = (size - keep) // 2
+    return sitk.RegionOfInterest(image, keep.tolist(), start.tolist())
+
+
+def prealign_translation(fixed: sitk.Image, moving: sitk.Image, geometry: ModelGeometry) -> tuple[np.ndarray, str]:
+    """Translation pre-alignment of ``moving`` onto the region of interest of ``fixed``."""
+    return elastix.translation_prealignment(fixed, moving, crop_roi(fixed, geometry.crop_fraction))
+
+
 def middle_slice(image: sitk.Image, index: int | None = None) -> sitk.Image:
     """The axial slice ``index`` (default: the middle one) of a 3-D image, as a 2-D image."""
     if image.GetDimension() != 3:
@@ -171,8 +184,9 @@ def prepare_pair(
         raise ValueError(f"fixed image is {fixed.GetDimension()}-D but moving image is {moving.GetDimension()}-D")
     frame = ModelFrame.for_fixed(fixed, geometry, centre)
     dim = fixed.GetDimension()
+    status = "given" if translation is not None else "none"
     if translation is None:
-        translation = elastix.translation_prealignment(fixed, moving) if prealign else np.zeros(dim)
+        translation, status = prealign_translation(fixed, moving, geometry) if prealign else (np.zeros(dim), "none")
     translation = np.asarray(translation, dtype=float)
     if _inside_fraction(moving, frame, translation) < 0.25:
         raise ValueError(
@@ -185,6 +199,7 @@ def prepare_pair(
         moving=normalise_intensity(resample_to_frame(moving, frame, translation)),
         frame=frame,
         translation=translation,
+        info={"prealignment": status},
     )
     if fixed_label is not None:
         pair.fixed_label = resample_to_frame(fixed_label, frame, label=True)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Ground truth and SDMs on the training split of the shared PROMISE12 data, and the results
+# file results/groundtruth.md. About 45 min on 2 cores. Reruns resume from the per-pair cache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data/promise12/grid128}
+WORK=${WORK:-work}
+SPLIT=Resources/promise12_split.json
+agentreg groundtruth "$DATA" --split $SPLIT --dim 2 --iterations 200 --out "$WORK/gt2d"
+agentreg groundtruth "$DATA" --split $SPLIT --dim 3 --iterations 150 --max-pairs 300 --seed 0 --out "$WORK/gt3d"
+agentreg sdm "$WORK/gt2d" --modes 15 --out "$WORK/sdm2d.npz" --report-modes 5,10,15,25,40 --report "$WORK/gt2d/report.md"
+agentreg sdm "$WORK/gt3d" --modes 25 --out "$WORK/sdm3d.npz" --report-modes 5,10,15,25,40 --report "$WORK/gt3d/report.md"
+mkdir -p results
+{ echo "# Ground truth and statistical deformation model on PROMISE12 (training split)"; echo;
+  echo "Made by \`bash scripts/groundtruth_promise12.sh\` (split: \`$SPLIT\`; data: \`$DATA\`). Distances in voxels; Dice on the model grid."; echo;
+  cat "$WORK/gt2d/report.md"; echo; cat "$WORK/gt3d/report.md"; } > results/groundtruth.md
