@@ -136,6 +136,86 @@ def cmd_sdm(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- train
+def cmd_train(args) -> int:
+    import torch
+
+    from .bundle import resolve_device
+    from .dataset import find_subjects, prepare_subject
+    from .image_io import read_image
+    from .sdm import StatisticalDeformationModel
+    from .sdm_fitting import load_groundtruth
+    from .training import TrainingSet, config_by_name, train, validation_pairs_from_subjects
+
+    device = resolve_device(args.device)
+    config = config_by_name(args.config).with_overrides(args.set or [])
+    geometry, _ = load_groundtruth(Path(args.groundtruth))
+    sdm = StatisticalDeformationModel.load(args.sdm)
+    training_set = TrainingSet.from_groundtruth(Path(args.groundtruth))
+    validation = None
+    if args.data and args.split:
+        from .dataset import load_split
+
+        summary = json.loads((Path(args.groundtruth) / "summary.json").read_text())
+        all_subjects = find_subjects(args.data)
+        template = next(s for s in all_subjects if s.name == summary["template"])
+        names = load_split(args.split)["validation"]
+        chosen = [s for s in all_subjects if s.name in set(names)]
+        cache = Path(args.groundtruth) / "validation_subjects"
+        template_image = read_image(template.image, "template image")
+        prepared = [prepare_subject(s, template_image, geometry, cache) for s in chosen]
+        validation = validation_pairs_from_subjects(prepared, config.validation_pairs, config.seed)
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    rep = Reporter("train", config.iterations, args.progress_json)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else Path(args.out).with_suffix(".checkpoint.pt")
+    bundle = train(config, training_set, sdm, geometry, Path(args.out), device, checkpoint, validation,
+                   lambda i, n, info: rep.update(i, **info))
+    rep.close()
+    t = bundle.training
+    print(f"trained {config.name} ({config.architecture}) for {t['iterations']} batches in {t['seconds'] / 60:.1f} min on "
+          f"{t['device']}; final loss {t['final_loss']:.4g}, held-out best-action accuracy {t['held_out_accuracy']:.2f} "
+          f"(chance {t['chance_accuracy']:.3f}); validation {bundle.validation}; saved {args.out}", file=sys.stderr)
+    if args.progress_json:
+        print(json.dumps({"stage": "done", "bundle": str(args.out)}), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- register
+def cmd_register(args) -> int:
+    from .bundle import load_bundle, resolve_device
+    from .image_io import read_image, read_label
+    from .outputs import write_registration_outputs
+    from .registration import Registrar
+
+    device = resolve_device(args.device)
+    fixed = read_image(args.fixed, "fixed image")
+    moving = read_image(args.moving, "moving image")
+    fixed_label = read_label(args.fixed_label, "fixed label") if args.fixed_label else None
+    moving_label = read_label(args.moving_label, "moving label") if args.moving_label else None
+    bundle = load_bundle(args.model)
+    if fixed.GetDimension() != bundle.dim:
+        raise ValueError(f"{args.model} is a {bundle.dim}-D model but {args.fixed} is {fixed.GetDimension()}-D: "
+                         f"use a {fixed.GetDimension()}-D model" + (" or extract a slice first" if bundle.dim == 2 else ""))
+    registrar = Registrar(bundle, device)
+    settings = registrar.settings(steps=args.steps, seed=args.seed, fuzzy_k=args.fuzzy_k,
+                                  stop_on_convergence=args.stop_on_convergence,
+                                  fuzzy_action_control=not args.no_fuzzy)
+    rep = Reporter("register", settings.steps, args.progress_json)
+    result = registrar.register(fixed, [moving], settings, fixed_label, [moving_label],
+                                callback=lambda step, total: rep.update(step))[0]
+    rep.close()
+    write_registration_outputs(result, Path(args.output_dir), moving, bundle.sdm, bundle.geometry, fixed, args.save_steps)
+    m = result.metrics
+    summary = f"registered in {m['seconds']['total']:.2f} s (agent {m['seconds']['agent']:.2f} s, {m['steps']} steps on {device})"
+    if "dice_after" in m:
+        summary += f"; Dice {m['dice_before']:.3f} -> {m['dice_after']:.3f}"
+    print(summary + f"; outputs in {args.output_dir}", file=sys.stderr)
+    if args.progress_json:
+        print(json.dumps({"stage": "done", "output_dir": str(args.output_dir), "metrics": m}), flush=True)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentreg", description=__doc__.splitlines()[0])
@@ -168,12 +248,37 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_sdm)
 
-    for register in _extra_commands:
-        register(sub, common)
+    p = sub.add_parser("train", help="train the dual-stream Q-network on synthetic pairs (Eq. 1)")
+    p.add_argument("--groundtruth", required=True, help="output folder of 'agentreg groundtruth' (training subjects and GT)")
+    p.add_argument("--sdm", required=True, help="SDM file of 'agentreg sdm'")
+    p.add_argument("--out", required=True, help="model bundle to write (.pt)")
+    p.add_argument("--config", default="compact", help="training configuration by name: paper or compact")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a configuration field (repeatable)")
+    p.add_argument("--checkpoint", help="checkpoint file (default: OUT with .checkpoint.pt); an existing one is resumed")
+    p.add_argument("--data", help="data folder or CSV, for validation on real pairs (with --split)")
+    p.add_argument("--split", help="split JSON whose 'validation' subjects are used for validation")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("register", help="register a moving image to a fixed image with a trained agent")
+    p.add_argument("--fixed", required=True)
+    p.add_argument("--moving", required=True)
+    p.add_argument("--model", required=True, help="model bundle (.pt)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--fixed-label")
+    p.add_argument("--moving-label")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--steps", type=int, help="MDP steps (default: the bundle's, 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-fuzzy", action="store_true", help="switch fuzzy action control off (the paper's nfc)")
+    p.add_argument("--fuzzy-k", type=float, help="fuzzy action control k (default 1.5)")
+    p.add_argument("--stop-on-convergence", action="store_true", help="stop early when the agent oscillates")
+    p.add_argument("--save-steps", type=int, default=0, metavar="K", help="also write the warped image every K steps")
+    common(p)
+    p.set_defaults(func=cmd_register)
     return parser
-
-
-_extra_commands: list = []
 
 
 def main(argv: list[str] | None = None) -> int:

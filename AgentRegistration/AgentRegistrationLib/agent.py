@@ -1,0 +1,175 @@
+"""The agent's Markov decision process at test time (paper, 2.1 and 2.2).
+
+State: the fixed image and the moving image warped by the current parameters ``theta``.
+Actions: ``2d``; action ``2i`` adds the step of mode ``i``, action ``2i+1`` subtracts it.
+The network's Q-values pick the action; with a small fixed probability a random accepted
+action is taken instead (the paper's stochastic exploration). Fuzzy action control
+stochastically rejects moves that leave the plausible part of the SDM: a move of mode ``m`` to
+``f`` is accepted with probability ``min(1, N(f; mu, sigma) / N(h; mu, sigma))``, ``h = mu + k
+sigma``; a rejected action gets a large negative Q-value, so the next best is taken.
+
+Speed: the loop stays on one device; one action changes one mode, so the dense displacement is
+updated by adding one precomputed mode field (never recomputed from all modes); many pairs run
+as one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .network import DualStreamQNetwork
+from .sdm import StatisticalDeformationModel
+from .warp import warp
+
+REJECTED = -1.0e9
+
+
+@dataclass
+class AgentSettings:
+    steps: int = 200
+    fuzzy_action_control: bool = True
+    fuzzy_k: float = 1.5
+    exploration: float = 0.05  # probability of a random (accepted) action instead of the best
+    stop_on_convergence: bool = False
+    convergence_window: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, not {self.steps}")
+        if self.fuzzy_k <= 0:
+            raise ValueError(f"fuzzy action control k must be > 0, not {self.fuzzy_k}")
+        if not 0.0 <= self.exploration < 1.0:
+            raise ValueError(f"exploration probability must be in [0, 1), not {self.exploration}")
+
+
+@dataclass
+class Trajectory:
+    """Per step and pair: the action taken, all Q-values, which actions fuzzy control rejected,
+    the parameters after the step and, with labels, the Dice after the step."""
+
+    actions: list[torch.Tensor] = field(default_factory=list)  # (B,) long; -1 once a pair has stopped
+    q_values: list[torch.Tensor] = field(default_factory=list)  # (B, 2d)
+    rejected: list[torch.Tensor] = field(default_factory=list)  # (B, 2d) bool
+    theta: list[torch.Tensor] = field(default_factory=list)  # (B, d), after the step
+    dice: list[torch.Tensor] = field(default_factory=list)  # (B,), after the step
+
+    def stacked(self) -> dict[str, np.ndarray]:
+        out = {k: torch.stack(getattr(self, k)).cpu().numpy() for k in ("actions", "q_values", "rejected", "theta")
+               if getattr(self, k)}
+        if self.dice:
+            out["dice"] = torch.stack(self.dice).cpu().numpy()
+        return out
+
+
+@dataclass
+class AgentResult:
+    theta: np.ndarray  # (B, d)
+    theta_start: np.ndarray  # (d,)
+    displacement: torch.Tensor  # (B, dim, *spatial), model voxels
+    trajectory: Trajectory
+    steps_taken: np.ndarray  # (B,)
+
+
+def fuzzy_acceptance(theta: torch.Tensor, deltas: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
+                     k: float) -> torch.Tensor:
+    """Acceptance probability of every action: ``(B, 2d)`` from ``theta`` ``(B, d)`` and the
+    signed action increments ``deltas`` ``(2d,)`` (action ``a`` moves mode ``a // 2``)."""
+    mode = torch.arange(deltas.numel(), device=theta.device) // 2
+    f = theta[:, mode] + deltas
+    z2 = ((f - mu[mode]) / sigma[mode]) ** 2
+    return torch.exp(-(z2 - k * k) / 2.0).clamp(max=1.0)
+
+
+def signed_steps(action_steps: torch.Tensor) -> torch.Tensor:
+    """``(2d,)``: +step for action 2i, -step for action 2i+1."""
+    return torch.stack([action_steps, -action_steps], dim=1).reshape(-1)
+
+
+def dice_batch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.flatten(1) > 0, b.flatten(1) > 0
+    total = a.sum(1) + b.sum(1)
+    return torch.where(total > 0, 2.0 * (a & b).sum(1) / total.clamp(min=1), torch.ones_like(total, dtype=torch.float))
+
+
+class Agent:
+    """Runs the MDP for a batch of pairs on one device."""
+
+    def __init__(self, network: DualStreamQNetwork, sdm: StatisticalDeformationModel, image_size: tuple[int, ...],
+                 action_steps: np.ndarray, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.sdm = sdm
+        bases = sdm.grid.image_bases(image_size, device=self.device, dtype=torch.float32)
+        self.mean_field, self.mode_fields = sdm.fields(bases)  # (dim, *sp), (d, dim, *sp)
+        self.action_steps = torch.as_tensor(action_steps, dtype=torch.float32, device=self.device)
+        self.deltas = signed_steps(self.action_steps)
+        self.mu = torch.as_tensor(sdm.mu, dtype=torch.float32, device=self.device)
+        self.sigma = torch.as_tensor(sdm.sigma, dtype=torch.float32, device=self.device)
+        self.theta_start = torch.as_tensor(sdm.project(np.zeros(len(sdm.mean))), dtype=torch.float32, device=self.device)
+
+    def displacement(self, theta: torch.Tensor) -> torch.Tensor:
+        """Dense displacement ``(B, dim, *spatial)`` of parameters ``(B, d)`` (from all modes)."""
+        return self.mean_field + torch.einsum("bm,m...->b...", theta, self.mode_fields)
+
+    @torch.no_grad()
+    def run(self, fixed: torch.Tensor, moving: torch.Tensor, settings: AgentSettings,
+            moving_label: torch.Tensor | None = None, fixed_label: torch.Tensor | None = None,
+            callback: Callable[[int, int], bool | None] | None = None) -> AgentResult:
+        """Register ``moving`` to ``fixed`` (``(B, 1, *spatial)`` on the model grid).
+
+        ``callback(step, total)`` is called after every step; returning ``False`` cancels
+        (raises ``InterruptedError``).
+        """
+        fixed = fixed.to(self.device, torch.float32)
+        moving = moving.to(self.device, torch.float32)
+        batch = fixed.shape[0]
+        gen = torch.Generator(device=self.device).manual_seed(settings.seed)
+        theta = self.theta_start.expand(batch, -1).clone()
+        u = self.displacement(theta)
+        active = torch.ones(batch, dtype=torch.bool, device=self.device)
+        steps_taken = torch.zeros(batch, dtype=torch.long, device=self.device)
+        labels = moving_label is not None and fixed_label is not None
+        if labels:
+            moving_label = moving_label.to(self.device)
+            fixed_label = fixed_label.to(self.device)
+        trajectory = Trajectory()
+        rows = torch.arange(batch, device=self.device)
+        for step in range(settings.steps):
+            q = self.network(fixed, warp(moving, u))
+            if settings.fuzzy_action_control:
+                p = fuzzy_acceptance(theta, self.deltas, self.mu, self.sigma, settings.fuzzy_k)
+                rejected = torch.rand(p.shape, generator=gen, device=self.device) >= p
+            else:
+                rejected = torch.zeros_like(q, dtype=torch.bool)
+            controlled = q.masked_fill(rejected, REJECTED)
+            action = controlled.argmax(dim=1)
+            if settings.exploration > 0:
+                explore = torch.rand(batch, generator=gen, device=self.device) < settings.exploration
+                noise = torch.rand(q.shape, generator=gen, device=self.device).masked_fill(rejected, -1.0)
+                action = torch.where(explore, noise.argmax(dim=1), action)
+            delta = self.deltas[action] * active
+            mode = action // 2
+            theta[rows, mode] += delta
+            u += delta.view(-1, *([1] * (u.dim() - 1))) * self.mode_fields[mode]
+            steps_taken += active.long()
+            trajectory.actions.append(torch.where(active, action, torch.full_like(action, -1)))
+            trajectory.q_values.append(q)
+            trajectory.rejected.append(rejected)
+            trajectory.theta.append(theta.clone())
+            if labels:
+                trajectory.dice.append(dice_batch(warp(moving_label, u, mode="nearest"), fixed_label))
+            if settings.stop_on_convergence and step + 1 >= settings.convergence_window:
+                past = trajectory.theta[-settings.convergence_window]
+                # converged: no mode moved by more than one step over the window (the agent oscillates)
+                active &= ((theta - past).abs() > self.action_steps * 1.01).any(dim=1)
+            if callback is not None and callback(step + 1, settings.steps) is False:
+                raise InterruptedError("registration cancelled")
+            if not active.any():
+                break
+        return AgentResult(theta.cpu().double().numpy(), self.theta_start.cpu().double().numpy(), u, trajectory,
+                           steps_taken.cpu().numpy())

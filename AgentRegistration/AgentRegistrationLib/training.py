@@ -1,0 +1,289 @@
+"""Supervised training of the dual-stream Q-network by Eq. 1 (paper, 2.1 and 3).
+
+Mini-batches of synthetic intra- and inter-subject pairs are made online on the training
+device; the loss is the sum over actions of squared differences between predicted and Eq. 1
+Q-values (averaged over the batch). RMSprop, learning rate 1e-3 decayed by 0.8 every 10k
+batches, batch 65 (2-D) / 30 (3-D), as in the paper; all overridable. Periodically the agent
+runs on real validation pairs and its Dice is reported. Checkpoints hold model, optimizer,
+scheduler, step, history and config; a rerun resumes from them. Under ``torchrun`` (``RANK``
+set) it trains with DistributedDataParallel; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .agent import Agent, AgentSettings, dice_batch
+from .bundle import ModelBundle
+from .image_io import atomic_write
+from .network import DualStreamQNetwork, NetworkConfig
+from .preprocessing import ModelGeometry
+from .sdm import StatisticalDeformationModel
+from .synthetic import SyntheticPairGenerator, q_targets
+
+
+@dataclass
+class TrainingConfig:
+    name: str = "compact"
+    architecture: str = "compact"
+    batch_size: int = 0  # 0: the paper's 65 (2-D) / 30 (3-D)
+    learning_rate: float = 1e-3
+    lr_decay: float = 0.8
+    lr_decay_every: int = 10_000
+    iterations: int = 20_000
+    intra_probability: float = 0.5
+    draw_scale: float = 1.0
+    step_fraction: float = 0.25  # action step of mode m = step_fraction * mean |theta_m| of the real pairs
+    validate_every: int = 1000
+    validation_pairs: int = 8
+    validation_steps: int = 100
+    checkpoint_every: int = 200
+    seed: int = 0
+
+    def batch(self, dim: int) -> int:
+        return self.batch_size or (65 if dim == 2 else 30)
+
+    def with_overrides(self, overrides: list[str]) -> TrainingConfig:
+        """``["key=value", ...]`` with each value converted to the field's type (checked)."""
+        types = {f.name: f.type for f in dataclasses.fields(self)}
+        changes = {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or key not in types:
+                raise ValueError(f"bad training override {item!r}: use key=value with key one of {sorted(types)}")
+            kind = {"int": int, "float": float, "str": str}[types[key]]
+            try:
+                changes[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"training override {key}={value!r}: expected a {types[key]}") from None
+        return dataclasses.replace(self, **changes)
+
+
+CONFIGS = {
+    "paper": TrainingConfig(name="paper", architecture="paper", iterations=100_000),
+    "compact": TrainingConfig(name="compact", architecture="compact"),
+}
+
+
+def config_by_name(name: str) -> TrainingConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown training configuration {name!r}; choose one of {sorted(CONFIGS)}")
+    return CONFIGS[name]
+
+
+@dataclass
+class TrainingSet:
+    """Training subjects on the model grid and the real GT deformations between them."""
+
+    names: list[str]
+    images: np.ndarray  # (S, *spatial) float32
+    labels: np.ndarray  # (S, *spatial) uint8
+    pairs: list[tuple[int, int]]  # (moving, fixed) subject indices
+    coefficients: np.ndarray  # (P, n_coefficients)
+
+    @classmethod
+    def from_groundtruth(cls, gt_dir: Path) -> TrainingSet:
+        from .sdm_fitting import load_groundtruth
+
+        _, results = load_groundtruth(gt_dir)
+        names = sorted({r.moving for r in results} | {r.fixed for r in results})
+        images, labels = [], []
+        for n in names:
+            with np.load(Path(gt_dir) / "subjects" / f"{n}.npz") as z:
+                images.append(z["image"])
+                labels.append(z["label"])
+        index = {n: i for i, n in enumerate(names)}
+        pairs = [(index[r.moving], index[r.fixed]) for r in results]
+        return cls(names, np.stack(images), np.stack(labels), pairs, np.stack([r.coefficients for r in results]))
+
+
+@dataclass
+class ValidationPair:
+    fixed: np.ndarray
+    moving: np.ndarray
+    fixed_label: np.ndarray
+    moving_label: np.ndarray
+    name: str
+
+
+def _distributed() -> tuple[int, int]:
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def action_steps_for(sdm: StatisticalDeformationModel, config: TrainingConfig) -> np.ndarray:
+    return np.asarray(sdm.mean_abs, dtype=np.float64) * config.step_fraction
+
+
+def train(
+    config: TrainingConfig,
+    training_set: TrainingSet,
+    sdm: StatisticalDeformationModel,
+    geometry: ModelGeometry,
+    out_bundle: Path,
+    device: torch.device,
+    checkpoint: Path | None = None,
+    validation: list[ValidationPair] | None = None,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> ModelBundle:
+    """Train (or resume from ``checkpoint``) and save the model bundle ``out_bundle``."""
+    rank, world = _distributed()
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.manual_seed(config.seed + rank)
+    dim = geometry.dim
+    sdm.check_grid(geometry.control_grid())
+    if training_set.images.shape[1:] != geometry.array_shape:
+        raise ValueError(f"training images are {training_set.images.shape[1:]} but the model grid is {geometry.array_shape}")
+    net_config = NetworkConfig(config.architecture, dim, tuple(geometry.size), 2 * sdm.num_modes)
+    network = DualStreamQNetwork(net_config).to(device)
+    action_steps = action_steps_for(sdm, config)
+    agent = Agent(network, sdm, geometry.size, action_steps, device)
+    deltas = agent.deltas
+    q_scale = float((agent.action_steps**2).mean())
+
+    real_theta = sdm.project(training_set.coefficients)
+    images = torch.as_tensor(training_set.images, device=device)[:, None]
+    labels = torch.as_tensor(training_set.labels, device=device)[:, None]
+    generator = SyntheticPairGenerator(
+        images, labels, training_set.pairs, real_theta, sdm, agent.mode_fields, agent.theta_start,
+        config.intra_probability, config.draw_scale,
+        torch.Generator(device=device).manual_seed(config.seed * 1000 + rank))
+    held_out = SyntheticPairGenerator(
+        images, labels, training_set.pairs, real_theta, sdm, agent.mode_fields, agent.theta_start,
+        config.intra_probability, config.draw_scale, torch.Generator(device=device).manual_seed(987654))
+    with torch.no_grad():
+        hf, hm, htheta, _ = held_out.sample(64)
+        h_target = q_targets(htheta, agent.theta_start.expand(64, -1), deltas) / q_scale
+
+    model = network
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=config.learning_rate)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_every, gamma=config.lr_decay)
+    start, history, seconds = 0, [], 0.0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state["config"] != dataclasses.asdict(config):
+            raise ValueError(f"checkpoint {checkpoint} was made with another training configuration; "
+                             "use the same configuration to resume, or another checkpoint path to start over")
+        network.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.gen.set_state(state["generator"].cpu())
+        start, history, seconds = int(state["iteration"]), [list(h) for h in state["history"]], float(state["seconds"])
+
+    def save_checkpoint(iteration: int) -> None:
+        if checkpoint is None or rank != 0:
+            return
+        state = {"config": dataclasses.asdict(config), "model": network.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "generator": generator.gen.get_state(), "iteration": iteration,
+                 "history": history, "seconds": seconds}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(checkpoint, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+        lines = ["iteration,loss,held_out_accuracy,validation_dice"] + [",".join(f"{v:.6g}" for v in h) for h in history]
+        atomic_write(Path(checkpoint).with_name("loss.csv"), lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+
+    batch = config.batch(dim)
+    model.train()
+    t0 = time.perf_counter()
+    running = []
+    validation_result: dict = {}
+    for iteration in range(start + 1, config.iterations + 1):
+        with torch.no_grad():
+            fixed, moving, theta_gt, _ = generator.sample(batch)
+            target = q_targets(theta_gt, agent.theta_start.expand(batch, -1), deltas) / q_scale
+        prediction = model(fixed, moving)
+        loss = ((prediction - target) ** 2).sum(dim=1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        running.append(float(loss))
+        log_now = iteration % 50 == 0 or iteration == config.iterations
+        if log_now:
+            accuracy = held_out_accuracy(network, hf, hm, h_target)
+            model.train()
+            val = float("nan")
+            if validation and rank == 0 and (iteration % config.validate_every == 0 or iteration == config.iterations):
+                validation_result = validate(agent, validation, config)
+                val = validation_result["dice_median"]
+                model.train()
+            history.append([iteration, float(np.mean(running)), accuracy, val])
+            running = []
+            if progress and rank == 0:
+                progress(iteration, config.iterations, {"loss": history[-1][1], "accuracy": accuracy,
+                                                        **({"val_dice": val} if val == val else {})})
+        if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+            seconds_now = seconds + time.perf_counter() - t0
+            seconds, t0 = seconds_now, time.perf_counter()
+            save_checkpoint(iteration)
+    seconds += time.perf_counter() - t0
+    if validation and rank == 0 and not validation_result:
+        validation_result = validate(agent, validation, config)
+    bundle = ModelBundle(
+        network=network.cpu().eval(), sdm=sdm, geometry=geometry, action_steps=action_steps,
+        agent_defaults={"fuzzy_k": 1.5, "exploration": 0.05, "steps": 200},
+        training={"config": dataclasses.asdict(config), "iterations": config.iterations, "seconds": seconds,
+                  "device": str(device) + (f" x{world}" if world > 1 else ""), "subjects": training_set.names,
+                  "real_pairs": len(training_set.pairs), "final_loss": history[-1][1] if history else None,
+                  "held_out_accuracy": history[-1][2] if history else None,
+                  "chance_accuracy": 1.0 / net_config.num_actions},
+        validation=validation_result,
+    )
+    if rank == 0:
+        bundle.save(out_bundle)
+    network.to(device)
+    return bundle
+
+
+@torch.no_grad()
+def held_out_accuracy(network: DualStreamQNetwork, fixed, moving, target) -> float:
+    """Fraction of held-out synthetic pairs whose predicted best action is the true best action."""
+    network.eval()
+    prediction = network(fixed, moving)
+    return float((prediction.argmax(1) == target.argmax(1)).float().mean())
+
+
+def validate(agent: Agent, pairs: list[ValidationPair], config: TrainingConfig) -> dict:
+    """Run the agent a short while on real validation pairs; Dice before and after."""
+    device = agent.device
+    stack = lambda key: torch.as_tensor(np.stack([getattr(p, key) for p in pairs]), device=device)[:, None]  # noqa: E731
+    fixed, moving, fl, ml = stack("fixed"), stack("moving"), stack("fixed_label"), stack("moving_label")
+    result = agent.run(fixed, moving, AgentSettings(steps=config.validation_steps, seed=0))
+    from .warp import warp
+
+    after = dice_batch(warp(ml, result.displacement, mode="nearest"), fl).cpu().numpy()
+    before = dice_batch(warp(ml, agent.displacement(agent.theta_start[None].expand(len(pairs), -1)), mode="nearest"),
+                        fl).cpu().numpy()
+    return {"pairs": [p.name for p in pairs], "steps": config.validation_steps,
+            "dice_before_median": float(np.median(before)), "dice_median": float(np.median(after)),
+            "dice_mean": float(after.mean()), "dice_before_mean": float(before.mean())}
+
+
+def validation_pairs_from_subjects(subjects, count: int, seed: int = 0) -> list[ValidationPair]:
+    """``count`` random ordered pairs of prepared validation subjects (already on the model grid)."""
+    rng = np.random.default_rng(seed)
+    pairs = [(m, f) for m in range(len(subjects)) for f in range(len(subjects)) if m != f]
+    chosen = rng.choice(len(pairs), size=min(count, len(pairs)), replace=False)
+    out = []
+    for i in sorted(chosen):
+        m, f = pairs[i]
+        out.append(ValidationPair(subjects[f].image, subjects[m].image, subjects[f].label, subjects[m].label,
+                                  f"{subjects[m].name}->{subjects[f].name}"))
+    return out
+
