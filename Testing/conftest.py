@@ -35,3 +35,53 @@ def load_case(grid128):
         return (sitk.ReadImage(str(grid128 / f"case{case}_image.nii.gz")),
                 sitk.ReadImage(str(grid128 / f"case{case}_label.nii.gz")))
     return load
+
+
+# -- a small but real pipeline, shared by the tests of training, registration and evaluation --------------------
+TINY_SUBJECTS = ["case00", "case04", "case06", "case07"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(grid128, tmp_path_factory):
+    """``tiny_pipeline(dim)`` -> dict(gt=folder, sdm=path, bundle=path, subjects=names): constrained GT on
+    4 real training subjects (12 pairs, few elastix iterations), a 4-mode SDM, and a compact network trained
+    for a few batches. Real parts end to end; small so that the suite stays fast. Built once per dimension."""
+    import torch
+
+    from AgentRegistrationLib.dataset import find_subjects, prepare_subject
+    from AgentRegistrationLib.groundtruth import run_groundtruth
+    from AgentRegistrationLib.image_io import read_image
+    from AgentRegistrationLib.preprocessing import ModelGeometry
+    from AgentRegistrationLib.sdm_fitting import fit_from_groundtruth
+    from AgentRegistrationLib.training import TrainingSet, config_by_name, train
+
+    built: dict[int, dict] = {}
+
+    def build(dim: int) -> dict:
+        if dim in built:
+            return built[dim]
+        root = tmp_path_factory.mktemp(f"tiny{dim}d")
+        geometry = ModelGeometry.paper(dim)
+        subjects = find_subjects(grid128, TINY_SUBJECTS)
+        template = read_image(subjects[0].image)
+        for s in subjects:
+            prepare_subject(s, template, geometry, root / "gt" / "subjects")
+        names = [s.name for s in subjects]
+        results, failures = run_groundtruth(root / "gt" / "subjects", names, geometry, root / "gt", workers=2,
+                                            settings={"iterations": 60 if dim == 2 else 25, "resolutions": 2})
+        assert not failures
+        import json
+
+        (root / "gt" / "summary.json").write_text(json.dumps({"dim": dim, "geometry": geometry.to_dict(),
+                                                               "template": names[0], "subjects": names}))
+        sdm, _, _ = fit_from_groundtruth(root / "gt", 4)
+        sdm.save(root / "sdm.npz")
+        config = config_by_name("compact").with_overrides(
+            ["iterations=30", "batch_size=8", "checkpoint_every=1000", "validate_every=1000"])
+        torch.manual_seed(0)
+        train(config, TrainingSet.from_groundtruth(root / "gt"), sdm, geometry, root / "bundle.pt", torch.device("cpu"))
+        built[dim] = {"gt": root / "gt", "sdm": root / "sdm.npz", "bundle": root / "bundle.pt", "subjects": names,
+                      "geometry": geometry}
+        return built[dim]
+
+    return build
