@@ -47,7 +47,6 @@ def tiny_pipeline(grid128, tmp_path_factory):
     4 real training subjects (12 pairs, few elastix iterations), a 4-mode SDM, and a compact network trained
     for a few batches. Real parts end to end; small so that the suite stays fast. Built once per dimension."""
     import torch
-
     from AgentRegistrationLib.dataset import find_subjects, prepare_subject
     from AgentRegistrationLib.groundtruth import run_groundtruth
     from AgentRegistrationLib.image_io import read_image

@@ -128,7 +128,12 @@ class Agent:
         fixed = fixed.to(self.device, torch.float32)
         moving = moving.to(self.device, torch.float32)
         batch = fixed.shape[0]
-        gen = torch.Generator(device=self.device).manual_seed(settings.seed)
+        # One random stream seeded by settings.seed, drawn on the CPU and shared by every pair of the batch: a pair's
+        # draws do not depend on the batch (size or position) nor on the device, so a batch equals each pair alone.
+        # Per step: 2d uniforms for fuzzy action control, 1 for exploration, 2d for the random action.
+        n = self.deltas.numel()
+        draws = torch.rand(settings.steps, 2 * n + 1, generator=torch.Generator().manual_seed(settings.seed))
+        draws = draws.to(self.device)
         theta = self.theta_start.expand(batch, -1).clone()
         u = self.displacement(theta)
         active = torch.ones(batch, dtype=torch.bool, device=self.device)
@@ -141,16 +146,18 @@ class Agent:
         rows = torch.arange(batch, device=self.device)
         for step in range(settings.steps):
             q = self.network(fixed, warp(moving, u))
+            uniform = draws[step].expand(batch, -1)
             if settings.fuzzy_action_control:
                 p = fuzzy_acceptance(theta, self.deltas, self.mu, self.sigma, settings.fuzzy_k)
-                rejected = torch.rand(p.shape, generator=gen, device=self.device) >= p
+                rejected = uniform[:, :n] >= p
             else:
                 rejected = torch.zeros_like(q, dtype=torch.bool)
-            controlled = q.masked_fill(rejected, REJECTED)
-            action = controlled.argmax(dim=1)
+            # a large negative value added to every rejected Q keeps their order: all rejected -> the best Q
+            allowed = ~rejected | rejected.all(dim=1, keepdim=True)
+            action = q.masked_fill(~allowed, REJECTED).argmax(dim=1)
             if settings.exploration > 0:
-                explore = torch.rand(batch, generator=gen, device=self.device) < settings.exploration
-                noise = torch.rand(q.shape, generator=gen, device=self.device).masked_fill(rejected, -1.0)
+                explore = uniform[:, n] < settings.exploration
+                noise = uniform[:, n + 1:].masked_fill(~allowed, -1.0)
                 action = torch.where(explore, noise.argmax(dim=1), action)
             delta = self.deltas[action] * active
             mode = action // 2

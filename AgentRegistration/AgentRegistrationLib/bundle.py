@@ -132,3 +132,41 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
     return torch.device(device)
+
+
+def model_card(bundle: ModelBundle, name: str) -> str:
+    """A markdown model card: data, split, configuration, training time and device, validation."""
+    t, v = bundle.training, bundle.validation
+    config = t.get("config", {})
+    size_mb = sum(p.numel() * p.element_size() for p in bundle.network.state_dict().values()) / 2**20
+    lines = [
+        f"# Model card: {name}",
+        "",
+        f"- **Task**: {bundle.dim}-D inter-subject non-rigid registration of prostate T2w MR (Krebs et al., MICCAI 2017).",
+        f"- **Network**: dual-stream Q-network, architecture `{bundle.network.config.architecture}`, "
+        f"{sum(p.numel() for p in bundle.network.parameters()):,} parameters ({size_mb:.1f} MB of weights).",
+        f"- **SDM**: {bundle.sdm.num_modes} PCA modes of B-spline coefficients (control grid {bundle.sdm.grid.size}, "
+        f"spacing {bundle.sdm.grid.spacing} model voxels), {100 * bundle.sdm.explained_variance_ratio.sum():.1f} % of the "
+        "variance of the real GT deformations; "
+        f"{2 * bundle.sdm.num_modes} actions, step = {config.get('step_fraction', '?')} x mean |theta| per mode.",
+        f"- **Model grid**: {list(bundle.geometry.size)} voxels, crop box {list(bundle.geometry.crop_fraction)} of the "
+        "fixed image's extent, centred.",
+        f"- **Data**: PROMISE12 (shared `grid128`), training subjects {', '.join(t.get('subjects', []))} "
+        f"({len(t.get('subjects', []))} subjects, {t.get('real_pairs', '?')} real GT pairs); split "
+        "`Resources/promise12_split.json`.",
+        f"- **Training configuration** `{config.get('name', '?')}`: " + ", ".join(f"{k}={val}" for k, val in config.items()),
+        f"- **Training**: {t.get('iterations', '?')} batches in {t.get('seconds', 0) / 60:.1f} min on {t.get('device', '?')}; "
+        f"final loss {t.get('final_loss', float('nan')):.4g}; best-action accuracy on held-out synthetic pairs "
+        f"{t.get('held_out_accuracy', float('nan')):.2f} (chance {t.get('chance_accuracy', float('nan')):.3f}).",
+        f"- **Fuzzy action control**: k = {bundle.agent_defaults.get('fuzzy_k')}; exploration probability "
+        f"{bundle.agent_defaults.get('exploration')}; {bundle.agent_defaults.get('steps')} steps.",
+        f"- **Package version**: {bundle.package_version}.",
+    ]
+    if v:
+        lines.append(
+            f"- **Validation during training** ({len(v.get('pairs', []))} real validation pairs on the common template grid, "
+            f"{v.get('steps')} steps): Dice median {v.get('dice_before_median', float('nan')):.3f} -> "
+            f"{v.get('dice_median', float('nan')):.3f}, mean {v.get('dice_before_mean', float('nan')):.3f} -> "
+            f"{v.get('dice_mean', float('nan')):.3f}.")
+    lines += ["", "Full evaluation (Table 1 protocol): see `results/`.", ""]
+    return "\n".join(lines)

@@ -216,6 +216,143 @@ def cmd_register(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- info
+def cmd_info(args) -> int:
+    from .bundle import load_bundle, model_card
+
+    bundle = load_bundle(args.model)
+    card = model_card(bundle, args.name or Path(args.model).stem)
+    if args.card:
+        atomic_write(args.card, lambda tmp: Path(tmp).write_text(card))
+    print(card)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args) -> int:
+    import shlex
+
+    from .bundle import resolve_device
+    from .dataset import find_subjects, load_split
+    from .evaluation import (
+        AGENT_METHODS,
+        EvaluationSettings,
+        evaluate,
+        parse_methods,
+        plot_boxplots,
+        report_markdown,
+        select_pairs,
+        summarise,
+        write_csv,
+    )
+    from .preprocessing import ModelGeometry
+
+    methods = parse_methods(args.methods)
+    names = load_split(args.split)["validation"]
+    subjects = {s.name: s for s in find_subjects(args.data, names)}
+    pairs = select_pairs(names, args.max_pairs, args.pairs, args.seed)
+    geometry = ModelGeometry.paper(args.dim)
+    model = None
+    if any(m in AGENT_METHODS for m in methods):
+        from .bundle import load_bundle
+
+        model = Path(args.model or _shipped_model(args.dim))
+        if not model.is_file():
+            raise FileNotFoundError(f"model bundle not found: {model}. {_how_to_get_a_model(args.dim)}")
+        bundle = load_bundle(model)
+        if bundle.dim != args.dim:
+            raise ValueError(f"{model} is a {bundle.dim}-D model but --dim is {args.dim}: use --dim {bundle.dim} "
+                             f"or a {args.dim}-D model")
+        geometry = bundle.geometry
+    settings = EvaluationSettings(steps=args.steps, seed=args.agent_seed, iterations=args.iterations,
+                                  gt_iterations=args.gt_iterations, batch_size=args.batch_size)
+    device = resolve_device(args.device)
+    _torch_threads(args.threads)
+    out = Path(args.out)
+    bars: dict[str, Reporter] = {}
+
+    def progress(stage, done, total):
+        if stage not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[stage] = Reporter(stage, total, args.progress_json)
+        bars[stage].update(done)
+
+    start = time.perf_counter()
+    results, failures = evaluate(subjects, pairs, geometry, out, methods, settings, model, device, args.workers, progress)
+    for bar in bars.values():
+        bar.close()
+    summary = summarise(results, methods)
+    report = Path(args.report) if args.report else out / "evaluation.md"
+    csv_path = report.with_suffix(".csv")
+    png_path = report.with_name(report.stem + "_boxplots.png")
+    write_csv(csv_path, results)
+    plot_boxplots(png_path, results, methods, args.dim)
+    prealign_failed = sorted({(r["moving"], r["fixed"]) for r in results if r.get("prealignment", "ok") != "ok"})
+    notes = [
+        f"{len(pairs)} ordered pairs of the {len(names)} validation subjects of `{args.split}` ({args.data}), "
+        f"{args.dim}-D" + (" (the middle slice of the crop box of the 3-D-aligned pair)" if args.dim == 2 else "")
+        + f"; model grid {'x'.join(map(str, geometry.size))} of the fixed image.",
+        "- Every method starts from the same translation pre-alignment (elastix, on the 3-D volumes); "
+        "T is that pre-alignment alone, and its seconds are the pre-alignment's.",
+        f"- e8 / e16: elastix's default B-spline map (Mattes mutual information, adaptive stochastic gradient "
+        f"descent, 3 resolutions, {settings.iterations} iterations each), final grid spacing "
+        f"{'x'.join(f'{s / 2:g}' for s in geometry.control_spacing)} / {'x'.join(f'{s:g}' for s in geometry.control_spacing)} "
+        "model voxels (e16 is the GT/SDM control grid).",
+        f"- our / nfc: the agent, {settings.steps} steps, with / without fuzzy action control "
+        + (f"(model `{model}`, device {device}); seconds = agent time of a batch of up to {settings.batch_size} pairs "
+           "divided by its pairs." if model else "(not run)."),
+        f"- GT: the constrained elastix registration with both masks (MI + bending energy + surface points, "
+        f"{settings.gt_iterations} iterations): an upper bound, not a method.",
+        "- Dice of the warped moving mask with the fixed mask and Hausdorff distance in model-grid voxels "
+        "(PROMISE12 spacing is unknown: not mm), both on the model grid; % folding = voxels with det J <= 0.",
+        f"- Failed (pair, method): {len(failures)}" + (": " + "; ".join(
+            f"{f['moving']}->{f['fixed']} {f['method']}: {f['error']}" for f in failures) if failures else "."),
+        f"- Pairs whose translation pre-alignment was rejected (no translation applied): {len(prealign_failed)}.",
+        f"- Wall time of this run (cached results are not recomputed): {time.perf_counter() - start:.0f} s, "
+        f"{args.workers} worker(s).",
+    ]
+    info = {"dim": args.dim, "command": "agentreg " + shlex.join(args.argv), "notes": notes,
+            "csv": csv_path.name, "png": png_path.name}
+    atomic_write(report, lambda tmp: Path(tmp).write_text(report_markdown(summary, methods, info)))
+    atomic_write(report.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(
+        {"summary": summary, "failures": failures, "pairs": pairs, "methods": methods}, indent=1)))
+    for m in methods:
+        s = summary[m]
+        print(f"{m:>4}: Dice median {s['dice']['median']:.3f} (mean {s['dice']['mean']:.3f}), Hausdorff median "
+              f"{s['hausdorff']['median']:.1f} voxels, folding {s['folding_percent']['mean']:.3f} %, "
+              f"{s['seconds']['mean']:.2f} s/pair, {s['n']} pairs", file=sys.stderr)
+    print(f"report: {report}; per pair: {csv_path}; box plots: {png_path}", file=sys.stderr)
+    if args.progress_json:
+        print(json.dumps({"stage": "done", "report": str(report), "summary": summary}), flush=True)
+    return 0
+
+
+def _torch_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _shipped_model(dim: int) -> Path:
+    return Path(__file__).resolve().parents[2] / "Resources" / "Models" / f"prostate-{dim}d.pt"
+
+
+def _how_to_get_a_model(dim: int) -> str:
+    from .demo import how_to_get_a_model
+
+    return how_to_get_a_model(dim)
+
+
+# ----------------------------------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    _torch_threads(args.threads)
+    return run_demo(args.data, args.model, args.out, args.pairs, args.device, args.steps, args.split)
+
+
 # ----------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentreg", description=__doc__.splitlines()[0])
@@ -278,12 +415,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-steps", type=int, default=0, metavar="K", help="also write the warped image every K steps")
     common(p)
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("evaluate", help="the paper's Table 1 protocol on every ordered pair of the validation subjects")
+    p.add_argument("--data", required=True, help="data folder or CSV (e.g. ../shared/data/promise12/grid128)")
+    p.add_argument("--split", default=str(_repo_file("Resources", "promise12_split.json")),
+                   help="split JSON; its 'validation' subjects are evaluated (default: Resources/promise12_split.json)")
+    p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="2: middle slice; 3: volumes")
+    p.add_argument("--model", help="model bundle for ours/nfc (default: Resources/Models/prostate-<dim>d.pt)")
+    p.add_argument("--out", required=True, help="output folder (per pair and method cache; a rerun resumes)")
+    p.add_argument("--report", help="markdown report (default OUT/evaluation.md); the CSV and box plots go beside it")
+    p.add_argument("--methods", default="all", help="comma-separated of T,e8,e16,ours,nfc,gt (default: all)")
+    p.add_argument("--max-pairs", type=int, default=0, help="random subset of at most this many ordered pairs")
+    p.add_argument("--pairs", help="explicit pairs MOVING:FIXED,... (instead of all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pair subset")
+    p.add_argument("--workers", type=int, default=0, help="processes for elastix (default: all cores; itk 1 thread each)")
+    p.add_argument("--device", default="auto", help="device of the agent: auto, cpu or cuda")
+    p.add_argument("--steps", type=int, default=200, help="agent steps (paper: 200)")
+    p.add_argument("--agent-seed", type=int, default=0, help="seed of the agent's exploration and fuzzy action control")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs per agent batch")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for the agent's torch (default: torch's choice)")
+    p.add_argument("--iterations", type=int, default=500, help="elastix iterations per resolution for e8/e16")
+    p.add_argument("--gt-iterations", type=int, default=300, help="elastix iterations per resolution for gt")
+    common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="register a few real PROMISE12 validation pairs with the shipped 3-D model")
+    p.add_argument("--data", default=str(_repo_file("..", "shared", "data", "promise12", "grid128")),
+                   help="PROMISE12 folder of caseNN_image/caseNN_label files (default: ../shared/data/promise12/grid128)")
+    p.add_argument("--model", default=str(_repo_file("Resources", "Models", "prostate-3d.pt")),
+                   help="model bundle (default: Resources/Models/prostate-3d.pt)")
+    p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    p.add_argument("--split", default=str(_repo_file("Resources", "promise12_split.json")),
+                   help="split JSON whose validation subjects are paired")
+    p.add_argument("--pairs", type=int, default=3, help="number of validation pairs (default 3)")
+    p.add_argument("--steps", type=int, help="agent steps (default: the bundle's, 200)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("info", help="check a model bundle and print its model card")
+    p.add_argument("model")
+    p.add_argument("--name", help="model name in the card (default: the file name)")
+    p.add_argument("--card", help="also write the card to this markdown file")
+    p.set_defaults(func=cmd_info)
     return parser
+
+
+def _repo_file(*parts: str) -> Path:
+    """A path relative to the repository root (where Resources/ and ../shared are)."""
+    return Path(__file__).resolve().parents[2].joinpath(*parts).resolve()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "workers", None) == 0:
         import os
         args.workers = os.cpu_count() or 1

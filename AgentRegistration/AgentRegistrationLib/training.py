@@ -177,9 +177,11 @@ def train(
     start, history, seconds = 0, [], 0.0
     if checkpoint is not None and Path(checkpoint).is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state["config"] != dataclasses.asdict(config):
-            raise ValueError(f"checkpoint {checkpoint} was made with another training configuration; "
-                             "use the same configuration to resume, or another checkpoint path to start over")
+        changed = sorted(k for k, v in dataclasses.asdict(config).items()
+                         if k != "iterations" and state["config"].get(k) != v)  # a resumed run may be made longer
+        if changed:
+            raise ValueError(f"checkpoint {checkpoint} was made with another training configuration ({', '.join(changed)} "
+                             "differ); use the same configuration to resume, or another checkpoint path to start over")
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -213,7 +215,7 @@ def train(
         loss.backward()
         optimizer.step()
         scheduler.step()
-        running.append(float(loss))
+        running.append(loss.item())
         log_now = iteration % 50 == 0 or iteration == config.iterations
         if log_now:
             accuracy = held_out_accuracy(network, hf, hm, h_target)

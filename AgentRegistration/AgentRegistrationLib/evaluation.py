@@ -1,0 +1,472 @@
+"""The paper's Table 1 protocol on held-out subjects: every method on the same preprocessed pairs.
+
+For every ordered pair (moving m -> fixed n) of the validation subjects:
+
+1. Preprocessing, shared by all methods: translation pre-alignment of m onto n with elastix on
+   the 3-D volumes (:func:`preprocessing.prealign_translation`), then both resampled onto n's
+   model grid (:func:`dataset.subject_frame`: the crop box, 100x100 middle slice in 2-D,
+   75x75x20 in 3-D) and intensity-normalised.
+2. Methods, each giving a displacement on the model grid:
+
+   - ``T``: the translation only (the starting point of every other method);
+   - ``e8`` / ``e16``: elastix B-spline (elastix's default B-spline map: Mattes mutual information,
+     adaptive stochastic gradient descent, 3 resolutions), final grid spacing 8x8(x4) / 16x16(x8)
+     model voxels, i.e. half / the same grid as the GT and the SDM;
+   - ``ours``: the agent, 200 steps, fuzzy action control; ``nfc``: the same without it;
+   - ``gt``: the constrained elastix registration that made the training ground truth (MI + bending
+     energy + corresponding mask-surface points), which sees both masks: an upper bound.
+
+3. Figures in model space (the fixed image's model grid): Dice of the warped moving mask with the
+   fixed mask, Hausdorff distance in model-grid voxels, % of voxels with det J <= 0, seconds.
+
+Each (pair, method) result is cached as one JSON file with the settings that made it; a rerun
+loads what matches and computes only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .dataset import Subject
+from .image_io import atomic_write
+from .metrics import dice, jacobian_statistics, surface_distances
+from .preprocessing import ModelGeometry
+
+METHODS = ("T", "e8", "e16", "ours", "nfc", "gt")
+ELASTIX_METHODS = ("e8", "e16", "gt")
+AGENT_METHODS = ("ours", "nfc")
+FIGURES = ("dice", "hausdorff", "folding_percent", "seconds")
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    steps: int = 200  # agent steps (ours, nfc)
+    seed: int = 0  # agent seed
+    iterations: int = 500  # elastix iterations per resolution for e8 / e16
+    gt_iterations: int = 300  # for gt (as the training GT)
+    batch_size: int = 16  # pairs per agent batch
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"T,e16,ours"`` -> ordered, checked list; ``"all"`` -> every method."""
+    if text.strip().lower() == "all":
+        return list(METHODS)
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        raise ValueError(f"--methods {text!r}: unknown method(s) {unknown}; choose from {', '.join(METHODS)} or 'all'")
+    return [m for m in METHODS if m in chosen]
+
+
+def select_pairs(names: list[str], max_pairs: int = 0, pairs: str | None = None, seed: int = 0) -> list[tuple[str, str]]:
+    """Every ordered pair (moving, fixed) of ``names``; or the ``pairs`` given as
+    ``"MOVING:FIXED,..."``; or a seeded random subset of at most ``max_pairs``."""
+    if pairs:
+        chosen = []
+        for item in pairs.split(","):
+            m, sep, f = item.strip().partition(":")
+            if not sep or m not in names or f not in names or m == f:
+                raise ValueError(f"--pairs: {item!r} is not MOVING:FIXED with two different subjects of {names}")
+            chosen.append((m, f))
+        return chosen
+    everything = [(m, f) for m in names for f in names if m != f]
+    if max_pairs and len(everything) > max_pairs:
+        everything = sorted(random.Random(seed).sample(everything, max_pairs))
+    return everything
+
+
+def pair_dir(out: Path, moving: str, fixed: str) -> Path:
+    return Path(out) / "pairs" / f"{moving}__to__{fixed}"
+
+
+# ----------------------------------------------------------------------------------------- preprocessing
+def _load_elastix() -> None:
+    """Load itk-elastix's lazily imported parts, so that the first pair's time does not include it."""
+    import itk
+
+    _ = itk.ParameterObject, itk.elastix_registration_method, itk.TransformixFilter
+
+
+def prepare_evaluation_pair(fixed: Subject, moving: Subject, geometry: ModelGeometry) -> dict:
+    """Translation pre-alignment on the 3-D volumes, then both on the fixed image's model grid."""
+    from .dataset import subject_frame
+    from .image_io import read_image, read_label
+    from .preprocessing import normalise_intensity, prealign_translation, resample_to_frame
+
+    fixed_image = read_image(fixed.image, f"image of {fixed.name}")
+    moving_image = read_image(moving.image, f"image of {moving.name}")
+    _load_elastix()
+    start = time.perf_counter()
+    translation, status = prealign_translation(fixed_image, moving_image, geometry)
+    seconds = time.perf_counter() - start
+    frame = subject_frame(fixed_image, geometry)
+    shape = geometry.array_shape
+
+    def on_grid(image, t, label=False):
+        return resample_to_frame(image, frame, t, label=label).reshape(shape)
+
+    zero = np.zeros(fixed_image.GetDimension())
+    return {
+        "fixed": normalise_intensity(on_grid(fixed_image, zero)),
+        "moving": normalise_intensity(on_grid(moving_image, translation)),
+        "fixed_label": on_grid(read_label(fixed.label, f"label of {fixed.name}"), zero, label=True),
+        "moving_label": on_grid(read_label(moving.label, f"label of {moving.name}"), translation, label=True),
+        "translation": np.asarray(translation, dtype=float),
+        "prealignment": status,
+        "seconds": seconds,
+        "geometry": json.dumps(geometry.to_dict()),
+    }
+
+
+def load_prepared(path: Path, geometry: ModelGeometry) -> dict | None:
+    """The cached prepared pair, or ``None`` when absent or made for another geometry."""
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        pair = {k: z[k] for k in z.files}
+    if str(pair["geometry"]) != json.dumps(geometry.to_dict()):
+        return None
+    pair["prealignment"], pair["seconds"] = str(pair["prealignment"]), float(pair["seconds"])
+    return pair
+
+
+def _save_prepared(path: Path, pair: dict) -> None:
+    atomic_write(path, lambda tmp: np.savez_compressed(tmp, **pair))
+
+
+# ----------------------------------------------------------------------------------------- figures
+def figures(warped_label: np.ndarray, fixed_label: np.ndarray, displacement: np.ndarray | None) -> dict:
+    """Dice, Hausdorff (model-grid voxels; NaN if a mask is empty) and % folding of ``displacement``
+    ``(dim, *spatial)`` in model voxels (0 for none)."""
+    out = {"dice": dice(warped_label, fixed_label), "hausdorff": float("nan"), "folding_percent": 0.0}
+    if np.any(warped_label) and np.any(fixed_label):
+        out["hausdorff"] = surface_distances(warped_label, fixed_label)["hausdorff"]
+    if displacement is not None:
+        out["folding_percent"] = jacobian_statistics(np.asarray(displacement, dtype=np.float64))["folding_percent"]
+    return out
+
+
+def bspline_field(coefficients: np.ndarray, grid, size: tuple[int, ...]) -> torch.Tensor:
+    """Dense displacement ``(dim, *spatial)`` (float64, model voxels) of B-spline coefficients."""
+    from .bspline import dense_displacement
+
+    bases = grid.image_bases(size, dtype=torch.float64)
+    return dense_displacement(torch.as_tensor(coefficients, dtype=torch.float64)[None], grid, bases)[0]
+
+
+def warp_label_with(label: np.ndarray, displacement: torch.Tensor) -> np.ndarray:
+    from .warp import warp
+
+    return warp(torch.as_tensor(label)[None, None], displacement[None].float(), mode="nearest")[0, 0].numpy()
+
+
+def elastix_spacing(method: str, geometry: ModelGeometry) -> tuple[float, ...]:
+    """e16: the GT/SDM control grid (16x16 / 16x16x8 model voxels); e8: half of it."""
+    return tuple(s / 2 if method == "e8" else s for s in geometry.control_spacing)
+
+
+def run_elastix_method(method: str, pair: dict, geometry: ModelGeometry, settings: EvaluationSettings) -> dict:
+    """e8 / e16 / gt on one prepared pair (model-space arrays)."""
+    from . import elastix
+    from .dataset import model_image
+    from .groundtruth import register_constrained
+
+    _load_elastix()
+    start = time.perf_counter()
+    if method == "gt":
+        coefficients = register_constrained(pair["fixed"], pair["moving"], pair["fixed_label"], pair["moving_label"],
+                                            geometry, iterations=settings.gt_iterations)
+        grid = geometry.control_grid()
+    else:
+        parameter_map = elastix.bspline_map(elastix_spacing(method, geometry), settings.iterations)
+        maps = elastix.register(model_image(pair["fixed"]), model_image(pair["moving"]), [parameter_map])
+        coefficients, grid = elastix.bspline_coefficients(maps[-1])
+    seconds = time.perf_counter() - start
+    u = bspline_field(coefficients, grid, geometry.size)
+    return {**figures(warp_label_with(pair["moving_label"], u), pair["fixed_label"], u.numpy()), "seconds": seconds}
+
+
+def method_signature(method: str, geometry: ModelGeometry, settings: EvaluationSettings, model_hash: str | None) -> dict:
+    """What a cached result must match to be reused."""
+    sig = {"method": method, "geometry": geometry.to_dict()}
+    if method in ("e8", "e16"):
+        sig.update(spacing=list(elastix_spacing(method, geometry)), iterations=settings.iterations)
+    elif method == "gt":
+        sig.update(iterations=settings.gt_iterations)
+    elif method in AGENT_METHODS:
+        sig.update(model=model_hash, steps=settings.steps, seed=settings.seed)
+    return json.loads(json.dumps(sig))
+
+
+def _load_result(path: Path, signature: dict) -> dict | None:
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("signature") == signature else None
+
+
+def _save_result(path: Path, result: dict) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+
+
+# ----------------------------------------------------------------------------------------- worker jobs
+def _single_thread() -> None:
+    try:
+        import itk
+        itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(1)
+    except Exception:  # noqa: BLE001 - thread setting is an optimisation only
+        pass
+    torch.set_num_threads(1)
+
+
+def _prepare_job(args) -> tuple[str, str, dict]:
+    fixed, moving, geometry_dict, path = args
+    _single_thread()
+    pair = prepare_evaluation_pair(fixed, moving, ModelGeometry.from_dict(geometry_dict))
+    _save_prepared(Path(path), pair)
+    return moving.name, fixed.name, {"prealignment": pair["prealignment"]}
+
+
+def _elastix_job(args) -> dict:
+    method, prepared_path, geometry_dict, settings_dict = args
+    _single_thread()
+    geometry = ModelGeometry.from_dict(geometry_dict)
+    pair = load_prepared(Path(prepared_path), geometry)
+    return run_elastix_method(method, pair, geometry, EvaluationSettings(**settings_dict))
+
+
+def _run_jobs(function, jobs: list, workers: int, on_done: Callable[[object, object, str | None], None]) -> None:
+    """``function(job)`` for every job, in a process pool (``spawn``: safe after torch ran) or,
+    with one worker, here; ``on_done(job, result, error)`` after each."""
+    if workers <= 1:
+        for job in jobs:
+            try:
+                result, error = function(job), None
+            except Exception as err:  # noqa: BLE001 - reported per pair, never stops the run
+                result, error = None, f"{type(err).__name__}: {err}"
+            on_done(job, result, error)
+        return
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(function, job): job for job in jobs}
+        for future in as_completed(futures):
+            try:
+                result, error = future.result(), None
+            except Exception as err:  # noqa: BLE001 - reported per pair, never stops the run
+                result, error = None, f"{type(err).__name__}: {err}"
+            on_done(futures[future], result, error)
+
+
+# ----------------------------------------------------------------------------------------- the protocol
+def file_hash(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def evaluate(
+    subjects: dict[str, Subject],
+    pairs: list[tuple[str, str]],
+    geometry: ModelGeometry,
+    out: Path,
+    methods: list[str],
+    settings: EvaluationSettings,
+    model: str | Path | None = None,
+    device: torch.device | None = None,
+    workers: int = 1,
+    progress: Progress | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Run ``methods`` on ``pairs`` (moving, fixed); returns (results, failures), one result
+    dict per (pair, method) with the figures, cached under ``out/pairs``."""
+    out = Path(out)
+    progress = progress or (lambda stage, done, total: None)
+    failures: list[dict] = []
+    prepared_path = {p: pair_dir(out, *p) / "prepared.npz" for p in pairs}
+
+    # 1. shared preprocessing
+    todo = [p for p in pairs if load_prepared(prepared_path[p], geometry) is None]
+    done = len(pairs) - len(todo)
+    progress("preprocess", done, len(pairs))
+
+    def prepared_done(job, result, error):
+        nonlocal done
+        done += 1
+        if error:
+            failures.append({"moving": job[1].name, "fixed": job[0].name, "method": "preprocessing", "error": error})
+        progress("preprocess", done, len(pairs))
+
+    _run_jobs(_prepare_job, [(subjects[f], subjects[m], geometry.to_dict(), str(prepared_path[(m, f)])) for m, f in todo],
+              workers, prepared_done)
+    ready = [p for p in pairs if prepared_path[p].is_file()]
+    model_hash = file_hash(model) if model and any(m in AGENT_METHODS for m in methods) else None
+    results: dict[tuple[str, str, str], dict] = {}
+
+    def store(m: str, f: str, method: str, figs: dict, extra: dict | None = None) -> None:
+        r = {"moving": m, "fixed": f, "method": method, **figs, **(extra or {}),
+             "signature": method_signature(method, geometry, settings, model_hash)}
+        _save_result(pair_dir(out, m, f) / f"{method}.json", r)
+        results[(m, f, method)] = r
+
+    todo = {}
+    for method in methods:
+        sig = method_signature(method, geometry, settings, model_hash)
+        for m, f in ready:
+            cached = _load_result(pair_dir(out, m, f) / f"{method}.json", sig)
+            if cached is not None:
+                results[(m, f, method)] = cached
+            else:
+                todo.setdefault(method, []).append((m, f))
+
+    # 2. T: the preprocessed pair itself (its time is the translation pre-alignment)
+    for m, f in todo.get("T", []):
+        pair = load_prepared(prepared_path[(m, f)], geometry)
+        store(m, f, "T", {**figures(pair["moving_label"], pair["fixed_label"], None), "seconds": pair["seconds"]},
+              {"prealignment": pair["prealignment"]})
+
+    # 3. elastix methods in a process pool
+    jobs = [(method, str(prepared_path[p]), geometry.to_dict(), asdict(settings))
+            for method in ELASTIX_METHODS for p in todo.get(method, [])]
+    if jobs:
+        done = 0
+        progress("elastix", 0, len(jobs))
+        names = {str(prepared_path[p]): p for p in ready}
+
+        def elastix_done(job, result, error):
+            nonlocal done
+            done += 1
+            m, f = names[job[1]]
+            if error:
+                failures.append({"moving": m, "fixed": f, "method": job[0], "error": error})
+            else:
+                store(m, f, job[0], result)
+            progress("elastix", done, len(jobs))
+
+        _run_jobs(_elastix_job, jobs, workers, elastix_done)
+
+    # 4. the agent, batched
+    agent_todo = [(method, p) for method in AGENT_METHODS for p in todo.get(method, [])]
+    if agent_todo:
+        if model is None:
+            raise ValueError("methods ours/nfc need a model bundle (--model)")
+        run_agent_methods(agent_todo, prepared_path, geometry, model, device or torch.device("cpu"), settings, store,
+                          progress)
+    ordered = [results[(m, f, method)] for m, f in pairs for method in methods if (m, f, method) in results]
+    return ordered, failures
+
+
+def run_agent_methods(todo: list[tuple[str, tuple[str, str]]], prepared_path: dict, geometry: ModelGeometry,
+                      model: str | Path, device: torch.device, settings: EvaluationSettings,
+                      store: Callable, progress: Progress) -> None:
+    """ours / nfc in batches of ``settings.batch_size`` pairs; seconds per pair = the batch's
+    agent time / the number of pairs in the batch."""
+    from .bundle import load_bundle
+    from .registration import Registrar
+
+    bundle = load_bundle(model)
+    if bundle.geometry != geometry:
+        raise ValueError(f"{model} was trained on model geometry {bundle.geometry.to_dict()}, but the evaluation uses "
+                         f"{geometry.to_dict()}: evaluate with the model's dimension (--dim {bundle.dim})")
+    registrar = Registrar(bundle, device)
+    done = 0
+    progress("agent", 0, len(todo))
+    for method in AGENT_METHODS:
+        items = [p for meth, p in todo if meth == method]
+        agent_settings = registrar.settings(steps=settings.steps, seed=settings.seed,
+                                            fuzzy_action_control=method == "ours")
+        for start in range(0, len(items), settings.batch_size):
+            batch = items[start:start + settings.batch_size]
+            pairs = [load_prepared(prepared_path[p], geometry) for p in batch]
+            fixed, moving = (torch.as_tensor(np.stack([p[key] for p in pairs]))[:, None] for key in ("fixed", "moving"))
+            t0 = time.perf_counter()
+            result = registrar.agent.run(fixed, moving, agent_settings)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - t0) / len(batch)
+            u = result.displacement.double().cpu()
+            for i, ((m, f), pair) in enumerate(zip(batch, pairs, strict=True)):
+                figs = figures(warp_label_with(pair["moving_label"], u[i]), pair["fixed_label"], u[i].numpy())
+                store(m, f, method, {**figs, "seconds": seconds},
+                      {"batch_size": len(batch), "device": str(device), "steps": int(result.steps_taken[i])})
+            done += len(batch)
+            progress("agent", done, len(todo))
+
+
+# ----------------------------------------------------------------------------------------- summary and report
+def summarise(results: list[dict], methods: list[str]) -> dict[str, dict]:
+    """Per method: mean / median / std of Dice and Hausdorff, mean folding % and seconds, n."""
+    summary = {}
+    for method in methods:
+        rows = [r for r in results if r["method"] == method]
+        s = {"n": len(rows)}
+        for key in FIGURES:
+            v = np.array([r[key] for r in rows], dtype=float)
+            v = v[np.isfinite(v)]
+            s[key] = ({"mean": float(v.mean()), "median": float(np.median(v)), "std": float(v.std()), "n": int(v.size)}
+                      if v.size else {"mean": math.nan, "median": math.nan, "std": math.nan, "n": 0})
+        summary[method] = s
+    return summary
+
+
+METHOD_TITLES = {"T": "T", "e8": "e8", "e16": "e16", "ours": "our", "nfc": "nfc", "gt": "GT (upper bound)"}
+
+
+def report_markdown(summary: dict, methods: list[str], info: dict) -> str:
+    """Table 1 layout: figures as rows, methods as columns."""
+    rows = [("DICE Mean", "dice", "mean", ".3f"), ("DICE Med.", "dice", "median", ".3f"), ("DICE StD.", "dice", "std", ".3f"),
+            ("HD Mean", "hausdorff", "mean", ".1f"), ("HD Med.", "hausdorff", "median", ".1f"),
+            ("HD StD.", "hausdorff", "std", ".1f"), ("% folding (det J <= 0), mean", "folding_percent", "mean", ".3f"),
+            ("seconds per pair, mean", "seconds", "mean", ".2f"), ("pairs", None, None, "d")]
+    lines = [f"# Evaluation on the validation pairs ({info['dim']}-D): the paper's Table 1 protocol", "",
+             "Command:", "", "```", info["command"], "```", "",
+             "| | " + " | ".join(METHOD_TITLES[m] for m in methods) + " |",
+             "|---|" + "---:|" * len(methods)]
+    for title, key, stat, fmt in rows:
+        cells = [format(summary[m]["n"], fmt) if key is None else format(summary[m][key][stat], fmt) for m in methods]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    lines += ["", *info["notes"], "", f"Per pair: [{info['csv']}]({info['csv']}); box plots: ![box plots]({info['png']})", ""]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, results: list[dict]) -> None:
+    header = ["moving", "fixed", "method", *FIGURES, "prealignment"]
+    lines = [",".join(header)] + [",".join(str(r.get(k, "")) if k in ("moving", "fixed", "method", "prealignment")
+                                           else f"{r[k]:.6g}" for k in header) for r in results]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+
+
+def plot_boxplots(path: Path, results: list[dict], methods: list[str], dim: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.3 * len(methods), 4))
+    for ax, key, title in zip(axes, ("dice", "hausdorff"), ("Dice", "Hausdorff (model-grid voxels)"), strict=True):
+        data = []
+        for m in methods:
+            v = np.array([r[key] for r in results if r["method"] == m], dtype=float)
+            data.append(v[np.isfinite(v)])
+        ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, len(methods) + 1), [METHOD_TITLES[m].split(" ")[0] for m in methods])
+        ax.set_title(f"{title}, {dim}-D")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def default_workers() -> int:
+    return os.cpu_count() or 1

@@ -1,0 +1,185 @@
+"""The agent's MDP (paper, 2.1-2.2) on real data: fuzzy action control, seeds, batching, the incremental
+displacement update and stopping on convergence.
+
+Everything runs the real 2-D tiny bundle (``tiny_pipeline``: GT, SDM and a briefly trained compact network on
+real PROMISE12 subjects) on real pairs of other subjects (middle slices of ``grid128``, already on one grid and
+roughly centred, so preprocessed without the elastix translation to keep the suite light).
+"""
+
+import numpy as np
+import pytest
+import torch
+from AgentRegistrationLib.agent import Agent, AgentSettings, fuzzy_acceptance
+from AgentRegistrationLib.bundle import load_bundle
+from AgentRegistrationLib.preprocessing import middle_slice, prepare_pair
+from scipy.stats import norm
+
+PAIRS = [("case02", "case09"), ("case13", "case17"), ("case22", "case30")]  # (fixed, moving), validation subjects
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_pipeline):
+    return load_bundle(tiny_pipeline(2)["bundle"])
+
+
+@pytest.fixture(scope="module")
+def agent(bundle):
+    return Agent(bundle.network, bundle.sdm, bundle.geometry.size, bundle.action_steps, "cpu")
+
+
+@pytest.fixture(scope="module")
+def pairs(bundle, load_case):
+    """``(fixed, moving)``, each ``(3, 1, 100, 100)``: three real 2-D pairs on the model grid."""
+    prepared = []
+    for fixed_name, moving_name in PAIRS:
+        fixed, fixed_label = (middle_slice(im) for im in load_case(fixed_name[4:]))
+        moving, moving_label = (middle_slice(im) for im in load_case(moving_name[4:]))
+        prepared.append(prepare_pair(fixed, moving, bundle.geometry, fixed_label, moving_label, prealign=False))
+    stack = lambda key: torch.as_tensor(np.stack([getattr(p, key) for p in prepared]))[:, None]  # noqa: E731
+    return stack("fixed"), stack("moving")
+
+
+@pytest.fixture(scope="module")
+def default_run(agent, pairs):
+    """The three pairs in one batch, 200 steps, the bundle's settings (fuzzy action control, exploration)."""
+    return agent.run(*pairs, AgentSettings(steps=200, seed=0))
+
+
+def _thetas_before(agent, result) -> torch.Tensor:
+    """``(T, B, d)``: the parameters each step started from."""
+    after = torch.stack(result.trajectory.theta)
+    return torch.cat([agent.theta_start.expand(1, after.shape[1], -1), after[:-1]])
+
+
+def _acceptance(agent, theta_before: torch.Tensor, k: float) -> torch.Tensor:
+    flat = theta_before.reshape(-1, theta_before.shape[-1])
+    return fuzzy_acceptance(flat, agent.deltas, agent.mu, agent.sigma, k).reshape(*theta_before.shape[:-1], -1)
+
+
+# -- fuzzy action control ----------------------------------------------------------------------------------------
+def test_fuzzy_acceptance_is_one_inside_k_sigma_and_the_gaussian_ratio_outside(agent, bundle):
+    """With the real SDM: the acceptance of a move to f of mode m is 1 when |f - mu| <= k sigma, else
+    N(f; mu, sigma) / N(mu + k sigma; mu, sigma) (paper, 2.2)."""
+    k, sdm = 1.5, bundle.sdm
+    d = sdm.num_modes
+    z = np.linspace(-4.0, 4.0, 81)  # where each move lands, in standard deviations
+    for a in range(2 * d):
+        m, step = a // 2, float(agent.deltas[a])
+        f = sdm.mu[m] + z * sdm.sigma[m]
+        theta = np.tile(sdm.mu, (len(z), 1))
+        theta[:, m] = f - step
+        p = fuzzy_acceptance(torch.tensor(theta, dtype=torch.float32), agent.deltas, agent.mu, agent.sigma, k)[:, a]
+        expected = np.minimum(1.0, norm.pdf(f, sdm.mu[m], sdm.sigma[m]) / norm.pdf(sdm.mu[m] + k * sdm.sigma[m], sdm.mu[m],
+                                                                                     sdm.sigma[m]))
+        assert np.all(p[np.abs(z) <= k - 1e-3].numpy() == 1.0)
+        assert np.allclose(p.numpy(), expected, rtol=1e-4, atol=1e-6)
+        assert np.all(p[np.abs(z) > k + 1e-3].numpy() < 1.0)
+
+
+def test_agent_rejects_moves_with_the_fuzzy_acceptance_frequency(agent, pairs):
+    """Over 20000 real draws of the agent (one pair, five seeds, 500 steps, 8 actions): moves that stay within
+    mu +- k sigma are always accepted; outside, the acceptance frequency matches min(1, N(f)/N(h)) within
+    sampling error, per band of acceptance probability."""
+    fixed, moving = (x[1:2] for x in pairs)
+    p_all, rejected_all = [], []
+    for seed in range(5):
+        result = agent.run(fixed, moving, AgentSettings(steps=500, seed=seed))
+        p_all.append(_acceptance(agent, _thetas_before(agent, result), 1.5).flatten())
+        rejected_all.append(torch.stack(result.trajectory.rejected).flatten())
+    p, rejected = torch.cat(p_all).double(), torch.cat(rejected_all)
+    assert p.numel() == 20000
+    inside = p == 1.0
+    assert inside.sum() > 1000 and not rejected[inside].any()
+    bands = [(0.0, 0.05), (0.05, 0.3), (0.3, 0.7), (0.7, 1.0)]
+    checked = 0
+    for lo, hi in bands:
+        band = (p >= lo) & (p < hi)
+        n = int(band.sum())
+        if n < 100:
+            continue
+        accepted = (~rejected[band]).double()
+        # draws are independent given the state they were made in: the sum is a martingale with this variance
+        sd = float(torch.sqrt((p[band] * (1 - p[band])).sum())) / n
+        assert abs(float(accepted.mean() - p[band].mean())) < 4 * sd + 1e-3, (lo, hi, n)
+        checked += n
+    assert checked > 2000  # enough moves left the plausible space for the test to mean something
+
+
+def test_rejected_actions_are_never_chosen_while_an_action_is_accepted(default_run):
+    actions = torch.stack(default_run.trajectory.actions)  # (T, B)
+    rejected = torch.stack(default_run.trajectory.rejected)  # (T, B, 2d)
+    chosen_rejected = rejected.gather(2, actions.clamp(min=0)[..., None])[..., 0]
+    some_accepted = ~rejected.all(dim=2)
+    assert rejected.any()
+    assert not (chosen_rejected & some_accepted).any()
+
+
+def test_when_every_action_is_rejected_the_best_q_is_taken(agent, pairs):
+    """Rejection adds a large negative value to the Q-values (paper, 2.2), which keeps their order: when all
+    are rejected the network's best action is taken. A tight k makes that happen often."""
+    result = agent.run(*pairs, AgentSettings(steps=60, seed=0, fuzzy_k=0.05, exploration=0.0))
+    actions = torch.stack(result.trajectory.actions)
+    q = torch.stack(result.trajectory.q_values)
+    all_rejected = torch.stack(result.trajectory.rejected).all(dim=2)
+    assert all_rejected.sum() > 10
+    assert torch.equal(actions[all_rejected], q.argmax(dim=2)[all_rejected])
+
+
+def test_without_fuzzy_action_control_nothing_is_rejected(agent, pairs):
+    result = agent.run(*pairs, AgentSettings(steps=200, seed=0, fuzzy_action_control=False, exploration=0.0))
+    assert not torch.stack(result.trajectory.rejected).any()
+    assert torch.equal(torch.stack(result.trajectory.actions), torch.stack(result.trajectory.q_values).argmax(dim=2))
+
+
+# -- seeds and batching ----------------------------------------------------------------------------------------------
+def test_the_same_seed_gives_the_same_trajectory(agent, pairs, default_run):
+    again = agent.run(*pairs, AgentSettings(steps=200, seed=0))
+    assert torch.equal(torch.stack(again.trajectory.actions), torch.stack(default_run.trajectory.actions))
+    assert np.array_equal(again.theta, default_run.theta)
+    assert torch.equal(torch.stack(again.trajectory.theta), torch.stack(default_run.trajectory.theta))
+
+
+def test_another_seed_gives_another_trajectory(agent, pairs, default_run):
+    other = agent.run(*pairs, AgentSettings(steps=200, seed=1))
+    differs = (torch.stack(other.trajectory.actions) != torch.stack(default_run.trajectory.actions)).any(dim=0)
+    assert differs.all()  # every pair explores differently
+
+
+def test_a_batch_equals_each_pair_alone(agent, pairs, default_run):
+    """A pair's result does not depend on the other pairs of its batch (nor on its position or the batch size)."""
+    fixed, moving = pairs
+    for i in range(fixed.shape[0]):
+        alone = agent.run(fixed[i:i + 1], moving[i:i + 1], AgentSettings(steps=200, seed=0))
+        assert torch.equal(torch.stack(alone.trajectory.actions)[:, 0], torch.stack(default_run.trajectory.actions)[:, i])
+        assert np.allclose(alone.theta[0], default_run.theta[i], atol=1e-4)
+        assert torch.allclose(alone.displacement[0], default_run.displacement[i], atol=1e-4)
+
+
+# -- the displacement and stopping -------------------------------------------------------------------------------
+def test_incremental_displacement_equals_the_field_from_all_modes(agent, default_run):
+    """After 200 one-mode updates the dense displacement equals the one recomputed from all modes."""
+    theta = torch.as_tensor(default_run.theta, dtype=torch.float32)
+    assert (theta - agent.theta_start).abs().max() > 10 * agent.action_steps.min()  # the agent did move
+    recomputed = agent.displacement(theta)
+    assert recomputed.abs().max() > 1.0
+    assert torch.allclose(default_run.displacement, recomputed, atol=1e-3)
+
+
+def test_stop_on_convergence_stops_when_the_agent_oscillates(agent, pairs):
+    """The documented rule: a pair stops after step t once no mode moved by more than one step between the
+    parameters of step t - W + 1 and step t (window W). Then it stops moving; its path up to there is the
+    path of the run without stopping."""
+    window, steps = 20, 1000
+    result = agent.run(*pairs, AgentSettings(steps=steps, seed=0, stop_on_convergence=True, convergence_window=window))
+    stopped = result.steps_taken
+    assert np.all(stopped < steps)
+    thetas = torch.stack(result.trajectory.theta)  # (T, B, d), T = when the last pair stopped
+    step_sizes = agent.action_steps * 1.01
+    full = agent.run(*pairs, AgentSettings(steps=int(stopped.max()), seed=0))
+    for i, t_stop in enumerate(stopped):
+        moved = [(thetas[t - 1, i] - thetas[t - window, i]).abs() for t in range(window, t_stop + 1)]
+        assert all((m > step_sizes).any() for m in moved[:-1])  # still moving before
+        assert not (moved[-1] > step_sizes).any()  # converged at t_stop
+        assert torch.all(torch.stack(result.trajectory.actions)[t_stop:, i] == -1)
+        assert torch.equal(thetas[t_stop - 1:, i], thetas[t_stop - 1, i].expand(len(thetas) - t_stop + 1, -1))
+        assert torch.equal(torch.stack(full.trajectory.theta)[:t_stop, i], thetas[:t_stop, i])

@@ -1,0 +1,361 @@
+"""Training (paper, 2.1 and 2.3): Eq. 1 targets, synthetic pairs, the Q-network, the model bundle,
+checkpoints, DDP and the training configuration.
+
+Real data: the tiny pipeline of conftest (4 PROMISE12 subjects, 12 constrained GT pairs, a 4-mode
+SDM). Run with ``pytest -s`` to see the measured figures; each assertion message carries them too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from AgentRegistrationLib.agent import Agent, dice_batch
+from AgentRegistrationLib.bspline import ControlGrid
+from AgentRegistrationLib.bundle import BundleError, ModelBundle, load_bundle, resolve_device
+from AgentRegistrationLib.network import DualStreamQNetwork, NetworkConfig
+from AgentRegistrationLib.preprocessing import ModelGeometry
+from AgentRegistrationLib.sdm import StatisticalDeformationModel
+from AgentRegistrationLib.sdm_fitting import load_groundtruth
+from AgentRegistrationLib.synthetic import SyntheticPairGenerator, q_targets
+from AgentRegistrationLib.training import (
+    TrainingConfig,
+    TrainingSet,
+    action_steps_for,
+    config_by_name,
+    held_out_accuracy,
+    train,
+)
+from AgentRegistrationLib.warp import compose, warp
+
+ENGINE_DIR = Path(__file__).resolve().parents[1] / "AgentRegistration"
+
+
+@dataclasses.dataclass
+class Tiny:
+    gt: Path
+    sdm: StatisticalDeformationModel
+    geometry: ModelGeometry
+    training_set: TrainingSet
+    bundle: Path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_pipeline) -> Tiny:
+    p = tiny_pipeline(2)
+    geometry, _ = load_groundtruth(p["gt"])
+    return Tiny(p["gt"], StatisticalDeformationModel.load(p["sdm"]), geometry, TrainingSet.from_groundtruth(p["gt"]),
+                p["bundle"])
+
+
+def _agent(tiny: Tiny) -> Agent:
+    net = DualStreamQNetwork(NetworkConfig("compact", 2, tuple(tiny.geometry.size), 2 * tiny.sdm.num_modes))
+    return Agent(net, tiny.sdm, tiny.geometry.size, action_steps_for(tiny.sdm, config_by_name("compact")))
+
+
+def _generator(tiny: Tiny, agent: Agent, seed: int, **kwargs) -> SyntheticPairGenerator:
+    ts = tiny.training_set
+    return SyntheticPairGenerator(torch.as_tensor(ts.images)[:, None], torch.as_tensor(ts.labels)[:, None], ts.pairs,
+                                  tiny.sdm.project(ts.coefficients), tiny.sdm, agent.mode_fields, agent.theta_start,
+                                  generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def _config(**changes) -> TrainingConfig:
+    base = {"batch_size": 8, "iterations": 10, "checkpoint_every": 10, "validate_every": 100_000}
+    return config_by_name("compact").with_overrides([f"{k}={v}" for k, v in {**base, **changes}.items()])
+
+
+# ----------------------------------------------------------------------------------------- Eq. 1
+def test_q_targets_are_eq1_by_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    batch, d = 7, 5
+    theta_gt, theta = torch.randn(batch, d, generator=gen) * 3, torch.randn(batch, d, generator=gen) * 3
+    steps = torch.rand(d, generator=gen) + 0.1
+    deltas = torch.stack([steps, -steps], 1).reshape(-1)  # action 2i: +step_i, 2i+1: -step_i
+    expected = torch.empty(batch, 2 * d)
+    for a in range(2 * d):
+        delta_a = torch.zeros(d)
+        delta_a[a // 2] = deltas[a]
+        expected[:, a] = ((theta_gt - theta) ** 2).sum(1) - ((theta_gt - theta - delta_a) ** 2).sum(1)
+    torch.testing.assert_close(q_targets(theta_gt, theta, deltas), expected, rtol=1e-5, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------- synthetic pairs
+def test_negated_inverse_dice_error_on_real_labels(tiny):
+    """Paper 2.3: the inverse of a synthetic deformation is approximated by its negated parameters (<2 % Dice
+    there). Real labels warped by a generator draw u, then by -u (one resampling of the composed map), against
+    the label. Bound: the approximation must stay well under the change the deformation itself makes (a
+    quarter of the Dice loss of warping by u alone), so that the targets still carry the signal."""
+    agent = _agent(tiny)
+    gen = _generator(tiny, agent, seed=1)
+    n = 200
+    labels = torch.as_tensor(tiny.training_set.labels)[:, None].float()[torch.arange(n) % len(tiny.training_set.names)]
+    u = gen.field(gen.draw(n))
+    round_trip = 1 - dice_batch(warp(labels, compose(-u, u)) > 0.5, labels > 0.5).numpy()
+    deformed = 1 - dice_batch(warp(labels, u) > 0.5, labels > 0.5).numpy()
+    figure = (f"negated-inverse Dice loss (u then -u) on {n} draws: mean {100 * round_trip.mean():.2f} %, median "
+              f"{100 * np.median(round_trip):.2f} %, 90th pct {100 * np.percentile(round_trip, 90):.2f} % "
+              f"(paper: < 2 %); Dice loss of u alone: mean {100 * deformed.mean():.1f} %")
+    print("\n" + figure)
+    assert round_trip.mean() < 0.25 * deformed.mean(), figure
+    assert np.median(round_trip) < 0.05, figure
+
+
+def test_composed_inter_subject_gt_against_sequential_warps(tiny):
+    """Inter-subject GT composed in parameter space (theta_mn + theta_c - theta_b) against the sequential
+    warps it stands for (real GT m -> n, then synthetic c), both applied to the real moving label from
+    which the synthetic moving label was made; Dice to the synthetic fixed label."""
+    agent = _agent(tiny)
+    gen = _generator(tiny, agent, seed=2)
+    ts = tiny.training_set
+    n = 200
+    pick = torch.randint(len(ts.pairs), (n,), generator=torch.Generator().manual_seed(3))
+    moving_idx = torch.tensor([ts.pairs[i][0] for i in pick.tolist()])
+    fixed_idx = torch.tensor([ts.pairs[i][1] for i in pick.tolist()])
+    real_theta = torch.as_tensor(tiny.sdm.project(ts.coefficients), dtype=torch.float32)[pick]
+    tb, tc = gen.draw(n), gen.draw(n)
+    ub, uc = gen.field(tb), gen.field(tc)
+    labels = torch.as_tensor(ts.labels)[:, None].float()
+    moving, fixed = labels[moving_idx], warp(labels[fixed_idx], uc) > 0.5
+    before = dice_batch(warp(moving, ub) > 0.5, fixed).numpy()
+    composed = dice_batch(warp(moving, compose(agent.displacement(real_theta + tc - tb), ub)) > 0.5, fixed).numpy()
+    sequential = dice_batch(warp(moving, compose(uc, agent.displacement(real_theta))) > 0.5, fixed).numpy()
+    extra = sequential - composed
+    figure = (f"inter-subject pairs, Dice to fixed: before {before.mean():.3f}, sequential warps {sequential.mean():.3f}, "
+              f"composed GT {composed.mean():.3f}: additional error mean {100 * extra.mean():.2f} %, median "
+              f"{100 * np.median(extra):.2f} % (paper: < 2 %)")
+    print("\n" + figure)
+    assert extra.mean() < 0.25 * (sequential.mean() - before.mean()), figure
+    assert composed.mean() > before.mean() + 0.1, figure
+
+
+def test_intra_pair_gt_reproduces_the_fixed_image(tiny):
+    """Intra-subject pairs: the moving image warped by the displacement of theta_gt (what the agent applies at
+    theta_gt) reproduces the fixed image up to the negated-inverse approximation."""
+    agent = _agent(tiny)
+    gen = _generator(tiny, agent, seed=4, intra_probability=1.0)
+    fixed, moving, theta_gt, intra, fixed_label, moving_label = gen.sample(96, with_labels=True)
+    assert bool(intra.all())
+    u = agent.displacement(theta_gt)
+    error_before = (moving - fixed).abs().mean().item()
+    error_after = (warp(moving, u) - fixed).abs().mean().item()
+    dice_before = dice_batch(moving_label, fixed_label).mean().item()
+    dice_after = dice_batch(warp(moving_label, u, mode="nearest"), fixed_label).mean().item()
+    figure = (f"intra pairs: mean |moving - fixed| {error_before:.4f} -> {error_after:.4f} after the GT warp; "
+              f"label Dice {dice_before:.3f} -> {dice_after:.3f}")
+    print("\n" + figure)
+    assert error_after < 0.6 * error_before, figure
+    assert dice_after > 0.9, figure
+
+
+def test_draws_stay_inside_the_real_range(tiny):
+    agent = _agent(tiny)
+    gen = _generator(tiny, agent, seed=5)
+    theta = gen.draw(20_000).double().numpy()
+    low, high = tiny.sdm.theta_min - tiny.sdm.mu, tiny.sdm.theta_max - tiny.sdm.mu
+    assert np.all(theta >= low - 1e-4) and np.all(theta <= high + 1e-4)
+    assert np.all(theta.std(0) > 0.5 * tiny.sdm.sigma), "draws should spread about as the real pairs do"
+
+
+def test_intra_and_inter_pairs_are_drawn_with_equal_probability(tiny):
+    agent = _agent(tiny)
+    gen = _generator(tiny, agent, seed=6)
+    intra = torch.cat([gen.sample(250)[3] for _ in range(8)]).float().mean().item()
+    assert abs(intra - 0.5) < 0.05, f"intra-subject fraction {intra:.3f} of 2000 pairs"
+
+
+# ----------------------------------------------------------------------------------------- training
+def test_short_training_lowers_the_loss_and_beats_chance(tiny, tmp_path):
+    torch.manual_seed(0)
+    config = _config(iterations=100, batch_size=16, checkpoint_every=100)
+    bundle = train(config, tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "b.pt", torch.device("cpu"),
+                   checkpoint=tmp_path / "c.pt")
+    rows = np.loadtxt(tmp_path / "loss.csv", delimiter=",", skiprows=1, ndmin=2)
+    assert rows[:, 0].tolist() == [50, 100]
+    first, last = rows[0, 1], rows[-1, 1]
+    # best action on fresh held-out synthetic pairs (another seed than training and the built-in check)
+    agent = Agent(bundle.network, tiny.sdm, tiny.geometry.size, bundle.action_steps)
+    fixed, moving, theta_gt, _ = _generator(tiny, agent, seed=123).sample(256)
+    target = q_targets(theta_gt, agent.theta_start.expand(256, -1), agent.deltas)
+    accuracy = held_out_accuracy(bundle.network, fixed, moving, target)
+    chance = 1 / (2 * tiny.sdm.num_modes)
+    figure = (f"loss mean of batches 1-50: {first:.4g}, of 51-100: {last:.4g}; best-action accuracy on 256 held-out "
+              f"pairs {accuracy:.3f} (chance {chance:.3f})")
+    print("\n" + figure)
+    assert last < 0.8 * first, figure
+    assert accuracy >= 3 * chance, figure
+
+
+def test_resumed_training_continues_where_it_stopped(tiny, tmp_path):
+    run = lambda config, name: train(config, tiny.training_set, tiny.sdm, tiny.geometry,  # noqa: E731
+                                     tmp_path / f"{name}.pt", torch.device("cpu"), checkpoint=tmp_path / name / "c.pt")
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "resumed").mkdir()
+    whole = run(_config(iterations=20), "whole")
+    run(_config(iterations=10), "resumed")
+    assert torch.load(tmp_path / "resumed" / "c.pt", weights_only=True)["iteration"] == 10
+    resumed = run(_config(iterations=20), "resumed")
+    state = torch.load(tmp_path / "resumed" / "c.pt", weights_only=True)
+    assert state["iteration"] == 20
+    assert [h[0] for h in state["history"]] == [10, 20]  # the history continues; iterations 1-10 are not redone
+    for name, value in whole.network.state_dict().items():  # the same run as one without interruption
+        torch.testing.assert_close(resumed.network.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resuming_with_another_configuration_is_refused(tiny, tmp_path):
+    train(_config(), tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "b.pt", torch.device("cpu"),
+          checkpoint=tmp_path / "c.pt")
+    with pytest.raises(ValueError, match=r"another training configuration \(learning_rate differ\)"):
+        train(_config(learning_rate=0.01, iterations=20), tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "b.pt",
+              torch.device("cpu"), checkpoint=tmp_path / "c.pt")
+
+
+def test_distributed_training_writes_one_bundle(tiny, tmp_path):
+    """``torchrun --nproc_per_node 2`` (gloo on CPU), with validation on real pairs: one bundle, rank 0 writes."""
+    split = tmp_path / "split.json"
+    split.write_text('{"train": ["case00", "case04", "case06", "case07"], "validation": ["case01", "case02"]}')
+    out = tmp_path / "ddp" / "bundle.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ENGINE_DIR), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "AgentRegistrationLib.cli", "train", "--groundtruth", str(tiny.gt), "--sdm",
+               str(tiny.gt.parent / "sdm.npz"), "--out", str(out), "--device", "cpu", "--progress-json",
+               "--data", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "promise12" / "grid128"),
+               "--split", str(split), "--set", "iterations=4", "--set", "batch_size=4", "--set", "validation_pairs=2",
+               "--set", "validation_steps=3"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"stage": "done"') == 1, done.stdout  # only rank 0 reports
+    bundle = load_bundle(out)
+    assert bundle.training["device"] == "cpu x2"
+    assert bundle.training["iterations"] == 4
+    assert bundle.validation["pairs"] and np.isfinite(bundle.validation["dice_median"])
+    rows = (out.parent / "loss.csv").read_text().splitlines()
+    assert rows[0] == "iteration,loss,held_out_accuracy,validation_dice" and rows[-1].startswith("4,")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bundle.checkpoint.pt", "bundle.pt", "loss.csv"]
+
+
+# ----------------------------------------------------------------------------------------- network
+@pytest.mark.parametrize("architecture", ["paper", "compact"])
+@pytest.mark.parametrize("dim", [2, 3])
+def test_network_gives_one_q_value_per_action(architecture, dim):
+    size = tuple(ModelGeometry.paper(dim).size)
+    net = DualStreamQNetwork(NetworkConfig(architecture, dim, size, 2 * (15 if dim == 2 else 25))).eval()
+    x = torch.rand(2, 1, *size[::-1])
+    with torch.no_grad():
+        assert net(x, x).shape == (2, 2 * (15 if dim == 2 else 25))
+
+
+def test_paper_architecture_matches_the_paper():
+    """Section 3: per stream 3 conv (32, 64, 64 filters, kernel 3) and 2 max-pool; FC 128, 128, 64; BN + ReLU."""
+    net = DualStreamQNetwork(NetworkConfig("paper", 2, (100, 100), 30))
+    for stream in (net.fixed_stream, net.moving_stream):
+        convs = [m for m in stream if isinstance(m, torch.nn.Conv2d)]
+        assert [c.out_channels for c in convs] == [32, 64, 64]
+        assert all(c.kernel_size == (3, 3) for c in convs)
+        assert sum(isinstance(m, torch.nn.MaxPool2d) for m in stream) == 2
+        assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in stream) == 3
+        assert sum(isinstance(m, torch.nn.ReLU) for m in stream) == 3
+    linears = [m for m in net.head if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linears] == [128, 128, 64, 30]
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in net.head) == 3
+    assert sum(isinstance(m, torch.nn.ReLU) for m in net.head) == 3
+
+
+def _bundle_3d(architecture: str = "compact") -> ModelBundle:
+    """A 3-D bundle on the paper's grid with a 25-mode SDM (fitted to random coefficients: only sizes matter)."""
+    geometry = ModelGeometry.paper(3)
+    grid: ControlGrid = geometry.control_grid()
+    coefficients = np.random.default_rng(0).normal(size=(30, grid.num_coefficients))
+    sdm = StatisticalDeformationModel.fit(coefficients, 25, grid)
+    net = DualStreamQNetwork(NetworkConfig(architecture, 3, tuple(geometry.size), 50))
+    return ModelBundle(net, sdm, geometry, np.ones(25))
+
+
+def test_compact_3d_bundle_is_small(tmp_path):
+    path = _bundle_3d().save(tmp_path / "b.pt")
+    size_mb = path.stat().st_size / 2**20
+    assert size_mb < 25, f"compact 3-D bundle is {size_mb:.1f} MB"
+
+
+# ----------------------------------------------------------------------------------------- bundle
+def test_bundle_round_trip(tiny, tmp_path):
+    bundle = load_bundle(tiny.bundle)
+    again = load_bundle(bundle.save(tmp_path / "again.pt"))
+    x = torch.as_tensor(tiny.training_set.images[:2])[:, None]
+    with torch.no_grad():
+        torch.testing.assert_close(again.network(x, x.flip(0)), bundle.network(x, x.flip(0)))
+    np.testing.assert_array_equal(again.sdm.modes, bundle.sdm.modes)
+    np.testing.assert_array_equal(again.action_steps, bundle.action_steps)
+    assert again.geometry == bundle.geometry and again.training == bundle.training
+
+
+def _payload(tiny) -> dict:
+    return torch.load(tiny.bundle, weights_only=True)
+
+
+def test_truncated_bundle_is_refused(tiny, tmp_path):
+    data = tiny.bundle.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="cut.pt is not a readable AgentRegistration model bundle"):
+        load_bundle(tmp_path / "cut.pt")
+
+
+def test_file_that_is_not_a_bundle_is_refused(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(BundleError, match="other.pt is not an AgentRegistration model bundle"):
+        load_bundle(tmp_path / "other.pt")
+
+
+def test_bundle_of_another_format_version_is_refused(tiny, tmp_path):
+    payload = _payload(tiny)
+    payload["format_version"] = 99
+    torch.save(payload, tmp_path / "v99.pt")
+    with pytest.raises(BundleError, match="format version 99.*reads version 1"):
+        load_bundle(tmp_path / "v99.pt")
+
+
+def test_bundle_with_mismatched_weight_shapes_is_refused(tiny, tmp_path):
+    payload = _payload(tiny)
+    state = payload["network"]["state"]
+    last = [k for k in state if k.startswith("head.") and k.endswith(".weight")][-1]
+    state[last] = torch.zeros(state[last].shape[0] + 2, state[last].shape[1])
+    torch.save(payload, tmp_path / "shapes.pt")
+    with pytest.raises(BundleError, match="network weights do not fit the compact architecture"):
+        load_bundle(tmp_path / "shapes.pt")
+
+
+def test_bundle_whose_network_does_not_match_its_sdm_is_refused(tiny, tmp_path):
+    payload = _payload(tiny)
+    payload["network"]["config"]["num_actions"] = 10
+    torch.save(payload, tmp_path / "actions.pt")
+    with pytest.raises(BundleError, match="10 network outputs .* do not match the SDM's 4 modes"):
+        load_bundle(tmp_path / "actions.pt")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is absent")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA was asked for but no CUDA GPU is available.*--device cpu"):
+        resolve_device("cuda")
+
+
+# ----------------------------------------------------------------------------------------- configuration
+def test_override_with_an_unknown_key_is_refused():
+    with pytest.raises(ValueError, match="bad training override 'iteratons=5'.*iterations"):
+        TrainingConfig().with_overrides(["iteratons=5"])
+
+
+def test_override_with_a_bad_value_is_refused():
+    with pytest.raises(ValueError, match="training override batch_size='many': expected a int"):
+        TrainingConfig().with_overrides(["batch_size=many"])
+
+
+def test_override_changes_only_the_named_fields():
+    config = TrainingConfig().with_overrides(["learning_rate=0.01", "iterations=7"])
+    assert (config.learning_rate, config.iterations, config.batch_size) == (0.01, 7, 0)
