@@ -8,7 +8,6 @@ produce is copied where the AgentRegistration module lists it.
 
 from __future__ import annotations
 
-import csv
 import enum
 import logging
 import os
@@ -39,7 +38,7 @@ if str(ENGINE_DIR) not in sys.path and (ENGINE_DIR / "AgentRegistrationLib").is_
 from AgentRegistrationLib import mrml  # noqa: E402
 
 STAGES = ("groundtruth", "sdm", "train")
-CONFIGURATIONS = ["default", "paper"]
+CONFIGURATIONS = list(mrml.TRAINING_CONFIGURATIONS)
 
 
 class JobState(enum.Enum):
@@ -69,7 +68,7 @@ class AgentRegistrationTrainingParameterNode:
     dataFolder: Path
     outputFolder: Path
     modelName: str = "my-prostate"
-    configuration: Annotated[str, Choice(CONFIGURATIONS)] = "default"
+    configuration: Annotated[str, Choice(CONFIGURATIONS)] = "compact"
     device: Annotated[str, Choice(list(mrml.DEVICE_CHOICES))] = "Auto"
     resume: bool = True
     groundTruthTable: vtkMRMLTableNode
@@ -160,8 +159,8 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
             self.ui.stageLabel.text = f"{pipeline.stageNumber}/{len(STAGES)}: {stage}"
             if fraction is not None:
                 self.ui.progressBar.value = int(100 * fraction)
-            if "loss" in message:
-                self.ui.statusLabel.text = _("step {step}, loss {loss:.4g}").format(**message)
+            if stage not in ("log", "done"):
+                self.ui.statusLabel.text = mrml.progress_text(message)
             if stage == "log":
                 logging.info(message["message"])
         if not pipeline.done():
@@ -177,7 +176,7 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
             return
         p = self._parameterNode
         p.groundTruthTable = self.logic.groundTruthTable(Path(p.outputFolder))
-        p.lossChart = self.logic.lossChart(Path(p.outputFolder))
+        p.lossChart = self.logic.lossChart(Path(p.outputFolder), p.modelName.strip())
         self.ui.bundleLabel.text = str(pipeline.bundle)
         self.setState(JobState.SUCCEEDED, _("Done. The model is listed in Agent Registration as '{name}'.")
                       .format(name=p.modelName))
@@ -261,8 +260,14 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
             sitk.WriteImage(mrml.segmentation_to_labelmap_sitk(label, volume), str(folder / f"{name}_label.nii.gz"))
 
     def startTraining(self, volumes: list, dataFolder: Path, outputFolder: Path, modelName: str,
-                      configuration: str = "default", device: str = "Auto", resume: bool = True) -> TrainingPipeline:
-        """Check inputs and start ground truth -> SDM -> training."""
+                      configuration: str = "compact", device: str = "Auto", resume: bool = True,
+                      dim: int = 3) -> TrainingPipeline:
+        """Check inputs and start ground truth -> SDM -> training.
+
+        With ``resume`` a rerun continues: finished GT pairs are reused and training continues from its
+        checkpoint. Without it, the training checkpoint (and its loss.csv) is removed first, so training
+        starts over; the GT cache is kept (the same pairs give the same GT).
+        """
         outputFolder = Path(outputFolder)
         if not str(outputFolder) or str(outputFolder) == ".":
             raise ValueError("Choose an output folder.")
@@ -277,57 +282,42 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"Data folder not found: {dataFolder}. Check loaded volumes or pick a folder.")
         import AgentRegistration
 
-        python = AgentRegistration.workerPython()
-        deviceValue = mrml.DEVICE_CHOICES[device]
-        bundle = outputFolder / f"{modelName}.pt"
-        dim = 3
-        commands = [
-            mrml.cli_command(python, "groundtruth", {"out": outputFolder / "groundtruth", "dim": dim},
-                             positional=[dataFolder]),  # the per-pair cache makes a rerun resume
-            mrml.cli_command(python, "sdm", {"modes": 25 if dim == 3 else 15, "out": outputFolder / "sdm.npz"},
-                             positional=[outputFolder / "groundtruth"]),
-            # Arguments of 'agentreg train' follow the engine's planned interface.
-            mrml.cli_command(python, "train", {"data": dataFolder, "sdm": outputFolder / "sdm.npz",
-                                               "out": bundle, "checkpoint_dir": outputFolder / "checkpoints",
-                                               "config": configuration, "device": deviceValue, "resume": resume}),
-        ]
-        return TrainingPipeline(commands, bundle, self.userModelsFolder())
+        files = mrml.TrainingFiles(outputFolder, modelName.strip())
+        commands = mrml.training_commands(AgentRegistration.workerPython(), dataFolder, files, dim=dim,
+                                          configuration=configuration, device=device)
+        if not resume:
+            files.checkpoint.unlink(missing_ok=True)
+            files.loss.unlink(missing_ok=True)
+        files.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        return TrainingPipeline(commands, files.bundle, self.userModelsFolder())
 
     @staticmethod
-    def groundTruthTable(outputFolder: Path):
-        """Table of the ground-truth Dice per pair (``groundtruth/dice.csv``), or None."""
-        path = outputFolder / "groundtruth" / "dice.csv"
+    def groundTruthTable(outputFolder: Path, modelName: str = ""):
+        """Table of the ground-truth Dice per pair (``groundtruth/gt_dice.csv``), or None."""
+        path = mrml.TrainingFiles(Path(outputFolder), modelName).gt_dice
         if not path.is_file():
             return None
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        columns = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
-        for key, values in columns.items():
-            try:
-                columns[key] = [float(v) for v in values]
-            except ValueError:
-                pass
-        return mrml.table_node_from_columns(columns, slicer.mrmlScene,
+        return mrml.table_node_from_columns(mrml.read_groundtruth_dice(path), slicer.mrmlScene,
                                             slicer.mrmlScene.GenerateUniqueName("ground truth Dice"))
 
     @staticmethod
-    def lossChart(outputFolder: Path):
-        """Plot of the training loss (``checkpoints/loss.csv`` with columns step, loss), or None."""
-        path = outputFolder / "checkpoints" / "loss.csv"
+    def lossChart(outputFolder: Path, modelName: str):
+        """Plot of the training loss (``loss.csv`` beside the checkpoint), or None."""
+        path = mrml.TrainingFiles(Path(outputFolder), modelName).loss
         if not path.is_file():
             return None
-        columns = mrml.read_trajectory_csv(path)
+        columns = mrml.read_training_loss(path)
         table = mrml.table_node_from_columns(columns, slicer.mrmlScene,
                                              slicer.mrmlScene.GenerateUniqueName("training loss"))
         chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", table.GetName() + " chart")
         series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", "loss")
         series.SetAndObserveTableNodeID(table.GetID())
-        series.SetXColumnName("step")
+        series.SetXColumnName("iteration")
         series.SetYColumnName("loss")
         series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
         chart.AddAndObservePlotSeriesNodeID(series.GetID())
         chart.SetYAxisTitle("loss")
-        chart.SetXAxisTitle("step")
+        chart.SetXAxisTitle("iteration")
         slicer.modules.plots.logic().ShowChartInLayout(chart)
         return chart
 

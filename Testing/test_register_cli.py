@@ -67,9 +67,9 @@ def run(inputs, bundle2d, tmp_path_factory):
 
 def _same_geometry(image: sitk.Image, reference: sitk.Image) -> None:
     assert image.GetSize() == reference.GetSize()
-    assert np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-5)
-    assert np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-6)
-    assert np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6)
+    assert image.GetOrigin() == reference.GetOrigin()
+    assert image.GetSpacing() == reference.GetSpacing()
+    assert image.GetDirection() == reference.GetDirection()
 
 
 def _leftovers(folder) -> list[str]:

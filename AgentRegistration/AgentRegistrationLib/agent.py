@@ -110,7 +110,7 @@ class Agent:
         self.deltas = signed_steps(self.action_steps)
         self.mu = torch.as_tensor(sdm.mu, dtype=torch.float32, device=self.device)
         self.sigma = torch.as_tensor(sdm.sigma, dtype=torch.float32, device=self.device)
-        self.theta_start = torch.as_tensor(sdm.project(np.zeros(len(sdm.mean))), dtype=torch.float32, device=self.device)
+        self.theta_start = torch.as_tensor(sdm.theta_identity, dtype=torch.float32, device=self.device)
 
     def displacement(self, theta: torch.Tensor) -> torch.Tensor:
         """Dense displacement ``(B, dim, *spatial)`` of parameters ``(B, d)`` (from all modes)."""

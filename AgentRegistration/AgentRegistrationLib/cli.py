@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -89,7 +90,7 @@ def cmd_groundtruth(args) -> int:
         rep.update(done, **({"dice": result.dice_after} if result else {}))
 
     results, failures = run_groundtruth(subject_dir, names, geometry, out, pairs, args.workers,
-                                        {"iterations": args.iterations}, progress)
+                                        {"iterations": args.iterations, "resolutions": args.resolutions}, progress)
     rep.close()
     results.sort(key=lambda r: (r.moving, r.fixed))
     lines = ["moving,fixed,dice_before,dice_after,seconds"] + [
@@ -102,7 +103,7 @@ def cmd_groundtruth(args) -> int:
         "dice_after": dice_summary([r.dice_after for r in results]),
         "pair_seconds_sum": float(sum(r.seconds for r in results)),
         "wall_seconds_this_run": time.perf_counter() - start,
-        "workers": args.workers, "iterations": args.iterations, "max_pairs": args.max_pairs, "seed": args.seed,
+        "workers": args.workers, "iterations": args.iterations, "resolutions": args.resolutions, "max_pairs": args.max_pairs, "seed": args.seed,
     }
     atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
     d = summary["dice_after"]
@@ -172,6 +173,8 @@ def cmd_train(args) -> int:
     bundle = train(config, training_set, sdm, geometry, Path(args.out), device, checkpoint, validation,
                    lambda i, n, info: rep.update(i, **info))
     rep.close()
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes)
+        return 0
     t = bundle.training
     print(f"trained {config.name} ({config.architecture}) for {t['iterations']} batches in {t['seconds'] / 60:.1f} min on "
           f"{t['device']}; final loss {t['final_loss']:.4g}, held-out best-action accuracy {t['held_out_accuracy']:.2f} "
@@ -373,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the pair subset")
     p.add_argument("--workers", type=int, default=0, help="parallel processes (default: all cores)")
     p.add_argument("--iterations", type=int, default=250, help="elastix iterations per resolution")
+    p.add_argument("--resolutions", type=int, default=3, help="elastix resolutions (image pyramid levels)")
     common(p)
     p.set_defaults(func=cmd_groundtruth)
 
@@ -474,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workers = os.cpu_count() or 1
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         if getattr(args, "progress_json", False):
             print(json.dumps({"stage": "error", "message": str(err)}), flush=True)
         print(f"agentreg: error: {err}", file=sys.stderr)

@@ -620,6 +620,121 @@ def cli_command(python: str, subcommand: str, options: dict[str, Any],
     return command + ["--progress-json"]
 
 
+TRAINING_CONFIGURATIONS = ("compact", "paper")
+"""Training configurations by name (``agentreg train --config``)."""
+GT_DICE_COLUMNS = ("moving", "fixed", "dice_before", "dice_after", "seconds")
+LOSS_COLUMNS = ("iteration", "loss", "held_out_accuracy", "validation_dice")
+
+
+@dataclass(frozen=True)
+class TrainingFiles:
+    """Where the three training stages write, under one output folder (each stage resumes from it)."""
+
+    output_folder: Path
+    model_name: str
+
+    @property
+    def groundtruth(self) -> Path:
+        return Path(self.output_folder) / "groundtruth"
+
+    @property
+    def gt_dice(self) -> Path:
+        return self.groundtruth / "gt_dice.csv"
+
+    @property
+    def gt_summary(self) -> Path:
+        return self.groundtruth / "summary.json"
+
+    @property
+    def sdm(self) -> Path:
+        return Path(self.output_folder) / "sdm.npz"
+
+    @property
+    def bundle(self) -> Path:
+        return Path(self.output_folder) / f"{self.model_name}.pt"
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.output_folder) / "checkpoints" / f"{self.model_name}.checkpoint.pt"
+
+    @property
+    def loss(self) -> Path:
+        """``loss.csv``, which ``agentreg train`` writes beside its checkpoint."""
+        return self.checkpoint.with_name("loss.csv")
+
+
+def training_commands(python: str, data: str | Path, files: TrainingFiles, *, dim: int = 3,
+                      configuration: str = "compact", device: str = "Auto", modes: int | None = None,
+                      split: str | Path | None = None) -> list[list[str]]:
+    """Worker command lines of the three stages: ``agentreg groundtruth``, ``sdm`` and ``train``.
+
+    ``modes`` defaults to the paper's d (15 in 2-D, 25 in 3-D). A rerun of the same commands resumes:
+    the ground truth from its per-pair cache, training from ``files.checkpoint``.
+    """
+    if dim not in (2, 3):
+        raise ValueError(f"dimension must be 2 or 3, got {dim}")
+    if configuration not in TRAINING_CONFIGURATIONS:
+        raise ValueError(f"training configuration must be one of {TRAINING_CONFIGURATIONS}, got {configuration!r}")
+    if device not in DEVICE_CHOICES:
+        raise ValueError(f"device must be one of {sorted(DEVICE_CHOICES)}, got {device!r}")
+    modes = modes or (15 if dim == 2 else 25)
+    return [
+        cli_command(python, "groundtruth", {"out": files.groundtruth, "dim": dim, "split": split}, positional=[data]),
+        cli_command(python, "sdm", {"modes": modes, "out": files.sdm}, positional=[files.groundtruth]),
+        cli_command(python, "train", {"groundtruth": files.groundtruth, "sdm": files.sdm, "out": files.bundle,
+                                      "config": configuration, "checkpoint": files.checkpoint,
+                                      "device": DEVICE_CHOICES[device]}),
+    ]
+
+
+def read_csv_columns(path: str | Path, required: Sequence[str], what: str) -> dict[str, list]:
+    """Columns of a CSV the engine wrote; numbers as floats (empty cells and 'nan' as NaN), other text kept.
+
+    Raises ``ValueError`` naming ``what`` and the missing columns when ``required`` ones are absent.
+    """
+    path = Path(path)
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        names = reader.fieldnames or []
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise ValueError(f"{what} {path} lacks the columns {missing} (has {names}); was it written by this version?")
+    columns: dict[str, list] = {name: [row[name] for row in rows] for name in names}
+    for name, values in columns.items():
+        try:
+            columns[name] = [float(v) if v not in ("", None) else math.nan for v in values]
+        except ValueError:
+            pass
+    return columns
+
+
+def read_groundtruth_dice(path: str | Path) -> dict[str, list]:
+    """``gt_dice.csv`` of ``agentreg groundtruth``: moving, fixed, dice_before, dice_after, seconds."""
+    return read_csv_columns(path, GT_DICE_COLUMNS, "ground-truth Dice file")
+
+
+def read_training_loss(path: str | Path) -> dict[str, list]:
+    """``loss.csv`` of ``agentreg train``: iteration, loss, held_out_accuracy, validation_dice."""
+    return read_csv_columns(path, LOSS_COLUMNS, "training loss file")
+
+
+def progress_text(message: dict[str, Any]) -> str:
+    """One status line for a worker message, e.g. ``train 150/20000, loss 0.0123, accuracy 0.41``."""
+    stage = message.get("stage", "")
+    if stage == "error":
+        return f"error: {message.get('message', '')}"
+    if "message" in message and "total" not in message:
+        return f"{stage}: {message['message']}"
+    text = str(stage)
+    done = message.get("step", message.get("done"))
+    if done is not None and message.get("total"):
+        text += f" {done}/{message['total']}"
+    details = [f"{k} {message[k]:.4g}" for k in ("loss", "accuracy", "val_dice", "dice")
+               if isinstance(message.get(k), (int, float))]
+    return ", ".join([text, *details])
+
+
 def worker_environment(module_dir: str | Path, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for the worker: ``module_dir`` (holding ``AgentRegistrationLib``) on PYTHONPATH."""
     env = dict(os.environ if base is None else base)

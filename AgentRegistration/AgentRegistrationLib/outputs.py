@@ -19,6 +19,10 @@ from .preprocessing import displacement_in_fixed_geometry, warp_to_fixed
 from .registration import RegistrationResult
 
 
+OUTPUT_NAMES = ("warped.nii.gz", "warped_label.nii.gz", "displacement.nii.gz", "trajectory.csv", "trajectory.png",
+                "metrics.json", "steps")
+
+
 def trajectory_rows(trajectory: dict[str, np.ndarray]) -> tuple[list[str], list[list]]:
     """Header and rows of trajectory.csv (one row per step)."""
     q, theta = trajectory["q_values"], trajectory["theta"]
@@ -78,13 +82,17 @@ def write_registration_outputs(result: RegistrationResult, out_dir: Path, moving
         if save_steps > 0:
             (tmp / "steps").mkdir()
             grid = geometry.control_grid()
-            thetas = [(0, sdm.project(np.zeros(len(sdm.mean))))]
+            thetas = [(0, sdm.theta_identity)]
             thetas += [(t + 1, th) for t, th in enumerate(result.trajectory["theta"]) if (t + 1) % save_steps == 0]
             for step, theta in thetas:
-                field = displacement_in_fixed_geometry(sdm.reconstruct(theta), grid, result.pair.frame, fixed,
+                field = displacement_in_fixed_geometry(sdm.deformation(theta), grid, result.pair.frame, fixed,
                                                        result.translation)
                 sitk.WriteImage(warp_to_fixed(moving, field), str(tmp / "steps" / f"warped_{step:04d}.nii.gz"), True)
         out_dir.mkdir(exist_ok=True)
+        for stale in OUTPUT_NAMES:  # files of an earlier run that this run does not write
+            target = out_dir / stale
+            if not (tmp / stale).exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         written = []
         for item in sorted(tmp.iterdir()):
             target = out_dir / item.name

@@ -79,7 +79,7 @@ class Registrar:
         trajectory = result.trajectory.stacked()
         outputs = []
         for i, (pair, moving, moving_label) in enumerate(zip(pairs, movings, moving_labels, strict=True)):
-            coefficients = self.bundle.sdm.reconstruct(result.theta[i])
+            coefficients = self.bundle.sdm.deformation(result.theta[i])
             displacement = displacement_in_fixed_geometry(coefficients, geometry.control_grid(), pair.frame, fixed,
                                                           pair.translation)
             warped = warp_to_fixed(moving, displacement)

@@ -84,11 +84,24 @@ class StatisticalDeformationModel:
         """Coefficient vectors from mode amplitudes ``(..., d)``."""
         return self.mean + np.asarray(theta, dtype=np.float64) @ self.modes
 
+    @property
+    def theta_identity(self) -> np.ndarray:
+        """The parameters of the identity (no deformation): where the agent starts."""
+        return self.project(np.zeros_like(self.mean))
+
+    def deformation(self, theta: np.ndarray) -> np.ndarray:
+        """Coefficients of the deformation the agent means by ``theta``: the reconstruction
+        restricted to the span of the modes, ``modes^T modes mean + theta @ modes``, so that
+        :attr:`theta_identity` is exactly the identity (the part of the mean outside the modes,
+        which no action can change, is left out)."""
+        return self.modes.T @ (self.modes @ self.mean) + np.asarray(theta, dtype=np.float64) @ self.modes
+
     def fields(self, bases: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense displacement of the mean ``(dim, *spatial)`` and of each mode ``(d, dim, *spatial)``
-        on the grid described by ``bases`` (see :meth:`ControlGrid.image_bases`)."""
+        """Dense displacement of the in-span mean ``(dim, *spatial)`` (see :meth:`deformation`) and
+        of each mode ``(d, dim, *spatial)`` on the grid described by ``bases``."""
         device, dtype = bases[0].device, bases[0].dtype
-        mean = dense_displacement(torch.as_tensor(self.mean, device=device)[None], self.grid, bases)[0]
+        mean_in_span = self.modes.T @ (self.modes @ self.mean)
+        mean = dense_displacement(torch.as_tensor(mean_in_span, device=device)[None], self.grid, bases)[0]
         modes = dense_displacement(torch.as_tensor(self.modes, device=device), self.grid, bases)
         return mean.to(dtype), modes.to(dtype)
 

@@ -42,7 +42,7 @@ class TrainingConfig:
     lr_decay_every: int = 10_000
     iterations: int = 20_000
     intra_probability: float = 0.5
-    draw_scale: float = 1.0
+    draw_scale: float = 0.5  # synthetic draws: sigma x draw_scale per mode (keeps the negated inverse accurate)
     step_fraction: float = 0.25  # action step of mode m = step_fraction * mean |theta_m| of the real pairs
     validate_every: int = 1000
     validation_pairs: int = 8
