@@ -25,13 +25,20 @@ def test_reconstruction_is_exact_with_enough_modes():
     assert np.abs(fewer.reconstruct(fewer.project(data)) - data).max() > 0.1
 
 
-def test_mode_fields_are_dense_displacements_of_modes():
+def test_mode_fields_are_dense_displacements_of_the_agents_deformation():
     sdm = StatisticalDeformationModel.fit(_low_rank_data(), 4, GRID)
     bases = GRID.image_bases((100, 100), dtype=torch.float64)
     mean, modes = sdm.fields(bases)
     theta = np.array([0.5, -1.0, 0.0, 2.0])
-    direct = dense_displacement(torch.tensor(sdm.reconstruct(theta))[None], GRID, bases)[0]
+    direct = dense_displacement(torch.tensor(sdm.deformation(theta))[None], GRID, bases)[0]
     assert torch.allclose(mean + torch.einsum("m,m...->...", torch.tensor(theta), modes), direct, atol=1e-9)
+
+
+def test_identity_parameters_give_no_deformation():
+    sdm = StatisticalDeformationModel.fit(_low_rank_data(), 4, GRID)  # the data's mean is far from zero
+    assert np.abs(sdm.deformation(sdm.theta_identity)).max() < 1e-9
+    theta = sdm.theta_identity + np.array([1.0, 0.0, -2.0, 0.5])
+    assert np.allclose(sdm.deformation(theta), np.array([1.0, 0.0, -2.0, 0.5]) @ sdm.modes)
 
 
 def test_save_load_round_trip(tmp_path):

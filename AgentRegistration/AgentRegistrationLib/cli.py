@@ -103,7 +103,8 @@ def cmd_groundtruth(args) -> int:
         "dice_after": dice_summary([r.dice_after for r in results]),
         "pair_seconds_sum": float(sum(r.seconds for r in results)),
         "wall_seconds_this_run": time.perf_counter() - start,
-        "workers": args.workers, "iterations": args.iterations, "resolutions": args.resolutions, "max_pairs": args.max_pairs, "seed": args.seed,
+        "workers": args.workers, "iterations": args.iterations, "resolutions": args.resolutions,
+        "max_pairs": args.max_pairs, "seed": args.seed,
     }
     atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
     d = summary["dice_after"]

@@ -18,7 +18,6 @@ import SimpleITK as sitk
 from .preprocessing import displacement_in_fixed_geometry, warp_to_fixed
 from .registration import RegistrationResult
 
-
 OUTPUT_NAMES = ("warped.nii.gz", "warped_label.nii.gz", "displacement.nii.gz", "trajectory.csv", "trajectory.png",
                 "metrics.json", "steps")
 
