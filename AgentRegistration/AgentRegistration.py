@@ -7,7 +7,6 @@ Slicer) and turns its output folder into nodes through ``AgentRegistrationLib.mr
 
 from __future__ import annotations
 
-import enum
 import importlib.util
 import logging
 import os
@@ -104,14 +103,7 @@ def ensureDependencies(requester: str = "AgentRegistration") -> bool:
     return all(importlib.util.find_spec(REQUIREMENT_IMPORTS[n]) is not None for n in missing)
 
 
-class JobState(enum.Enum):
-    """What the Apply/Cancel button and the progress bar show."""
-
-    IDLE = "idle"
-    RUNNING = "running"
-    CANCEL_REQUESTED = "cancel requested"
-    FAILED = "failed"
-    SUCCEEDED = "succeeded"
+JobState = mrml.JobState
 
 
 #

@@ -8,7 +8,6 @@ produce is copied where the AgentRegistration module lists it.
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import shutil
@@ -41,12 +40,7 @@ STAGES = ("groundtruth", "sdm", "train")
 CONFIGURATIONS = list(mrml.TRAINING_CONFIGURATIONS)
 
 
-class JobState(enum.Enum):
-    IDLE = "idle"
-    RUNNING = "running"
-    CANCEL_REQUESTED = "cancel requested"
-    FAILED = "failed"
-    SUCCEEDED = "succeeded"
+JobState = mrml.JobState
 
 
 class AgentRegistrationTraining(ScriptedLoadableModule):

@@ -19,6 +19,7 @@ to the image dimensions, which is why arrays move between the two without transp
 from __future__ import annotations
 
 import csv
+import enum
 import json
 import math
 import os
@@ -43,6 +44,17 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 DEVICE_CHOICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
 """Labels shown in the GUI mapped to the ``--device`` values of ``agentreg register``."""
+
+
+class JobState(enum.Enum):
+    """State of a worker job; it drives the Apply/Cancel button and the progress bar of both modules."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    CANCEL_REQUESTED = "cancel requested"
+    FAILED = "failed"
+    SUCCEEDED = "succeeded"
+
 
 
 # --------------------------------------------------------------------------- geometry
