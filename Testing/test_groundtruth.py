@@ -1,0 +1,98 @@
+"""Ground-truth generation: corresponding surface points, per-pair cache and resume, failures, SDM on real GT."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from AgentRegistrationLib.dataset import find_subjects
+from AgentRegistrationLib.groundtruth import load_pair, pair_file, ray_directions, run_groundtruth, surface_points
+from AgentRegistrationLib.sdm import StatisticalDeformationModel
+
+
+def _mask(load_case, case="00"):
+    return sitk.GetArrayFromImage(load_case(case)[1]) > 0
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_surface_points_lie_on_the_mask_surface(load_case, dim):
+    mask = _mask(load_case)
+    mask = mask[16] if dim == 2 else mask
+    points = surface_points(mask, ray_directions(dim, 64 if dim == 2 else 256))
+    index = np.rint(points[:, ::-1]).astype(int)  # array order
+    assert mask[tuple(index.T)].all()  # inside, ...
+    outward = np.rint(points[:, ::-1] + 1.5 * ray_directions(dim, len(points))[:, ::-1]).astype(int)
+    outward = np.clip(outward, 0, np.array(mask.shape) - 1)
+    assert (~mask[tuple(outward.T)]).mean() > 0.9  # ... and just outside lies background: the surface
+
+
+def test_points_correspond_under_a_known_shift(load_case):
+    """Shift a real mask: each ray's point moves by exactly the shift, so point i matches point i."""
+    mask = _mask(load_case)
+    shifted = np.roll(mask, (2, -5, 7), axis=(0, 1, 2))
+    directions = ray_directions(3, 256)
+    a, b = surface_points(mask, directions), surface_points(shifted, directions)
+    assert np.allclose(b - a, [7, -5, 2], atol=1e-9)
+    spread = np.linalg.norm(a - a.mean(0), axis=1)
+    assert spread.min() > 3  # spread over the surface, not bunched at the centre
+
+
+def test_points_on_an_empty_mask_are_an_error():
+    with pytest.raises(ValueError, match="empty mask"):
+        surface_points(np.zeros((5, 5), bool), ray_directions(2, 8))
+
+
+def test_cache_resume_and_failures(tiny_pipeline, tmp_path):
+    """A rerun loads every pair from its cache file; a deleted pair alone is recomputed; a failing pair is
+    reported and skipped."""
+    tiny = tiny_pipeline(2)
+    subject_dir, names, geometry = tiny["gt"] / "subjects", tiny["subjects"], tiny["geometry"]
+    mtimes = {p: p.stat().st_mtime_ns for p in (tiny["gt"] / "pairs").glob("*.npz")}
+    assert len(mtimes) == 12
+    results, failures = run_groundtruth(subject_dir, names, geometry, tiny["gt"], workers=1)
+    assert len(results) == 12 and not failures
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing recomputed
+
+    out = tmp_path / "gt"
+    (out / "pairs").mkdir(parents=True)
+    kept = pair_file(tiny["gt"], names[0], names[1])
+    (out / "pairs" / kept.name).write_bytes(kept.read_bytes())
+    empty = subject_dir.parent / "empty_subject"
+    empty.mkdir(exist_ok=True)
+    with np.load(subject_dir / f"{names[2]}.npz") as z:
+        np.savez(empty / "blank.npz", image=z["image"], label=np.zeros_like(z["label"]))
+    for n in names[:2]:
+        (empty / f"{n}.npz").write_bytes((subject_dir / f"{n}.npz").read_bytes())
+    pairs = [(names[0], names[1]), (names[1], names[0]), ("blank", names[0])]
+    results, failures = run_groundtruth(empty, [], geometry, out, pairs=pairs, workers=1,
+                                        settings={"iterations": 20, "resolutions": 1})
+    assert sorted((r.moving, r.fixed) for r in results) == sorted(pairs[:2])
+    assert load_pair(out / "pairs" / kept.name).coefficients.tolist() == load_pair(kept).coefficients.tolist()
+    assert [f[:2] for f in failures] == [("blank", names[0])] and "empty mask" in failures[0][2]
+    assert json.loads((out / "failures.json").read_text())[0][0] == "blank"
+
+
+def test_gt_improves_dice_and_sdm_reconstructs_real_deformations(tiny_pipeline):
+    tiny = tiny_pipeline(2)
+    results = [load_pair(p) for p in sorted((tiny["gt"] / "pairs").glob("*.npz"))]
+    assert np.median([r.dice_after for r in results]) > np.median([r.dice_before for r in results]) + 0.1
+    coefficients = np.stack([r.coefficients for r in results])
+    grid = tiny["geometry"].control_grid()
+    full = StatisticalDeformationModel.fit(coefficients, len(results) - 1, grid)
+    assert np.allclose(full.reconstruct(full.project(coefficients)), coefficients, atol=1e-6)
+    errors = [np.abs(StatisticalDeformationModel.fit(coefficients, d, grid).reconstruct(
+        StatisticalDeformationModel.fit(coefficients, d, grid).project(coefficients)) - coefficients).mean()
+              for d in (1, 4, 8)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_subjects_from_a_csv(grid128, tmp_path):
+    csv = tmp_path / "subjects.csv"
+    csv.write_text("name,image,label\n" + "".join(
+        f"s{c},{grid128 / f'case{c}_image.nii.gz'},{grid128 / f'case{c}_label.nii.gz'}\n" for c in ("00", "04")))
+    subjects = find_subjects(csv)
+    assert [s.name for s in subjects] == ["s00", "s04"] and subjects[1].label.name == "case04_label.nii.gz"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("img,seg\na,b\n")
+    with pytest.raises(ValueError, match="columns 'image' and 'label'"):
+        find_subjects(bad)
