@@ -30,6 +30,7 @@ from .network import DualStreamQNetwork, NetworkConfig
 from .preprocessing import ModelGeometry
 from .sdm import StatisticalDeformationModel
 from .synthetic import SyntheticPairGenerator, q_targets
+from .warp import warp
 
 
 @dataclass
@@ -44,6 +45,7 @@ class TrainingConfig:
     intra_probability: float = 0.5
     draw_scale: float = 0.5  # synthetic draws: sigma x draw_scale per mode (keeps the negated inverse accurate)
     step_fraction: float = 0.25  # action step of mode m = step_fraction * mean |theta_m| of the real pairs
+    state_sampling: float = 0.0  # fraction of a batch in states along the way to theta_gt (0: all at the start)
     validate_every: int = 1000
     validation_pairs: int = 8
     validation_steps: int = 100
@@ -71,7 +73,7 @@ class TrainingConfig:
 
 CONFIGS = {
     "paper": TrainingConfig(name="paper", architecture="paper", iterations=100_000),
-    "compact": TrainingConfig(name="compact", architecture="compact"),
+    "compact": TrainingConfig(name="compact", architecture="compact", state_sampling=0.5),
 }
 
 
@@ -208,7 +210,10 @@ def train(
     for iteration in range(start + 1, config.iterations + 1):
         with torch.no_grad():
             fixed, moving, theta_gt, _ = generator.sample(batch)
-            target = q_targets(theta_gt, agent.theta_start.expand(batch, -1), deltas) / q_scale
+            theta = agent.theta_start.expand(batch, -1)
+            if config.state_sampling > 0:
+                theta, moving = states_along_the_way(agent, generator.gen, theta, theta_gt, moving, config.state_sampling)
+            target = q_targets(theta_gt, theta, deltas) / q_scale
         prediction = model(fixed, moving)
         loss = ((prediction - target) ** 2).sum(dim=1).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -253,6 +258,20 @@ def train(
     return bundle
 
 
+def states_along_the_way(agent: Agent, gen: torch.Generator, theta_start: torch.Tensor, theta_gt: torch.Tensor,
+                         moving: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put a ``fraction`` of the pairs in a random state between the start and the GT (plus about one
+    action step of noise per mode), as the agent meets them after some steps: the state's moving image
+    is the moving image warped by that state's deformation, and Eq. 1 is taken from that state."""
+    batch = theta_gt.shape[0]
+    device = theta_gt.device
+    on_path = (torch.rand(batch, 1, generator=gen, device=device) < fraction).float()
+    lam = torch.rand(batch, 1, generator=gen, device=device)
+    noise = torch.randn(theta_gt.shape, generator=gen, device=device) * agent.action_steps
+    theta = theta_start + on_path * (lam * (theta_gt - theta_start) + noise)
+    return theta, warp(moving, agent.displacement(theta))
+
+
 @torch.no_grad()
 def held_out_accuracy(network: DualStreamQNetwork, fixed, moving, target) -> float:
     """Fraction of held-out synthetic pairs whose predicted best action is the true best action."""
@@ -267,8 +286,6 @@ def validate(agent: Agent, pairs: list[ValidationPair], config: TrainingConfig) 
     stack = lambda key: torch.as_tensor(np.stack([getattr(p, key) for p in pairs]), device=device)[:, None]  # noqa: E731
     fixed, moving, fl, ml = stack("fixed"), stack("moving"), stack("fixed_label"), stack("moving_label")
     result = agent.run(fixed, moving, AgentSettings(steps=config.validation_steps, seed=0))
-    from .warp import warp
-
     after = dice_batch(warp(ml, result.displacement, mode="nearest"), fl).cpu().numpy()
     before = dice_batch(warp(ml, agent.displacement(agent.theta_start[None].expand(len(pairs), -1)), mode="nearest"),
                         fl).cpu().numpy()
