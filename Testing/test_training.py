@@ -392,3 +392,19 @@ def test_progress_text_of_training_messages():
     assert mrml.progress_text({"stage": "train", "done": 150, "total": 200, "loss": 0.01234, "accuracy": 0.5}) == (
         "train 150/200, loss 0.01234, accuracy 0.5")
     assert mrml.progress_text({"stage": "error", "message": "no GPU"}) == "error: no GPU"
+
+
+def test_states_along_the_way_are_warped_moving_images_between_start_and_gt(tiny):
+    from AgentRegistrationLib.training import states_along_the_way
+
+    agent = _agent(tiny)
+    gen = _generator(tiny, agent, 3)
+    fixed, moving, theta_gt, _ = gen.sample(32)
+    start = agent.theta_start.expand(32, -1)
+    same_theta, same_moving = states_along_the_way(agent, gen.gen, start, theta_gt, moving, 0.0)
+    assert torch.equal(same_theta, start) and torch.allclose(same_moving, moving, atol=1e-5)
+    theta, state = states_along_the_way(agent, gen.gen, start, theta_gt, moving, 1.0)
+    closer = (theta - theta_gt).norm(dim=1) < (start - theta_gt).norm(dim=1)
+    assert closer.float().mean() > 0.7  # on the way to the GT (up to one step of noise)
+    assert torch.allclose(state, warp(moving, agent.displacement(theta)))
+    assert config_by_name("paper").state_sampling == 0.0  # the paper's configuration trains from the start state
