@@ -164,7 +164,7 @@ def model_card(bundle: ModelBundle, name: str) -> str:
     ]
     if v:
         lines.append(
-            f"- **Validation during training** ({len(v.get('pairs', []))} real validation pairs on the common template grid, "
+            f"- **Validation of the saved model** ({len(v.get('pairs', []))} real validation pairs on the common template grid, "
             f"{v.get('steps')} steps): Dice median {v.get('dice_before_median', float('nan')):.3f} -> "
             f"{v.get('dice_median', float('nan')):.3f}, mean {v.get('dice_before_mean', float('nan')):.3f} -> "
             f"{v.get('dice_mean', float('nan')):.3f}.")

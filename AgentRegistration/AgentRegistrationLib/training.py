@@ -240,8 +240,6 @@ def train(
             seconds, t0 = seconds_now, time.perf_counter()
             save_checkpoint(iteration)
     seconds += time.perf_counter() - t0
-    if validation and rank == 0 and not validation_result:
-        validation_result = validate(agent, validation, config)
     bundle = ModelBundle(
         network=network.cpu().eval(), sdm=sdm, geometry=geometry, action_steps=action_steps,
         agent_defaults={"fuzzy_k": 1.5, "exploration": 0.05, "steps": 200},
@@ -250,8 +248,11 @@ def train(
                   "real_pairs": len(training_set.pairs), "final_loss": history[-1][1] if history else None,
                   "held_out_accuracy": history[-1][2] if history else None,
                   "chance_accuracy": 1.0 / net_config.num_actions},
-        validation=validation_result,
+        validation={},
     )
+    if validation and rank == 0:
+        # The bundle's validation is measured on the network as saved and reloaded, as users will run it.
+        bundle.validation = validate_bundle(bundle, validation, config)
     if rank == 0:
         bundle.save(out_bundle)
     network.to(device)
@@ -292,6 +293,14 @@ def validate(agent: Agent, pairs: list[ValidationPair], config: TrainingConfig) 
     return {"pairs": [p.name for p in pairs], "steps": config.validation_steps,
             "dice_before_median": float(np.median(before)), "dice_median": float(np.median(after)),
             "dice_mean": float(after.mean()), "dice_before_mean": float(before.mean())}
+
+
+def validate_bundle(bundle: ModelBundle, pairs: list[ValidationPair], config: TrainingConfig) -> dict:
+    """:func:`validate` with the bundle's network after a save/load round trip (on the CPU)."""
+    from .bundle import bundle_from_payload
+
+    reloaded = bundle_from_payload(bundle.to_payload())
+    return validate(Agent(reloaded.network, reloaded.sdm, reloaded.geometry.size, reloaded.action_steps), pairs, config)
 
 
 def validation_pairs_from_subjects(subjects, count: int, seed: int = 0) -> list[ValidationPair]:
