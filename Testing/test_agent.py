@@ -116,8 +116,13 @@ def test_rejected_actions_are_never_chosen_while_an_action_is_accepted(default_r
 
 def test_when_every_action_is_rejected_the_best_q_is_taken(agent, pairs):
     """Rejection adds a large negative value to the Q-values (paper, 2.2), which keeps their order: when all
-    are rejected the network's best action is taken. A tight k makes that happen often."""
-    result = agent.run(*pairs, AgentSettings(steps=60, seed=0, fuzzy_k=0.05, exploration=0.0))
+    are rejected the network's best action is taken. Here the plausible centre is moved 5 sigma away from the
+    start, so every move stays implausible and is (almost always) rejected."""
+    import copy
+
+    far = copy.copy(agent)
+    far.mu = agent.mu + 5 * agent.sigma
+    result = far.run(*pairs, AgentSettings(steps=60, seed=0, fuzzy_k=0.05, exploration=0.0))
     actions = torch.stack(result.trajectory.actions)
     q = torch.stack(result.trajectory.q_values)
     all_rejected = torch.stack(result.trajectory.rejected).all(dim=2)
