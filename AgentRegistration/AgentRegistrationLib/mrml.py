@@ -368,19 +368,9 @@ def propagate_segmentation(segmentation_node: slicer.vtkMRMLNode, transform_node
 
 def read_trajectory_csv(path: str | Path) -> dict[str, list]:
     """Columns of ``trajectory.csv``: numbers as floats (empty cells as NaN), other text kept."""
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
+    columns = read_csv_columns(path, ("step", "action"), "trajectory file")
+    if not columns["step"]:
         raise ValueError(f"trajectory file {path} has no steps")
-    columns: dict[str, list] = {name: [] for name in rows[0]}
-    for row in rows:
-        for name, value in row.items():
-            columns[name].append(value)
-    for name, values in columns.items():
-        try:
-            columns[name] = [float(v) if v not in ("", None) else math.nan for v in values]
-        except ValueError:
-            pass
     return columns
 
 
