@@ -17,6 +17,15 @@ import SimpleITK as sitk
 from .bspline import ControlGrid
 
 
+def single_threaded_worker() -> None:
+    """In a worker process of a pool: one ITK (elastix) thread and one torch thread, so that the
+    workers do not oversubscribe the cores."""
+    import torch
+
+    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(1)
+    torch.set_num_threads(1)
+
+
 def to_itk(image: sitk.Image) -> itk.Image:
     """SimpleITK scalar image -> float32 ITK image with the same geometry."""
     arr = sitk.GetArrayFromImage(image).astype(np.float32)

@@ -224,18 +224,11 @@ def _save_result(path: Path, result: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------- worker jobs
-def _single_thread() -> None:
-    try:
-        import itk
-        itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(1)
-    except Exception:  # noqa: BLE001 - thread setting is an optimisation only
-        pass
-    torch.set_num_threads(1)
-
-
 def _prepare_job(args) -> tuple[str, str, dict]:
     fixed, moving, geometry_dict, path = args
-    _single_thread()
+    from .elastix import single_threaded_worker  # itk loads slowly: only in workers that need it
+
+    single_threaded_worker()
     pair = prepare_evaluation_pair(fixed, moving, ModelGeometry.from_dict(geometry_dict))
     _save_prepared(Path(path), pair)
     return moving.name, fixed.name, {"prealignment": pair["prealignment"]}
@@ -243,7 +236,9 @@ def _prepare_job(args) -> tuple[str, str, dict]:
 
 def _elastix_job(args) -> dict:
     method, prepared_path, geometry_dict, settings_dict = args
-    _single_thread()
+    from .elastix import single_threaded_worker  # itk loads slowly: only in workers that need it
+
+    single_threaded_worker()
     geometry = ModelGeometry.from_dict(geometry_dict)
     pair = load_prepared(Path(prepared_path), geometry)
     return run_elastix_method(method, pair, geometry, EvaluationSettings(**settings_dict))

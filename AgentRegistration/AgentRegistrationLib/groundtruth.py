@@ -105,12 +105,9 @@ def warp_label(label: np.ndarray, coefficients: np.ndarray, grid: ControlGrid, b
 
 def _pair_job(args) -> PairResult:
     moving_name, fixed_name, subject_dir, geometry_dict, settings = args
-    try:
-        import itk
-        itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(1)
-    except Exception:  # noqa: BLE001 - thread setting is an optimisation only
-        pass
-    torch.set_num_threads(1)
+    from .elastix import single_threaded_worker
+
+    single_threaded_worker()
     geometry = ModelGeometry.from_dict(geometry_dict)
     with np.load(Path(subject_dir) / f"{moving_name}.npz") as zm, np.load(Path(subject_dir) / f"{fixed_name}.npz") as zf:
         moving, moving_label, fixed, fixed_label = zm["image"], zm["label"], zf["image"], zf["label"]
