@@ -48,9 +48,9 @@ def tiny_pipeline(grid128, tmp_path_factory):
     for a few batches. Real parts end to end; small so that the suite stays fast. Built once per dimension."""
     import torch
     from AgentRegistrationLib.dataset import find_subjects, prepare_subject
+    from AgentRegistrationLib.geometry import ModelGeometry
     from AgentRegistrationLib.groundtruth import run_groundtruth
     from AgentRegistrationLib.image_io import read_image
-    from AgentRegistrationLib.preprocessing import ModelGeometry
     from AgentRegistrationLib.sdm_fitting import fit_from_groundtruth
     from AgentRegistrationLib.training import TrainingSet, config_by_name, train
 

@@ -5,7 +5,8 @@ import SimpleITK as sitk
 import torch
 from AgentRegistrationLib import elastix
 from AgentRegistrationLib.bspline import ControlGrid, dense_displacement
-from AgentRegistrationLib.preprocessing import ModelGeometry, middle_slice, normalise_intensity
+from AgentRegistrationLib.geometry import ModelGeometry
+from AgentRegistrationLib.preprocessing import middle_slice, normalise_intensity
 
 
 def _ours(coefficients, grid, size):

@@ -5,10 +5,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 from AgentRegistrationLib.bspline import dense_displacement
+from AgentRegistrationLib.geometry import ModelGeometry
 from AgentRegistrationLib.metrics import dice
 from AgentRegistrationLib.preprocessing import (
     ModelFrame,
-    ModelGeometry,
     displacement_in_fixed_geometry,
     prepare_pair,
     resample_to_frame,

@@ -19,14 +19,15 @@ import torch
 from AgentRegistrationLib.agent import Agent, dice_batch
 from AgentRegistrationLib.bspline import ControlGrid
 from AgentRegistrationLib.bundle import BundleError, ModelBundle, load_bundle, resolve_device
+from AgentRegistrationLib.geometry import ModelGeometry
 from AgentRegistrationLib.network import DualStreamQNetwork, NetworkConfig
-from AgentRegistrationLib.preprocessing import ModelGeometry
 from AgentRegistrationLib.sdm import StatisticalDeformationModel
 from AgentRegistrationLib.sdm_fitting import load_groundtruth
 from AgentRegistrationLib.synthetic import SyntheticPairGenerator, q_targets
 from AgentRegistrationLib.training import (
     TrainingConfig,
     TrainingSet,
+    ValidationPair,
     action_steps_for,
     config_by_name,
     held_out_accuracy,
@@ -210,6 +211,49 @@ def test_resumed_training_continues_where_it_stopped(tiny, tmp_path):
         torch.testing.assert_close(resumed.network.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_time_limited_training_stops_saves_and_resumes(tiny, tmp_path):
+    checkpoint = tmp_path / "c.pt"
+    config = _config(iterations=100_000, checkpoint_every=100_000)
+    bundle = train(config, tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "b.pt", torch.device("cpu"),
+                   checkpoint=checkpoint, time_limit=1.0)
+    first = torch.load(checkpoint, weights_only=True)["iteration"]
+    assert 1 <= first < 100_000
+    assert bundle.training["iterations"] == first == load_bundle(tmp_path / "b.pt").training["iterations"]
+    train(config, tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "b.pt", torch.device("cpu"),
+          checkpoint=checkpoint, time_limit=0.5)
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["iteration"] > first
+    assert state["history"][-1][0] == state["iteration"]  # the stopping iteration is logged
+
+
+def test_validation_during_training_equals_validation_of_the_saved_bundle(tiny, tmp_path):
+    """The agent validates with the network in evaluation mode, as the saved bundle runs it."""
+    ts = tiny.training_set
+    pairs = [ValidationPair(ts.images[f], ts.images[m], ts.labels[f], ts.labels[m], f"{m}->{f}")
+             for m, f in ts.pairs[:4]]
+    config = _config(iterations=20, validate_every=20, validation_steps=30)
+    bundle = train(config, ts, tiny.sdm, tiny.geometry, tmp_path / "b.pt", torch.device("cpu"),
+                   checkpoint=tmp_path / "c.pt", validation=pairs)
+    logged = torch.load(tmp_path / "c.pt", weights_only=True)["history"][-1][3]
+    assert logged == pytest.approx(bundle.validation["dice_median"], abs=1e-6)
+
+
+def test_the_learned_core_imports_without_simpleitk_or_itk():
+    """Training and evaluating prepared pairs need torch and numpy only (as on a bare GPU machine)."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('SimpleITK', 'itk'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import AgentRegistrationLib.training, AgentRegistrationLib.evaluation, AgentRegistrationLib.sdm_fitting\n"
+        "import AgentRegistrationLib.bundle\n"
+        "assert 'SimpleITK' not in sys.modules and 'itk' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ENGINE_DIR)
+
+
 def test_resuming_with_another_configuration_is_refused(tiny, tmp_path):
     train(_config(), tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "b.pt", torch.device("cpu"),
           checkpoint=tmp_path / "c.pt")
@@ -235,7 +279,7 @@ def test_distributed_training_writes_one_bundle(tiny, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count('"stage": "done"') == 1, done.stdout  # only rank 0 reports
     bundle = load_bundle(out)
-    assert bundle.training["device"] == "cpu x2"
+    assert bundle.training["device"].startswith("cpu (") and bundle.training["device"].endswith(" x2")
     assert bundle.training["iterations"] == 4
     assert bundle.validation["pairs"] and np.isfinite(bundle.validation["dice_median"])
     rows = (out.parent / "loss.csv").read_text().splitlines()

@@ -4,8 +4,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from AgentRegistrationLib.bspline import dense_displacement
+from AgentRegistrationLib.geometry import ModelGeometry
 from AgentRegistrationLib.metrics import dice
-from AgentRegistrationLib.preprocessing import ModelGeometry
 from AgentRegistrationLib.warp import compose, warp
 
 

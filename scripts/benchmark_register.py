@@ -20,7 +20,14 @@ Per model dimension (3-D and/or 2-D; a 2-D pair is the middle axial slice of the
 One-off warm-up is excluded from every timing: importing itk/elastix and one short elastix run, and a few agent
 steps (first network call, allocator) are done before the clocks start. Times are the median of ``--repeats``.
 
+With ``--prepared DIR`` (an ``agentreg evaluate`` output folder; repeatable, one per dimension) the pairs are
+the evaluation's cached preprocessed pairs (sorted by name) instead, so the benchmark needs neither the raw data
+nor SimpleITK: on a machine without itk-elastix (a bare GPU machine) elastix is not run, and
+``--elastix-reference FILE`` (the ``--json`` of a run of this script on another machine, on the same prepared
+pairs) gives the elastix seconds of the ratio, named as measured there.
+
     python scripts/benchmark_register.py [--model M.pt ...] [--device auto|cpu|cuda] [--batch 56] [--markdown]
+                                         [--prepared DIR ...] [--elastix-reference FILE] [--json FILE]
 """
 
 from __future__ import annotations
@@ -31,11 +38,11 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from itertools import permutations
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--elastix-iterations", type=int, default=None,
                    help="elastix iterations per resolution (default: the wrapper's, 500)")
     p.add_argument("--markdown", action="store_true", help="also print a markdown table for the README")
+    p.add_argument("--prepared", action="append", help="'agentreg evaluate' output folder whose cached preprocessed "
+                   "pairs are used instead of preprocessing the raw data (repeatable: one per dimension)")
+    p.add_argument("--elastix-reference", help="--json output of a run of this script elsewhere (same --prepared "
+                   "pairs): elastix seconds for the ratio where elastix is not installed here")
+    p.add_argument("--json", help="write the results as JSON to this file")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "pairs", "repeats"):
         if getattr(args, name) < 1:
@@ -108,6 +120,7 @@ def sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------- data
 def load_pairs(data: Path, dim: int, geometry, count: int) -> list:
     """``count`` ordered pairs of the validation subjects, preprocessed as ``agentreg register`` does."""
+    import SimpleITK as sitk
     from AgentRegistrationLib.preprocessing import middle_slice, prepare_pair
 
     names = json.loads(SPLIT.read_text())["validation"]
@@ -124,6 +137,31 @@ def load_pairs(data: Path, dim: int, geometry, count: int) -> list:
         pair.info["names"] = (moving_name, fixed_name)
         pairs.append(pair)
     return pairs
+
+
+@dataclass
+class CachedPair:
+    """A pair preprocessed by ``agentreg evaluate`` (its ``prepared.npz``), on the model grid."""
+
+    fixed: np.ndarray
+    moving: np.ndarray
+    info: dict
+
+
+def load_prepared_pairs(folders: list[str], geometry, count: int) -> list[CachedPair] | None:
+    """The first ``count`` cached pairs (sorted by name) of the folder whose pairs are on ``geometry``'s grid."""
+    for folder in folders:
+        files = sorted(Path(folder).glob("pairs/*/prepared.npz"))
+        pairs = []
+        for f in files[:count]:
+            with np.load(f) as z:
+                if tuple(z["fixed"].shape) != tuple(geometry.array_shape):
+                    break
+                moving, fixed = f.parent.name.split("__to__")
+                pairs.append(CachedPair(z["fixed"], z["moving"], {"names": (moving, fixed)}))
+        if pairs:
+            return pairs
+    return None
 
 
 def stack(pairs: list, key: str, count: int, device: torch.device) -> torch.Tensor:
@@ -166,16 +204,35 @@ def peak_memory(run, device: torch.device) -> dict:
                        "peak reset before the run" if reset else "peak not resettable here: over the earlier peak, may read 0")}
 
 
+def reference_elastix(reference: str | None, dim: int, pair: str) -> dict | None:
+    """Elastix seconds of the same pair from another machine's ``--json``."""
+    if not reference:
+        return None
+    doc = json.loads(Path(reference).read_text())
+    for r in doc["results"]:
+        if r["dim"] == dim and r["pair"] == pair and r.get("elastix_s"):
+            return {"seconds": r["elastix_s"], "where": doc["device_name"]}
+    sys.exit(f"benchmark: {reference} has no elastix time of the {dim}-D pair {pair}")
+
+
 def benchmark_model(model: Path, args, device: torch.device) -> dict:
-    from AgentRegistrationLib import elastix
     from AgentRegistrationLib.agent import Agent, AgentSettings
     from AgentRegistrationLib.bundle import load_bundle
-    from AgentRegistrationLib.dataset import model_image
 
     bundle = load_bundle(model)
     dim = bundle.dim
-    print(f"[{dim}-D] preprocessing {args.pairs} real pairs (not timed) ...", file=sys.stderr)
-    pairs = load_pairs(Path(args.data), dim, bundle.geometry, args.pairs)
+    pairs = load_prepared_pairs(args.prepared, bundle.geometry, args.pairs) if args.prepared else None
+    if args.prepared and pairs is None:
+        sys.exit(f"benchmark: no prepared {dim}-D pairs in {', '.join(args.prepared)}")
+    if pairs is None:
+        print(f"[{dim}-D] preprocessing {args.pairs} real pairs (not timed) ...", file=sys.stderr)
+        pairs = load_pairs(Path(args.data), dim, bundle.geometry, args.pairs)
+    pair_name = "->".join(pairs[0].info["names"])
+    try:
+        from AgentRegistrationLib import elastix
+        from AgentRegistrationLib.dataset import model_image
+    except ImportError:  # no itk-elastix / SimpleITK on this machine
+        elastix = None
     agent = Agent(bundle.network, bundle.sdm, bundle.geometry.size, bundle.action_steps, device)
     settings = AgentSettings(steps=args.steps, seed=0, fuzzy_k=bundle.agent_defaults.get("fuzzy_k", 1.5),
                              exploration=bundle.agent_defaults.get("exploration", 0.05))
@@ -184,8 +241,9 @@ def benchmark_model(model: Path, args, device: torch.device) -> dict:
 
     spacing = bundle.geometry.control_spacing
     iterations = args.elastix_iterations or 500
-    fixed_image, moving_image = model_image(pairs[0].fixed), model_image(pairs[0].moving)
-    elastix.register(fixed_image, moving_image, [elastix.bspline_map(spacing, iterations=5)])  # warm-up: itk, elastix
+    if elastix is not None:
+        fixed_image, moving_image = model_image(pairs[0].fixed), model_image(pairs[0].moving)
+        elastix.register(fixed_image, moving_image, [elastix.bspline_map(spacing, iterations=5)])  # warm-up: itk
     memory = peak_memory(lambda: agent.run(fixed1, moving1, settings), device)
     # warm-up (not timed): first network calls and allocations, for one pair and for the batch
     agent.run(fixed1, moving1, AgentSettings(steps=3))
@@ -193,12 +251,18 @@ def benchmark_model(model: Path, args, device: torch.device) -> dict:
 
     agent_s = median_seconds(lambda: agent.run(fixed1, moving1, settings), args.repeats, device)
     batch_s = median_seconds(lambda: agent.run(fixedn, movingn, settings), args.repeats, device)
-    bspline = elastix.bspline_map(spacing, iterations=iterations)
-    elastix_s = median_seconds(lambda: elastix.register(fixed_image, moving_image, [bspline]), args.repeats, device)
+    if elastix is not None:
+        bspline = elastix.bspline_map(spacing, iterations=iterations)
+        elastix_s = median_seconds(lambda: elastix.register(fixed_image, moving_image, [bspline]), args.repeats, device)
+        elastix_where = "here"
+    else:
+        ref = reference_elastix(args.elastix_reference, dim, pair_name)
+        elastix_s, elastix_where = (ref["seconds"], ref["where"]) if ref else (None, "not run (no itk-elastix here)")
     return {
         "dim": dim, "model": str(model), "architecture": bundle.network.config.architecture,
-        "modes": bundle.sdm.num_modes, "grid": list(bundle.geometry.size), "pair": "->".join(pairs[0].info["names"]),
-        "agent_s": agent_s, "elastix_s": elastix_s, "ratio": agent_s / elastix_s,
+        "modes": bundle.sdm.num_modes, "grid": list(bundle.geometry.size), "pair": pair_name,
+        "agent_s": agent_s, "elastix_s": elastix_s, "elastix_where": elastix_where,
+        "ratio": agent_s / elastix_s if elastix_s else None,
         "batch": args.batch, "distinct_pairs": len(pairs), "batch_s": batch_s, "batch_per_pair_s": batch_s / args.batch,
         "memory": memory, "elastix": {"spacing": list(spacing), "iterations": iterations, "resolutions": 3,
                                       "metric": "AdvancedMattesMutualInformation"},
@@ -206,8 +270,17 @@ def benchmark_model(model: Path, args, device: torch.device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- report
+def _seconds(value: float | None, digits: int, unit: str = " s") -> str:
+    return "not measured" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def _where(r: dict) -> str:
+    return "" if r["elastix_where"] == "here" or r["elastix_s"] is None else f" (on {r['elastix_where']})"
+
+
 def report_text(results: list[dict], device: torch.device, args) -> str:
-    lines = [f"device: {device} = {device_name(device)}; elastix (itk-elastix) threads: its default (all cores)",
+    lines = [f"device: {device} = {device_name(device)}; elastix (itk-elastix) threads: its default (all cores), "
+             "on this machine unless said otherwise",
              f"agent: {args.steps} steps, fuzzy action control, seed 0, no early stop; median of {args.repeats} runs; "
              "warm-up (itk import, first elastix run, first network calls) excluded"]
     for r in results:
@@ -216,10 +289,10 @@ def report_text(results: list[dict], device: torch.device, args) -> str:
             f"[{r['dim']}-D] model {r['model']} ({r['architecture']}, d = {r['modes']}, grid {'x'.join(map(str, r['grid']))}); "
             f"pair {r['pair']} (moving->fixed)",
             f"  agent, 1 pair:              {r['agent_s']:.3f} s",
-            f"  elastix B-spline, 1 pair:   {r['elastix_s']:.3f} s  (spacing {'x'.join(f'{s:g}' for s in e['spacing'])} "
-            f"model voxels, Mattes MI, {e['resolutions']} resolutions x {e['iterations']} iterations, "
-            "after the same translation)",
-            f"  ratio agent / elastix:      {r['ratio']:.3f}",
+            f"  elastix B-spline, 1 pair:   {_seconds(r['elastix_s'], 3)}  (spacing "
+            f"{'x'.join(f'{s:g}' for s in e['spacing'])} model voxels, Mattes MI, {e['resolutions']} resolutions x "
+            f"{e['iterations']} iterations, after the same translation; measured: {r['elastix_where']})",
+            f"  ratio agent / elastix:      {_seconds(r['ratio'], 3, '')}",
             f"  agent, batch of {r['batch']} pairs:  {r['batch_s']:.3f} s total, {r['batch_per_pair_s']:.4f} s per pair "
             f"({r['distinct_pairs']} distinct pairs, cycled)",
             f"  peak memory, 1 pair:        {r['memory']['peak_mib']:.0f} MiB peak, +{r['memory']['increase_mib']:.0f} MiB "
@@ -238,7 +311,7 @@ def report_markdown(results: list[dict], device: torch.device, args) -> str:
     for r in results:
         mem = r["memory"]
         lines.append(f"| {r['dim']}-D {r['architecture']} ({'x'.join(map(str, r['grid']))}, d = {r['modes']}) | "
-                     f"{r['agent_s']:.2f} | {r['elastix_s']:.2f} | {r['ratio']:.2f} | "
+                     f"{r['agent_s']:.2f} | {_seconds(r['elastix_s'], 2, '')}{_where(r)} | {_seconds(r['ratio'], 2, '')} | "
                      f"{r['batch_s']:.2f} / {r['batch_per_pair_s']:.3f} | +{mem['increase_mib']:.0f} "
                      f"({'GPU allocated' if device.type == 'cuda' else 'resident'}) |")
     return "\n".join(lines)
@@ -247,7 +320,7 @@ def report_markdown(results: list[dict], device: torch.device, args) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     data = Path(args.data)
-    if not data.is_dir():
+    if not args.prepared and not data.is_dir():
         sys.exit(f"benchmark: real PROMISE12 data not found at {data}: put the shared data folder beside the repo "
                  "(../shared/data/promise12/grid128) or pass --data")
     models = [Path(m) for m in args.model] if args.model else [p for p in SHIPPED.values() if p.is_file()]
@@ -265,6 +338,10 @@ def main(argv=None) -> int:
         sys.exit(f"benchmark: {err}")
     results = [benchmark_model(m, args, device) for m in models]
     print(report_text(results, device, args))
+    if args.json:
+        doc = {"device": str(device), "device_name": device_name(device), "steps": args.steps, "repeats": args.repeats,
+               "torch": torch.__version__, "results": results}
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     if args.markdown:
         print()
         print(report_markdown(results, device, args))

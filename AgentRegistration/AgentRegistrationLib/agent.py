@@ -125,6 +125,7 @@ class Agent:
         ``callback(step, total)`` is called after every step; returning ``False`` cancels
         (raises ``InterruptedError``).
         """
+        self.network.eval()  # batch statistics of a network in training mode would change every Q-value
         fixed = fixed.to(self.device, torch.float32)
         moving = moving.to(self.device, torch.float32)
         batch = fixed.shape[0]

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from . import __version__
+from .agent import Agent, AgentSettings
 from .bspline import ControlGrid
-from .image_io import atomic_write
+from .files import atomic_write
+from .geometry import ModelGeometry
 from .network import DualStreamQNetwork, NetworkConfig
-from .preprocessing import ModelGeometry
 from .sdm import StatisticalDeformationModel
 
 FORMAT = "agentreg-model-bundle"
@@ -47,6 +48,16 @@ class ModelBundle:
     @property
     def dim(self) -> int:
         return self.geometry.dim
+
+    def agent(self, device: torch.device | str = "cpu") -> Agent:
+        """The agent of this bundle on ``device``."""
+        return Agent(self.network, self.sdm, self.geometry.size, self.action_steps, device)
+
+    def agent_settings(self, **overrides) -> AgentSettings:
+        """The bundle's agent defaults (k, exploration, steps) with the given overrides (``None`` keeps the default)."""
+        defaults = {k: v for k, v in self.agent_defaults.items() if k in ("fuzzy_k", "exploration", "steps")}
+        defaults.update({k: v for k, v in overrides.items() if v is not None})
+        return AgentSettings(**defaults)
 
     def to_payload(self) -> dict:
         sdm = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in self.sdm.to_arrays().items()

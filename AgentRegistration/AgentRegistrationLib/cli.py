@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .image_io import atomic_write
+from .files import atomic_write
 
 
 class Reporter:
@@ -62,9 +62,9 @@ def _subject_names(args) -> list[str] | None:
 # ----------------------------------------------------------------------------------------- groundtruth
 def cmd_groundtruth(args) -> int:
     from .dataset import find_subjects, prepare_subject
+    from .geometry import ModelGeometry
     from .groundtruth import dice_summary, run_groundtruth
     from .image_io import read_image
-    from .preprocessing import ModelGeometry
 
     geometry = ModelGeometry.paper(args.dim)
     subjects = find_subjects(args.data, _subject_names(args))
@@ -172,7 +172,8 @@ def cmd_train(args) -> int:
     rep = Reporter("train", config.iterations, args.progress_json)
     checkpoint = Path(args.checkpoint) if args.checkpoint else Path(args.out).with_suffix(".checkpoint.pt")
     bundle = train(config, training_set, sdm, geometry, Path(args.out), device, checkpoint, validation,
-                   lambda i, n, info: rep.update(i, **info))
+                   lambda i, n, info: rep.update(i, **info),
+                   time_limit=None if args.max_minutes is None else 60.0 * args.max_minutes)
     rep.close()
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes)
         return 0
@@ -202,7 +203,7 @@ def cmd_register(args) -> int:
         raise ValueError(f"{args.model} is a {bundle.dim}-D model but {args.fixed} is {fixed.GetDimension()}-D: "
                          f"use a {fixed.GetDimension()}-D model" + (" or extract a slice first" if bundle.dim == 2 else ""))
     registrar = Registrar(bundle, device)
-    settings = registrar.settings(steps=args.steps, seed=args.seed, fuzzy_k=args.fuzzy_k,
+    settings = bundle.agent_settings(steps=args.steps, seed=args.seed, fuzzy_k=args.fuzzy_k,
                                   stop_on_convergence=args.stop_on_convergence,
                                   fuzzy_action_control=not args.no_fuzzy)
     rep = Reporter("register", settings.steps, args.progress_json)
@@ -249,7 +250,7 @@ def cmd_evaluate(args) -> int:
         summarise,
         write_csv,
     )
-    from .preprocessing import ModelGeometry
+    from .geometry import ModelGeometry
 
     methods = parse_methods(args.methods)
     names = load_split(args.split)["validation"]
@@ -401,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split JSON whose 'validation' subjects are used for validation")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--max-minutes", type=float, help="stop after this many minutes (checkpointed; run again to go on)")
     common(p)
     p.set_defaults(func=cmd_train)
 

@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .image_io import atomic_write, read_image, read_label
-from .preprocessing import ModelFrame, ModelGeometry, normalise_intensity, resample_to_frame
+from .files import atomic_write
+from .geometry import ModelGeometry
+from .image_io import read_image, read_label
+from .preprocessing import ModelFrame, normalise_intensity, resample_to_frame
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ def run_demo(data: str | Path, model: str | Path, out: str | Path = "demo_output
     pairs = demo_pairs(names, num_pairs)
     bundle = load_bundle(model)
     registrar = Registrar(bundle, resolve_device(device))
-    settings = registrar.settings(steps=steps)
+    settings = bundle.agent_settings(steps=steps)
 
     def load(name):
         s = subjects[name]

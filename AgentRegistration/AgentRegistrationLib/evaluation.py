@@ -35,14 +35,17 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .dataset import Subject
-from .image_io import atomic_write
+from .files import atomic_write
+from .geometry import ModelGeometry
+
+if TYPE_CHECKING:
+    from .dataset import Subject  # SimpleITK: not needed to evaluate already prepared pairs
 from .metrics import dice, jacobian_statistics, surface_distances
-from .preprocessing import ModelGeometry
 
 METHODS = ("T", "e8", "e16", "ours", "nfc", "gt")
 ELASTIX_METHODS = ("e8", "e16", "gt")
@@ -368,25 +371,24 @@ def run_agent_methods(todo: list[tuple[str, tuple[str, str]]], prepared_path: di
     """ours / nfc in batches of ``settings.batch_size`` pairs; seconds per pair = the batch's
     agent time / the number of pairs in the batch."""
     from .bundle import load_bundle
-    from .registration import Registrar
 
     bundle = load_bundle(model)
     if bundle.geometry != geometry:
         raise ValueError(f"{model} was trained on model geometry {bundle.geometry.to_dict()}, but the evaluation uses "
                          f"{geometry.to_dict()}: evaluate with the model's dimension (--dim {bundle.dim})")
-    registrar = Registrar(bundle, device)
+    agent = bundle.agent(device)
     done = 0
     progress("agent", 0, len(todo))
     for method in AGENT_METHODS:
         items = [p for meth, p in todo if meth == method]
-        agent_settings = registrar.settings(steps=settings.steps, seed=settings.seed,
+        agent_settings = bundle.agent_settings(steps=settings.steps, seed=settings.seed,
                                             fuzzy_action_control=method == "ours")
         for start in range(0, len(items), settings.batch_size):
             batch = items[start:start + settings.batch_size]
             pairs = [load_prepared(prepared_path[p], geometry) for p in batch]
             fixed, moving = (torch.as_tensor(np.stack([p[key] for p in pairs]))[:, None] for key in ("fixed", "moving"))
             t0 = time.perf_counter()
-            result = registrar.agent.run(fixed, moving, agent_settings)
+            result = agent.run(fixed, moving, agent_settings)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = (time.perf_counter() - t0) / len(batch)

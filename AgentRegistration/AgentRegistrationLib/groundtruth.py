@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from .bspline import ControlGrid, dense_displacement
-from .image_io import atomic_write
+from .files import atomic_write
+from .geometry import ModelGeometry
 from .metrics import dice
-from .preprocessing import ModelGeometry
 from .warp import warp
 
 GT_WEIGHTS = {"similarity": 1.0, "bending": 3.0, "points": 0.2}

@@ -1,18 +1,16 @@
 """Image I/O through SimpleITK: every format it reads (NRRD, NIfTI, MHA, ...), geometry kept.
 
-Writes go to a temporary name in the target folder and are renamed into place, so an
-interrupted write never leaves a half-written file under the real name.
+Writes are atomic (:func:`files.atomic_write`).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from .files import atomic_write
 
 _LABEL_TYPES = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32,
                 sitk.sitkInt32, sitk.sitkUInt64, sitk.sitkInt64)
@@ -41,23 +39,6 @@ def read_label(path: str | Path, what: str = "label") -> sitk.Image:
         out.CopyInformation(image)
         image = out
     return image
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename the temporary file to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem.split('.')[0]}-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .agent import Agent, AgentSettings
+from .agent import AgentSettings
 from .bundle import ModelBundle
 from .metrics import dice, jacobian_statistics, surface_distances
 from .preprocessing import PreparedPair, displacement_in_fixed_geometry, prepare_pair, warp_to_fixed
@@ -37,12 +37,7 @@ class Registrar:
     def __init__(self, bundle: ModelBundle, device: torch.device):
         self.bundle = bundle
         self.device = device
-        self.agent = Agent(bundle.network, bundle.sdm, bundle.geometry.size, bundle.action_steps, device)
-
-    def settings(self, **overrides) -> AgentSettings:
-        defaults = {k: v for k, v in self.bundle.agent_defaults.items() if k in ("fuzzy_k", "exploration", "steps")}
-        defaults.update({k: v for k, v in overrides.items() if v is not None})
-        return AgentSettings(**defaults)
+        self.agent = bundle.agent(device)
 
     def model_displacement(self, theta: np.ndarray) -> torch.Tensor:
         return self.agent.displacement(torch.as_tensor(np.atleast_2d(theta), dtype=torch.float32, device=self.device))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .bspline import ControlGrid, dense_displacement
-from .image_io import atomic_write
+from .files import atomic_write
 
 
 @dataclass

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write
+from .geometry import ModelGeometry
 from .groundtruth import PairResult, load_pair, warp_label
-from .image_io import atomic_write
 from .metrics import dice
-from .preprocessing import ModelGeometry
 from .sdm import StatisticalDeformationModel
 
 

@@ -25,9 +25,9 @@ import torch.distributed as dist
 
 from .agent import Agent, AgentSettings, dice_batch
 from .bundle import ModelBundle
-from .image_io import atomic_write
+from .files import atomic_write
+from .geometry import ModelGeometry
 from .network import DualStreamQNetwork, NetworkConfig
-from .preprocessing import ModelGeometry
 from .sdm import StatisticalDeformationModel
 from .synthetic import SyntheticPairGenerator, q_targets
 from .warp import warp
@@ -126,6 +126,12 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def action_steps_for(sdm: StatisticalDeformationModel, config: TrainingConfig) -> np.ndarray:
     return np.asarray(sdm.mean_abs, dtype=np.float64) * config.step_fraction
 
@@ -140,9 +146,16 @@ def train(
     checkpoint: Path | None = None,
     validation: list[ValidationPair] | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
+    time_limit: float | None = None,
 ) -> ModelBundle:
-    """Train (or resume from ``checkpoint``) and save the model bundle ``out_bundle``."""
+    """Train (or resume from ``checkpoint``) and save the model bundle ``out_bundle``.
+
+    With ``time_limit`` (seconds of this call), training stops after the iteration that passes it,
+    checkpoints, and saves the bundle of that iteration; the checkpoint resumes it later.
+    """
     rank, world = _distributed()
+    if time_limit is not None and world > 1:
+        raise ValueError("a training time limit is for one process; under torchrun give the number of iterations instead")
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.manual_seed(config.seed + rank)
@@ -187,7 +200,10 @@ def train(
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.gen.set_state(state["generator"].cpu())
+        if state["generator"].numel() == generator.gen.get_state().numel():
+            generator.gen.set_state(state["generator"].cpu())
+        else:  # made on another kind of device: its generator state does not fit this device's generator
+            generator.gen.manual_seed(config.seed * 1000 + rank + int(state["iteration"]))
         start, history, seconds = int(state["iteration"]), [list(h) for h in state["history"]], float(state["seconds"])
 
     def save_checkpoint(iteration: int) -> None:
@@ -207,6 +223,8 @@ def train(
     t0 = time.perf_counter()
     running = []
     validation_result: dict = {}
+    deadline = None if time_limit is None else time.perf_counter() + time_limit
+    last = config.iterations
     for iteration in range(start + 1, config.iterations + 1):
         with torch.no_grad():
             fixed, moving, theta_gt, _ = generator.sample(batch)
@@ -222,11 +240,14 @@ def train(
         scheduler.step()
         running.append(loss.item())
         log_now = iteration % 50 == 0 or iteration == config.iterations
+        if deadline is not None and time.perf_counter() > deadline:
+            last = iteration
+            log_now = True
         if log_now:
             accuracy = held_out_accuracy(network, hf, hm, h_target)
             model.train()
             val = float("nan")
-            if validation and rank == 0 and (iteration % config.validate_every == 0 or iteration == config.iterations):
+            if validation and rank == 0 and (iteration % config.validate_every == 0 or iteration == last):
                 validation_result = validate(agent, validation, config)
                 val = validation_result["dice_median"]
                 model.train()
@@ -235,16 +256,18 @@ def train(
             if progress and rank == 0:
                 progress(iteration, config.iterations, {"loss": history[-1][1], "accuracy": accuracy,
                                                         **({"val_dice": val} if val == val else {})})
-        if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+        if iteration % config.checkpoint_every == 0 or iteration == last:
             seconds_now = seconds + time.perf_counter() - t0
             seconds, t0 = seconds_now, time.perf_counter()
             save_checkpoint(iteration)
+        if iteration == last:
+            break
     seconds += time.perf_counter() - t0
     bundle = ModelBundle(
         network=network.cpu().eval(), sdm=sdm, geometry=geometry, action_steps=action_steps,
         agent_defaults={"fuzzy_k": 1.5, "exploration": 0.05, "steps": 200},
-        training={"config": dataclasses.asdict(config), "iterations": config.iterations, "seconds": seconds,
-                  "device": str(device) + (f" x{world}" if world > 1 else ""), "subjects": training_set.names,
+        training={"config": dataclasses.asdict(config), "iterations": max(last, start), "seconds": seconds,
+                  "device": _device_name(device) + (f" x{world}" if world > 1 else ""), "subjects": training_set.names,
                   "real_pairs": len(training_set.pairs), "final_loss": history[-1][1] if history else None,
                   "held_out_accuracy": history[-1][2] if history else None,
                   "chance_accuracy": 1.0 / net_config.num_actions},

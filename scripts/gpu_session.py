@@ -1,0 +1,336 @@
+"""One prepared, time-boxed session on a lent GPU machine (torch and numpy there; no SimpleITK, no elastix).
+
+Here, first pack what it needs (the ground truth, the SDMs and prepared validation pairs of ``agentreg evaluate``:
+all 72 in 2-D; in 3-D the seeded 24-pair subset plus the benchmark's 8 pairs, to fit the 64 MB that travel)::
+
+    python scripts/gpu_session.py pack --into work/gpu_in
+
+Then, on the GPU machine, with ``work/gpu_in`` carried::
+
+    python scripts/gpu_session.py run --inputs work/gpu_in --out "$OUT" --budget 540
+
+Stages, each logged; a failing stage is logged and the next one runs:
+
+1. the CUDA path: the shipped models on CUDA and on the CPU, same pairs and seed: actions, parameters, Dice;
+2. the benchmark (``scripts/benchmark_register.py --device cuda`` on the prepared pairs, elastix seconds from
+   ``results/benchmark_cpu.json`` measured on the CPU machine on the same pairs);
+3. training from scratch, each run given a share of the remaining budget (``training.train(time_limit=...)``):
+   the paper's configuration and the compact (shipped) one, in 2-D and 3-D;
+4. each trained model evaluated with ``ours`` and ``nfc`` on all the packed validation pairs
+   (``evaluation.evaluate``), in a background process while the next model trains: paper and compact on the
+   same pairs in the same run.
+
+``OUT`` receives ``log.txt``, ``session.json`` and one ``<run>.tar`` per training run (loss.csv, the model bundle
+and checkpoint where they fit the 16 MB a file the machine gives back, the evaluation report, CSV and box plots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINE = str(REPO / "AgentRegistration")  # the engine, not installed on the GPU machine
+sys.path.insert(0, ENGINE)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ENGINE, os.environ.get("PYTHONPATH")]))  # subprocesses
+
+from AgentRegistrationLib.evaluation import (  # noqa: E402
+    EvaluationSettings,
+    evaluate,
+    plot_boxplots,
+    report_markdown,
+    summarise,
+    write_csv,
+)
+from AgentRegistrationLib.geometry import ModelGeometry  # noqa: E402
+from AgentRegistrationLib.sdm import StatisticalDeformationModel  # noqa: E402
+from AgentRegistrationLib.training import TrainingSet, config_by_name, train  # noqa: E402
+
+MAX_RETURNED_FILE = 15 * 2**20
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a rehearsal (run --allow-cpu)
+SHIPPED = {2: REPO / "Resources" / "Models" / "prostate-2d.pt", 3: REPO / "Resources" / "Models" / "prostate-3d.pt"}
+# (name, dimension, configuration, share of the training time)
+RUNS = [("paper-2d", 2, "paper", 0.20), ("compact-2d", 2, "compact", 0.18),
+        ("paper-3d", 3, "paper", 0.34), ("compact-3d", 3, "compact", 0.28)]
+
+
+# ----------------------------------------------------------------------------------------- pack (here)
+def pack(into: Path, work: Path) -> None:
+    """Copy what the session reads into ``into`` (an ignored folder the device tool carries)."""
+    from AgentRegistrationLib.evaluation import pair_dir, select_pairs
+
+    if into.exists():
+        shutil.rmtree(into)
+    names = json.loads((REPO / "Resources" / "promise12_split.json").read_text())["validation"]
+    subset = {pair_dir(Path(), m, f).name for m, f in select_pairs(names, 24, None, 0)}
+    for dim in (2, 3):
+        gt = work / f"gt{dim}d"
+        for sub in ("pairs", "subjects"):
+            shutil.copytree(gt / sub, into / f"gt{dim}d" / sub)
+        shutil.copy(gt / "summary.json", into / f"gt{dim}d" / "summary.json")
+        shutil.copy(work / f"sdm{dim}d.npz", into / f"sdm{dim}d.npz")
+        prepared = sorted((work / f"eval{dim}d" / "pairs").glob("*/prepared.npz"))
+        for i, f in enumerate(prepared):
+            if dim == 3 and i >= 8 and f.parent.name not in subset:  # the benchmark's first 8 and the subset
+                continue
+            (into / f"eval{dim}d" / "pairs" / f.parent.name).mkdir(parents=True)
+            shutil.copy(f, into / f"eval{dim}d" / "pairs" / f.parent.name / "prepared.npz")
+    size = sum(f.stat().st_size for f in into.rglob("*") if f.is_file())
+    counts = {d: len(list((into / f"eval{d}d" / "pairs").iterdir())) for d in (2, 3)}
+    print(f"packed {size / 2**20:.1f} MiB into {into}; prepared validation pairs: 2-D {counts[2]}, 3-D {counts[3]}")
+
+
+# ----------------------------------------------------------------------------------------- run (GPU machine)
+class Session:
+    def __init__(self, out: Path, budget: float):
+        self.out = out
+        self.start = time.perf_counter()
+        self.deadline = self.start + budget
+        self.doc: dict = {"stages": {}}
+        self.log_file = (out / "log.txt").open("a")
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def log(self, text: str) -> None:
+        line = f"[{time.perf_counter() - self.start:6.1f} s] {text}"
+        print(line, flush=True)
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
+
+    def stage(self, name: str, function, *args) -> None:
+        self.log(f"stage {name}: start ({self.left():.0f} s left)")
+        t0 = time.perf_counter()
+        try:
+            result = function(*args)
+            self.doc["stages"][name] = {"ok": True, "seconds": time.perf_counter() - t0, "result": result}
+            self.log(f"stage {name}: done in {time.perf_counter() - t0:.1f} s")
+        except Exception:
+            self.doc["stages"][name] = {"ok": False, "seconds": time.perf_counter() - t0, "error": traceback.format_exc()}
+            self.log(f"stage {name}: FAILED\n{traceback.format_exc()}")
+        self.save()
+
+    def save(self) -> None:
+        (self.out / "session.json").write_text(json.dumps(self.doc, indent=2, default=str) + "\n")
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(0) if DEVICE == "cuda" else "CPU (rehearsal)"
+
+
+def environment() -> dict:
+    smi = shutil.which("nvidia-smi") and subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+        capture_output=True, text=True).stdout.strip()
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": device_name(), "nvidia_smi": smi,
+            "python": sys.version.split()[0]}
+
+
+def prepared_arrays(folder: Path, count: int | None = None) -> list[dict]:
+    pairs = []
+    for f in sorted(folder.glob("pairs/*/prepared.npz"))[:count]:
+        with np.load(f) as z:
+            pairs.append({k: z[k] for k in ("fixed", "moving", "fixed_label", "moving_label")} | {"name": f.parent.name})
+    return pairs
+
+
+def cuda_path(inputs: Path) -> dict:
+    """The shipped models on CUDA against the CPU on 8 prepared validation pairs, same seed."""
+    from AgentRegistrationLib.agent import dice_batch
+    from AgentRegistrationLib.bundle import load_bundle
+    from AgentRegistrationLib.warp import warp
+
+    out = {}
+    for dim, model in SHIPPED.items():
+        bundle = load_bundle(model)
+        pairs = prepared_arrays(inputs / f"eval{dim}d", 8)
+        arrays = {key: torch.as_tensor(np.stack([p[key] for p in pairs]))[:, None]
+                  for key in ("fixed", "moving", "fixed_label", "moving_label")}
+        runs = {}
+        for device in ("cpu", DEVICE):
+            agent = bundle.agent(device)
+            result = agent.run(arrays["fixed"], arrays["moving"], bundle.agent_settings(seed=0))
+            after = dice_batch(warp(arrays["moving_label"].to(device), result.displacement, mode="nearest"),
+                               arrays["fixed_label"].to(device))
+            runs[device] = {"actions": torch.stack(result.trajectory.actions).cpu().numpy(), "theta": result.theta,
+                            "dice": after.cpu().numpy(), "u": result.displacement.cpu()}
+        same = runs["cpu"]["actions"] == runs[DEVICE]["actions"]
+        first_differ = [int(np.argmin(same[:, i])) if not same[:, i].all() else None for i in range(same.shape[1])]
+        out[f"{dim}d"] = {
+            "pairs": len(pairs), "steps": int(same.shape[0]), "identical_actions_fraction": float(same.mean()),
+            "pairs_with_identical_trajectories": int(same.all(axis=0).sum()), "first_differing_step": first_differ,
+            "max_theta_difference": float(np.abs(runs["cpu"]["theta"] - runs[DEVICE]["theta"]).max()),
+            "max_displacement_difference_voxels": float((runs["cpu"]["u"] - runs[DEVICE]["u"]).abs().max()),
+            "dice_cpu": runs["cpu"]["dice"].tolist(), f"dice_{DEVICE}": runs[DEVICE]["dice"].tolist(),
+        }
+    return out
+
+
+def benchmark(inputs: Path, out: Path, args) -> dict:
+    command = [sys.executable, str(REPO / "scripts" / "benchmark_register.py"), "--device", DEVICE, "--prepared",
+               str(inputs / "eval2d"), "--prepared", str(inputs / "eval3d"), "--pairs", "8", "--batch",
+               str(args.bench_batch), "--steps", str(args.bench_steps), "--repeats", str(args.repeats),
+               "--elastix-reference", args.elastix_reference, "--markdown",
+               "--json", str(out / "benchmark_gpu.json")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    (out / "benchmark_gpu.txt").write_text(" ".join(command) + "\n\n" + done.stdout + done.stderr)
+    if done.returncode:
+        raise RuntimeError(f"benchmark exited {done.returncode}: {done.stderr[-2000:]}")
+    return json.loads((out / "benchmark_gpu.json").read_text())
+
+
+def train_run(inputs: Path, work: Path, name: str, dim: int, config_name: str, seconds: float) -> dict:
+    """Train one model for ``seconds`` on the GPU; returns the bundle's training record."""
+    run_dir = work / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    gt = inputs / f"gt{dim}d"
+    geometry = ModelGeometry.from_dict(json.loads((gt / "summary.json").read_text())["geometry"])
+    sdm = StatisticalDeformationModel.load(inputs / f"sdm{dim}d.npz")
+    training_set = TrainingSet.from_groundtruth(gt)
+    checkpoint = run_dir / "checkpoint.pt"
+    # the time limit ends the run; one checkpoint, at the end (the 3-D paper network's is ~300 MB)
+    config = config_by_name(config_name).with_overrides(["iterations=1000000", "checkpoint_every=1000000"])
+    torch.backends.cudnn.benchmark = True
+    bundle = train(config, training_set, sdm, geometry, run_dir / "model.pt", torch.device(DEVICE), checkpoint,
+                   validation=None, time_limit=seconds)
+    return {k: v for k, v in bundle.training.items() if k != "subjects"}
+
+
+def evaluate_model(model: Path, prepared: Path, out: Path, title: str, max_pairs: int | None = None) -> None:
+    """``ours`` and ``nfc`` on every prepared pair of ``prepared``; report, CSV and box plots in ``out``."""
+    from AgentRegistrationLib.bundle import load_bundle
+
+    bundle = load_bundle(model)
+    for f in sorted(prepared.glob("pairs/*/prepared.npz"))[:max_pairs]:
+        target = out / "pairs" / f.parent.name / "prepared.npz"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, target)
+    pairs = [tuple(f.parent.name.split("__to__")) for f in sorted((out / "pairs").glob("*/prepared.npz"))]
+    methods = ["ours", "nfc"]
+    settings = EvaluationSettings(steps=200, seed=0, iterations=0, gt_iterations=0, batch_size=16)
+    results, failures = evaluate({}, pairs, bundle.geometry, out, methods, settings, model, torch.device(DEVICE))
+    summary = summarise(results, methods)
+    t = bundle.training
+    notes = [f"Model: {title} ({bundle.network.config.architecture} network), trained {t.get('iterations')} batches in "
+             f"{t.get('seconds', 0) / 60:.1f} min on {t.get('device')}; agent on {device_name()}, batches of "
+             f"{settings.batch_size} pairs, {settings.steps} steps, seed {settings.seed}; {len(pairs)} prepared validation "
+             f"pairs (the cache of agentreg evaluate); failures: {len(failures)}."]
+    info = {"dim": bundle.dim, "command": f"python scripts/gpu_session.py run --inputs work/gpu_in --out OUT  # run {title}",
+            "notes": notes, "csv": "evaluation.csv", "png": "evaluation_boxplots.png"}
+    (out / "evaluation.md").write_text(report_markdown(summary, methods, info))
+    write_csv(out / "evaluation.csv", results)
+    plot_boxplots(out / "evaluation_boxplots.png", results, methods, bundle.dim)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def bundle_up(session: Session, work: Path, name: str) -> None:
+    """``OUT/<name>.tar``: loss.csv, the evaluation, and the bundle/checkpoint where small enough."""
+    run_dir = work / name
+    files = [run_dir / "loss.csv"] + [run_dir / "eval" / f for f in (
+        "evaluation.md", "evaluation.csv", "evaluation_boxplots.png", "summary.json", "evaluate.log")]
+    files += [run_dir / "model.pt", run_dir / "checkpoint.pt"]  # last: left out when they do not fit
+    total = 0
+    with tarfile.open(session.out / f"{name}.tar", "w") as tar:
+        for path in files:
+            if not path.is_file():
+                continue
+            size = path.stat().st_size
+            if total + size + 64 * 1024 > MAX_RETURNED_FILE:
+                session.log(f"{path.relative_to(work)} ({size / 2**20:.1f} MiB) does not fit the returned file: left out")
+                continue
+            tar.add(path, arcname=str(path.relative_to(work)))
+            total += size + 1024
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    inputs, work = Path(args.inputs), Path(args.work)
+    session = Session(out, args.budget)
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        session.log("no CUDA GPU visible to torch: nothing to do here")
+        return 1
+    session.stage("environment", environment)
+    session.stage("cuda_path", cuda_path, inputs)
+    session.stage("benchmark", benchmark, inputs, out, args)
+    reserve = 45.0  # the last evaluation and packing after the last training run
+    training_time = max(session.left() - reserve, 0.0)
+    shares = sum(r[3] for r in RUNS)
+    evaluations: list[tuple[str, subprocess.Popen]] = []
+    for name, dim, config_name, share in RUNS:
+        seconds = training_time * share / shares
+        session.stage(f"train {name}", train_run, inputs, work, name, dim, config_name, seconds)
+        model = work / name / "model.pt"
+        if model.is_file():
+            log = work / name / "eval" / "evaluate.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, __file__, "evaluate", "--model", str(model), "--prepared",
+                       str(inputs / f"eval{dim}d"), "--out", str(work / name / "eval"), "--title", name]
+            if args.eval_pairs:
+                command += ["--max-pairs", str(args.eval_pairs)]
+            evaluations.append((name, subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)))
+        bundle_up(session, work, name)
+    for name, process in evaluations:
+        try:
+            code = process.wait(timeout=max(session.left() - 10.0, 1.0))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = "killed at the deadline"
+        session.doc["stages"][f"evaluate {name}"] = {"exit": code}
+        session.log(f"evaluate {name}: exit {code}")
+        if (work / name / "eval" / "summary.json").is_file():
+            session.doc["stages"][f"evaluate {name}"]["summary"] = json.loads(
+                (work / name / "eval" / "summary.json").read_text())
+        bundle_up(session, work, name)
+    session.save()
+    session.log("session done")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("pack", help="copy the session's inputs into a folder (here)")
+    a.add_argument("--into", default="work/gpu_in")
+    a.add_argument("--work", default="work", help="the folder of the CPU pipeline's outputs")
+    a = sub.add_parser("run", help="the session (on the GPU machine)")
+    a.add_argument("--inputs", default="work/gpu_in")
+    a.add_argument("--out", required=True)
+    a.add_argument("--work", default="/tmp/gpu_session")
+    a.add_argument("--budget", type=float, default=540.0, help="seconds for the whole session")
+    a.add_argument("--allow-cpu", action="store_true", help="rehearse on a machine without a GPU")
+    a.add_argument("--eval-pairs", type=int, default=0, help="evaluate on the first N pairs only (default: all)")
+    a.add_argument("--repeats", type=int, default=3, help="benchmark repeats")
+    a.add_argument("--bench-batch", type=int, default=72, help="benchmark: pairs in the batched run")
+    a.add_argument("--bench-steps", type=int, default=200, help="benchmark: agent steps")
+    a.add_argument("--elastix-reference", default=str(REPO / "results" / "benchmark_cpu.json"),
+                   help="benchmark: --json of the CPU benchmark on the same prepared pairs")
+    a = sub.add_parser("evaluate", help="(internal) evaluate one trained model")
+    a.add_argument("--model", required=True)
+    a.add_argument("--prepared", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--title", required=True)
+    a.add_argument("--max-pairs", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.command == "pack":
+        pack(Path(args.into), Path(args.work))
+        return 0
+    if args.command == "evaluate":
+        evaluate_model(Path(args.model), Path(args.prepared), Path(args.out), args.title, args.max_pairs)
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
