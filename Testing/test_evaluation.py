@@ -11,6 +11,7 @@ import csv
 import json
 
 import pytest
+from AgentRegistrationLib.bundle import load_bundle
 from AgentRegistrationLib.cli import main
 
 METHODS = ["T", "e16", "ours", "nfc", "gt"]
@@ -71,6 +72,26 @@ def test_rerun_uses_the_cache(evaluation):
     before = {p: p.stat().st_mtime_ns for p in cached}
     assert main(evaluation["argv"]) == 0
     assert {p: p.stat().st_mtime_ns for p in cached} == before
+
+
+def test_model_card_shows_the_evaluation_of_its_own_model(evaluation, tiny_pipeline, tmp_path, capsys):
+    bundle = tiny_pipeline(2)["bundle"]
+    summary = evaluation["report"].with_suffix(".json")
+    card = tmp_path / "card.md"
+    assert main(["info", str(bundle), "--card", str(card), "--evaluation", str(summary)]) == 0
+    text = card.read_text()
+    assert "Table 1 protocol on 2 ordered pairs" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    assert set(METHODS) <= set(rows)
+    doc = json.loads(summary.read_text())
+    assert f"{doc['summary']['ours']['dice']['median']:.3f}" in rows["ours"]
+    other = tmp_path / "other.pt"  # another model file (same weights, one more training record)
+    changed = load_bundle(bundle)
+    changed.training["note"] = "another model"
+    changed.save(other)
+    capsys.readouterr()
+    assert main(["info", str(other), "--evaluation", str(summary)]) == 1
+    assert "was not made with" in capsys.readouterr().err
 
 
 def test_demo_registers_a_pair_and_writes_its_outputs(grid128, tiny_pipeline, tmp_path, capsys):

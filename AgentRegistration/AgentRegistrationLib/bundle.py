@@ -145,8 +145,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def model_card(bundle: ModelBundle, name: str) -> str:
-    """A markdown model card: data, split, configuration, training time and device, validation."""
+def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -> str:
+    """A markdown model card: data, split, configuration, training time and device, validation.
+
+    ``evaluation``: the JSON summary of ``agentreg evaluate`` with this model (and its ``source`` path),
+    shown as the validation table."""
     t, v = bundle.training, bundle.validation
     config = t.get("config", {})
     size_mb = sum(p.numel() * p.element_size() for p in bundle.network.state_dict().values()) / 2**20
@@ -179,5 +182,15 @@ def model_card(bundle: ModelBundle, name: str) -> str:
             f"{v.get('steps')} steps): Dice median {v.get('dice_before_median', float('nan')):.3f} -> "
             f"{v.get('dice_median', float('nan')):.3f}, mean {v.get('dice_before_mean', float('nan')):.3f} -> "
             f"{v.get('dice_mean', float('nan')):.3f}.")
+    if evaluation:
+        s = evaluation["summary"]
+        lines += ["", f"## Validation: the paper's Table 1 protocol on {len(evaluation['pairs'])} ordered pairs of the "
+                  f"validation subjects (`{evaluation['source']}`)", "",
+                  "| method | Dice median | Dice mean | Hausdorff median (voxels) | % folding | seconds per pair |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for m in evaluation["methods"]:
+            lines.append(f"| {m} | {s[m]['dice']['median']:.3f} | {s[m]['dice']['mean']:.3f} | "
+                         f"{s[m]['hausdorff']['median']:.1f} | {s[m]['folding_percent']['mean']:.2f} | "
+                         f"{s[m]['seconds']['mean']:.2f} |")
     lines += ["", "Full evaluation (Table 1 protocol): see `results/`.", ""]
     return "\n".join(lines)

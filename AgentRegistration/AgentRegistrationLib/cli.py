@@ -226,7 +226,16 @@ def cmd_info(args) -> int:
     from .bundle import load_bundle, model_card
 
     bundle = load_bundle(args.model)
-    card = model_card(bundle, args.name or Path(args.model).stem)
+    evaluation = None
+    if args.evaluation:
+        from .evaluation import file_hash
+
+        evaluation = json.loads(Path(args.evaluation).read_text())
+        if evaluation.get("model_hash") != file_hash(args.model):
+            raise ValueError(f"{args.evaluation} was not made with {args.model} (another model file): run 'agentreg "
+                             "evaluate' with this model first")
+        evaluation["source"] = str(args.evaluation)
+    card = model_card(bundle, args.name or Path(args.model).stem, evaluation)
     if args.card:
         atomic_write(args.card, lambda tmp: Path(tmp).write_text(card))
     print(card)
@@ -243,6 +252,7 @@ def cmd_evaluate(args) -> int:
         AGENT_METHODS,
         EvaluationSettings,
         evaluate,
+        file_hash,
         parse_methods,
         plot_boxplots,
         report_markdown,
@@ -321,7 +331,8 @@ def cmd_evaluate(args) -> int:
             "csv": csv_path.name, "png": png_path.name}
     atomic_write(report, lambda tmp: Path(tmp).write_text(report_markdown(summary, methods, info)))
     atomic_write(report.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(
-        {"summary": summary, "failures": failures, "pairs": pairs, "methods": methods}, indent=1)))
+        {"summary": summary, "failures": failures, "pairs": pairs, "methods": methods,
+         "model": str(model) if model else None, "model_hash": file_hash(model) if model else None}, indent=1)))
     for m in methods:
         s = summary[m]
         print(f"{m:>4}: Dice median {s['dice']['median']:.3f} (mean {s['dice']['mean']:.3f}), Hausdorff median "
@@ -463,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--name", help="model name in the card (default: the file name)")
     p.add_argument("--card", help="also write the card to this markdown file")
+    p.add_argument("--evaluation", help="JSON beside an 'agentreg evaluate' report made with this model: its table "
+                   "goes into the card")
     p.set_defaults(func=cmd_info)
     return parser
 
