@@ -65,6 +65,7 @@ class AgentRegistrationTrainingParameterNode:
     configuration: Annotated[str, Choice(CONFIGURATIONS)] = "compact"
     device: Annotated[str, Choice(list(mrml.DEVICE_CHOICES))] = "Auto"
     resume: bool = True
+    timeLimitMinutes: float = 0.0  # training stage; 0: none
     groundTruthTable: vtkMRMLTableNode
     lossChart: vtkMRMLPlotChartNode
 
@@ -141,7 +142,8 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
             p = self._parameterNode
             volumes = list(self.ui.volumesSelector.checkedNodes())
             self._pipeline = self.logic.startTraining(volumes, p.dataFolder, p.outputFolder, p.modelName,
-                                                      p.configuration, p.device, p.resume)
+                                                      p.configuration, p.device, p.resume,
+                                                      maxMinutes=p.timeLimitMinutes or None)
             self.setState(JobState.RUNNING, _("Starting..."))
             self._timer.start()
 
@@ -255,8 +257,10 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
 
     def startTraining(self, volumes: list, dataFolder: Path, outputFolder: Path, modelName: str,
                       configuration: str = "compact", device: str = "Auto", resume: bool = True,
-                      dim: int = 3) -> TrainingPipeline:
+                      dim: int = 3, maxMinutes: float | None = None) -> TrainingPipeline:
         """Check inputs and start ground truth -> SDM -> training.
+
+        ``maxMinutes`` ends the training stage after that many minutes (checkpointed: Apply again goes on).
 
         With ``resume`` a rerun continues: finished GT pairs are reused and training continues from its
         checkpoint. Without it, the training checkpoint (and its loss.csv) is removed first, so training
@@ -278,7 +282,7 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
 
         files = mrml.TrainingFiles(outputFolder, modelName.strip())
         commands = mrml.training_commands(AgentRegistration.workerPython(), dataFolder, files, dim=dim,
-                                          configuration=configuration, device=device)
+                                          configuration=configuration, device=device, max_minutes=maxMinutes)
         if not resume:
             files.checkpoint.unlink(missing_ok=True)
             files.loss.unlink(missing_ok=True)

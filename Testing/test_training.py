@@ -419,6 +419,9 @@ def test_training_module_commands_parse_with_the_real_cli(tmp_path):
     assert (sdm.groundtruth, sdm.modes, sdm.out) == (str(files.groundtruth), 15, str(files.sdm))
     assert (training.groundtruth, training.sdm, training.out, training.checkpoint, training.config, training.device) == (
         str(files.groundtruth), str(files.sdm), str(files.bundle), str(files.checkpoint), "paper", "cpu")
+    assert training.max_minutes is None
+    limited = mrml.training_commands("python", tmp_path / "data", files, dim=2, max_minutes=1.5)[2]
+    assert cli.build_parser().parse_args(limited[3:]).max_minutes == 1.5
     assert files.gt_dice.name == "gt_dice.csv" and files.loss == files.checkpoint.with_name("loss.csv")
 
 

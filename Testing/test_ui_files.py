@@ -80,6 +80,14 @@ def test_ui_file_parses(module):
 
 
 @pytest.mark.parametrize("module", MODULES)
+def test_widget_names_are_unique(module):
+    """``self.ui.<name>`` can reach one widget only: a repeated name hides all but one."""
+    names = [w.get("name") for w in ET.parse(_ui_path(module)).getroot().iter("widget")]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    assert not repeated, f"{module}.ui repeats widget names {repeated}"
+
+
+@pytest.mark.parametrize("module", MODULES)
 def test_every_widget_the_code_uses_exists(module):
     used = set(re.findall(r"self\.ui\.(\w+)", _module_source(module)))
     missing = used - set(_widgets(module))

@@ -667,8 +667,10 @@ class TrainingFiles:
 
 def training_commands(python: str, data: str | Path, files: TrainingFiles, *, dim: int = 3,
                       configuration: str = "compact", device: str = "Auto", modes: int | None = None,
-                      split: str | Path | None = None) -> list[list[str]]:
+                      split: str | Path | None = None, max_minutes: float | None = None) -> list[list[str]]:
     """Worker command lines of the three stages: ``agentreg groundtruth``, ``sdm`` and ``train``.
+
+    ``max_minutes`` stops the training stage after that long (it checkpoints; a rerun goes on).
 
     ``modes`` defaults to the paper's d (15 in 2-D, 25 in 3-D). A rerun of the same commands resumes:
     the ground truth from its per-pair cache, training from ``files.checkpoint``.
@@ -685,7 +687,7 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
         cli_command(python, "sdm", {"modes": modes, "out": files.sdm}, positional=[files.groundtruth]),
         cli_command(python, "train", {"groundtruth": files.groundtruth, "sdm": files.sdm, "out": files.bundle,
                                       "config": configuration, "checkpoint": files.checkpoint,
-                                      "device": DEVICE_CHOICES[device]}),
+                                      "device": DEVICE_CHOICES[device], "max_minutes": max_minutes}),
     ]
 
 
