@@ -243,6 +243,15 @@ def cmd_info(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------- evaluate
+def _shown(path: str | Path) -> str:
+    """A path as a report shows it: relative to the working folder when inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def cmd_evaluate(args) -> int:
     import shlex
 
@@ -305,7 +314,7 @@ def cmd_evaluate(args) -> int:
     plot_boxplots(png_path, results, methods, args.dim)
     prealign_failed = sorted({(r["moving"], r["fixed"]) for r in results if r.get("prealignment", "ok") != "ok"})
     notes = [
-        f"{len(pairs)} ordered pairs of the {len(names)} validation subjects of `{args.split}` ({args.data}), "
+        f"{len(pairs)} ordered pairs of the {len(names)} validation subjects of `{_shown(args.split)}` ({args.data}), "
         f"{args.dim}-D" + (" (the middle slice of the crop box of the 3-D-aligned pair)" if args.dim == 2 else "")
         + f"; model grid {'x'.join(map(str, geometry.size))} of the fixed image.",
         "- Every method starts from the same translation pre-alignment (elastix, on the 3-D volumes); "
@@ -315,7 +324,7 @@ def cmd_evaluate(args) -> int:
         f"{'x'.join(f'{s / 2:g}' for s in geometry.control_spacing)} / {'x'.join(f'{s:g}' for s in geometry.control_spacing)} "
         "model voxels (e16 is the GT/SDM control grid).",
         f"- our / nfc: the agent, {settings.steps} steps, with / without fuzzy action control "
-        + (f"(model `{model}`, device {device}); seconds = agent time of a batch of up to {settings.batch_size} pairs "
+        + (f"(model `{_shown(model)}`, device {device}); seconds = agent time of a batch of up to {settings.batch_size} pairs "
            "divided by its pairs." if model else "(not run)."),
         f"- GT: the constrained elastix registration with both masks (MI + bending energy + surface points, "
         f"{settings.gt_iterations} iterations): an upper bound, not a method.",
@@ -332,7 +341,7 @@ def cmd_evaluate(args) -> int:
     atomic_write(report, lambda tmp: Path(tmp).write_text(report_markdown(summary, methods, info)))
     atomic_write(report.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(
         {"summary": summary, "failures": failures, "pairs": pairs, "methods": methods,
-         "model": str(model) if model else None, "model_hash": file_hash(model) if model else None}, indent=1)))
+         "model": _shown(model) if model else None, "model_hash": file_hash(model) if model else None}, indent=1)))
     for m in methods:
         s = summary[m]
         print(f"{m:>4}: Dice median {s['dice']['median']:.3f} (mean {s['dice']['mean']:.3f}), Hausdorff median "
