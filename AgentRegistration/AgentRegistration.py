@@ -144,7 +144,7 @@ class AgentRegistrationParameterNode:
     movingSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]  # noqa: UP007
     modelPath: Path
     device: Annotated[str, Choice(list(mrml.DEVICE_CHOICES))] = "Auto"
-    steps: Annotated[int, WithinRange(1, 10000)] = 200
+    steps: Annotated[int, WithinRange(0, 10000)] = 0  # 0: the model's default
     fuzzyActionControl: bool = True
     fuzzyK: Annotated[float, WithinRange(0.1, 10.0)] = 1.5
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
@@ -278,7 +278,7 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 p.fixedVolume, p.movingVolume, p.modelPath, p.fixedSegmentation, p.movingSegmentation,
                 device=p.device, steps=p.steps, fuzzyActionControl=p.fuzzyActionControl, fuzzyK=p.fuzzyK,
                 seed=p.seed, saveStepsEvery=p.saveStepsEvery, keepTemporaryFiles=p.keepTemporaryFiles)
-            self.ui.progressBar.setRange(0, p.steps)
+            self.ui.progressBar.setRange(0, p.steps)  # 0 (the model's default): busy until the first step
             self.ui.progressBar.value = 0
             self.setState(JobState.RUNNING, _("Starting the worker..."))
             self._timer.start()
@@ -385,7 +385,7 @@ class AgentRegistrationLogic(ScriptedLoadableModuleLogic):
         return AgentRegistrationParameterNode(super().getParameterNode())
 
     def startRegistration(self, fixedVolume, movingVolume, model, fixedSegmentation=None,
-                          movingSegmentation=None, device: str = "Auto", steps: int = 200,
+                          movingSegmentation=None, device: str = "Auto", steps: int | None = None,
                           fuzzyActionControl: bool = True, fuzzyK: float = 1.5, seed: int = 0,
                           saveStepsEvery: int = 10, keepTemporaryFiles: bool = False) -> RegistrationJob:
         """Check the inputs, write them to a temporary folder and start the worker."""

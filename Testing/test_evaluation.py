@@ -94,6 +94,22 @@ def test_model_card_shows_the_evaluation_of_its_own_model(evaluation, tiny_pipel
     assert "was not made with" in capsys.readouterr().err
 
 
+def test_the_agent_runs_the_models_default_number_of_steps_unless_told(evaluation, tiny_pipeline, tmp_path):
+    model = tmp_path / "seven-steps.pt"
+    bundle = load_bundle(tiny_pipeline(2)["bundle"])
+    bundle.agent_defaults["steps"] = 7
+    bundle.save(model)
+    argv = evaluation["argv"][:]
+    argv[argv.index("--model") + 1] = str(model)
+    argv[argv.index("--methods") + 1] = "ours"
+    argv[argv.index("--report") + 1] = str(tmp_path / "seven.md")
+    for extra, steps in (([], 7), (["--steps", "3"], 3)):
+        assert main(argv + extra) == 0
+        summary = json.loads((tmp_path / "seven.json").read_text())
+        assert summary["model"] == str(model)
+        assert f"the agent, {steps} steps" in (tmp_path / "seven.md").read_text()
+
+
 def test_demo_registers_a_pair_and_writes_its_outputs(grid128, tiny_pipeline, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--data", str(grid128), "--model", str(tiny_pipeline(2)["bundle"]), "--out", str(out),

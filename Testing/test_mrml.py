@@ -361,6 +361,15 @@ def test_register_command_carries_every_option(tmp_path):
     assert "--fixed-label" not in command
 
 
+def test_register_command_leaves_the_number_of_steps_to_the_model_by_default():
+    from AgentRegistrationLib import cli
+
+    for steps in (None, 0):  # 0: the module's "model's default"
+        command = mrml.register_command("python", Path("f"), Path("m"), Path("b.pt"), Path("o"), steps=steps)
+        assert "--steps" not in command
+        assert cli.build_parser().parse_args(command[3:]).steps is None  # agentreg register: the bundle's default
+
+
 def test_register_command_without_fuzzy_control():
     command = mrml.register_command("python", Path("f"), Path("m"), Path("b.pt"), Path("o"),
                                     fuzzy_action_control=False)

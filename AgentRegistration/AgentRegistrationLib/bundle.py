@@ -173,7 +173,8 @@ def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -
         f"final loss {t.get('final_loss', float('nan')):.4g}; best-action accuracy on held-out synthetic pairs "
         f"{t.get('held_out_accuracy', float('nan')):.2f} (chance {t.get('chance_accuracy', float('nan')):.3f}).",
         f"- **Fuzzy action control**: k = {bundle.agent_defaults.get('fuzzy_k')}; exploration probability "
-        f"{bundle.agent_defaults.get('exploration')}; {bundle.agent_defaults.get('steps')} steps.",
+        f"{bundle.agent_defaults.get('exploration')}; {bundle.agent_defaults.get('steps')} steps"
+        + (f" ({bundle.agent_defaults['steps_chosen_by']})." if bundle.agent_defaults.get("steps_chosen_by") else "."),
         f"- **Package version**: {bundle.package_version}.",
     ]
     if v:

@@ -288,7 +288,10 @@ def cmd_evaluate(args) -> int:
             raise ValueError(f"{model} is a {bundle.dim}-D model but --dim is {args.dim}: use --dim {bundle.dim} "
                              f"or a {args.dim}-D model")
         geometry = bundle.geometry
-    settings = EvaluationSettings(steps=args.steps, seed=args.agent_seed, iterations=args.iterations,
+        steps = args.steps or bundle.agent_settings().steps
+    else:
+        steps = args.steps or 200  # not used without ours / nfc
+    settings = EvaluationSettings(steps=steps, seed=args.agent_seed, iterations=args.iterations,
                                   gt_iterations=args.gt_iterations, batch_size=args.batch_size)
     device = resolve_device(args.device)
     _torch_threads(args.threads)
@@ -457,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the pair subset")
     p.add_argument("--workers", type=int, default=0, help="processes for elastix (default: all cores; itk 1 thread each)")
     p.add_argument("--device", default="auto", help="device of the agent: auto, cpu or cuda")
-    p.add_argument("--steps", type=int, default=200, help="agent steps (paper: 200)")
+    p.add_argument("--steps", type=int, help="agent steps (default: the model's; the paper's were 200)")
     p.add_argument("--agent-seed", type=int, default=0, help="seed of the agent's exploration and fuzzy action control")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per agent batch")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the agent's torch (default: torch's choice)")

@@ -584,18 +584,21 @@ def shipped_models(models_dir: str | Path) -> dict[str, Path]:
 
 def register_command(python: str, fixed: Path, moving: Path, model: Path, output_dir: Path, *,
                      fixed_label: Path | None = None, moving_label: Path | None = None,
-                     device: str = "Auto", steps: int = 200, seed: int = 0,
+                     device: str = "Auto", steps: int | None = None, seed: int = 0,
                      fuzzy_action_control: bool = True, fuzzy_k: float = 1.5,
                      save_steps: int = 0) -> list[str]:
-    """The worker command line for ``agentreg register`` (``python -m AgentRegistrationLib.cli``)."""
+    """The worker command line for ``agentreg register`` (``python -m AgentRegistrationLib.cli``).
+
+    ``steps`` ``None`` (or 0): the model's own default number of MDP steps."""
     if device not in DEVICE_CHOICES:
         raise ValueError(f"device must be one of {sorted(DEVICE_CHOICES)}, got {device!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    if steps is not None and steps < 0:
+        raise ValueError(f"steps must be at least 1 (or 0 for the model's default), got {steps}")
     command = [python, "-m", "AgentRegistrationLib.cli", "register",
                "--fixed", str(fixed), "--moving", str(moving), "--model", str(model),
-               "--output-dir", str(output_dir), "--device", DEVICE_CHOICES[device],
-               "--steps", str(int(steps)), "--seed", str(int(seed))]
+               "--output-dir", str(output_dir), "--device", DEVICE_CHOICES[device], "--seed", str(int(seed))]
+    if steps:
+        command += ["--steps", str(int(steps))]
     if fixed_label is not None:
         command += ["--fixed-label", str(fixed_label)]
     if moving_label is not None:
