@@ -66,6 +66,18 @@ def test_groundtruth_is_an_upper_bound_of_the_translation(evaluation):
         assert dice["gt"] >= dice["T"], f"{pair}: GT Dice {dice['gt']:.3f} < translation Dice {dice['T']:.3f}"
 
 
+def test_prepared_pairs_are_read_back_from_the_cache_by_geometry(evaluation):
+    from AgentRegistrationLib.evaluation import prepared_pairs
+    from AgentRegistrationLib.geometry import ModelGeometry
+
+    found = prepared_pairs(evaluation["out"] / "cache", ModelGeometry.paper(2))
+    assert sorted(names for names, _ in found) == sorted({(r["moving"], r["fixed"]) for r in _rows(evaluation)})
+    for _, pair in found:
+        assert pair["fixed"].shape == pair["moving"].shape == (100, 100)
+    assert [names for names, _ in prepared_pairs(evaluation["out"] / "cache", ModelGeometry.paper(2), 1)] == [found[0][0]]
+    assert prepared_pairs(evaluation["out"] / "cache", ModelGeometry.paper(3)) == []  # made for another grid
+
+
 def test_rerun_uses_the_cache(evaluation):
     cached = sorted((evaluation["out"] / "cache" / "pairs").rglob("*.*"))
     assert len(cached) == 2 * (len(METHODS) + 1)  # one prepared pair + one result per method

@@ -149,18 +149,13 @@ class CachedPair:
 
 
 def load_prepared_pairs(folders: list[str], geometry, count: int) -> list[CachedPair] | None:
-    """The first ``count`` cached pairs (sorted by name) of the folder whose pairs are on ``geometry``'s grid."""
+    """The first ``count`` cached pairs (sorted by name) of the first folder that has pairs on ``geometry``'s grid."""
+    from AgentRegistrationLib.evaluation import prepared_pairs
+
     for folder in folders:
-        files = sorted(Path(folder).glob("pairs/*/prepared.npz"))
-        pairs = []
-        for f in files[:count]:
-            with np.load(f) as z:
-                if tuple(z["fixed"].shape) != tuple(geometry.array_shape):
-                    break
-                moving, fixed = f.parent.name.split("__to__")
-                pairs.append(CachedPair(z["fixed"], z["moving"], {"names": (moving, fixed)}))
+        pairs = prepared_pairs(folder, geometry, count)
         if pairs:
-            return pairs
+            return [CachedPair(pair["fixed"], pair["moving"], {"names": names}) for names, pair in pairs]
     return None
 
 
@@ -216,7 +211,7 @@ def reference_elastix(reference: str | None, dim: int, pair: str) -> dict | None
 
 
 def benchmark_model(model: Path, args, device: torch.device) -> dict:
-    from AgentRegistrationLib.agent import Agent, AgentSettings
+    from AgentRegistrationLib.agent import AgentSettings
     from AgentRegistrationLib.bundle import load_bundle
 
     bundle = load_bundle(model)
@@ -233,9 +228,8 @@ def benchmark_model(model: Path, args, device: torch.device) -> dict:
         from AgentRegistrationLib.dataset import model_image
     except ImportError:  # no itk-elastix / SimpleITK on this machine
         elastix = None
-    agent = Agent(bundle.network, bundle.sdm, bundle.geometry.size, bundle.action_steps, device)
-    settings = AgentSettings(steps=args.steps, seed=0, fuzzy_k=bundle.agent_defaults.get("fuzzy_k", 1.5),
-                             exploration=bundle.agent_defaults.get("exploration", 0.05))
+    agent = bundle.agent(device)
+    settings = bundle.agent_settings(steps=args.steps, seed=0)
     fixed1, moving1 = stack(pairs, "fixed", 1, device), stack(pairs, "moving", 1, device)
     fixedn, movingn = stack(pairs, "fixed", args.batch, device), stack(pairs, "moving", args.batch, device)
 

@@ -53,7 +53,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ENGINE, os.environ.get(
 from AgentRegistrationLib.evaluation import (  # noqa: E402
     EvaluationSettings,
     evaluate,
+    pair_dir,
     plot_boxplots,
+    prepared_pairs,
     report_markdown,
     summarise,
     write_csv,
@@ -73,7 +75,7 @@ RUNS = [("paper-2d", 2, "paper", 0.20), ("compact-2d", 2, "compact", 0.18),
 # ----------------------------------------------------------------------------------------- pack (here)
 def pack(into: Path, work: Path) -> None:
     """Copy what the session reads into ``into`` (an ignored folder the device tool carries)."""
-    from AgentRegistrationLib.evaluation import pair_dir, select_pairs
+    from AgentRegistrationLib.evaluation import select_pairs
 
     if into.exists():
         shutil.rmtree(into)
@@ -142,14 +144,6 @@ def environment() -> dict:
             "python": sys.version.split()[0]}
 
 
-def prepared_arrays(folder: Path, count: int | None = None) -> list[dict]:
-    pairs = []
-    for f in sorted(folder.glob("pairs/*/prepared.npz"))[:count]:
-        with np.load(f) as z:
-            pairs.append({k: z[k] for k in ("fixed", "moving", "fixed_label", "moving_label")} | {"name": f.parent.name})
-    return pairs
-
-
 def cuda_path(inputs: Path) -> dict:
     """The shipped models on CUDA against the CPU on 8 prepared validation pairs, same seed."""
     from AgentRegistrationLib.agent import dice_batch
@@ -159,7 +153,7 @@ def cuda_path(inputs: Path) -> dict:
     out = {}
     for dim, model in SHIPPED.items():
         bundle = load_bundle(model)
-        pairs = prepared_arrays(inputs / f"eval{dim}d", 8)
+        pairs = [pair for _, pair in prepared_pairs(inputs / f"eval{dim}d", bundle.geometry, 8)]
         arrays = {key: torch.as_tensor(np.stack([p[key] for p in pairs]))[:, None]
                   for key in ("fixed", "moving", "fixed_label", "moving_label")}
         runs = {}
@@ -221,11 +215,11 @@ def evaluate_model(model: Path, prepared: Path, out: Path, title: str, max_pairs
     from AgentRegistrationLib.bundle import load_bundle
 
     bundle = load_bundle(model)
-    for f in sorted(prepared.glob("pairs/*/prepared.npz"))[:max_pairs]:
-        target = out / "pairs" / f.parent.name / "prepared.npz"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(f, target)
-    pairs = [tuple(f.parent.name.split("__to__")) for f in sorted((out / "pairs").glob("*/prepared.npz"))]
+    # a copy per model: evaluate() caches each method's result beside the pair, and models run in parallel
+    pairs = [names for names, _ in prepared_pairs(prepared, bundle.geometry, max_pairs)]
+    for names in pairs:
+        pair_dir(out, *names).mkdir(parents=True, exist_ok=True)
+        shutil.copy(pair_dir(prepared, *names) / "prepared.npz", pair_dir(out, *names) / "prepared.npz")
     methods = ["ours", "nfc"]
     settings = EvaluationSettings(steps=200, seed=0, iterations=0, gt_iterations=0, batch_size=16)
     results, failures = evaluate({}, pairs, bundle.geometry, out, methods, settings, model, torch.device(DEVICE))

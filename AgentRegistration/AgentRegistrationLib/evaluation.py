@@ -147,6 +147,17 @@ def load_prepared(path: Path, geometry: ModelGeometry) -> dict | None:
     return pair
 
 
+def prepared_pairs(out: str | Path, geometry: ModelGeometry, count: int | None = None) -> list[tuple[tuple[str, str], dict]]:
+    """The first ``count`` cached prepared pairs of the evaluation folder ``out`` (sorted by name) that are on
+    ``geometry``'s grid: ``((moving, fixed), pair)``."""
+    found = []
+    for path in sorted(Path(out).glob("pairs/*__to__*/prepared.npz")):
+        pair = load_prepared(path, geometry)
+        if pair is not None:
+            found.append((tuple(path.parent.name.split("__to__")), pair))
+    return found[:count]
+
+
 def _save_prepared(path: Path, pair: dict) -> None:
     atomic_write(path, lambda tmp: np.savez_compressed(tmp, **pair))
 

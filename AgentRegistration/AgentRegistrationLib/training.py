@@ -323,7 +323,7 @@ def validate_bundle(bundle: ModelBundle, pairs: list[ValidationPair], config: Tr
     from .bundle import bundle_from_payload
 
     reloaded = bundle_from_payload(bundle.to_payload())
-    return validate(Agent(reloaded.network, reloaded.sdm, reloaded.geometry.size, reloaded.action_steps), pairs, config)
+    return validate(reloaded.agent(), pairs, config)
 
 
 def validation_pairs_from_subjects(subjects, count: int, seed: int = 0) -> list[ValidationPair]:
