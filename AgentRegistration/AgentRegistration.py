@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Union
 
 import qt
-import SimpleITK as sitk
 import slicer
 import vtk
-from AgentRegistrationLib import mrml
+from AgentRegistrationLib import mrml, protocol
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
     vtkMRMLScalarVolumeNode,
@@ -40,28 +37,28 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 MODULE_DIR = Path(__file__).resolve().parent
-# Installed extension: files copied next to the module; source tree: the top-level Resources.
-RESOURCE_DIRS = (MODULE_DIR / "Resources", MODULE_DIR.parent / "Resources")
-
 REQUIREMENT_IMPORTS = {"torch": "torch", "numpy": "numpy", "scipy": "scipy", "SimpleITK": "SimpleITK",
                        "itk-elastix": "itk", "matplotlib": "matplotlib", "tqdm": "tqdm"}
 
 
 def resourceFile(*parts: str) -> Path | None:
-    """First existing file among the resource folders, or None."""
-    for folder in RESOURCE_DIRS:
-        path = folder.joinpath(*parts)
-        if path.exists():
-            return path
-    return None
+    """First existing ``Resources/<parts>`` of the extension (installed or source tree), or None."""
+    return protocol.resource_file(__file__, *parts)
 
 
-def shippedModels() -> dict[str, Path]:
-    """Model bundles shipped with the extension, by name."""
-    models: dict[str, Path] = {}
-    for folder in reversed(RESOURCE_DIRS):
-        models.update(mrml.shipped_models(folder / "Models"))
-    return models
+def userModelsFolder() -> Path:
+    """Where Agent Registration Training installs the models it trains (writable, kept across updates)."""
+    return Path(slicer.app.slicerUserSettingsFilePath).parent / "AgentRegistration" / "Models"
+
+
+def modelFolders() -> list[Path]:
+    """Folders whose ``*.pt`` bundles are listed: the shipped models, then the user's trained ones."""
+    return [folder / "Models" for folder in protocol.resource_dirs(__file__)] + [userModelsFolder()]
+
+
+def availableModels() -> dict[str, Path]:
+    """Models by name, read afresh (a model trained or copied in meanwhile is listed)."""
+    return protocol.available_models(modelFolders())
 
 
 def workerPython() -> str:
@@ -69,13 +66,18 @@ def workerPython() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
+def missingRequirements() -> list[str]:
+    """Requirement names whose module cannot be imported yet."""
+    return [name for name, module in REQUIREMENT_IMPORTS.items() if importlib.util.find_spec(module) is None]
+
+
 def ensureDependencies(requester: str = "AgentRegistration") -> bool:
     """Install the engine's requirements on first use, asking the user first.
 
     Torch comes from the PyTorch extension (PyTorchUtils, which picks the CUDA build) when
-    available; everything else from ``Resources/requirements.txt``.
+    available; everything else from ``Resources/requirements.txt``. A failed install says what to do.
     """
-    missing = [name for name, module in REQUIREMENT_IMPORTS.items() if importlib.util.find_spec(module) is None]
+    missing = missingRequirements()
     if not missing:
         return True
     if not slicer.util.confirmOkCancelDisplay(
@@ -83,27 +85,33 @@ def ensureDependencies(requester: str = "AgentRegistration") -> bool:
               "Install them now? This is needed once and can take several minutes "
               "(PyTorch is a large download).").format(requester=requester, packages=", ".join(missing))):
         return False
-    if "torch" in missing:
-        try:
-            import PyTorchUtils
+    try:
+        if "torch" in missing:
+            try:
+                import PyTorchUtils
 
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
-                raise ImportError("PyTorchUtils did not install torch")
-            missing.remove("torch")
-        except ImportError:
-            logging.info("PyTorch extension not available; torch is installed with pip (CPU build on some systems)")
-    requirements = resourceFile("requirements.txt")
-    with slicer.util.WaitCursor():
-        if hasattr(slicer, "packaging") and requirements is not None:
-            reqs = [r for r in slicer.packaging.load_requirements(requirements)
-                    if r.name in missing]
-            slicer.packaging.pip_ensure(reqs, requester=requester)
-        else:
-            slicer.util.pip_install(missing)
-    return all(importlib.util.find_spec(REQUIREMENT_IMPORTS[n]) is not None for n in missing)
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+                    raise ImportError("PyTorchUtils did not install torch")
+                missing.remove("torch")
+            except ImportError:
+                logging.info("PyTorch extension not available; torch is installed with pip (CPU build on some systems)")
+        requirements = resourceFile("requirements.txt")
+        with slicer.util.WaitCursor():
+            if hasattr(slicer, "packaging") and requirements is not None:
+                reqs = [r for r in slicer.packaging.load_requirements(requirements) if r.name in missing]
+                slicer.packaging.pip_ensure(reqs, requester=requester)
+            else:
+                slicer.util.pip_install(missing)
+    except Exception as error:
+        slicer.util.errorDisplay(
+            _("Installing {packages} failed. Check the internet connection and try again, or install them from "
+              "the Python console: slicer.util.pip_install('{packages}'). PyTorch can also be installed with the "
+              "PyTorch extension (Extensions Manager).").format(packages=" ".join(missing)), detailedText=str(error))
+        return False
+    return not missingRequirements()
 
 
-JobState = mrml.JobState
+JobState = protocol.JobState
 
 
 #
@@ -143,10 +151,10 @@ class AgentRegistrationParameterNode:
     fixedSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]  # noqa: UP007
     movingSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]  # noqa: UP007
     modelPath: Path
-    device: Annotated[str, Choice(list(mrml.DEVICE_CHOICES))] = "Auto"
+    device: Annotated[str, Choice(list(protocol.DEVICE_CHOICES))] = "Auto"
     steps: Annotated[int, WithinRange(0, 10000)] = 0  # 0: the model's default
     fuzzyActionControl: bool = True
-    fuzzyK: Annotated[float, WithinRange(0.1, 10.0)] = 1.5
+    fuzzyK: Annotated[float, WithinRange(0.0, 10.0)] = 0.0  # 0: the model's default
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
     saveStepsEvery: Annotated[int, WithinRange(0, 10000)] = 10
     keepTemporaryFiles: bool = False
@@ -170,7 +178,7 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
+        self._job: mrml.RegistrationJob | None = None
         self._state = JobState.IDLE
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
@@ -184,9 +192,6 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = AgentRegistrationLogic()
 
-        self.ui.shippedModelComboBox.addItem(_("(choose a file)"))
-        for name in shippedModels():
-            self.ui.shippedModelComboBox.addItem(name)
         self.ui.shippedModelComboBox.currentTextChanged.connect(self.onShippedModelSelected)
         self.ui.modelPathLineEdit.filters = self.ui.modelPathLineEdit.Files
         self.ui.modelPathLineEdit.nameFilters = ["Model bundle (*.pt)"]
@@ -195,12 +200,14 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.propagateButton.connect("clicked(bool)", self.onPropagateButton)
+        self.ui.loadSampleDataButton.connect("clicked(bool)", self.onLoadSampleData)
         self.initializeParameterNode()
         self.setState(JobState.IDLE)
 
     def cleanup(self) -> None:
         if self._job is not None:
-            self._job.cancel()
+            self._job.job.cancel()
+            self._job.job.cleanup()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -219,12 +226,27 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self.parent.isEntered:
             self.initializeParameterNode()
 
+    def refreshModelList(self) -> None:
+        """List the shipped and trained models afresh (called on entering the module and after training)."""
+        models = availableModels()
+        combo = self.ui.shippedModelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        combo.addItem(_("(choose a file)"))
+        for name in models:
+            combo.addItem(name)
+        p = self._parameterNode
+        current = next((name for name, path in models.items() if p and path == p.modelPath), None)
+        combo.setCurrentText(current or _("(choose a file)"))
+        combo.blockSignals(wasBlocked)
+
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.modelPath.name:
-            models = shippedModels()
-            if models:
-                self._parameterNode.modelPath = next(iter(models.values()))
+        if not self._parameterNode.modelPath.is_file():
+            model = protocol.default_model(availableModels())
+            if model is not None:
+                self._parameterNode.modelPath = model
+        self.refreshModelList()
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
@@ -237,9 +259,17 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._checkCanApply()
 
     def onShippedModelSelected(self, name: str) -> None:
-        model = shippedModels().get(name)
+        model = availableModels().get(name)
         if model is not None and self._parameterNode:
             self._parameterNode.modelPath = model
+
+    def onLoadSampleData(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the sample data."), waitCursor=True):
+            nodes = self.logic.loadSampleData()
+            p = self._parameterNode
+            p.fixedVolume, p.movingVolume = nodes["fixed"], nodes["moving"]
+            p.fixedSegmentation, p.movingSegmentation = nodes["fixed_label"], nodes["moving_label"]
+            slicer.util.setSliceViewerLayers(background=nodes["fixed"], fit=True)
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -261,6 +291,7 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.progressBar.visible = running
         self.ui.inputsCollapsibleButton.enabled = not running
         self.ui.advancedCollapsibleButton.enabled = not running
+        self.ui.loadSampleDataButton.enabled = not running
         self.ui.statusLabel.text = message
         if not running:
             self._checkCanApply()
@@ -268,7 +299,7 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onApplyButton(self) -> None:
         if self._state == JobState.RUNNING:
             self.setState(JobState.CANCEL_REQUESTED, _("Cancelling..."))
-            self._job.cancel()
+            self._job.job.cancel()
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
             if not ensureDependencies():
@@ -278,46 +309,48 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 p.fixedVolume, p.movingVolume, p.modelPath, p.fixedSegmentation, p.movingSegmentation,
                 device=p.device, steps=p.steps, fuzzyActionControl=p.fuzzyActionControl, fuzzyK=p.fuzzyK,
                 seed=p.seed, saveStepsEvery=p.saveStepsEvery, keepTemporaryFiles=p.keepTemporaryFiles)
-            self.ui.progressBar.setRange(0, p.steps)  # 0 (the model's default): busy until the first step
-            self.ui.progressBar.value = 0
+            self.ui.progressBar.setRange(0, 0)  # busy until the worker reports its first step
             self.setState(JobState.RUNNING, _("Starting the worker..."))
             self._timer.start()
 
     def onTimer(self) -> None:
-        """Drain the worker's progress messages; finish when it has exited."""
-        job = self._job
-        for message in job.messages():
-            if message.get("stage") == "register":
-                self.ui.progressBar.setRange(0, int(message.get("total", 0)))
-                self.ui.progressBar.value = int(message.get("step", 0))
-                self.ui.statusLabel.text = _("Step {step} of {total}").format(**message)
-            elif message.get("stage") == "error":
-                job.errorMessage = message.get("message", "")
-            elif message.get("stage") == "log":
-                logging.info(message["message"])
-        if not job.finished():
+        """Drain the worker's messages (rendered by protocol.progress_text); finish when it has ended."""
+        job = self._job.job
+        for message in job.poll():
+            if message.get("stage") == protocol.STAGE_LOG:
+                logging.info(message.get("message", ""))
+                continue
+            fraction = protocol.progress_fraction(message)
+            if fraction is not None:
+                self.ui.progressBar.setRange(0, int(message["total"]))
+                self.ui.progressBar.value = int(message["done"])
+            if self._state == JobState.RUNNING:
+                self.ui.statusLabel.text = protocol.progress_text(message)
+        if not job.done():
             return
         self._timer.stop()
-        self._job = None
+        registration, self._job = self._job, None
         if self._state == JobState.CANCEL_REQUESTED:
             job.cleanup()
             self.setState(JobState.IDLE, _("Cancelled; the scene was not changed."))
             return
+        p = self._parameterNode
         try:
-            result = job.finish()
+            result = mrml.finish_registration(registration, slicer.modules.sequences.logic(),
+                                              warped_node=p.warpedVolume, transform_node=p.outputTransform,
+                                              metrics_node=p.metricsTable)
         except Exception as error:
             self.setState(JobState.FAILED, _("Failed: {error}").format(error=error))
             slicer.util.errorDisplay(_("Registration failed."), detailedText=str(error))
             return
         self._showResult(result)
-        self.setState(JobState.SUCCEEDED, self.logic.summary(result))
+        self.setState(JobState.SUCCEEDED, mrml.summary_text(result.metrics))
 
     def _showResult(self, result: mrml.RegistrationResultNodes) -> None:
         p = self._parameterNode
         p.warpedVolume = result.warped_volume
         p.outputTransform = result.transform
-        if result.metrics_table is not None:
-            p.metricsTable = result.metrics_table
+        p.metricsTable = result.metrics_table
         slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=result.warped_volume,
                                          foregroundOpacity=0.5, fit=True)
         slicer.modules.plots.logic().ShowChartInLayout(result.trajectory_chart)
@@ -337,47 +370,6 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 #
 
 
-class RegistrationJob:
-    """One running ``agentreg register`` worker with its temporary folder."""
-
-    def __init__(self, worker: mrml.WorkerProcess, folder: Path, fixedVolume, movingVolume, name: str,
-                 keepTemporaryFiles: bool) -> None:
-        self.worker = worker
-        self.folder = folder
-        self.fixedVolume = fixedVolume
-        self.movingVolume = movingVolume
-        self.name = name
-        self.keepTemporaryFiles = keepTemporaryFiles
-        self.errorMessage = ""
-
-    def messages(self) -> list[dict]:
-        return self.worker.messages()
-
-    def finished(self) -> bool:
-        return self.worker.finished()
-
-    def cancel(self) -> None:
-        self.worker.cancel()
-
-    def finish(self) -> mrml.RegistrationResultNodes:
-        """Make the result nodes (all or nothing), then remove the temporary folder."""
-        try:
-            if self.worker.returncode != 0:
-                raise RuntimeError(self.errorMessage or self.worker.error_text()
-                                   or f"worker exited with status {self.worker.returncode}")
-            return mrml.import_register_results(self.folder / "output", slicer.mrmlScene, self.fixedVolume,
-                                                self.movingVolume, self.name,
-                                                slicer.modules.sequences.logic())
-        finally:
-            self.cleanup()
-
-    def cleanup(self) -> None:
-        if self.keepTemporaryFiles:
-            logging.info(f"AgentRegistration temporary files kept in {self.folder}")
-        else:
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-
 class AgentRegistrationLogic(ScriptedLoadableModuleLogic):
     """Starts registration workers; usable without the GUI (see ``process``)."""
 
@@ -386,61 +378,39 @@ class AgentRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def startRegistration(self, fixedVolume, movingVolume, model, fixedSegmentation=None,
                           movingSegmentation=None, device: str = "Auto", steps: int | None = None,
-                          fuzzyActionControl: bool = True, fuzzyK: float = 1.5, seed: int = 0,
-                          saveStepsEvery: int = 10, keepTemporaryFiles: bool = False) -> RegistrationJob:
-        """Check the inputs, write them to a temporary folder and start the worker."""
-        if fixedVolume is None or movingVolume is None:
-            raise ValueError("Select both a fixed and a moving volume.")
-        if fixedVolume is movingVolume:
-            raise ValueError("The fixed and the moving volume are the same node; select two volumes.")
-        model = Path(shippedModels().get(str(model), model))
-        if not model.is_file():
-            raise ValueError(f"Model bundle not found: {model}. Pick a shipped model or a .pt file.")
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        folder = Path(tempfile.mkdtemp(prefix=f"AgentRegistration-{stamp}-", dir=slicer.app.temporaryPath))
-        try:
-            inputs = {"fixed": folder / "fixed.nii.gz", "moving": folder / "moving.nii.gz"}
-            sitk.WriteImage(mrml.sitk_from_volume_node(fixedVolume), str(inputs["fixed"]))
-            sitk.WriteImage(mrml.sitk_from_volume_node(movingVolume), str(inputs["moving"]))
-            labels = {}
-            for key, segmentation, reference in (("fixed_label", fixedSegmentation, fixedVolume),
-                                                 ("moving_label", movingSegmentation, movingVolume)):
-                if segmentation is not None:
-                    labels[key] = folder / f"{key}.nii.gz"
-                    sitk.WriteImage(mrml.segmentation_to_labelmap_sitk(segmentation, reference), str(labels[key]))
-            command = mrml.register_command(
-                workerPython(), inputs["fixed"], inputs["moving"], model, folder / "output", device=device,
-                steps=steps, seed=seed, fuzzy_action_control=fuzzyActionControl, fuzzy_k=fuzzyK,
-                save_steps=saveStepsEvery, **labels)
-            worker = mrml.WorkerProcess(command, env=mrml.worker_environment(MODULE_DIR))
-            logging.info("AgentRegistration worker: " + " ".join(command))
-            worker.start()
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        name = slicer.mrmlScene.GenerateUniqueName(f"{movingVolume.GetName()} to {fixedVolume.GetName()}")
-        return RegistrationJob(worker, folder, fixedVolume, movingVolume, name, keepTemporaryFiles)
+                          fuzzyActionControl: bool = True, fuzzyK: float | None = None, seed: int = 0,
+                          saveStepsEvery: int = 10, keepTemporaryFiles: bool = False) -> mrml.RegistrationJob:
+        """Check the inputs, write them to a temporary folder and start the worker (``agentreg register``).
 
-    def process(self, fixedVolume, movingVolume, model, **kwargs) -> mrml.RegistrationResultNodes:
+        ``model``: a listed model's name or a .pt file; ``steps``/``fuzzyK`` 0 or None: the model's defaults.
+        """
+        model = Path(availableModels().get(str(model), model))
+        return mrml.start_registration(
+            workerPython(), protocol.engine_dir(__file__), fixedVolume, movingVolume, model,
+            fixed_segmentation=fixedSegmentation, moving_segmentation=movingSegmentation,
+            temporary_root=slicer.app.temporaryPath, keep_temporary_files=keepTemporaryFiles, device=device,
+            steps=steps, seed=seed, fuzzy_action_control=fuzzyActionControl, fuzzy_k=fuzzyK,
+            save_steps=saveStepsEvery)
+
+    def process(self, fixedVolume, movingVolume, model, timeout: float | None = None,
+                **kwargs) -> mrml.RegistrationResultNodes:
         """Register and wait (for scripts and the self-test); the GUI uses ``startRegistration``."""
-        job = self.startRegistration(fixedVolume, movingVolume, model, **kwargs)
-        while not job.finished():
-            for message in job.messages():
-                if message.get("stage") == "error":
-                    job.errorMessage = message.get("message", "")
+        registration = self.startRegistration(fixedVolume, movingVolume, model, **kwargs)
+        job = registration.job
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not job.done():
+            job.poll()
             slicer.app.processEvents()
+            if deadline is not None and time.monotonic() > deadline:
+                job.cancel()
             time.sleep(0.05)
-        for message in job.messages():
-            if message.get("stage") == "error":
-                job.errorMessage = message.get("message", "")
-        return job.finish()
+        job.poll()
+        return mrml.finish_registration(registration, slicer.modules.sequences.logic())
 
     @staticmethod
-    def summary(result: mrml.RegistrationResultNodes) -> str:
-        m = result.metrics
-        if "dice_after" in m:
-            return _("Done. Dice {before:.3f} -> {after:.3f}").format(before=m["dice_before"], after=m["dice_after"])
-        return _("Done.")
+    def loadSampleData() -> dict:
+        """Load the shipped real prostate pair (Resources/SampleData) into the scene."""
+        return mrml.load_volume_pair(protocol.sample_data_files(__file__), slicer.mrmlScene)
 
 
 #
@@ -449,32 +419,28 @@ class AgentRegistrationLogic(ScriptedLoadableModuleLogic):
 
 
 class AgentRegistrationTest(ScriptedLoadableModuleTest):
-    """Registers a real PROMISE12 pair with a shipped model inside Slicer."""
+    """Registers the shipped real prostate pair with the shipped 3-D model inside Slicer (never skipped)."""
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
         self.setUp()
-        self.test_register_real_pair()
+        self.test_register_sample_pair()
 
-    def test_register_real_pair(self) -> None:
-        data = Path(os.environ.get("AGENTREG_TEST_DATA", MODULE_DIR.parent.parent / "shared/data/promise12/native"))
-        models = shippedModels()
-        if not (data / "case00_image.nii.gz").is_file() or not models:
-            self.delayDisplay(f"Skipped: no PROMISE12 data under {data} (set AGENTREG_TEST_DATA) or no shipped model")
-            return
+    def test_register_sample_pair(self) -> None:
+        models = availableModels()
+        self.assertIn("prostate-3d", models, "the shipped 3-D model is missing: reinstall the extension")
+        nodes = AgentRegistrationLogic.loadSampleData()  # raises when the sample data is missing
         self.assertTrue(ensureDependencies())
-        fixed = slicer.util.loadVolume(str(data / "case00_image.nii.gz"))
-        moving = slicer.util.loadVolume(str(data / "case04_image.nii.gz"))
-        fixedLabel = slicer.util.loadLabelVolume(str(data / "case00_label.nii.gz"))
-        movingLabel = slicer.util.loadLabelVolume(str(data / "case04_label.nii.gz"))
         before = slicer.mrmlScene.GetNumberOfNodes()
-        model = models.get("prostate-3d", next(iter(models.values())))
-        result = AgentRegistrationLogic().process(fixed, moving, model, fixedSegmentation=fixedLabel,
-                                                  movingSegmentation=movingLabel, steps=200, saveStepsEvery=20)
+        result = AgentRegistrationLogic().process(nodes["fixed"], nodes["moving"], "prostate-3d",
+                                                  fixedSegmentation=nodes["fixed_label"],
+                                                  movingSegmentation=nodes["moving_label"], saveStepsEvery=10,
+                                                  timeout=600)
         self.assertGreater(slicer.mrmlScene.GetNumberOfNodes(), before)
-        self.assertGreater(result.metrics["dice_after"], result.metrics["dice_before"])
-        propagated = mrml.propagate_segmentation(movingLabel, result.transform, fixed, "propagated")
+        self.assertIn("dice_after", result.metrics)
+        self.assertIsNotNone(result.step_sequence)
+        propagated = mrml.propagate_segmentation(nodes["moving_label"], result.transform, nodes["fixed"], "propagated")
         self.assertEqual(propagated.GetSegmentation().GetNumberOfSegments(), 1)
         self.delayDisplay("Registration test passed")

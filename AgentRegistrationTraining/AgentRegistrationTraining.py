@@ -9,8 +9,6 @@ produce is copied where the AgentRegistration module lists it.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -30,17 +28,20 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 MODULE_DIR = Path(__file__).resolve().parent
-ENGINE_DIR = MODULE_DIR.parent / "AgentRegistration"  # holds AgentRegistrationLib (source tree)
-if str(ENGINE_DIR) not in sys.path and (ENGINE_DIR / "AgentRegistrationLib").is_dir():
-    sys.path.append(str(ENGINE_DIR))
+# Installed extension: AgentRegistrationLib is beside this file; source tree: in ../AgentRegistration.
+_SOURCE_ENGINE_DIR = MODULE_DIR.parent / "AgentRegistration"
+if not (MODULE_DIR / "AgentRegistrationLib").is_dir() and str(_SOURCE_ENGINE_DIR) not in sys.path:
+    sys.path.append(str(_SOURCE_ENGINE_DIR))
 
-from AgentRegistrationLib import mrml  # noqa: E402
+from AgentRegistrationLib import mrml, protocol  # noqa: E402
 
 STAGES = ("groundtruth", "sdm", "train")
-CONFIGURATIONS = list(mrml.TRAINING_CONFIGURATIONS)
+CONFIGURATIONS = list(protocol.TRAINING_CONFIGURATIONS)
+DIMENSIONS = {"3-D": 3, "2-D": 2}
+"""Model dimension choices: 3-D volumes, or 2-D (one axial slice of each volume)."""
 
 
-JobState = mrml.JobState
+JobState = protocol.JobState
 
 
 class AgentRegistrationTraining(ScriptedLoadableModule):
@@ -62,8 +63,9 @@ class AgentRegistrationTrainingParameterNode:
     dataFolder: Path
     outputFolder: Path
     modelName: str = "my-prostate"
+    dimension: Annotated[str, Choice(list(DIMENSIONS))] = "3-D"
     configuration: Annotated[str, Choice(CONFIGURATIONS)] = "compact"
-    device: Annotated[str, Choice(list(mrml.DEVICE_CHOICES))] = "Auto"
+    device: Annotated[str, Choice(list(protocol.DEVICE_CHOICES))] = "Auto"
     resume: bool = True
     timeLimitMinutes: float = 0.0  # training stage; 0: none
     groundTruthTable: vtkMRMLTableNode
@@ -143,6 +145,7 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
             volumes = list(self.ui.volumesSelector.checkedNodes())
             self._pipeline = self.logic.startTraining(volumes, p.dataFolder, p.outputFolder, p.modelName,
                                                       p.configuration, p.device, p.resume,
+                                                      dim=DIMENSIONS[p.dimension],
                                                       maxMinutes=p.timeLimitMinutes or None)
             self.setState(JobState.RUNNING, _("Starting..."))
             self._timer.start()
@@ -150,15 +153,14 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
     def onTimer(self) -> None:
         pipeline = self._pipeline
         for message in pipeline.poll():
-            stage = message.get("stage")
-            fraction = mrml.progress_fraction(message)
-            self.ui.stageLabel.text = f"{pipeline.stageNumber}/{len(STAGES)}: {stage}"
+            if message.get("stage") == protocol.STAGE_LOG:
+                logging.info(message.get("message", ""))
+                continue
+            self.ui.stageLabel.text = f"{pipeline.stage_number}/{len(STAGES)}: {STAGES[pipeline.stage_number - 1]}"
+            fraction = protocol.progress_fraction(message)
             if fraction is not None:
                 self.ui.progressBar.value = int(100 * fraction)
-            if stage not in ("log", "done"):
-                self.ui.statusLabel.text = mrml.progress_text(message)
-            if stage == "log":
-                logging.info(message["message"])
+            self.ui.statusLabel.text = protocol.progress_text(message)
         if not pipeline.done():
             return
         self._timer.stop()
@@ -171,62 +173,19 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
             slicer.util.errorDisplay(_("Training failed."), detailedText=pipeline.error)
             return
         p = self._parameterNode
+        try:
+            installed = protocol.install_model(protocol.TrainingFiles(Path(p.outputFolder), p.modelName.strip()).bundle,
+                                               self.logic.userModelsFolder())
+        except OSError as error:
+            self.setState(JobState.FAILED, str(error))
+            slicer.util.errorDisplay(_("The trained model could not be installed."), detailedText=str(error))
+            return
         p.groundTruthTable = self.logic.groundTruthTable(Path(p.outputFolder))
         p.lossChart = self.logic.lossChart(Path(p.outputFolder), p.modelName.strip())
-        self.ui.bundleLabel.text = str(pipeline.bundle)
+        self.ui.bundleLabel.text = str(installed)
+        self.logic.refreshRegistrationModels()
         self.setState(JobState.SUCCEEDED, _("Done. The model is listed in Agent Registration as '{name}'.")
                       .format(name=p.modelName))
-
-
-class TrainingPipeline:
-    """The three stages as worker processes, started one after another."""
-
-    def __init__(self, commands: list[list[str]], bundle: Path, installTo: Path) -> None:
-        self.commands = commands
-        self.bundle = bundle
-        self.installTo = installTo
-        self.stageNumber = 0
-        self.worker: mrml.WorkerProcess | None = None
-        self.error = ""
-        self.cancelled = False
-        self._startNext()
-
-    def _startNext(self) -> None:
-        command = self.commands[self.stageNumber]
-        logging.info("AgentRegistrationTraining worker: " + " ".join(command))
-        self.worker = mrml.WorkerProcess(command, env=mrml.worker_environment(ENGINE_DIR))
-        self.worker.start()
-        self.stageNumber += 1
-
-    def poll(self) -> list[dict]:
-        messages = self.worker.messages()
-        for message in messages:
-            if message.get("stage") == "error":
-                self.error = message.get("message", "")
-        if self.worker.finished() and not self.cancelled and not self.error:
-            if self.worker.returncode != 0:
-                self.error = self.worker.error_text() or f"stage exited with status {self.worker.returncode}"
-            elif self.stageNumber < len(self.commands):
-                self._startNext()
-            else:
-                self._install()
-        return messages
-
-    def _install(self) -> None:
-        """Copy the bundle where AgentRegistration lists models (temporary name, then rename)."""
-        self.installTo.mkdir(parents=True, exist_ok=True)
-        target = self.installTo / self.bundle.name
-        partial = target.with_suffix(".partial")
-        shutil.copyfile(self.bundle, partial)
-        os.replace(partial, target)
-
-    def done(self) -> bool:
-        return self.cancelled or bool(self.error) or (
-            self.stageNumber == len(self.commands) and self.worker.finished())
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self.worker.cancel()
 
 
 class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
@@ -238,7 +197,15 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
         """Where trained bundles go so that AgentRegistration lists them."""
         import AgentRegistration
 
-        return AgentRegistration.RESOURCE_DIRS[0] / "Models"
+        return AgentRegistration.userModelsFolder()
+
+    @staticmethod
+    def refreshRegistrationModels() -> None:
+        """Make the Agent Registration module list the new model now (if its widget exists)."""
+        module = getattr(slicer.modules, "agentregistration", None)
+        widget = module.widgetRepresentation().self() if module is not None else None
+        if widget is not None and hasattr(widget, "refreshModelList"):
+            widget.refreshModelList()
 
     def writeLoadedCases(self, volumes: list, folder: Path) -> None:
         """Write checked volumes with their segmentations as <case>_image/_label.nii.gz."""
@@ -257,7 +224,7 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
 
     def startTraining(self, volumes: list, dataFolder: Path, outputFolder: Path, modelName: str,
                       configuration: str = "compact", device: str = "Auto", resume: bool = True,
-                      dim: int = 3, maxMinutes: float | None = None) -> TrainingPipeline:
+                      dim: int = 3, maxMinutes: float | None = None) -> protocol.WorkerJob:
         """Check inputs and start ground truth -> SDM -> training.
 
         ``maxMinutes`` ends the training stage after that many minutes (checkpointed: Apply again goes on).
@@ -280,42 +247,44 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"Data folder not found: {dataFolder}. Check loaded volumes or pick a folder.")
         import AgentRegistration
 
-        files = mrml.TrainingFiles(outputFolder, modelName.strip())
-        commands = mrml.training_commands(AgentRegistration.workerPython(), dataFolder, files, dim=dim,
+        files = protocol.TrainingFiles(outputFolder, modelName.strip())
+        commands = protocol.training_commands(AgentRegistration.workerPython(), dataFolder, files, dim=dim,
                                           configuration=configuration, device=device, max_minutes=maxMinutes)
         if not resume:
             files.checkpoint.unlink(missing_ok=True)
             files.loss.unlink(missing_ok=True)
         files.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        return TrainingPipeline(commands, files.bundle, self.userModelsFolder())
+        logging.info("AgentRegistrationTraining workers: " + " | ".join(" ".join(c) for c in commands))
+        return protocol.WorkerJob(commands, env=protocol.worker_environment(protocol.engine_dir(__file__))).start()
 
     @staticmethod
     def groundTruthTable(outputFolder: Path, modelName: str = ""):
         """Table of the ground-truth Dice per pair (``groundtruth/gt_dice.csv``), or None."""
-        path = mrml.TrainingFiles(Path(outputFolder), modelName).gt_dice
+        path = protocol.TrainingFiles(Path(outputFolder), modelName).gt_dice
         if not path.is_file():
             return None
-        return mrml.table_node_from_columns(mrml.read_groundtruth_dice(path), slicer.mrmlScene,
+        return mrml.table_node_from_columns(protocol.read_groundtruth_dice(path), slicer.mrmlScene,
                                             slicer.mrmlScene.GenerateUniqueName("ground truth Dice"))
 
     @staticmethod
     def lossChart(outputFolder: Path, modelName: str):
         """Plot of the training loss (``loss.csv`` beside the checkpoint), or None."""
-        path = mrml.TrainingFiles(Path(outputFolder), modelName).loss
+        path = protocol.TrainingFiles(Path(outputFolder), modelName).loss
         if not path.is_file():
             return None
-        columns = mrml.read_training_loss(path)
+        columns = protocol.read_training_loss(path)
         table = mrml.table_node_from_columns(columns, slicer.mrmlScene,
                                              slicer.mrmlScene.GenerateUniqueName("training loss"))
         chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", table.GetName() + " chart")
         series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", "loss")
         series.SetAndObserveTableNodeID(table.GetID())
-        series.SetXColumnName("iteration")
-        series.SetYColumnName("loss")
+        iteration, loss = protocol.LOSS_COLUMNS[:2]
+        series.SetXColumnName(iteration)
+        series.SetYColumnName(loss)
         series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
         chart.AddAndObservePlotSeriesNodeID(series.GetID())
-        chart.SetYAxisTitle("loss")
-        chart.SetXAxisTitle("iteration")
+        chart.SetYAxisTitle(loss)
+        chart.SetXAxisTitle(iteration)
         slicer.modules.plots.logic().ShowChartInLayout(chart)
         return chart
 

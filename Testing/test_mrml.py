@@ -1,14 +1,18 @@
-"""The MRML glue, tested on a real MRML scene (slicer-core) with a real PROMISE12 volume.
+"""The MRML glue, tested on a real MRML scene (slicer-core).
 
-The volumes get a non-identity direction and a non-zero origin so that every RAS/LPS
-mistake shows. The displacement field is a smooth known field built here with numpy; it
-stands in for the engine's ``register`` output until that is wired into this test.
+Geometry and transform conversions use a real PROMISE12 volume with a non-identity direction and a
+non-zero origin (so that every RAS/LPS mistake shows) and a smooth known displacement field built here,
+a known warp that must be reproduced exactly. The results section runs the real ``agentreg register``
+worker (the tiny 3-D model of ``tiny_pipeline``) through the module Logic's route
+(``mrml.start_registration`` / ``finish_registration``) and imports the folder it really wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,10 +24,10 @@ import vtk
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is needed for the glue tests")
 
-from AgentRegistrationLib import mrml  # noqa: E402
+from AgentRegistrationLib import mrml, protocol  # noqa: E402
 
-DATA = Path("/work/shared/data/promise12/native")
 CASE = "case00"
+MODULE_FILE = Path(__file__).resolve().parents[1] / "AgentRegistration" / "AgentRegistration.py"
 
 
 def _rotation(angles_deg: tuple[float, float, float]) -> np.ndarray:
@@ -43,13 +47,11 @@ def _with_geometry(image: sitk.Image, direction: np.ndarray, origin, spacing) ->
 
 
 @pytest.fixture(scope="module")
-def promise_pair() -> dict[str, sitk.Image]:
+def promise_pair(native) -> dict[str, sitk.Image]:
     """A cropped, down-sampled PROMISE12 image and mask with oblique geometry (moving), and a
     fixed grid of the same extent with a different direction and origin."""
-    if not (DATA / f"{CASE}_image.nii.gz").is_file():
-        pytest.skip(f"PROMISE12 data not found under {DATA}")
-    image = sitk.ReadImage(str(DATA / f"{CASE}_image.nii.gz"))[64:192:2, 48:160:2, 6:42]
-    label = sitk.ReadImage(str(DATA / f"{CASE}_label.nii.gz"))[64:192:2, 48:160:2, 6:42]
+    image = sitk.ReadImage(str(native / f"{CASE}_image.nii.gz"))[64:192:2, 48:160:2, 6:42]
+    label = sitk.ReadImage(str(native / f"{CASE}_label.nii.gz"))[64:192:2, 48:160:2, 6:42]
     spacing = (1.4, 1.4, 2.5)
     moving_direction = _rotation((10.0, -5.0, 20.0))
     moving_origin = (-31.5, 42.25, -17.0)
@@ -77,8 +79,8 @@ def displacement(promise_pair) -> sitk.Image:
     return out
 
 
-@pytest.fixture()
-def scene():
+@contextlib.contextmanager
+def _mrml_scene():
     """A real MRML scene with the module logics Slicer would have registered (segmentations:
     converter rules; sequences: browser node class), also set as ``slicer.mrmlScene``."""
     mrml_scene = slicer.vtkMRMLScene()
@@ -87,11 +89,19 @@ def scene():
         logic.SetMRMLScene(mrml_scene)
     previous = getattr(slicer, "mrmlScene", None)
     slicer.mrmlScene = mrml_scene
-    yield mrml_scene
-    for logic in logics:
-        logic.SetMRMLScene(None)
-    mrml_scene.Clear(True)
-    slicer.mrmlScene = previous
+    try:
+        yield mrml_scene
+    finally:
+        for logic in logics:
+            logic.SetMRMLScene(None)
+        mrml_scene.Clear(True)
+        slicer.mrmlScene = previous
+
+
+@pytest.fixture()
+def scene():
+    with _mrml_scene() as mrml_scene:
+        yield mrml_scene
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -240,7 +250,9 @@ def test_hardening_the_transform_in_slicer_moves_the_segmentation_the_itk_way(sc
     assert correct > _dice(hardened, _itk_warped_label(promise_pair, negated)) + 0.05
 
 
-# ----------------------------------------------------------------------------- results
+# ----------------------------------------------------------------------------- results of the real worker
+
+STEPS, SAVE_EVERY = 6, 3
 
 
 def _table_column(table_node, name):
@@ -250,211 +262,186 @@ def _table_column(table_node, name):
     return [column.GetValue(i) for i in range(column.GetNumberOfValues())]
 
 
-def _write_register_outputs(folder: Path, promise_pair, displacement, with_labels: bool = True) -> None:
-    """The files ``agentreg register`` writes, made here from the known field."""
-    transform = sitk.DisplacementFieldTransform(sitk.Image(displacement))
-    warped = sitk.Resample(promise_pair["moving"], promise_pair["fixed"], transform, sitk.sitkLinear, 0.0)
-    sitk.WriteImage(warped, str(folder / "warped.nii.gz"))
-    sitk.WriteImage(displacement, str(folder / "displacement.nii.gz"))
-    lines = ["step,action,mode,accepted,dice,q_0,q_1,q_2,q_3,theta_0,theta_1"]
-    for step in range(4):
-        dice = f"{0.6 + 0.1 * step:.2f}" if with_labels else ""
-        lines.append(f"{step},{step % 4},fuzzy,1,{dice},{0.1 * step},{-0.2},{0.3},{0.05 * step},{0.5 * step},0")
-    (folder / "trajectory.csv").write_text("\n".join(lines) + "\n")
-    metrics = {"jacobian_folding_percent": 0.0, "log_jacobian_std": 0.12, "seconds": 3.5}
-    if with_labels:
-        metrics.update(dice_before=0.61, dice_after=0.88, hausdorff_before=9.5, hausdorff_after=4.25,
-                       hausdorff95_before=7.0, hausdorff95_after=3.0)
-    (folder / "metrics.json").write_text(json.dumps(metrics))
-    (folder / "steps").mkdir()
-    for step in (0, 2, 10):
-        sitk.WriteImage(warped * 0 + step, str(folder / "steps" / f"warped_{step:04d}.nii.gz"))
+def _oblique(image: sitk.Image, direction: np.ndarray, origin) -> sitk.Image:
+    return _with_geometry(image, direction, origin, (0.7, 0.7, 2.2))
 
 
-def test_metrics_table_has_before_and_after(scene):
-    metrics = {"dice_before": 0.61, "dice_after": 0.88, "hausdorff_before": 9.5, "hausdorff_after": 4.25,
-               "hausdorff95_before": 7.0, "hausdorff95_after": 3.0, "seconds": 3.5}
-    node = mrml.metrics_table_node(metrics, scene, "metrics")
-    assert _table_column(node, "Metric") == ["Dice", "Hausdorff (mm)", "Hausdorff 95% (mm)", "Run time (s)"]
-    assert _table_column(node, "Before")[:3] == [0.61, 9.5, 7.0]
-    assert _table_column(node, "After") == [0.88, 4.25, 3.0, 3.5]
+@pytest.fixture(scope="module")
+def real_run(tiny_pipeline, grid128, tmp_path_factory):
+    """One real ``agentreg register`` worker started from scene nodes the way the module's Logic starts it
+    (grid128 subjects 13 -> 17, oblique fixed geometry, both segmentations, a few steps, step volumes), its
+    folder imported into the scene. Yields the scene, the input nodes, the result nodes, the messages the
+    worker printed and its output folder (kept for comparison)."""
+    bundle = tiny_pipeline(3)["bundle"]
+    images = {f"{role}{kind}": sitk.ReadImage(str(grid128 / f"case{case}_{name}.nii.gz"))
+              for role, case in (("fixed", "13"), ("moving", "17")) for kind, name in (("", "image"), ("_label", "label"))}
+    fixed_direction, fixed_origin = _rotation((3.0, -4.0, 15.0)), (-40.0, 25.5, -12.0)
+    moving_direction, moving_origin = _rotation((0.0, 2.0, 9.0)), (-37.0, 22.0, -10.0)
+    with _mrml_scene() as mrml_scene:
+        nodes = {}
+        for role, direction, origin in (("fixed", fixed_direction, fixed_origin),
+                                         ("moving", moving_direction, moving_origin)):
+            nodes[role] = mrml.volume_node_from_sitk(_oblique(images[role], direction, origin), mrml_scene, role)
+            nodes[f"{role}_label"] = mrml.segmentation_node_from_labelmap_sitk(
+                _oblique(images[f"{role}_label"], direction, origin), mrml_scene, f"{role} prostate", nodes[role])
+        registration = mrml.start_registration(
+            sys.executable, protocol.engine_dir(MODULE_FILE), nodes["fixed"], nodes["moving"], bundle,
+            fixed_segmentation=nodes["fixed_label"], moving_segmentation=nodes["moving_label"],
+            temporary_root=tmp_path_factory.mktemp("worker"), keep_temporary_files=True,
+            device="CPU", steps=STEPS, save_steps=SAVE_EVERY)
+        messages = registration.job.wait(timeout=600)
+        assert registration.job.succeeded, registration.job.error
+        result = mrml.finish_registration(registration)
+        yield {"scene": mrml_scene, "nodes": nodes, "result": result, "messages": messages,
+               "output": registration.output_dir, "folder": registration.folder}
 
 
-def test_metrics_table_without_labels_has_no_dice_row(scene):
-    node = mrml.metrics_table_node({"jacobian_folding_percent": 0.5, "seconds": 1.0}, scene, "metrics")
-    assert _table_column(node, "Metric") == ["Jacobian folding (%)", "Run time (s)"]
+def test_every_progress_line_of_the_real_worker_renders(real_run):
+    messages = [m for m in real_run["messages"] if m["stage"] != protocol.STAGE_LOG]
+    progress = [m for m in messages if m["stage"] == "register"]
+    assert [m["done"] for m in progress] == list(range(1, STEPS + 1))
+    assert [protocol.progress_text(m) for m in progress] == [f"Registering: {k} / {STEPS}" for k in range(1, STEPS + 1)]
+    assert [protocol.progress_fraction(m) for m in progress] == pytest.approx([k / STEPS for k in range(1, STEPS + 1)])
+    assert messages[-1]["stage"] == protocol.STAGE_DONE and protocol.progress_text(messages[-1]) == "Done"
+    for message in messages:  # every line, whatever its stage, renders to a non-empty status line
+        assert protocol.progress_text(message)
 
 
-def test_import_register_results_builds_every_node(scene, promise_pair, displacement, tmp_path):
-    _write_register_outputs(tmp_path, promise_pair, displacement)
-    fixed_node = mrml.volume_node_from_sitk(promise_pair["fixed"], scene, "fixed")
-    moving_node = mrml.volume_node_from_sitk(promise_pair["moving"], scene, "moving")
-    result = mrml.import_register_results(tmp_path, scene, fixed_node, moving_node, "run")
+def test_real_output_folder_holds_the_protocol_files(real_run):
+    names = {p.name for p in real_run["output"].iterdir()}
+    assert names == set(protocol.OUTPUT_NAMES)
+    assert sorted(p.name for p in (real_run["output"] / protocol.STEPS_DIR).iterdir()) == [
+        protocol.step_file_name(s) for s in range(0, STEPS + 1, SAVE_EVERY)]
 
-    assert result.warped_volume.GetName() == "run warped"
-    warped = sitk.ReadImage(str(tmp_path / "warped.nii.gz"))
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(result.warped_volume), sitk.GetArrayFromImage(warped))
-    assert result.transform.GetNodeReference(result.transform.GetMovingNodeReferenceRole()) is moving_node
 
-    assert _table_column(result.trajectory_table, "step") == [0.0, 1.0, 2.0, 3.0]
-    assert _table_column(result.trajectory_table, "mode") == ["fuzzy"] * 4
-    np.testing.assert_allclose(_table_column(result.trajectory_table, "dice"), [0.6, 0.7, 0.8, 0.9])
-    np.testing.assert_allclose(_table_column(result.trajectory_table, "q_max"), [0.3, 0.3, 0.3, 0.3])
+def test_warped_volume_node_is_the_engine_image_in_ras(real_run):
+    warped = sitk.ReadImage(str(real_run["output"] / protocol.WARPED))
+    node = real_run["result"].warped_volume
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(node), sitk.GetArrayFromImage(warped))
+    back = mrml.sitk_from_volume_node(node)
+    np.testing.assert_allclose(back.GetOrigin(), warped.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(back.GetDirection(), warped.GetDirection(), atol=1e-5)
 
+
+def test_transform_node_references_the_input_volumes(real_run):
+    transform, nodes = real_run["result"].transform, real_run["nodes"]
+    assert transform.IsA("vtkMRMLGridTransformNode")
+    assert transform.GetNodeReference(transform.GetFixedNodeReferenceRole()) is nodes["fixed"]
+    assert transform.GetNodeReference(transform.GetMovingNodeReferenceRole()) is nodes["moving"]
+
+
+def test_label_propagated_through_the_imported_transform_is_the_engine_warped_label(real_run):
+    nodes = real_run["nodes"]
+    propagated = mrml.propagate_segmentation(nodes["moving_label"], real_run["result"].transform, nodes["fixed"],
+                                             "propagated")
+    slicer_label = sitk.GetArrayFromImage(mrml.segmentation_to_labelmap_sitk(propagated, nodes["fixed"]))
+    engine_label = sitk.GetArrayFromImage(sitk.ReadImage(str(real_run["output"] / protocol.WARPED_LABEL)))
+    assert engine_label.sum() > 1000
+    assert _dice(slicer_label, engine_label) >= 0.98
+
+
+def test_metrics_table_has_dice_and_hausdorff_rows_of_the_real_metrics(real_run):
+    metrics = json.loads((real_run["output"] / protocol.METRICS_JSON).read_text())
+    table = real_run["result"].metrics_table
+    rows = _table_column(table, "Metric")
+    assert rows[:4] == ["Dice", "Hausdorff (mm)", "Hausdorff 95% (mm)", "Average surface distance (mm)"]
+    assert rows[4:] == ["Jacobian folding (%)", "log-Jacobian std", "Agent steps", "Run time (s)"]
+    before, after = _table_column(table, "Before"), _table_column(table, "After")
+    assert before[:2] == pytest.approx([metrics["dice_before"], metrics["hausdorff_before"]])
+    assert after[:2] == pytest.approx([metrics["dice_after"], metrics["hausdorff_after"]])
+    assert after[6:] == pytest.approx([STEPS, metrics["seconds_total"]])
+    assert real_run["result"].metrics == metrics
+
+
+def test_every_key_the_table_reads_is_in_the_metrics_schema():
+    for _, key in mrml.METRIC_ROWS:
+        assert {f"{key}_before", f"{key}_after"} <= set(protocol.METRICS_SCHEMA)
+    for _, key in mrml.SINGLE_METRIC_ROWS:
+        assert key in protocol.METRICS_SCHEMA
+
+
+def test_trajectory_table_and_chart_of_the_real_run(real_run):
+    result = real_run["result"]
+    assert _table_column(result.trajectory_table, "step") == [float(s) for s in range(1, STEPS + 1)]
+    dice = _table_column(result.trajectory_table, "dice")
+    assert all(0.0 < d <= 1.0 for d in dice)
     chart = result.trajectory_chart
-    y_columns = {chart.GetNthPlotSeriesNode(i).GetYColumnName() for i in range(chart.GetNumberOfPlotSeriesNodes())}
-    assert y_columns == {"q_max", "dice"}
-    series = chart.GetNthPlotSeriesNode(0)
-    assert series.GetTableNode() is result.trajectory_table
-    assert series.GetXColumnName() == "step"
+    series = [chart.GetNthPlotSeriesNode(i) for i in range(chart.GetNumberOfPlotSeriesNodes())]
+    assert {s.GetYColumnName() for s in series} == {"q_max", "dice"}
+    assert all(s.GetTableNode() is result.trajectory_table and s.GetXColumnName() == "step" for s in series)
 
-    assert result.metrics["dice_after"] == 0.88
-    assert _table_column(result.metrics_table, "After")[0] == 0.88
 
-    sequence = result.step_sequence
-    assert sequence.GetNumberOfDataNodes() == 3
-    assert [sequence.GetNthIndexValue(i) for i in range(3)] == ["0", "2", "10"]
-    assert sequence.GetIndexName() == "step"
-    step_2 = sequence.GetDataNodeAtValue("2")
-    assert np.all(slicer.util.arrayFromVolume(step_2) == 2)
-    proxy = result.step_browser.GetProxyNode(sequence)
+def test_step_sequence_of_the_real_run(real_run):
+    sequence, browser = real_run["result"].step_sequence, real_run["result"].step_browser
+    assert [sequence.GetNthIndexValue(i) for i in range(sequence.GetNumberOfDataNodes())] == ["0", "3", "6"]
+    step_3 = sitk.ReadImage(str(real_run["output"] / protocol.STEPS_DIR / protocol.step_file_name(3)))
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(sequence.GetDataNodeAtValue("3")),
+                               sitk.GetArrayFromImage(step_3))
+    proxy = browser.GetProxyNode(sequence)
     assert proxy is not None and proxy.IsA("vtkMRMLScalarVolumeNode")
-    assert np.all(slicer.util.arrayFromVolume(proxy) == 10)  # browser shows the last step
 
 
-def test_trajectory_without_labels_plots_only_q(scene, promise_pair, displacement, tmp_path):
-    _write_register_outputs(tmp_path, promise_pair, displacement, with_labels=False)
-    fixed_node = mrml.volume_node_from_sitk(promise_pair["fixed"], scene, "fixed")
-    moving_node = mrml.volume_node_from_sitk(promise_pair["moving"], scene, "moving")
-    result = mrml.import_register_results(tmp_path, scene, fixed_node, moving_node, "run")
-    assert result.trajectory_chart.GetNumberOfPlotSeriesNodes() == 1
-    assert result.trajectory_chart.GetNthPlotSeriesNode(0).GetYColumnName() == "q_max"
-    assert math.isnan(_table_column(result.trajectory_table, "dice")[0])
+def test_chosen_output_nodes_are_filled_in_place(real_run):
+    scene, nodes = real_run["scene"], real_run["nodes"]
+    warped = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my warped")
+    transform = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "my transform")
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", "my metrics")
+    result = mrml.import_register_results(real_run["output"], scene, nodes["fixed"], nodes["moving"], "again",
+                                          warped_node=warped, transform_node=transform, metrics_node=table)
+    assert (result.warped_volume, result.transform, result.metrics_table) == (warped, transform, table)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(warped),
+                               slicer.util.arrayFromVolume(real_run["result"].warped_volume))
+    assert _table_column(table, "Metric")[0] == "Dice"
 
 
-def test_failed_import_leaves_the_scene_as_it_was(scene, promise_pair, displacement, tmp_path):
-    _write_register_outputs(tmp_path, promise_pair, displacement)
-    (tmp_path / "trajectory.csv").write_text("")  # corrupt: empty
-    fixed_node = mrml.volume_node_from_sitk(promise_pair["fixed"], scene, "fixed")
-    moving_node = mrml.volume_node_from_sitk(promise_pair["moving"], scene, "moving")
+def test_failed_import_leaves_the_scene_as_it_was(real_run, tmp_path):
+    folder = tmp_path / "output"
+    shutil.copytree(real_run["output"], folder)
+    (folder / protocol.TRAJECTORY_CSV).write_text("")  # corrupt: empty
+    scene, nodes = real_run["scene"], real_run["nodes"]
     before = scene.GetNumberOfNodes()
     with pytest.raises(ValueError, match="trajectory file .*(no steps|lacks the columns)"):
-        mrml.import_register_results(tmp_path, scene, fixed_node, moving_node, "run")
+        mrml.import_register_results(folder, scene, nodes["fixed"], nodes["moving"], "run")
     assert scene.GetNumberOfNodes() == before
 
 
-# ----------------------------------------------------------------------------- worker
+def test_a_failing_worker_reports_its_error_and_leaves_nothing(real_run, tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"PK\x03\x04 this is not a model bundle" * 20)
+    scene, nodes = real_run["scene"], real_run["nodes"]
+    before = scene.GetNumberOfNodes()
+    registration = mrml.start_registration(sys.executable, protocol.engine_dir(MODULE_FILE), nodes["fixed"],
+                                           nodes["moving"], bad, temporary_root=tmp_path / "tmp", device="CPU")
+    messages = registration.job.wait(timeout=300)
+    assert any(m["stage"] == protocol.STAGE_ERROR for m in messages)
+    with pytest.raises(RuntimeError, match="model.pt"):
+        mrml.finish_registration(registration)
+    assert scene.GetNumberOfNodes() == before
+    assert not registration.folder.exists()
 
 
-def test_register_command_carries_every_option(tmp_path):
-    command = mrml.register_command("python", tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", tmp_path / "b.pt",
-                                    tmp_path / "out", moving_label=tmp_path / "ml.nii.gz", device="GPU",
-                                    steps=50, seed=3, fuzzy_action_control=True, fuzzy_k=2.0, save_steps=5)
-    assert command[:4] == ["python", "-m", "AgentRegistrationLib.cli", "register"]
-    assert command[-1] == "--progress-json"
-    options = dict(zip(command[4:-1:2], command[5:-1:2], strict=True))
-    assert options["--device"] == "cuda"
-    assert options["--steps"] == "50"
-    assert options["--moving-label"] == str(tmp_path / "ml.nii.gz")
-    assert options["--fuzzy-k"] == "2.0"
-    assert options["--save-steps"] == "5"
-    assert "--fixed-label" not in command
+def test_cancelling_the_real_worker_removes_its_folder(real_run, tiny_pipeline, tmp_path):
+    nodes = real_run["nodes"]
+    registration = mrml.start_registration(sys.executable, protocol.engine_dir(MODULE_FILE), nodes["fixed"],
+                                           nodes["moving"], tiny_pipeline(3)["bundle"], temporary_root=tmp_path,
+                                           device="CPU", steps=5000)
+    job = registration.job
+    deadline = time.monotonic() + 300
+    while not any(m["stage"] == "register" for m in job.poll()):
+        assert time.monotonic() < deadline and not job.done(), job.error
+        time.sleep(0.05)
+    job.cancel()
+    job.wait(timeout=30)
+    assert job.cancelled and not job.succeeded and job.worker.returncode != 0
+    with pytest.raises(RuntimeError, match="cancelled"):
+        mrml.finish_registration(registration)
+    assert not registration.folder.exists()
 
 
-def test_register_command_leaves_the_number_of_steps_to_the_model_by_default():
-    from AgentRegistrationLib import cli
-
-    for steps in (None, 0):  # 0: the module's "model's default"
-        command = mrml.register_command("python", Path("f"), Path("m"), Path("b.pt"), Path("o"), steps=steps)
-        assert "--steps" not in command
-        assert cli.build_parser().parse_args(command[3:]).steps is None  # agentreg register: the bundle's default
-
-
-def test_register_command_without_fuzzy_control():
-    command = mrml.register_command("python", Path("f"), Path("m"), Path("b.pt"), Path("o"),
-                                    fuzzy_action_control=False)
-    assert "--no-fuzzy" in command and "--fuzzy-k" not in command
-
-
-def test_register_command_refuses_unknown_device():
-    with pytest.raises(ValueError, match="device"):
-        mrml.register_command("python", Path("f"), Path("m"), Path("b.pt"), Path("o"), device="TPU")
-
-
-def test_cli_command_writes_flags_and_positionals(tmp_path):
-    command = mrml.cli_command("python", "sdm", {"modes": 25, "out": tmp_path / "sdm.npz", "resume": True,
-                                                 "report": None}, positional=[tmp_path / "gt"])
-    assert command == ["python", "-m", "AgentRegistrationLib.cli", "sdm", str(tmp_path / "gt"), "--modes", "25",
-                       "--out", str(tmp_path / "sdm.npz"), "--resume", "--progress-json"]
-
-
-def test_progress_lines_are_parsed():
-    assert mrml.parse_progress_line('{"stage": "register", "step": 5, "total": 20}\n')["step"] == 5
-    assert mrml.parse_progress_line("loading model ...") == {"stage": "log", "message": "loading model ..."}
-    assert mrml.progress_fraction({"stage": "register", "step": 5, "total": 20}) == 0.25
-    assert mrml.progress_fraction({"stage": "groundtruth", "done": 3, "total": 4}) == 0.75
-    assert mrml.progress_fraction({"stage": "done"}) is None
-
-
-def test_shipped_models_are_listed_by_name(tmp_path):
-    (tmp_path / "prostate-2d.pt").write_bytes(b"")
-    (tmp_path / "prostate-2d.md").write_text("card")
-    assert mrml.shipped_models(tmp_path) == {"prostate-2d": tmp_path / "prostate-2d.pt"}
-    assert mrml.shipped_models(tmp_path / "missing") == {}
-
-
-def _wait(worker: mrml.WorkerProcess, timeout: float = 20.0) -> list[dict]:
-    messages, deadline = [], time.monotonic() + timeout
-    while not worker.finished() and time.monotonic() < deadline:
-        messages += worker.messages()
-        time.sleep(0.02)
-    return messages + worker.messages()
-
-
-def test_worker_process_reports_progress_and_exit_status():
-    script = ("import json, sys\n"
-              "for i in range(3): print(json.dumps({'stage': 'register', 'step': i + 1, 'total': 3}))\n"
-              "print(json.dumps({'stage': 'done'}))\n"
-              "print('warning text', file=sys.stderr)\n")
-    worker = mrml.WorkerProcess([sys.executable, "-c", script])
-    worker.start()
-    messages = _wait(worker)
-    assert [m.get("step") for m in messages[:3]] == [1, 2, 3]
-    assert messages[-1] == {"stage": "done"}
-    assert worker.returncode == 0
-    assert "warning text" in worker.error_text()
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks the child through /proc")
-def test_worker_cancel_kills_the_process_tree(tmp_path):
-    child_pid_file = tmp_path / "child.pid"
-    script = ("import subprocess, sys, time\n"
-              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-              f"open({str(child_pid_file)!r}, 'w').write(str(child.pid))\n"
-              "print('{\"stage\": \"register\", \"step\": 1, \"total\": 2}', flush=True)\n"
-              "time.sleep(60)\n")
-    worker = mrml.WorkerProcess([sys.executable, "-c", script])
-    worker.start()
-    deadline = time.monotonic() + 20
-    while not child_pid_file.is_file() or not child_pid_file.read_text():
-        assert time.monotonic() < deadline, "worker did not start its child"
-        time.sleep(0.02)
-    child_pid = int(child_pid_file.read_text())
-    worker.cancel()
-    assert worker.returncode is not None and worker.returncode != 0
-    for _ in range(100):  # the orphaned child, if any, is reaped by init shortly after the kill
-        try:
-            with open(f"/proc/{child_pid}/stat") as handle:
-                state = handle.read().split()[2]
-        except FileNotFoundError:
-            break
-        if state == "Z":
-            break
-        time.sleep(0.02)
-    else:
-        pytest.fail("the worker's child process survived Cancel")
-
-
-def test_worker_environment_puts_module_dir_first(tmp_path):
-    env = mrml.worker_environment(tmp_path, base={"PYTHONPATH": "/elsewhere"})
-    assert env["PYTHONPATH"].split(":")[:2] == [str(tmp_path), "/elsewhere"]
+def test_sample_pair_loads_as_volumes_and_segmentations(scene):
+    nodes = mrml.load_volume_pair(protocol.sample_data_files(MODULE_FILE), scene)
+    assert nodes["fixed"].GetImageData().GetDimensions() == (160, 160, 15)
+    assert nodes["moving"].GetImageData().GetDimensions() == (160, 160, 20)
+    for key in ("fixed_label", "moving_label"):
+        assert nodes[key].IsA("vtkMRMLSegmentationNode")
+        assert nodes[key].GetSegmentation().GetNumberOfSegments() == 1

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import protocol
 from .files import atomic_write
 
 
 class Reporter:
-    """Progress on stderr (tqdm) or as JSON lines on stdout."""
+    """Progress on stderr (tqdm) or as JSON lines on stdout, in the format of ``protocol`` (messages)."""
 
     def __init__(self, stage: str, total: int, json_lines: bool):
         self.stage, self.total, self.json_lines = stage, total, json_lines
@@ -32,7 +33,7 @@ class Reporter:
 
     def update(self, done: int, **info) -> None:
         if self.json_lines:
-            print(json.dumps({"stage": self.stage, "done": done, "total": self.total, **info}), flush=True)
+            print(protocol.encode(protocol.progress_message(self.stage, done, self.total, **info)), flush=True)
         else:
             self.bar.n = done
             if info:
@@ -41,7 +42,7 @@ class Reporter:
 
     def message(self, text: str) -> None:
         if self.json_lines:
-            print(json.dumps({"stage": self.stage, "message": text}), flush=True)
+            print(protocol.encode(protocol.text_message(self.stage, text)), flush=True)
         else:
             (self.bar.write if self.bar else print)(text, file=sys.stderr)
 
@@ -212,12 +213,12 @@ def cmd_register(args) -> int:
     rep.close()
     write_registration_outputs(result, Path(args.output_dir), moving, bundle.sdm, bundle.geometry, fixed, args.save_steps)
     m = result.metrics
-    summary = f"registered in {m['seconds']['total']:.2f} s (agent {m['seconds']['agent']:.2f} s, {m['steps']} steps on {device})"
+    summary = f"registered in {m['seconds_total']:.2f} s (agent {m['seconds_agent']:.2f} s, {m['steps']} steps on {device})"
     if "dice_after" in m:
         summary += f"; Dice {m['dice_before']:.3f} -> {m['dice_after']:.3f}"
     print(summary + f"; outputs in {args.output_dir}", file=sys.stderr)
     if args.progress_json:
-        print(json.dumps({"stage": "done", "output_dir": str(args.output_dir), "metrics": m}), flush=True)
+        print(protocol.encode(protocol.done_message(output_dir=str(args.output_dir), metrics=m)), flush=True)
     return 0
 
 
@@ -508,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as err:
         if getattr(args, "progress_json", False):
-            print(json.dumps({"stage": "error", "message": str(err)}), flush=True)
+            print(protocol.encode(protocol.error_message(str(err))), flush=True)
         print(f"agentreg: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -77,7 +77,7 @@ def elastix_e16(result, fixed: sitk.Image, moving_label: sitk.Image, geometry) -
     maps = elastix.register(model_image(pair.fixed), model_image(pair.moving),
                             [elastix.bspline_map(geometry.control_spacing)])
     coefficients, grid = elastix.bspline_coefficients(maps[-1])
-    field = displacement_in_fixed_geometry(coefficients, grid, pair.frame, fixed, pair.translation)
+    field = displacement_in_fixed_geometry(coefficients, grid, pair.frame, fixed, pair.moving_frame)
     warped_label = warp_to_fixed(moving_label, field, label=True)
     return warped_label, time.perf_counter() - start
 
@@ -131,10 +131,10 @@ def run_demo(data: str | Path, model: str | Path, out: str | Path = "demo_output
         plot_pair(pair_out / "figure.png", fixed, moving, result.warped, fixed_label, moving_label, result.warped_label,
                   f"{moving_name} -> {fixed_name}: Dice {result.metrics['dice_before']:.3f} -> "
                   f"{result.metrics['dice_after']:.3f}")
-        seconds = result.metrics["seconds"]
-        rows.append((f"{moving_name} -> {fixed_name}", result.metrics["dice_before"], result.metrics["dice_after"],
-                     seconds["agent"] + seconds["outputs"], dice(sitk.GetArrayFromImage(e16_label),
-                                                                 sitk.GetArrayFromImage(fixed_label)), e16_seconds))
+        m = result.metrics
+        rows.append((f"{moving_name} -> {fixed_name}", m["dice_before"], m["dice_after"],
+                     m["seconds_agent"] + m["seconds_outputs"], dice(sitk.GetArrayFromImage(e16_label),
+                                                                     sitk.GetArrayFromImage(fixed_label)), e16_seconds))
     header = f"{'pair (moving -> fixed)':<24} {'Dice before':>11} {'ours':>7} {'s':>6} {'e16':>7} {'s':>6}"
     lines = [header, "-" * len(header)]
     lines += [f"{p:<24} {b:>11.3f} {a:>7.3f} {s:>6.1f} {e:>7.3f} {es:>6.1f}" for p, b, a, s, e, es in rows]

@@ -10,7 +10,10 @@ Sections:
 - geometry: SimpleITK image <-> volume node, segmentation -> label image;
 - transform: ITK displacement field -> grid transform node, segmentation propagation;
 - results: table, plot and sequence nodes from the files ``agentreg register`` writes;
-- worker: the command line of the worker process and the reader of its progress lines.
+- registration job: the module Logic's route from nodes to a worker and from its folder back to nodes.
+
+File names, the metrics schema, the worker's messages and command lines are the engine's contract,
+defined once in :mod:`.protocol`; nothing here re-spells them.
 
 Axis order: SimpleITK arrays are ``(z, y, x[, component])``; so are VTK scalars once reshaped
 to the image dimensions, which is why arrays move between the two without transposing.
@@ -18,16 +21,10 @@ to the image dimensions, which is why arrays move between the two without transp
 
 from __future__ import annotations
 
-import csv
-import enum
-import json
 import math
-import os
-import queue
-import signal
-import subprocess
-import sys
-import threading
+import shutil
+import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,23 +36,10 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from . import protocol
+
 # LPS <-> RAS: flip the first two axes. The matrix is its own inverse.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-
-DEVICE_CHOICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
-"""Labels shown in the GUI mapped to the ``--device`` values of ``agentreg register``."""
-
-
-class JobState(enum.Enum):
-    """State of a worker job; it drives the Apply/Cancel button and the progress bar of both modules."""
-
-    IDLE = "idle"
-    RUNNING = "running"
-    CANCEL_REQUESTED = "cancel requested"
-    FAILED = "failed"
-    SUCCEEDED = "succeeded"
-
-
 
 # --------------------------------------------------------------------------- geometry
 
@@ -220,6 +204,7 @@ def segmentation_node_from_labelmap_sitk(label: sitk.Image, scene: slicer.vtkMRM
 def grid_transform_node_from_displacement(displacement: sitk.Image, scene: slicer.vtkMRMLScene, name: str,
                                           fixed_node: slicer.vtkMRMLNode | None = None,
                                           moving_node: slicer.vtkMRMLNode | None = None,
+                                          node: slicer.vtkMRMLGridTransformNode | None = None,
                                           ) -> slicer.vtkMRMLGridTransformNode:
     """A grid transform node from an ITK displacement field.
 
@@ -228,7 +213,7 @@ def grid_transform_node_from_displacement(displacement: sitk.Image, scene: slice
     direction). In Slicer that mapping is the transform *from parent*: a node placed under
     this transform (the moving volume or segmentation) is shown in the fixed space. Vectors
     and grid are converted to RAS here. ``fixed_node``/``moving_node`` are recorded with
-    Slicer's spatial-registration node references.
+    Slicer's spatial-registration node references. ``node``: an existing grid transform node to fill.
     """
     components = displacement.GetNumberOfComponentsPerPixel()
     if components not in (2, 3) or components != displacement.GetDimension():
@@ -255,7 +240,8 @@ def grid_transform_node_from_displacement(displacement: sitk.Image, scene: slice
     grid_transform.SetGridDirectionMatrix(_vtk_matrix(direction))
     grid_transform.SetInterpolationModeToLinear()
 
-    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
     node.SetAndObserveTransformFromParent(grid_transform)
     node.CreateDefaultDisplayNodes()
     if fixed_node is not None:
@@ -366,17 +352,11 @@ def propagate_segmentation(segmentation_node: slicer.vtkMRMLNode, transform_node
 # --------------------------------------------------------------------------- results
 
 
-def read_trajectory_csv(path: str | Path) -> dict[str, list]:
-    """Columns of ``trajectory.csv``: numbers as floats (empty cells as NaN), other text kept."""
-    columns = read_csv_columns(path, ("step", "action"), "trajectory file")
-    if not columns["step"]:
-        raise ValueError(f"trajectory file {path} has no steps")
-    return columns
-
-
 def table_node_from_columns(columns: dict[str, Sequence], scene: slicer.vtkMRMLScene, name: str,
-                            ) -> slicer.vtkMRMLTableNode:
-    """A table node with one column per entry: float columns as doubles, others as strings."""
+                            node: slicer.vtkMRMLTableNode | None = None) -> slicer.vtkMRMLTableNode:
+    """A table node with one column per entry: float columns as doubles, others as strings.
+
+    A new node named ``name`` unless ``node`` is given, whose table is then replaced."""
     table = vtk.vtkTable()
     for column_name, values in columns.items():
         if all(isinstance(v, (int, float, np.number)) for v in values):
@@ -389,7 +369,8 @@ def table_node_from_columns(columns: dict[str, Sequence], scene: slicer.vtkMRMLS
                 array.InsertNextValue(str(v))
         array.SetName(column_name)
         table.AddColumn(array)
-    node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     node.SetAndObserveTable(table)
     return node
 
@@ -398,17 +379,22 @@ METRIC_ROWS = (
     ("Dice", "dice"),
     ("Hausdorff (mm)", "hausdorff"),
     ("Hausdorff 95% (mm)", "hausdorff95"),
+    ("Average surface distance (mm)", "average_surface_distance"),
 )
+"""Rows with a value before and after registration: ``<key>_before`` / ``<key>_after`` of metrics.json."""
 SINGLE_METRIC_ROWS = (
     ("Jacobian folding (%)", "jacobian_folding_percent"),
     ("log-Jacobian std", "log_jacobian_std"),
-    ("Run time (s)", "seconds"),
+    ("Agent steps", "steps"),
+    ("Run time (s)", "seconds_total"),
 )
+"""Rows with one value (in the After column); keys of :data:`protocol.METRICS_SCHEMA`."""
 
 
-def metrics_table_node(metrics: dict[str, float], scene: slicer.vtkMRMLScene, name: str,
-                       ) -> slicer.vtkMRMLTableNode:
-    """Table of ``metrics.json``: Dice and Hausdorff before/after, then single-valued metrics."""
+def metrics_table_node(metrics: dict, scene: slicer.vtkMRMLScene, name: str,
+                       node: slicer.vtkMRMLTableNode | None = None) -> slicer.vtkMRMLTableNode:
+    """Table of metrics.json (checked against the schema): Dice and distances before/after, then single values."""
+    protocol.check_metrics(metrics)
     names, before, after = [], [], []
     for label, key in METRIC_ROWS:
         if f"{key}_after" in metrics:
@@ -420,7 +406,7 @@ def metrics_table_node(metrics: dict[str, float], scene: slicer.vtkMRMLScene, na
             names.append(label)
             before.append(math.nan)
             after.append(float(metrics[key]))
-    return table_node_from_columns({"Metric": names, "Before": before, "After": after}, scene, name)
+    return table_node_from_columns({"Metric": names, "Before": before, "After": after}, scene, name, node)
 
 
 def trajectory_plot_chart_node(table_node: slicer.vtkMRMLTableNode, scene: slicer.vtkMRMLScene, name: str,
@@ -456,15 +442,6 @@ def trajectory_plot_chart_node(table_node: slicer.vtkMRMLTableNode, scene: slice
     return chart
 
 
-def step_number(path: Path) -> int:
-    """The agent step encoded in a file name like ``warped_0010.nii.gz``."""
-    stem = path.name.split(".")[0]
-    try:
-        return int(stem.rsplit("_", 1)[1])
-    except (IndexError, ValueError):
-        raise ValueError(f"cannot read the step number from file name {path.name!r}") from None
-
-
 def step_sequence_nodes(step_files: Iterable[Path], scene: slicer.vtkMRMLScene, name: str,
                         sequences_logic: Any = None,
                         ) -> tuple[slicer.vtkMRMLSequenceNode, slicer.vtkMRMLSequenceBrowserNode]:
@@ -473,7 +450,7 @@ def step_sequence_nodes(step_files: Iterable[Path], scene: slicer.vtkMRMLScene, 
     ``sequences_logic`` is Slicer's sequences module logic (``slicer.modules.sequences.logic()``);
     without it a logic is made for ``scene``. The browser's proxy node is the volume shown.
     """
-    files = sorted(step_files, key=step_number)
+    files = sorted(step_files, key=protocol.step_number)
     if not files:
         raise ValueError("no step volumes to put into a sequence")
     sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
@@ -485,8 +462,8 @@ def step_sequence_nodes(step_files: Iterable[Path], scene: slicer.vtkMRMLScene, 
         image = _as_3d(sitk.ReadImage(str(path)))
         volume.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras_from_sitk(image)))
         volume.SetAndObserveImageData(_image_data_from_array(sitk.GetArrayFromImage(image)))
-        volume.SetName(f"{name} step {step_number(path)}")
-        sequence.SetDataNodeAtValue(volume, str(step_number(path)))
+        volume.SetName(f"{name} step {protocol.step_number(path)}")
+        sequence.SetDataNodeAtValue(volume, str(protocol.step_number(path)))
     browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", f"{name} browser")
     browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
     browser.SetOverwriteProxyName(sequence, True)
@@ -535,31 +512,34 @@ def _new_nodes_since(scene: slicer.vtkMRMLScene, before: set[str]) -> list:
 def import_register_results(output_dir: str | Path, scene: slicer.vtkMRMLScene,
                             fixed_node: slicer.vtkMRMLScalarVolumeNode,
                             moving_node: slicer.vtkMRMLScalarVolumeNode, name: str,
-                            sequences_logic: Any = None) -> RegistrationResultNodes:
+                            sequences_logic: Any = None,
+                            warped_node: slicer.vtkMRMLScalarVolumeNode | None = None,
+                            transform_node: slicer.vtkMRMLGridTransformNode | None = None,
+                            metrics_node: slicer.vtkMRMLTableNode | None = None) -> RegistrationResultNodes:
     """Make the result nodes from the folder a successful ``agentreg register`` wrote.
 
-    All or nothing: if anything fails, every node made here is removed again.
+    ``warped_node``, ``transform_node``, ``metrics_node``: output nodes the user chose (filled in place);
+    the others are created. All or nothing: if anything fails, every node created here is removed again
+    (nodes the user chose keep their new content only on success: they are filled last).
     """
     output_dir = Path(output_dir)
     before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
     try:
-        warped = volume_node_from_sitk(sitk.ReadImage(str(output_dir / "warped.nii.gz")), scene,
-                                       f"{name} warped")
-        transform = grid_transform_node_from_displacement(
-            sitk.ReadImage(str(output_dir / "displacement.nii.gz"), sitk.sitkVectorFloat64), scene,
-            f"{name} transform", fixed_node, moving_node)
-        trajectory_table = table_node_from_columns(read_trajectory_csv(output_dir / "trajectory.csv"),
+        warped_image = sitk.ReadImage(str(output_dir / protocol.WARPED))
+        displacement = sitk.ReadImage(str(output_dir / protocol.DISPLACEMENT), sitk.sitkVectorFloat64)
+        metrics = protocol.read_metrics(output_dir / protocol.METRICS_JSON)
+        trajectory_table = table_node_from_columns(protocol.read_trajectory(output_dir / protocol.TRAJECTORY_CSV),
                                                    scene, f"{name} trajectory")
         chart = trajectory_plot_chart_node(trajectory_table, scene, f"{name} trajectory chart")
-        metrics_path = output_dir / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-        result = RegistrationResultNodes(warped, transform, trajectory_table, chart, metrics)
-        if metrics:
-            result.metrics_table = metrics_table_node(metrics, scene, f"{name} metrics")
-        step_files = sorted((output_dir / "steps").glob("warped_*.nii*"))
+        step_files = sorted((output_dir / protocol.STEPS_DIR).glob("warped_*.nii*"))
+        sequence = browser = None
         if step_files:
-            result.step_sequence, result.step_browser = step_sequence_nodes(
-                step_files, scene, f"{name} steps", sequences_logic)
+            sequence, browser = step_sequence_nodes(step_files, scene, f"{name} steps", sequences_logic)
+        transform = grid_transform_node_from_displacement(displacement, scene, f"{name} transform", fixed_node,
+                                                          moving_node, node=transform_node)
+        warped = volume_node_from_sitk(warped_image, scene, f"{name} warped", node=warped_node)
+        table = metrics_table_node(metrics, scene, f"{name} metrics", node=metrics_node)
+        result = RegistrationResultNodes(warped, transform, trajectory_table, chart, metrics, table, sequence, browser)
         known = {n.GetID() for n in result.all_nodes()}
         result.extra_nodes = [n for n in _new_nodes_since(scene, before) if n.GetID() not in known
                               and not n.IsA("vtkMRMLDisplayNode") and not n.IsA("vtkMRMLStorageNode")]
@@ -571,286 +551,112 @@ def import_register_results(output_dir: str | Path, scene: slicer.vtkMRMLScene,
         raise
 
 
-# --------------------------------------------------------------------------- worker
+# --------------------------------------------------------------------------- registration job
 
 
-def shipped_models(models_dir: str | Path) -> dict[str, Path]:
-    """Model bundles shipped with the extension: ``{name: path}`` for ``<models_dir>/<name>.pt``."""
-    models_dir = Path(models_dir)
-    if not models_dir.is_dir():
-        return {}
-    return {path.stem: path for path in sorted(models_dir.glob("*.pt"))}
+@dataclass
+class RegistrationJob:
+    """A running ``agentreg register`` worker started from nodes, with what is needed to import its result."""
+
+    job: protocol.WorkerJob
+    folder: Path
+    fixed_node: slicer.vtkMRMLScalarVolumeNode
+    moving_node: slicer.vtkMRMLScalarVolumeNode
+    name: str
+
+    @property
+    def output_dir(self) -> Path:
+        return self.folder / "output"
 
 
-def register_command(python: str, fixed: Path, moving: Path, model: Path, output_dir: Path, *,
-                     fixed_label: Path | None = None, moving_label: Path | None = None,
-                     device: str = "Auto", steps: int | None = None, seed: int = 0,
-                     fuzzy_action_control: bool = True, fuzzy_k: float = 1.5,
-                     save_steps: int = 0) -> list[str]:
-    """The worker command line for ``agentreg register`` (``python -m AgentRegistrationLib.cli``).
-
-    ``steps`` ``None`` (or 0): the model's own default number of MDP steps."""
-    if device not in DEVICE_CHOICES:
-        raise ValueError(f"device must be one of {sorted(DEVICE_CHOICES)}, got {device!r}")
-    if steps is not None and steps < 0:
-        raise ValueError(f"steps must be at least 1 (or 0 for the model's default), got {steps}")
-    command = [python, "-m", "AgentRegistrationLib.cli", "register",
-               "--fixed", str(fixed), "--moving", str(moving), "--model", str(model),
-               "--output-dir", str(output_dir), "--device", DEVICE_CHOICES[device], "--seed", str(int(seed))]
-    if steps:
-        command += ["--steps", str(int(steps))]
-    if fixed_label is not None:
-        command += ["--fixed-label", str(fixed_label)]
-    if moving_label is not None:
-        command += ["--moving-label", str(moving_label)]
-    command += ["--fuzzy-k", repr(float(fuzzy_k))] if fuzzy_action_control else ["--no-fuzzy"]
-    if save_steps > 0:
-        command += ["--save-steps", str(int(save_steps))]
-    return command + ["--progress-json"]
+def write_volume_inputs(folder: Path, fixed_node, moving_node, fixed_segmentation=None,
+                        moving_segmentation=None) -> dict[str, Path]:
+    """Write the nodes as the worker's input files (NIfTI, LPS); segmentations as binary labels on their volume's grid."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if fixed_node is None or moving_node is None:
+        raise ValueError("Select both a fixed and a moving volume.")
+    if fixed_node is moving_node:
+        raise ValueError("The fixed and the moving volume are the same node; select two volumes.")
+    paths = {"fixed": folder / "fixed.nii.gz", "moving": folder / "moving.nii.gz"}
+    sitk.WriteImage(sitk_from_volume_node(fixed_node), str(paths["fixed"]))
+    sitk.WriteImage(sitk_from_volume_node(moving_node), str(paths["moving"]))
+    for key, segmentation, reference in (("fixed_label", fixed_segmentation, fixed_node),
+                                         ("moving_label", moving_segmentation, moving_node)):
+        if segmentation is not None:
+            paths[key] = folder / f"{key}.nii.gz"
+            sitk.WriteImage(segmentation_to_labelmap_sitk(segmentation, reference), str(paths[key]))
+    return paths
 
 
-def cli_command(python: str, subcommand: str, options: dict[str, Any],
-                positional: Sequence[Any] = ()) -> list[str]:
-    """``python -m AgentRegistrationLib.cli SUBCOMMAND POSITIONAL... --option value ... --progress-json``.
+def start_registration(python: str, engine_dir: str | Path, fixed_node, moving_node, model: str | Path, *,
+                       fixed_segmentation=None, moving_segmentation=None, temporary_root: str | Path | None = None,
+                       keep_temporary_files: bool = False, name: str | None = None,
+                       **options: Any) -> RegistrationJob:
+    """Check the inputs, write them to a time-stamped temporary folder and start ``agentreg register``.
 
-    Option names are written with dashes; ``True`` adds a bare flag, ``False``/``None`` omit it.
+    ``options`` are those of :func:`protocol.register_command` (device, steps, seed, fuzzy_action_control,
+    fuzzy_k, save_steps). The folder is removed again if the worker cannot be started.
     """
-    command = [python, "-m", "AgentRegistrationLib.cli", subcommand, *(str(p) for p in positional)]
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            command.append(flag)
-        elif value is not False and value is not None:
-            command += [flag, str(value)]
-    return command + ["--progress-json"]
-
-
-TRAINING_CONFIGURATIONS = ("compact", "paper")
-"""Training configurations by name (``agentreg train --config``)."""
-GT_DICE_COLUMNS = ("moving", "fixed", "dice_before", "dice_after", "seconds")
-LOSS_COLUMNS = ("iteration", "loss", "held_out_accuracy", "validation_dice")
-
-
-@dataclass(frozen=True)
-class TrainingFiles:
-    """Where the three training stages write, under one output folder (each stage resumes from it)."""
-
-    output_folder: Path
-    model_name: str
-
-    @property
-    def groundtruth(self) -> Path:
-        return Path(self.output_folder) / "groundtruth"
-
-    @property
-    def gt_dice(self) -> Path:
-        return self.groundtruth / "gt_dice.csv"
-
-    @property
-    def gt_summary(self) -> Path:
-        return self.groundtruth / "summary.json"
-
-    @property
-    def sdm(self) -> Path:
-        return Path(self.output_folder) / "sdm.npz"
-
-    @property
-    def bundle(self) -> Path:
-        return Path(self.output_folder) / f"{self.model_name}.pt"
-
-    @property
-    def checkpoint(self) -> Path:
-        return Path(self.output_folder) / "checkpoints" / f"{self.model_name}.checkpoint.pt"
-
-    @property
-    def loss(self) -> Path:
-        """``loss.csv``, which ``agentreg train`` writes beside its checkpoint."""
-        return self.checkpoint.with_name("loss.csv")
-
-
-def training_commands(python: str, data: str | Path, files: TrainingFiles, *, dim: int = 3,
-                      configuration: str = "compact", device: str = "Auto", modes: int | None = None,
-                      split: str | Path | None = None, max_minutes: float | None = None) -> list[list[str]]:
-    """Worker command lines of the three stages: ``agentreg groundtruth``, ``sdm`` and ``train``.
-
-    ``max_minutes`` stops the training stage after that long (it checkpoints; a rerun goes on).
-
-    ``modes`` defaults to the paper's d (15 in 2-D, 25 in 3-D). A rerun of the same commands resumes:
-    the ground truth from its per-pair cache, training from ``files.checkpoint``.
-    """
-    if dim not in (2, 3):
-        raise ValueError(f"dimension must be 2 or 3, got {dim}")
-    if configuration not in TRAINING_CONFIGURATIONS:
-        raise ValueError(f"training configuration must be one of {TRAINING_CONFIGURATIONS}, got {configuration!r}")
-    if device not in DEVICE_CHOICES:
-        raise ValueError(f"device must be one of {sorted(DEVICE_CHOICES)}, got {device!r}")
-    modes = modes or (15 if dim == 2 else 25)
-    return [
-        cli_command(python, "groundtruth", {"out": files.groundtruth, "dim": dim, "split": split}, positional=[data]),
-        cli_command(python, "sdm", {"modes": modes, "out": files.sdm}, positional=[files.groundtruth]),
-        cli_command(python, "train", {"groundtruth": files.groundtruth, "sdm": files.sdm, "out": files.bundle,
-                                      "config": configuration, "checkpoint": files.checkpoint,
-                                      "device": DEVICE_CHOICES[device], "max_minutes": max_minutes}),
-    ]
-
-
-def read_csv_columns(path: str | Path, required: Sequence[str], what: str) -> dict[str, list]:
-    """Columns of a CSV the engine wrote; numbers as floats (empty cells and 'nan' as NaN), other text kept.
-
-    Raises ``ValueError`` naming ``what`` and the missing columns when ``required`` ones are absent.
-    """
-    path = Path(path)
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        rows = list(reader)
-        names = reader.fieldnames or []
-    missing = [c for c in required if c not in names]
-    if missing:
-        raise ValueError(f"{what} {path} lacks the columns {missing} (has {names}); was it written by this version?")
-    columns: dict[str, list] = {name: [row[name] for row in rows] for name in names}
-    for name, values in columns.items():
-        try:
-            columns[name] = [float(v) if v not in ("", None) else math.nan for v in values]
-        except ValueError:
-            pass
-    return columns
-
-
-def read_groundtruth_dice(path: str | Path) -> dict[str, list]:
-    """``gt_dice.csv`` of ``agentreg groundtruth``: moving, fixed, dice_before, dice_after, seconds."""
-    return read_csv_columns(path, GT_DICE_COLUMNS, "ground-truth Dice file")
-
-
-def read_training_loss(path: str | Path) -> dict[str, list]:
-    """``loss.csv`` of ``agentreg train``: iteration, loss, held_out_accuracy, validation_dice."""
-    return read_csv_columns(path, LOSS_COLUMNS, "training loss file")
-
-
-def progress_text(message: dict[str, Any]) -> str:
-    """One status line for a worker message, e.g. ``train 150/20000, loss 0.0123, accuracy 0.41``."""
-    stage = message.get("stage", "")
-    if stage == "error":
-        return f"error: {message.get('message', '')}"
-    if "message" in message and "total" not in message:
-        return f"{stage}: {message['message']}"
-    text = str(stage)
-    done = message.get("step", message.get("done"))
-    if done is not None and message.get("total"):
-        text += f" {done}/{message['total']}"
-    details = [f"{k} {message[k]:.4g}" for k in ("loss", "accuracy", "val_dice", "dice")
-               if isinstance(message.get(k), (int, float))]
-    return ", ".join([text, *details])
-
-
-def worker_environment(module_dir: str | Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for the worker: ``module_dir`` (holding ``AgentRegistrationLib``) on PYTHONPATH."""
-    env = dict(os.environ if base is None else base)
-    paths = [str(module_dir)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def parse_progress_line(line: str) -> dict[str, Any]:
-    """One stdout line of the worker as a message; non-JSON lines become ``{"stage": "log"}``."""
-    text = line.strip()
+    model = Path(model)
+    if not model.is_file():
+        raise ValueError(f"Model bundle not found: {model}. Pick a listed model or a .pt file.")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if temporary_root is not None:
+        Path(temporary_root).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"AgentRegistration-{stamp}-", dir=temporary_root))
     try:
-        message = json.loads(text)
-    except json.JSONDecodeError:
-        return {"stage": "log", "message": text}
-    if not isinstance(message, dict) or "stage" not in message:
-        return {"stage": "log", "message": text}
-    return message
+        inputs = write_volume_inputs(folder, fixed_node, moving_node, fixed_segmentation, moving_segmentation)
+        command = protocol.register_command(python, inputs.pop("fixed"), inputs.pop("moving"), model,
+                                            folder / "output", **inputs, **options)
+        job = protocol.WorkerJob([command], env=protocol.worker_environment(engine_dir), folder=folder,
+                                 keep_folder=keep_temporary_files).start()
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    scene = fixed_node.GetScene()
+    if name is None:
+        name = scene.GenerateUniqueName(f"{moving_node.GetName()} to {fixed_node.GetName()}")
+    return RegistrationJob(job, folder, fixed_node, moving_node, name)
 
 
-def progress_fraction(message: dict[str, Any]) -> float | None:
-    """Fraction done (0..1) of a progress message, or None when it carries no count."""
-    total = message.get("total")
-    done = message.get("step", message.get("done"))
-    if not total or done is None:
-        return None
-    return min(max(float(done) / float(total), 0.0), 1.0)
+def finish_registration(registration: RegistrationJob, sequences_logic: Any = None,
+                        **output_nodes: Any) -> RegistrationResultNodes:
+    """Once the worker has ended: the result nodes (all or nothing); the temporary folder is removed unless kept.
 
-
-class WorkerProcess:
-    """A worker process whose stdout lines are parsed into messages by a reader thread.
-
-    The GUI polls :meth:`messages` from a timer, so Slicer never blocks on the pipe.
-    :meth:`cancel` kills the worker and everything it started (its process group).
+    Raises ``RuntimeError`` with the worker's error text when it failed or was cancelled.
     """
+    job = registration.job
+    try:
+        if job.cancelled:
+            raise RuntimeError("the registration was cancelled")
+        if not job.succeeded:
+            raise RuntimeError(job.error or f"the worker exited with status {job.worker.returncode}")
+        return import_register_results(registration.output_dir, registration.fixed_node.GetScene(),
+                                       registration.fixed_node, registration.moving_node, registration.name,
+                                       sequences_logic, **output_nodes)
+    finally:
+        job.cleanup()
 
-    def __init__(self, command: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None):
-        self.command = command
-        self.env = env
-        self.cwd = cwd
-        self.process: subprocess.Popen | None = None
-        self.stderr_lines: list[str] = []
-        self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._threads: list[threading.Thread] = []
 
-    def start(self) -> None:
-        """Start the process and its reader threads."""
-        kwargs: dict[str, Any] = {}
-        if sys.platform == "win32":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
-        else:
-            kwargs["start_new_session"] = True
-        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        stdin=subprocess.DEVNULL, text=True, bufsize=1, env=self.env,
-                                        cwd=self.cwd, **kwargs)
-        self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
-                         threading.Thread(target=self._read_stderr, daemon=True)]
-        for thread in self._threads:
-            thread.start()
+def summary_text(metrics: dict) -> str:
+    """One line for the status label after a registration."""
+    text = f"Done: {metrics['steps']} agent steps in {metrics['seconds_total']:.1f} s"
+    if "dice_after" in metrics:
+        text += f"; Dice {metrics['dice_before']:.3f} -> {metrics['dice_after']:.3f}"
+    return text + "."
 
-    def _read_stdout(self) -> None:
-        for line in self.process.stdout:
-            if line.strip():
-                self._queue.put(parse_progress_line(line))
-        self.process.stdout.close()
 
-    def _read_stderr(self) -> None:
-        for line in self.process.stderr:
-            self.stderr_lines.append(line.rstrip("\n"))
-        self.process.stderr.close()
-
-    def messages(self) -> list[dict[str, Any]]:
-        """Messages that arrived since the last call (never blocks)."""
-        out = []
-        while True:
-            try:
-                out.append(self._queue.get_nowait())
-            except queue.Empty:
-                return out
-
-    def is_running(self) -> bool:
-        """True while the process has not exited."""
-        return self.process is not None and self.process.poll() is None
-
-    def finished(self) -> bool:
-        """True once the process has exited and its output has been read completely."""
-        return (self.process is not None and self.process.poll() is not None
-                and not any(t.is_alive() for t in self._threads))
-
-    @property
-    def returncode(self) -> int | None:
-        """Exit status, None while running."""
-        return None if self.process is None else self.process.poll()
-
-    def error_text(self, last_lines: int = 20) -> str:
-        """The last lines the worker wrote to stderr, for an error message."""
-        return "\n".join(self.stderr_lines[-last_lines:])
-
-    def cancel(self, timeout: float = 5.0) -> None:
-        """Kill the worker and the processes it started, then wait for it."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        if sys.platform == "win32":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        else:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.process.wait(timeout=timeout)
+def load_volume_pair(files: dict[str, Path], scene: slicer.vtkMRMLScene, prefix: str = "") -> dict[str, Any]:
+    """Volumes ``fixed``/``moving`` and segmentations ``fixed_label``/``moving_label`` (those given) as nodes,
+    named after their files (e.g. the shipped sample pair of :func:`protocol.sample_data_files`)."""
+    nodes: dict[str, Any] = {}
+    for key in ("fixed", "moving"):
+        path = Path(files[key])
+        nodes[key] = volume_node_from_sitk(sitk.ReadImage(str(path)), scene, prefix + path.name.split(".")[0])
+    for key, volume in (("fixed_label", "fixed"), ("moving_label", "moving")):
+        if files.get(key) is not None:
+            path = Path(files[key])
+            nodes[key] = segmentation_node_from_labelmap_sitk(
+                sitk.Cast(sitk.ReadImage(str(path)) > 0, sitk.sitkUInt8), scene, prefix + path.name.split(".")[0],
+                nodes[volume])
+    return nodes

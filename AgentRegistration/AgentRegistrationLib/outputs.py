@@ -16,16 +16,26 @@ import numpy as np
 import SimpleITK as sitk
 
 from .preprocessing import displacement_in_fixed_geometry, warp_to_fixed
+from .protocol import (
+    DISPLACEMENT,
+    METRICS_JSON,
+    OUTPUT_NAMES,
+    STEPS_DIR,
+    TRAJECTORY_COLUMNS,
+    TRAJECTORY_CSV,
+    TRAJECTORY_PNG,
+    WARPED,
+    WARPED_LABEL,
+    check_metrics,
+    step_file_name,
+)
 from .registration import RegistrationResult
-
-OUTPUT_NAMES = ("warped.nii.gz", "warped_label.nii.gz", "displacement.nii.gz", "trajectory.csv", "trajectory.png",
-                "metrics.json", "steps")
 
 
 def trajectory_rows(trajectory: dict[str, np.ndarray]) -> tuple[list[str], list[list]]:
     """Header and rows of trajectory.csv (one row per step)."""
     q, theta = trajectory["q_values"], trajectory["theta"]
-    header = ["step", "action", "mode", "direction", "accepted", "rejected_count", "dice"]
+    header = list(TRAJECTORY_COLUMNS)
     header += [f"q_{a}" for a in range(q.shape[1])] + [f"theta_{m}" for m in range(theta.shape[1])]
     rows = []
     for t in range(len(trajectory["actions"])):
@@ -70,23 +80,23 @@ def write_registration_outputs(result: RegistrationResult, out_dir: Path, moving
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-partial-", dir=out_dir.parent))
     try:
-        sitk.WriteImage(result.warped, str(tmp / "warped.nii.gz"), True)
+        sitk.WriteImage(result.warped, str(tmp / WARPED), True)
         if result.warped_label is not None:
-            sitk.WriteImage(result.warped_label, str(tmp / "warped_label.nii.gz"), True)
-        sitk.WriteImage(sitk.Cast(result.displacement, sitk.sitkVectorFloat32), str(tmp / "displacement.nii.gz"), True)
+            sitk.WriteImage(result.warped_label, str(tmp / WARPED_LABEL), True)
+        sitk.WriteImage(sitk.Cast(result.displacement, sitk.sitkVectorFloat32), str(tmp / DISPLACEMENT), True)
         header, rows = trajectory_rows(result.trajectory)
-        (tmp / "trajectory.csv").write_text("\n".join(",".join(map(str, r)) for r in [header, *rows]) + "\n")
-        plot_trajectory(result.trajectory, tmp / "trajectory.png")
-        (tmp / "metrics.json").write_text(json.dumps(result.metrics, indent=1))
+        (tmp / TRAJECTORY_CSV).write_text("\n".join(",".join(map(str, r)) for r in [header, *rows]) + "\n")
+        plot_trajectory(result.trajectory, tmp / TRAJECTORY_PNG)
+        (tmp / METRICS_JSON).write_text(json.dumps(check_metrics(result.metrics), indent=1))
         if save_steps > 0:
-            (tmp / "steps").mkdir()
+            (tmp / STEPS_DIR).mkdir()
             grid = geometry.control_grid()
             thetas = [(0, sdm.theta_identity)]
             thetas += [(t + 1, th) for t, th in enumerate(result.trajectory["theta"]) if (t + 1) % save_steps == 0]
             for step, theta in thetas:
                 field = displacement_in_fixed_geometry(sdm.deformation(theta), grid, result.pair.frame, fixed,
                                                        result.translation)
-                sitk.WriteImage(warp_to_fixed(moving, field), str(tmp / "steps" / f"warped_{step:04d}.nii.gz"), True)
+                sitk.WriteImage(warp_to_fixed(moving, field), str(tmp / STEPS_DIR / step_file_name(step)), True)
         out_dir.mkdir(exist_ok=True)
         for stale in OUTPUT_NAMES:  # files of an earlier run that this run does not write
             target = out_dir / stale

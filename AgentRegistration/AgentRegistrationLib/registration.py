@@ -81,12 +81,13 @@ class Registrar:
             warped_label = warp_to_fixed(moving_label, displacement, label=True) if moving_label is not None else None
             steps = int(result.steps_taken[i])
             traj = {k: v[:steps, i] for k, v in trajectory.items()}
-            metrics = {
+            jacobian = jacobian_statistics(np.moveaxis(sitk.GetArrayFromImage(displacement), -1, 0), fixed.GetSpacing())
+            metrics = {  # flat, as protocol.METRICS_SCHEMA documents it
                 "steps": steps,
                 "prealignment": pair.info.get("prealignment"),
                 "translation": pair.translation.tolist(),
-                **{f"jacobian_{k}": v for k, v in jacobian_statistics(
-                    np.moveaxis(sitk.GetArrayFromImage(displacement), -1, 0), fixed.GetSpacing()).items()},
+                "jacobian_folding_percent": jacobian["folding_percent"],
+                "log_jacobian_std": jacobian["log_jacobian_std"],
             }
             if warped_label is not None and fixed_label is not None:
                 metrics.update(label_metrics(fixed_label, moving_label, warped_label, pair.translation))
@@ -94,8 +95,9 @@ class Registrar:
                                               warped_label, traj, metrics, pair))
         t_end = time.perf_counter()
         for out in outputs:
-            out.metrics["seconds"] = {"total": t_end - t0, "preprocessing": t_prep - t0, "agent": t_agent - t_prep,
-                                      "outputs": t_end - t_agent, "pairs_in_batch": len(outputs)}
+            out.metrics.update(seconds_total=t_end - t0, seconds_preprocessing=t_prep - t0,
+                               seconds_agent=t_agent - t_prep, seconds_outputs=t_end - t_agent,
+                               pairs_in_batch=len(outputs))
         return outputs
 
 

@@ -1,0 +1,668 @@
+"""The contract between the engine (``agentreg``) and the Slicer modules, defined once.
+
+Both sides import this file: the engine's command line prints its messages with it and
+``agentreg register`` writes its folder with its names; the modules build their worker
+command lines, read the messages and render them, and read the folder with it. It imports
+only the standard library (no numpy, torch, slicer or qt), so a module can import it before
+the engine's dependencies are installed.
+
+Sections:
+
+- messages: one JSON object per stdout line of a worker (``--progress-json``);
+- register output folder: file names and the flat ``metrics.json`` schema;
+- training output folder: where ``groundtruth``/``sdm``/``train`` write, and their CSV columns;
+- command builders: the worker command lines of both modules;
+- worker job: start a worker, drain its messages without blocking, cancel it (process tree),
+  remove its temporary folder; several commands in a row (the training stages);
+- layout: where the engine package is, in the source tree and in an installed extension.
+"""
+
+from __future__ import annotations
+
+import csv
+import enum
+import json
+import math
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENGINE_PACKAGE = "AgentRegistrationLib"
+"""The engine package; a worker runs ``python -m AgentRegistrationLib.cli``."""
+
+# ====================================================================================== messages
+# Every line a worker prints on stdout with --progress-json is one JSON object with a "stage":
+#   {"stage": S, "done": N, "total": T, **numbers}   progress of stage S (register, preprocess,
+#                                                     groundtruth, train, elastix, agent, ...)
+#   {"stage": S, "message": TEXT}                    a note of stage S
+#   {"stage": "error", "message": TEXT}              a user error; the worker then exits with 1
+#   {"stage": "done", **payload}                     the last line of a successful command
+# A line that is not such an object is kept as {"stage": "log", "message": LINE}.
+
+STAGE_ERROR = "error"
+STAGE_DONE = "done"
+STAGE_LOG = "log"
+
+STAGE_TITLES = {
+    "register": "Registering",
+    "preprocess": "Preparing the subjects",
+    "groundtruth": "Ground-truth deformations",
+    "sdm": "Statistical deformation model",
+    "train": "Training",
+    "elastix": "Elastix",
+    "agent": "Agent",
+}
+"""What the status line calls each stage; a stage not listed shows its own name."""
+
+INFO_LABELS = {"loss": "loss", "accuracy": "accuracy", "val_dice": "validation Dice", "dice": "Dice"}
+"""Numbers a progress message may carry, in the order they are shown, with their labels."""
+
+
+def progress_message(stage: str, done: int, total: int, **info: Any) -> dict[str, Any]:
+    """A progress message: ``done`` of ``total`` units of ``stage``, plus numbers such as loss or dice."""
+    return {"stage": stage, "done": int(done), "total": int(total), **info}
+
+
+def text_message(stage: str, text: str) -> dict[str, Any]:
+    """A note attached to a stage (e.g. a ground-truth pair that failed)."""
+    return {"stage": stage, "message": str(text)}
+
+
+def error_message(text: str) -> dict[str, Any]:
+    """The message of a user error, printed just before the worker exits with status 1."""
+    return {"stage": STAGE_ERROR, "message": str(text)}
+
+
+def done_message(**payload: Any) -> dict[str, Any]:
+    """The last message of a successful command."""
+    return {"stage": STAGE_DONE, **payload}
+
+
+def encode(message: dict[str, Any]) -> str:
+    """One stdout line (without the newline) for a message."""
+    return json.dumps(message)
+
+
+def parse_progress_line(line: str) -> dict[str, Any]:
+    """One stdout line of the worker as a message; other lines become ``{"stage": "log", "message": line}``."""
+    text = line.strip()
+    try:
+        message = json.loads(text)
+    except json.JSONDecodeError:
+        return {"stage": STAGE_LOG, "message": text}
+    if not isinstance(message, dict) or not isinstance(message.get("stage"), str):
+        return {"stage": STAGE_LOG, "message": text}
+    return message
+
+
+def progress_fraction(message: dict[str, Any]) -> float | None:
+    """Fraction done (0..1) of a progress message; None when it carries no count (busy indicator)."""
+    total, done = message.get("total"), message.get("done")
+    if not isinstance(total, (int, float)) or not isinstance(done, (int, float)) or total <= 0:
+        return None
+    return min(max(float(done) / float(total), 0.0), 1.0)
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def progress_text(message: dict[str, Any]) -> str:
+    """The status line a widget shows for one worker message.
+
+    ``{"stage": "register", "done": 5, "total": 41}`` -> ``Registering: 5 / 41``;
+    ``{"stage": "train", "done": 150, "total": 2000, "loss": 0.0123, "accuracy": 0.41}`` ->
+    ``Training: 150 / 2000, loss 0.0123, accuracy 0.41``; an error -> ``Error: ...``.
+    """
+    stage = str(message.get("stage", ""))
+    if stage == STAGE_ERROR:
+        return f"Error: {message.get('message', '')}"
+    if stage == STAGE_DONE:
+        return "Done"
+    if stage == STAGE_LOG:
+        return str(message.get("message", ""))
+    title = STAGE_TITLES.get(stage, stage)
+    if "message" in message:
+        return f"{title}: {message['message']}"
+    parts = []
+    if isinstance(message.get("done"), (int, float)) and isinstance(message.get("total"), (int, float)):
+        parts.append(f"{message['done']} / {message['total']}")
+    parts += [f"{label} {_number(message[key])}" for key, label in INFO_LABELS.items()
+              if isinstance(message.get(key), (int, float)) and not isinstance(message.get(key), bool)]
+    return f"{title}: {', '.join(parts)}" if parts else title
+
+
+# ====================================================================================== register output folder
+WARPED = "warped.nii.gz"
+WARPED_LABEL = "warped_label.nii.gz"
+DISPLACEMENT = "displacement.nii.gz"
+TRAJECTORY_CSV = "trajectory.csv"
+TRAJECTORY_PNG = "trajectory.png"
+METRICS_JSON = "metrics.json"
+STEPS_DIR = "steps"
+OUTPUT_NAMES = (WARPED, WARPED_LABEL, DISPLACEMENT, TRAJECTORY_CSV, TRAJECTORY_PNG, METRICS_JSON, STEPS_DIR)
+"""Everything ``agentreg register --output-dir`` writes (warped_label only with a moving label, steps only
+with ``--save-steps``). Geometry of every image: the fixed image's. ``displacement.nii.gz`` is ITK's
+displacement field (a fixed point x maps to the moving point x + u(x), LPS)."""
+
+TRAJECTORY_COLUMNS = ("step", "action", "mode", "direction", "accepted", "rejected_count", "dice")
+"""Columns of trajectory.csv, one row per agent step (1, 2, ...), followed by ``q_0..q_{2d-1}`` (Q-values)
+and ``theta_0..theta_{d-1}`` (SDM parameters after the step); ``dice`` is empty without labels."""
+
+
+def step_file_name(step: int) -> str:
+    """``steps/warped_NNNN.nii.gz``: the warped moving image after agent step ``step`` (0: before any step)."""
+    return f"warped_{int(step):04d}.nii.gz"
+
+
+def step_number(path: str | Path) -> int:
+    """The agent step of a step file name such as ``warped_0010.nii.gz``."""
+    stem = Path(path).name.split(".")[0]
+    try:
+        return int(stem.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        raise ValueError(f"cannot read the step number from file name {Path(path).name!r}") from None
+
+
+METRICS_SCHEMA = {
+    "steps": "agent steps taken",
+    "prealignment": "outcome of the translation pre-alignment ('ok' or why it was rejected)",
+    "translation": "pre-alignment translation, physical units (LPS), one number per axis",
+    "jacobian_folding_percent": "percentage of fixed-grid voxels where det J <= 0",
+    "log_jacobian_std": "standard deviation of log det J over voxels with det J > 0",
+    "seconds_total": "wall time of the registration, seconds (without writing the files)",
+    "seconds_preprocessing": "of which pre-alignment, cropping and resampling",
+    "seconds_agent": "of which the agent's steps",
+    "seconds_outputs": "of which the warped image and label in the fixed geometry",
+    "pairs_in_batch": "pairs registered together in one agent batch (the seconds are the batch's)",
+    "dice_none": "Dice of the moving label where it lies in physical space (no registration) with the fixed label",
+    "hausdorff_none": "Hausdorff distance with no registration, fixed image's physical units",
+    "hausdorff95_none": "95th percentile surface distance with no registration",
+    "average_surface_distance_none": "average symmetric surface distance with no registration",
+    "dice_before": "Dice at the agent's start (the crops alone: translation pre-alignment or boxes on the organ)",
+    "dice_after": "Dice of the warped label with the fixed label",
+    "hausdorff_before": "Hausdorff distance, fixed image's physical units",
+    "hausdorff_after": "Hausdorff distance after registration",
+    "hausdorff95_before": "95th percentile surface distance",
+    "hausdorff95_after": "95th percentile surface distance after registration",
+    "average_surface_distance_before": "average symmetric surface distance",
+    "average_surface_distance_after": "average symmetric surface distance after registration",
+}
+"""Every key of metrics.json (a flat object of numbers, text and one list), with what it means."""
+METRICS_REQUIRED = ("steps", "jacobian_folding_percent", "log_jacobian_std", "seconds_total", "seconds_agent")
+METRICS_WITH_LABELS = ("dice_before", "dice_after")
+"""Present when both labels were given (the distances too, unless a mask is empty)."""
+
+
+def check_metrics(metrics: dict[str, Any], source: str = "metrics") -> dict[str, Any]:
+    """``metrics`` if it follows :data:`METRICS_SCHEMA`; otherwise a ``ValueError`` naming what is wrong."""
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{source} is not a JSON object")
+    unknown = sorted(set(metrics) - set(METRICS_SCHEMA))
+    missing = [k for k in METRICS_REQUIRED if k not in metrics]
+    nested = sorted(k for k, v in metrics.items() if isinstance(v, dict))
+    if unknown or missing or nested:
+        raise ValueError(f"{source} does not follow the metrics schema (unknown keys {unknown}, missing {missing}, "
+                         f"nested {nested}); was it written by this version of agentreg?")
+    return metrics
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """metrics.json of a register output folder, checked against the schema."""
+    return check_metrics(json.loads(Path(path).read_text()), str(path))
+
+
+# ====================================================================================== training output folder
+TRAINING_CONFIGURATIONS = ("compact", "paper", "converge")
+"""Training configurations by name (``agentreg train --config``); a test keeps them equal to ``training.CONFIGS``."""
+PAPER_MODES = {2: 15, 3: 25}
+"""The paper's number of SDM modes d per dimension."""
+GT_DICE_COLUMNS = ("moving", "fixed", "dice_before", "dice_after", "seconds")
+"""Columns of ``groundtruth/gt_dice.csv`` (one row per ordered pair)."""
+LOSS_COLUMNS = ("iteration", "loss", "held_out_accuracy", "validation_dice")
+"""Columns of ``loss.csv``, which ``agentreg train`` writes beside its checkpoint."""
+MODEL_SUFFIX = ".pt"
+
+
+@dataclass(frozen=True)
+class TrainingFiles:
+    """Where the three training stages write, under one output folder (each stage resumes from it)."""
+
+    output_folder: Path
+    model_name: str
+
+    @property
+    def groundtruth(self) -> Path:
+        return Path(self.output_folder) / "groundtruth"
+
+    @property
+    def gt_dice(self) -> Path:
+        return self.groundtruth / "gt_dice.csv"
+
+    @property
+    def gt_summary(self) -> Path:
+        return self.groundtruth / "summary.json"
+
+    @property
+    def sdm(self) -> Path:
+        return Path(self.output_folder) / "sdm.npz"
+
+    @property
+    def bundle(self) -> Path:
+        return Path(self.output_folder) / f"{self.model_name}{MODEL_SUFFIX}"
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.output_folder) / "checkpoints" / f"{self.model_name}.checkpoint.pt"
+
+    @property
+    def loss(self) -> Path:
+        """``loss.csv``, which ``agentreg train`` writes beside its checkpoint."""
+        return self.checkpoint.with_name("loss.csv")
+
+
+def read_csv_columns(path: str | Path, required: Sequence[str], what: str) -> dict[str, list]:
+    """Columns of a CSV the engine wrote; numbers as floats (empty cells and 'nan' as NaN), other text kept.
+
+    Raises ``ValueError`` naming ``what`` and the missing columns when ``required`` ones are absent.
+    """
+    path = Path(path)
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        names = reader.fieldnames or []
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise ValueError(f"{what} {path} lacks the columns {missing} (has {names}); was it written by this version?")
+    columns: dict[str, list] = {name: [row[name] for row in rows] for name in names}
+    for name, values in columns.items():
+        try:
+            columns[name] = [float(v) if v not in ("", None) else math.nan for v in values]
+        except ValueError:
+            pass
+    return columns
+
+
+def read_trajectory(path: str | Path) -> dict[str, list]:
+    """Columns of ``trajectory.csv``."""
+    columns = read_csv_columns(path, TRAJECTORY_COLUMNS, "trajectory file")
+    if not columns["step"]:
+        raise ValueError(f"trajectory file {path} has no steps")
+    return columns
+
+
+def read_groundtruth_dice(path: str | Path) -> dict[str, list]:
+    """``gt_dice.csv`` of ``agentreg groundtruth``."""
+    return read_csv_columns(path, GT_DICE_COLUMNS, "ground-truth Dice file")
+
+
+def read_training_loss(path: str | Path) -> dict[str, list]:
+    """``loss.csv`` of ``agentreg train``."""
+    return read_csv_columns(path, LOSS_COLUMNS, "training loss file")
+
+
+# ====================================================================================== command builders
+DEVICE_CHOICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
+"""Labels shown in the GUI mapped to the ``--device`` values of the engine."""
+
+
+def _device(device: str) -> str:
+    if device not in DEVICE_CHOICES:
+        raise ValueError(f"device must be one of {sorted(DEVICE_CHOICES)}, got {device!r}")
+    return DEVICE_CHOICES[device]
+
+
+def cli_command(python: str, subcommand: str, options: dict[str, Any],
+                positional: Sequence[Any] = ()) -> list[str]:
+    """``python -m AgentRegistrationLib.cli SUBCOMMAND POSITIONAL... --option value ... --progress-json``.
+
+    Option names are written with dashes; ``True`` adds a bare flag, ``False``/``None`` omit it, a list
+    repeats the option once per item (``{"set": ["a=1", "b=2"]}``).
+    """
+    command = [python, "-m", f"{ENGINE_PACKAGE}.cli", subcommand, *(str(p) for p in positional)]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            command.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                command += [flag, str(item)]
+        elif value is not False and value is not None:
+            command += [flag, str(value)]
+    return command + ["--progress-json"]
+
+
+def register_command(python: str, fixed: Path, moving: Path, model: Path, output_dir: Path, *,
+                     fixed_label: Path | None = None, moving_label: Path | None = None,
+                     device: str = "Auto", steps: int | None = None, seed: int = 0,
+                     fuzzy_action_control: bool = True, fuzzy_k: float | None = None,
+                     save_steps: int = 0) -> list[str]:
+    """The worker command line of ``agentreg register``.
+
+    ``steps`` and ``fuzzy_k`` ``None`` (or 0): the model bundle's own defaults, which the engine owns.
+    """
+    if steps is not None and steps < 0:
+        raise ValueError(f"steps must be at least 1 (or 0 for the model's default), got {steps}")
+    if fuzzy_k is not None and fuzzy_k < 0:
+        raise ValueError(f"fuzzy k must be positive (or 0 for the model's default), got {fuzzy_k}")
+    return cli_command(python, "register", {
+        "fixed": fixed, "moving": moving, "model": model, "output_dir": output_dir, "device": _device(device),
+        "seed": int(seed), "steps": int(steps) if steps else None, "fixed_label": fixed_label,
+        "moving_label": moving_label, "no_fuzzy": not fuzzy_action_control,
+        "fuzzy_k": repr(float(fuzzy_k)) if fuzzy_k and fuzzy_action_control else None,
+        "save_steps": int(save_steps) if save_steps and save_steps > 0 else None})
+
+
+def training_commands(python: str, data: str | Path, files: TrainingFiles, *, dim: int = 3,
+                      configuration: str = "compact", device: str = "Auto", modes: int | None = None,
+                      split: str | Path | None = None, max_minutes: float | None = None,
+                      stage_options: dict[str, dict[str, Any]] | None = None) -> list[list[str]]:
+    """Worker command lines of the three stages: ``agentreg groundtruth``, ``sdm`` and ``train``.
+
+    ``modes`` defaults to the paper's d (:data:`PAPER_MODES`). ``max_minutes`` stops the training stage
+    after that long (it checkpoints; a rerun goes on). A rerun of the same commands resumes: the ground
+    truth from its per-pair cache, training from ``files.checkpoint``. ``stage_options``: further options
+    per stage, e.g. ``{"groundtruth": {"iterations": 50}, "train": {"set": ["iterations=100"]}}``.
+    """
+    extra = {stage: dict(options) for stage, options in (stage_options or {}).items()}
+    unknown = set(extra) - {"groundtruth", "sdm", "train"}
+    if unknown:
+        raise ValueError(f"stage_options names unknown stages {sorted(unknown)}; use groundtruth, sdm or train")
+    if dim not in PAPER_MODES:
+        raise ValueError(f"dimension must be 2 or 3, got {dim}")
+    if configuration not in TRAINING_CONFIGURATIONS:
+        raise ValueError(f"training configuration must be one of {TRAINING_CONFIGURATIONS}, got {configuration!r}")
+    engine_device = _device(device)
+    modes = modes or PAPER_MODES[dim]
+    return [
+        cli_command(python, "groundtruth", {"out": files.groundtruth, "dim": dim, "split": split,
+                                            **extra.get("groundtruth", {})}, positional=[data]),
+        cli_command(python, "sdm", {"modes": modes, "out": files.sdm, **extra.get("sdm", {})},
+                    positional=[files.groundtruth]),
+        cli_command(python, "train", {"groundtruth": files.groundtruth, "sdm": files.sdm, "out": files.bundle,
+                                      "config": configuration, "checkpoint": files.checkpoint,
+                                      "device": engine_device, "max_minutes": max_minutes or None,
+                                      **extra.get("train", {})}),
+    ]
+
+
+# ====================================================================================== models and layout
+def engine_dir(module_file: str | Path) -> Path:
+    """The folder holding the engine package, for a module file of either layout.
+
+    Installed extension: every scripted module of the extension sits in one folder
+    (``lib/Slicer-X.Y/qt-scripted-modules``) beside ``AgentRegistrationLib``. Source tree: each module
+    has its own folder and the engine is in ``AgentRegistration/``.
+    """
+    module_dir = Path(module_file).resolve().parent
+    for candidate in (module_dir, module_dir.parent / "AgentRegistration"):
+        if (candidate / ENGINE_PACKAGE / "cli.py").is_file():
+            return candidate
+    raise FileNotFoundError(f"the engine package {ENGINE_PACKAGE} is neither beside {module_file} nor in "
+                            f"{module_dir.parent / 'AgentRegistration'}; reinstall the AgentRegistration extension")
+
+
+def resource_dirs(module_file: str | Path) -> tuple[Path, ...]:
+    """Folders that may hold the extension's resources (requirements.txt, Models/, SampleData/).
+
+    Installed: ``Resources`` beside the module; source tree: the repository's top-level ``Resources``.
+    """
+    module_dir = Path(module_file).resolve().parent
+    return tuple(d for d in (module_dir / "Resources", module_dir.parent / "Resources") if d.is_dir())
+
+
+def resource_file(module_file: str | Path, *parts: str) -> Path | None:
+    """First existing ``Resources/<parts>`` for the module file, or None."""
+    for folder in resource_dirs(module_file):
+        if folder.joinpath(*parts).exists():
+            return folder.joinpath(*parts)
+    return None
+
+
+SAMPLE_DATA_DIR = "SampleData"
+SAMPLE_DATA = {"fixed": "case13_image.nii.gz", "fixed_label": "case13_label.nii.gz",
+               "moving": "case17_image.nii.gz", "moving_label": "case17_label.nii.gz"}
+"""The real prostate pair shipped in ``Resources/SampleData`` (see its README) for "Load sample data"."""
+
+
+def sample_data_files(module_file: str | Path) -> dict[str, Path]:
+    """The shipped sample pair's files; ``FileNotFoundError`` naming what is missing (never silently empty)."""
+    folder = resource_file(module_file, SAMPLE_DATA_DIR)
+    files = {key: (folder / name if folder else Path(SAMPLE_DATA_DIR) / name) for key, name in SAMPLE_DATA.items()}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"sample data missing: {', '.join(missing)}; reinstall the AgentRegistration extension")
+    return files
+
+
+def available_models(folders: Sequence[str | Path]) -> dict[str, Path]:
+    """Model bundles ``<folder>/<name>.pt`` by name; a later folder's model replaces an earlier one's.
+
+    Read afresh on every call, so a list built from it shows models trained or copied in meanwhile.
+    """
+    models: dict[str, Path] = {}
+    for folder in folders:
+        folder = Path(folder)
+        if folder.is_dir():
+            models.update({p.stem: p for p in sorted(folder.glob(f"*{MODEL_SUFFIX}")) if p.is_file()})
+    return models
+
+
+def default_model(models: dict[str, Path], dim: int = 3) -> Path | None:
+    """The model a user meets first: ``prostate-3d`` (Slicer holds every volume as 3-D), else any."""
+    preferred = f"prostate-{dim}d"
+    if preferred in models:
+        return models[preferred]
+    return next(iter(models.values()), None)
+
+
+def install_model(bundle: str | Path, folder: str | Path) -> Path:
+    """Copy a trained bundle into ``folder`` (a temporary name, then rename) and return the copy."""
+    bundle, folder = Path(bundle), Path(folder)
+    if not bundle.is_file():
+        raise FileNotFoundError(f"trained model {bundle} not found")
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / bundle.name
+    partial = target.with_name(target.name + ".partial")
+    shutil.copyfile(bundle, partial)
+    os.replace(partial, target)
+    return target
+
+
+# ====================================================================================== worker job
+class JobState(enum.Enum):
+    """State of a worker job; it drives the Apply/Cancel button and the progress bar of both modules."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    CANCEL_REQUESTED = "cancel requested"
+    FAILED = "failed"
+    SUCCEEDED = "succeeded"
+
+
+def worker_environment(module_dir: str | Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for the worker: ``module_dir`` (holding ``AgentRegistrationLib``) first on PYTHONPATH."""
+    env = dict(os.environ if base is None else base)
+    paths = [str(module_dir)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class WorkerProcess:
+    """A worker process whose stdout lines are parsed into messages by a reader thread.
+
+    The GUI polls :meth:`messages` from a timer, so Slicer never blocks on the pipe.
+    :meth:`cancel` kills the worker and everything it started (its process group).
+    """
+
+    def __init__(self, command: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None):
+        self.command = command
+        self.env = env
+        self.cwd = cwd
+        self.process: subprocess.Popen | None = None
+        self.stderr_lines: list[str] = []
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Start the process and its reader threads."""
+        kwargs: dict[str, Any] = {}
+        if sys.platform == "win32":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+        else:
+            kwargs["start_new_session"] = True
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        stdin=subprocess.DEVNULL, text=True, bufsize=1, env=self.env,
+                                        cwd=self.cwd, **kwargs)
+        self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _read_stdout(self) -> None:
+        for line in self.process.stdout:
+            if line.strip():
+                self._queue.put(parse_progress_line(line))
+        self.process.stdout.close()
+
+    def _read_stderr(self) -> None:
+        for line in self.process.stderr:
+            self.stderr_lines.append(line.rstrip("\n"))
+        self.process.stderr.close()
+
+    def messages(self) -> list[dict[str, Any]]:
+        """Messages that arrived since the last call (never blocks)."""
+        out = []
+        while True:
+            try:
+                out.append(self._queue.get_nowait())
+            except queue.Empty:
+                return out
+
+    def is_running(self) -> bool:
+        """True while the process has not exited."""
+        return self.process is not None and self.process.poll() is None
+
+    def finished(self) -> bool:
+        """True once the process has exited and its output has been read completely."""
+        return (self.process is not None and self.process.poll() is not None
+                and not any(t.is_alive() for t in self._threads))
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status, None while running."""
+        return None if self.process is None else self.process.poll()
+
+    def error_text(self, last_lines: int = 20) -> str:
+        """The last lines the worker wrote to stderr, for an error message."""
+        return "\n".join(self.stderr_lines[-last_lines:])
+
+    def cancel(self, timeout: float = 5.0) -> None:
+        """Kill the worker and the processes it started, then wait for it."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        if sys.platform == "win32":
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        else:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait(timeout=timeout)
+
+
+class WorkerJob:
+    """One or more worker commands run one after another, with the temporary folder they use.
+
+    The GUI calls :meth:`poll` from a timer: it returns the messages that arrived, starts the next
+    command when one has succeeded, and records the first failure (an error message of the worker,
+    else its stderr, else its exit status) in :attr:`error`. :meth:`cancel` kills the running worker;
+    :meth:`cleanup` removes ``folder`` unless ``keep_folder``.
+    """
+
+    def __init__(self, commands: Sequence[Sequence[str]], env: dict[str, str] | None = None,
+                 folder: str | Path | None = None, keep_folder: bool = False):
+        if not commands:
+            raise ValueError("a worker job needs at least one command")
+        self.commands = [list(c) for c in commands]
+        self.env = env
+        self.folder = Path(folder) if folder is not None else None
+        self.keep_folder = keep_folder
+        self.stage_number = 0  # 1-based number of the command running (0: none started)
+        self.worker: WorkerProcess | None = None
+        self.error = ""
+        self.cancelled = False
+        self.last_done: dict[str, Any] | None = None
+
+    def start(self) -> WorkerJob:
+        self._start_next()
+        return self
+
+    def _start_next(self) -> None:
+        self.worker = WorkerProcess(self.commands[self.stage_number], env=self.env)
+        self.worker.start()
+        self.stage_number += 1
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Messages since the last call; advances to the next command and records failures."""
+        if self.worker is None:
+            return []
+        finished = self.worker.finished()  # before draining: then every line is already queued
+        messages = self.worker.messages()
+        for message in messages:
+            if message.get("stage") == STAGE_ERROR and not self.error:
+                self.error = str(message.get("message", ""))
+            elif message.get("stage") == STAGE_DONE:
+                self.last_done = message
+        if finished and not self.cancelled and not self.error:
+            if self.worker.returncode != 0:
+                self.error = self.worker.error_text() or f"the worker exited with status {self.worker.returncode}"
+            elif self.stage_number < len(self.commands):
+                self._start_next()
+        return messages
+
+    def done(self) -> bool:
+        """True when the job has ended: all commands succeeded, one failed, or it was cancelled."""
+        if self.worker is None:
+            return False
+        if self.cancelled or self.error:
+            return self.worker.finished() or not self.worker.is_running()
+        return self.stage_number == len(self.commands) and self.worker.finished()
+
+    @property
+    def succeeded(self) -> bool:
+        return self.done() and not self.cancelled and not self.error and self.worker.returncode == 0
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> list[dict[str, Any]]:
+        """Poll until done (for scripts and tests); returns every message. ``TimeoutError`` after ``timeout`` s."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        messages = []
+        while not self.done():
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                raise TimeoutError(f"worker job did not end within {timeout} s")
+            messages += self.poll()
+            time.sleep(interval)
+        return messages + self.poll()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.worker is not None:
+            self.worker.cancel()
+
+    def cleanup(self) -> None:
+        """Remove the job's temporary folder unless it is to be kept."""
+        if self.folder is not None and not self.keep_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
