@@ -37,10 +37,9 @@ def _installed_files(module: str) -> dict[str, Path]:
             name, rest = words[1], words[2:]
             relative = rest[1] if rest[0] == "RELATIVE" else None
             patterns = rest[2:] if relative else rest
-            found = [p for pattern in patterns for p in sorted(Path(source_dir).glob(pattern))
-                     if not Path(pattern).is_absolute()]
-            found += [p for pattern in patterns if Path(pattern).is_absolute()
-                      for p in sorted(Path(pattern).parent.glob(Path(pattern).name))]
+            found = [p for pattern in patterns
+                     for p in sorted(Path(pattern).parent.glob(Path(pattern).name) if Path(pattern).is_absolute()
+                                     else Path(source_dir).glob(pattern))]
             lists[name] = [str(p.relative_to(relative)) if relative else str(p) for p in found]
         elif command == "list" and words[0] == "APPEND":
             lists.setdefault(words[1], []).extend(w for item in words[2:] for w in _expand_list(item, lists))
