@@ -1,0 +1,195 @@
+"""The learned organ localiser: geometry of the map back to physical space, storage, training, shipped weights."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from AgentRegistrationLib.localisation import BOX_SPREADS, localisation_from_label
+from AgentRegistrationLib.localiser import (
+    LocaliserConfig,
+    OrganLocaliser,
+    _resample,
+    load_localiser,
+    localisation_from_probability,
+    localise,
+    localiser_from_payload,
+    localiser_grid,
+    localiser_to_payload,
+    train_localiser,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "Resources" / "Models"
+TINY3 = LocaliserConfig(dim=3, grid=(16, 16, 8), channels=(2, 4))
+TINY2 = LocaliserConfig(dim=2, grid=(16, 16), channels=(2, 4), spread_scale=(1.0, 1.0))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def blob(size=(40, 32, 12), centre=(22.0, 12.0, 5.0), radius=(6.0, 4.0, 2.5)) -> np.ndarray:
+    """An ellipsoid mask, array order (z, y, x); size, centre and radius in ITK order (x, y, z)."""
+    grids = np.meshgrid(*[np.arange(n, dtype=float) for n in reversed(size)], indexing="ij")
+    r = sum(((g - c) / rr) ** 2 for g, c, rr in zip(grids, reversed(centre), reversed(radius), strict=True))
+    return (r <= 1).astype(np.uint8)
+
+
+def image_of(array: np.ndarray, origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0), direction=None) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    if direction is not None:
+        image.SetDirection(direction)
+    return image
+
+
+FLIPPED = (-1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0)  # x flipped, y and z swapped (a proper rotation+flip)
+GEOMETRIES = [
+    {},
+    {"origin": (40.0, 0.0, 0.0)},
+    {"origin": (-12.5, 30.0, 7.0), "spacing": (0.4, 0.7, 3.0)},
+    {"origin": (5.0, -3.0, 2.0), "spacing": (0.5, 0.5, 2.5), "direction": FLIPPED},
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_localiser_grid_spans_the_field_of_view(geometry):
+    image = image_of(blob(), **geometry)
+    grid = localiser_grid(image, (10, 8, 6))
+    n, m = np.array(image.GetSize()), np.array([10, 8, 6])
+    first = np.array(image.TransformPhysicalPointToContinuousIndex(grid.GetOrigin()))
+    last = np.array(image.TransformPhysicalPointToContinuousIndex(grid.TransformIndexToPhysicalPoint([9, 7, 5])))
+    np.testing.assert_allclose(first, -0.5 + 0.5 * n / m, atol=1e-9)
+    np.testing.assert_allclose(last, n - 0.5 - 0.5 * n / m, atol=1e-9)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_a_mask_mapped_through_the_localiser_grid_keeps_its_centre_and_spread(geometry):
+    """A probability map = the mask resampled onto the localiser grid gives the mask's localisation back."""
+    label = image_of(blob(), **geometry)
+    mask = sitk.Cast(label, sitk.sitkFloat32)
+    grid = localiser_grid(label, (20, 16, 12))
+    p = _resample(mask, grid).astype(np.float64)
+    true = localisation_from_label(label)
+    found = localisation_from_probability(p, grid, "p")
+    voxel = np.array(grid.GetSpacing())
+    np.testing.assert_allclose(found.centre, true.centre, atol=0.1 * voxel.max())
+    blur = np.sqrt(np.maximum(found.spread**2 - true.spread**2, 0))  # smoothing and interpolation add variance
+    assert np.all(found.spread > 0.98 * true.spread) and np.all(blur < voxel), (found.spread, true.spread, voxel)
+
+
+def test_localise_follows_the_image_geometry_exactly():
+    """The same array under any origin, spacing or direction: the same continuous index, spread in voxels."""
+    torch.manual_seed(0)
+    localiser = OrganLocaliser(TINY3).eval()
+    array = blob().astype(np.int16) * 200 + 50
+    reference = localise(localiser, image_of(array))
+    for geometry in GEOMETRIES[1:]:
+        image = image_of(array, **geometry)
+        loc = localise(localiser, image)
+        index = np.array(image.TransformPhysicalPointToContinuousIndex(loc.centre.tolist()))
+        np.testing.assert_allclose(index, reference.centre, atol=1e-4)  # reference: unit spacing at the origin
+        np.testing.assert_allclose(loc.spread / np.array(image.GetSpacing()), reference.spread, rtol=1e-4)
+
+
+def test_an_image_moved_40_mm_moves_the_centre_by_40_mm():
+    torch.manual_seed(1)
+    localiser = OrganLocaliser(TINY3).eval()
+    array = blob().astype(np.int16) * 300
+    here = localise(localiser, image_of(array, origin=(1.0, 2.0, 3.0), spacing=(0.6, 0.6, 3.0)))
+    there = localise(localiser, image_of(array, origin=(41.0, 2.0, 3.0), spacing=(0.6, 0.6, 3.0)))
+    np.testing.assert_allclose(there.centre - here.centre, [40.0, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(there.spread, here.spread, rtol=1e-6)
+
+
+def test_refinement_is_in_the_image_space_too():
+    torch.manual_seed(2)
+    localiser = OrganLocaliser(TINY3).eval()
+    array = blob().astype(np.int16) * 300
+    a = localise(localiser, image_of(array), refine=True)
+    b = localise(localiser, image_of(array, origin=(0.0, -40.0, 0.0)), refine=True)
+    np.testing.assert_allclose(b.centre - a.centre, [0.0, -40.0, 0.0], atol=1e-6)
+
+
+def test_payload_round_trip_through_weights_only_load():
+    torch.manual_seed(3)
+    localiser = OrganLocaliser(TINY2).eval()
+    buffer = io.BytesIO()
+    torch.save(localiser_to_payload(localiser), buffer)
+    buffer.seek(0)
+    again = localiser_from_payload(torch.load(buffer, weights_only=True))
+    assert again.config == localiser.config
+    x = torch.rand(1, 1, 16, 16)
+    torch.testing.assert_close(again(x), localiser(x))
+
+
+def test_a_bad_payload_raises_a_clear_error():
+    payload = localiser_to_payload(OrganLocaliser(TINY2))
+    with pytest.raises(ValueError, match="not an organ-localiser payload"):
+        localiser_from_payload({"config": {}})
+    with pytest.raises(ValueError, match="version"):
+        localiser_from_payload({**payload, "version": 99})
+    with pytest.raises(ValueError, match="corrupt"):
+        localiser_from_payload({**payload, "state": {}})
+    with pytest.raises(ValueError, match="corrupt"):
+        localiser_from_payload({**payload, "config": {**payload["config"], "dim": 5}})
+
+
+def test_a_missing_file_raises_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="cannot read the organ localiser"):
+        load_localiser(tmp_path / "none.pt")
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="dim"):
+        LocaliserConfig(dim=4)
+    with pytest.raises(ValueError, match="multiples"):
+        LocaliserConfig(dim=3, grid=(30, 30, 10), channels=(4, 8, 16, 32))
+    with pytest.raises(ValueError, match="weighting"):
+        LocaliserConfig(weighting="mean")
+
+
+def test_wrong_dimension_and_empty_map_are_user_errors():
+    with pytest.raises(ValueError, match="2-D but the image is 3-D"):
+        localise(OrganLocaliser(TINY2), image_of(blob()))
+    grid = localiser_grid(image_of(blob()), (16, 16, 8))
+    with pytest.raises(ValueError, match="no organ"):
+        localisation_from_probability(np.zeros((8, 16, 16)), grid)
+
+
+def test_short_real_training_returns_a_finite_localisation(grid128):
+    images = [sitk.ReadImage(str(grid128 / f"{c}_image.nii.gz"), sitk.sitkFloat32) for c in ("case00", "case04")]
+    labels = [sitk.ReadImage(str(grid128 / f"{c}_label.nii.gz")) for c in ("case00", "case04")]
+    localiser = train_localiser(images, labels, TINY3, iterations=3, seed=0)
+    loc = localise(localiser, images[0])
+    assert np.all(np.isfinite(loc.centre)) and np.all(loc.spread > 0)
+    assert localiser.config.spread_scale != (1.0, 1.0, 1.0)  # calibrated on the training images
+
+
+def _model_voxel_error(loc, true, dim):
+    model_size = np.array({2: (100, 100), 3: (75, 75, 20)}[dim])
+    return np.linalg.norm((loc.centre - true.centre) / (np.array(BOX_SPREADS[dim]) * true.spread / (model_size - 1)))
+
+
+@pytest.mark.parametrize("dim", [3, 2])
+def test_the_shipped_localiser_finds_the_prostate_of_validation_subjects(native, grid128, dim):
+    path = MODELS / f"localiser-{dim}d.pt"
+    if not path.exists():
+        pytest.skip(f"no shipped localiser at {path}")
+    localiser = load_localiser(path)
+    for folder, case in ((native, "case46"), (grid128, "case02")):  # validation subjects of the fixed split
+        image = sitk.ReadImage(str(folder / f"{case}_image.nii.gz"))
+        label = sitk.ReadImage(str(folder / f"{case}_label.nii.gz"))
+        if dim == 2:
+            z = int(round(float(np.argwhere(sitk.GetArrayViewFromImage(label) > 0)[:, 0].mean())))
+            image, label = image[:, :, z], label[:, :, z]
+        loc, true = localise(localiser, image), localisation_from_label(label)
+        assert _model_voxel_error(loc, true, dim) < 6.0, (case, loc, true)
+        assert np.all((loc.spread / true.spread > 0.6) & (loc.spread / true.spread < 1.6)), (case, loc, true)

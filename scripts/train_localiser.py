@@ -1,0 +1,268 @@
+"""Train the learned organ localiser (AgentRegistrationLib.localiser) and evaluate it on the validation subjects.
+
+Trains on the training subjects of ``--split`` found in each ``--data`` folder (default: both PROMISE12 folders,
+``native`` as users load it and ``grid128``; the same subjects, two fields of view and voxel grids), on the CPU,
+for ``--minutes``. A 3-D localiser trains on the volumes; a 2-D one on the axial slices through each training
+subject's prostate centroid and its neighbours (slices whose prostate area is at least half the centroid slice's).
+
+Evaluation, per validation subject of each ``--eval-data`` folder (2-D: the axial slice through the centroid),
+against the label's centre and spread (``localisation.localisation_from_label``): the centre error per image
+axis in model voxels (one model voxel along axis a = BOX_SPREADS[dim][a] * true spread_a / (model size_a - 1),
+model grid 100x100 or 75x75x20), its norm, and the predicted/true spread per axis; for the localiser as trained
+(weighting and refinement as its config says) and for the other weightings/refinement (to choose them), and for
+the naive baseline "image centre with the median training spread" (of the same folder). Writes the weights
+(``--out``) and a Markdown report (``--report``) that names the command that made it.
+
+    python scripts/train_localiser.py --dim 3 --out Resources/Models/localiser-3d.pt --report results/localiser_3d.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from AgentRegistrationLib.localisation import BOX_SPREADS, Localisation, localisation_from_label
+from AgentRegistrationLib.localiser import (
+    WEIGHTINGS,
+    LocaliserConfig,
+    OrganLocaliser,
+    TrainingLog,
+    calibrate_spread,
+    load_localiser,
+    localise,
+    save_localiser,
+    train_localiser,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "promise12"
+MODEL_SIZE = {2: (100, 100), 3: (75, 75, 20)}
+
+
+def load_subject(folder: Path, name: str) -> tuple[sitk.Image, sitk.Image] | None:
+    image, label = folder / f"{name}_image.nii.gz", folder / f"{name}_label.nii.gz"
+    if not image.exists() or not label.exists():
+        return None
+    return sitk.ReadImage(str(image), sitk.sitkFloat32), sitk.ReadImage(str(label), sitk.sitkUInt8)
+
+
+def centroid_slice(label: sitk.Image) -> int:
+    mask = sitk.GetArrayViewFromImage(label) > 0
+    return int(round(float(np.argwhere(mask)[:, 0].mean())))
+
+
+def training_slices(image: sitk.Image, label: sitk.Image) -> list[tuple[sitk.Image, sitk.Image]]:
+    """The axial slice through the prostate centroid and neighbours (within 2) with at least half its area."""
+    mask = sitk.GetArrayViewFromImage(label) > 0
+    z0 = centroid_slice(label)
+    area0 = mask[z0].sum()
+    out = []
+    for z in range(max(0, z0 - 2), min(mask.shape[0], z0 + 3)):
+        if mask[z].sum() >= 0.5 * area0 and mask[z].any():
+            out.append((image[:, :, z], label[:, :, z]))
+    return out
+
+
+def subjects_of(folder: Path, names: list[str], dim: int, training: bool) -> list[tuple[str, sitk.Image, sitk.Image]]:
+    out = []
+    for name in names:
+        pair = load_subject(folder, name)
+        if pair is None:
+            continue
+        image, label = pair
+        if dim == 3:
+            out.append((name, image, label))
+        elif training:
+            out.extend((name, im, lab) for im, lab in training_slices(image, label))
+        else:
+            z = centroid_slice(label)
+            out.append((name, image[:, :, z], label[:, :, z]))
+    return out
+
+
+def centre_error(pred: Localisation, true: Localisation, image: sitk.Image, dim: int) -> np.ndarray:
+    """Centre error along each image axis, in model voxels of the true localisation's crop box."""
+    direction = np.array(image.GetDirection()).reshape(dim, dim)
+    along_axes = direction.T @ (np.asarray(pred.centre) - np.asarray(true.centre))
+    model_voxel = np.array(BOX_SPREADS[dim]) * np.asarray(true.spread) / (np.array(MODEL_SIZE[dim]) - 1)
+    return along_axes / model_voxel
+
+
+def image_centre(image: sitk.Image) -> np.ndarray:
+    return np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+
+
+def with_settings(localiser: OrganLocaliser, calibration, **changes) -> OrganLocaliser:
+    """The same network with other settings, its spread calibrated again on ``calibration`` (training) cases."""
+    out = OrganLocaliser(replace(localiser.config, **changes))
+    out.load_state_dict(localiser.state_dict())
+    return calibrate_spread(out, [c[1] for c in calibration], [c[2] for c in calibration])
+
+
+def evaluate(localiser: OrganLocaliser, cases, median_spread: np.ndarray, dim: int, calibration=None) -> dict:
+    """Per method: per subject (name, error per axis, norm, spread ratio per axis)."""
+    methods = {"localiser (as shipped)": localiser}
+    for weighting in WEIGHTINGS if calibration else ():
+        for refine in (False, True):
+            methods[f"{weighting}{' + refine' if refine else ''}"] = with_settings(localiser, calibration,
+                                                                               weighting=weighting, refine=refine)
+    rows: dict[str, list] = {name: [] for name in [*methods, "baseline: image centre, median spread"]}
+    for name, image, label in cases:
+        true = localisation_from_label(label)
+        for method, loc in methods.items():
+            t = time.perf_counter()
+            try:
+                pred = localise(loc, image)
+            except ValueError:
+                pred = Localisation(image_centre(image), median_spread, "failed")
+            seconds = time.perf_counter() - t
+            err = centre_error(pred, true, image, dim)
+            rows[method].append((name, err, float(np.linalg.norm(err)), pred.spread / true.spread, seconds))
+        base = Localisation(image_centre(image), median_spread, "baseline")
+        err = centre_error(base, true, image, dim)
+        rows["baseline: image centre, median spread"].append((name, err, float(np.linalg.norm(err)),
+                                                             base.spread / true.spread, 0.0))
+    return rows
+
+
+def summary_table(rows: dict, dim: int) -> list[str]:
+    axes = "xyz"[:dim]
+    head = (["method", "median norm", "max norm", "<= 3 voxels"] + [f"median abs {a}" for a in axes]
+            + [f"spread ratio {a} median [min, max]" for a in axes] + ["seconds"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, entries in rows.items():
+        errs = np.array([e[1] for e in entries])
+        norms = np.array([e[2] for e in entries])
+        ratios = np.array([e[3] for e in entries])
+        cells = [method, f"{np.median(norms):.2f}", f"{norms.max():.2f}", f"{(norms <= 3).sum()}/{len(norms)}"]
+        cells += [f"{np.median(np.abs(errs[:, a])):.2f}" for a in range(dim)]
+        cells += [f"{np.median(ratios[:, a]):.2f} [{ratios[:, a].min():.2f}, {ratios[:, a].max():.2f}]" for a in range(dim)]
+        cells.append(f"{np.median([e[4] for e in entries]):.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def subject_table(rows: dict, method: str, dim: int) -> list[str]:
+    axes = "xyz"[:dim]
+    head = ["subject"] + [f"error {a}" for a in axes] + ["norm"] + [f"spread ratio {a}" for a in axes] + ["baseline norm"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = {e[0]: e for e in rows["baseline: image centre, median spread"]}
+    for name, err, norm, ratio, _ in rows[method]:
+        cells = [name] + [f"{v:+.2f}" for v in err] + [f"{norm:.2f}"] + [f"{v:.2f}" for v in ratio] + [f"{base[name][2]:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dim", type=int, choices=(2, 3), required=True)
+    parser.add_argument("--data", type=Path, action="append", help="training folder(s) (default: native and grid128)")
+    parser.add_argument("--eval-data", type=Path, action="append", help="evaluation folder(s) (default: as --data)")
+    parser.add_argument("--split", type=Path, default=REPO / "Resources" / "promise12_split.json")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--report", type=Path, required=True)
+    parser.add_argument("--minutes", type=float, default=8.0)
+    parser.add_argument("--iterations", type=int, default=100000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, help="continue training from this saved localiser (its config is kept)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default=None, help="shipped weighting (default: config's)")
+    parser.add_argument("--refine", choices=("yes", "no"), default=None, help="shipped refinement (default: config's)")
+    args = parser.parse_args(argv)
+    if args.minutes <= 0:
+        parser.error(f"--minutes must be positive, not {args.minutes}")
+    torch.set_num_threads(args.threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    data = args.data or [DATA / "native", DATA / "grid128"]
+    eval_data = args.eval_data or data
+    split = json.loads(args.split.read_text())
+    command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *(argv or sys.argv[1:])])
+
+    train_cases, spreads = [], {}
+    for folder in data:
+        cases = subjects_of(folder, split["train"], args.dim, training=True)
+        if not cases:
+            parser.error(f"--data {folder}: no training subject of {args.split} found there")
+        train_cases += cases
+        print(f"{folder}: {len(cases)} training {'volumes' if args.dim == 3 else 'slices'}", flush=True)
+    for folder in eval_data:  # median true spread of the training subjects (centroid slice in 2-D), per folder
+        cases = subjects_of(folder, split["train"], args.dim, training=False)
+        spreads[folder] = np.median([localisation_from_label(lab).spread for _, _, lab in cases], axis=0)
+
+    config = LocaliserConfig.default(args.dim)
+    if args.weighting:
+        config = replace(config, weighting=args.weighting)
+    if args.refine:
+        config = replace(config, refine=args.refine == "yes")
+    log = TrainingLog()
+    initial, before = None, {"iterations": 0, "seconds": 0.0, "runs": []}
+    if args.init:
+        initial = load_localiser(args.init)
+        config = initial.config
+        before = torch.load(args.init, map_location="cpu", weights_only=True).get("training", before)
+
+    def progress(it, loss, seconds):
+        if it % 100 == 0:
+            print(f"iteration {it} loss {loss:.4f} {seconds:.0f} s", flush=True)
+
+    calibration = train_cases
+    localiser = train_localiser([c[1] for c in train_cases], [c[2] for c in train_cases], config,
+                                iterations=args.iterations, time_limit=args.minutes * 60, seed=args.seed,
+                                progress=progress, log=log, initial=initial)
+    total_iterations, total_seconds = int(before["iterations"]) + log.iterations, float(before["seconds"]) + log.seconds
+    runs = [*before.get("runs", []), command]
+    print(f"trained {log.iterations} batches in {log.seconds:.0f} s; spread scale {localiser.config.spread_scale}")
+    save_localiser(localiser, args.out, {"training": {"subjects": sorted({c[0] for c in train_cases}),
+                                                      "data": [f.name for f in data], "iterations": total_iterations,
+                                                      "seconds": round(total_seconds, 1), "seed": args.seed,
+                                                      "runs": runs}})
+    size_kb = args.out.stat().st_size / 1024
+
+    lines = [f"# Learned localiser, {args.dim}-D: validation", "",
+             "Made by " + ", then ".join(f"`{r}`" for r in runs)
+             + f" (CPU, {args.threads} thread(s), torch {torch.__version__}, {platform.machine()}; the machine was "
+             "shared with other jobs, so the batches per minute vary).", "",
+             f"Trained on {len(train_cases)} training {'volumes' if args.dim == 3 else 'slices'} of "
+             f"{len({c[0] for c in train_cases})} training subjects from {', '.join(f.name for f in data)}: "
+             f"{total_iterations} batches of {config.batch_size} in {total_seconds / 60:.1f} min (1 CPU thread), "
+             f"final loss {np.mean(log.losses[-50:]):.3f}. Weights `{args.out.name}`: {size_kb:.0f} KB.", "",
+             f"Config: `{json.dumps(localiser.config.to_dict())}`", "",
+             "Centre error in model voxels of the crop box placed on the label's localisation (one model voxel along "
+             f"axis a = BOX_SPREADS[{args.dim}][a] x true spread_a / (model size_a - 1), model grid "
+             f"{'x'.join(map(str, MODEL_SIZE[args.dim]))}); spread ratio = predicted / true. "
+             + ("2-D: the axial slice through each subject's prostate centroid. " if args.dim == 2 else "")
+             + "The issue's target is a median norm of at most 3 model voxels. Rows other than the first and the "
+             "baseline show the same network with another weighting of its probability map (p, p squared, the "
+             "largest p > 0.5 component) and with/without the second, finer pass around the first answer (spread "
+             "calibrated again for each on a third of the training cases); they "
+             "were measured to choose the shipped setting, so they are not a held-out figure for that choice.", ""]
+    for folder in eval_data:
+        cases = subjects_of(folder, split["validation"], args.dim, training=False)
+        rows = evaluate(localiser, cases, spreads[folder], args.dim, calibration[::3])
+        lines += [f"## {folder.name}: {len(cases)} validation subjects", "",
+                  f"Baseline spread (median of the training subjects here): {np.round(spreads[folder], 2).tolist()}", "",
+                  *summary_table(rows, args.dim), "", "Per subject, the localiser as shipped:", "",
+                  *subject_table(rows, "localiser (as shipped)", args.dim), ""]
+        train_rows = evaluate(localiser, subjects_of(folder, split["train"], args.dim, training=False)[:12],
+                              spreads[folder], args.dim)
+        norms = [e[2] for e in train_rows["localiser (as shipped)"]]
+        lines += [f"Fit check on 12 training subjects of {folder.name} (as shipped): median norm "
+                  f"{np.median(norms):.2f}, max {np.max(norms):.2f}.", ""]
+        print("\n".join(summary_table(rows, args.dim)), flush=True)
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text("\n".join(lines))
+    print(f"wrote {args.out} ({size_kb:.0f} KB) and {args.report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
