@@ -21,6 +21,7 @@ import vtk
 from AgentRegistrationLib import mrml, protocol
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
+    vtkMRMLMarkupsFiducialNode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
     vtkMRMLTableNode,
@@ -150,6 +151,7 @@ class AgentRegistrationParameterNode:
     movingVolume: vtkMRMLScalarVolumeNode
     fixedSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]  # noqa: UP007
     movingSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]  # noqa: UP007
+    fixedPoint: vtkMRMLMarkupsFiducialNode  # its first point: the prostate's centre on the fixed volume
     modelPath: Path
     device: Annotated[str, Choice(list(protocol.DEVICE_CHOICES))] = "Auto"
     steps: Annotated[int, WithinRange(0, 10000)] = 0  # 0: the model's default
@@ -307,7 +309,7 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             p = self._parameterNode
             self._job = self.logic.startRegistration(
                 p.fixedVolume, p.movingVolume, p.modelPath, p.fixedSegmentation, p.movingSegmentation,
-                device=p.device, steps=p.steps, fuzzyActionControl=p.fuzzyActionControl, fuzzyK=p.fuzzyK,
+                fixedPoint=p.fixedPoint, device=p.device, steps=p.steps, fuzzyActionControl=p.fuzzyActionControl, fuzzyK=p.fuzzyK,
                 seed=p.seed, saveStepsEvery=p.saveStepsEvery, keepTemporaryFiles=p.keepTemporaryFiles)
             self.ui.progressBar.setRange(0, 0)  # busy until the worker reports its first step
             self.setState(JobState.RUNNING, _("Starting the worker..."))
@@ -320,10 +322,10 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             if message.get("stage") == protocol.STAGE_LOG:
                 logging.info(message.get("message", ""))
                 continue
-            fraction = protocol.progress_fraction(message)
-            if fraction is not None:
-                self.ui.progressBar.setRange(0, int(message["total"]))
-                self.ui.progressBar.value = int(message["done"])
+            bar = protocol.progress_range(message)  # each stage from its start; (0, 0): busy
+            if bar is not None:
+                self.ui.progressBar.setRange(bar[0], bar[1])
+                self.ui.progressBar.value = bar[2]
             if self._state == JobState.RUNNING:
                 self.ui.statusLabel.text = protocol.progress_text(message)
         if not job.done():
@@ -377,17 +379,19 @@ class AgentRegistrationLogic(ScriptedLoadableModuleLogic):
         return AgentRegistrationParameterNode(super().getParameterNode())
 
     def startRegistration(self, fixedVolume, movingVolume, model, fixedSegmentation=None,
-                          movingSegmentation=None, device: str = "Auto", steps: int | None = None,
+                          movingSegmentation=None, fixedPoint=None, device: str = "Auto", steps: int | None = None,
                           fuzzyActionControl: bool = True, fuzzyK: float | None = None, seed: int = 0,
                           saveStepsEvery: int = 10, keepTemporaryFiles: bool = False) -> mrml.RegistrationJob:
         """Check the inputs, write them to a temporary folder and start the worker (``agentreg register``).
 
         ``model``: a listed model's name or a .pt file; ``steps``/``fuzzyK`` 0 or None: the model's defaults.
+        ``fixedPoint``: a markups point list whose first point marks the prostate on the fixed volume. A 2-D model
+        registers a single-slice volume (its results come back onto the slice).
         """
         model = Path(availableModels().get(str(model), model))
         return mrml.start_registration(
             workerPython(), protocol.engine_dir(__file__), fixedVolume, movingVolume, model,
-            fixed_segmentation=fixedSegmentation, moving_segmentation=movingSegmentation,
+            fixed_segmentation=fixedSegmentation, moving_segmentation=movingSegmentation, fixed_point=fixedPoint,
             temporary_root=slicer.app.temporaryPath, keep_temporary_files=keepTemporaryFiles, device=device,
             steps=steps, seed=seed, fuzzy_action_control=fuzzyActionControl, fuzzy_k=fuzzyK,
             save_steps=saveStepsEvery)

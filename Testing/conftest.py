@@ -43,24 +43,26 @@ TINY_SUBJECTS = ["case00", "case04", "case06", "case07"]
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(grid128, tmp_path_factory):
-    """``tiny_pipeline(dim)`` -> dict(gt=folder, sdm=path, bundle=path, subjects=names): constrained GT on
+    """``tiny_pipeline(dim[, crop])`` -> dict(gt=folder, sdm=path, bundle=path, subjects=names): constrained GT on
     4 real training subjects (12 pairs, few elastix iterations), a 4-mode SDM, and a compact network trained
-    for a few batches. Real parts end to end; small so that the suite stays fast. Built once per dimension."""
+    for a few batches. Real parts end to end; small so that the suite stays fast. Built once per dimension and
+    crop: ``crop="paper"`` (translation onto a template, the paper's box) or ``"organ"`` (each subject's box on
+    its own prostate; trained with the ``converge`` configuration)."""
     import torch
+    from AgentRegistrationLib.cli import model_geometry
     from AgentRegistrationLib.dataset import find_subjects, prepare_subject
-    from AgentRegistrationLib.geometry import ModelGeometry
     from AgentRegistrationLib.groundtruth import run_groundtruth
     from AgentRegistrationLib.image_io import read_image
     from AgentRegistrationLib.sdm_fitting import fit_from_groundtruth
     from AgentRegistrationLib.training import TrainingSet, config_by_name, train
 
-    built: dict[int, dict] = {}
+    built: dict[tuple[int, str], dict] = {}
 
-    def build(dim: int) -> dict:
-        if dim in built:
-            return built[dim]
-        root = tmp_path_factory.mktemp(f"tiny{dim}d")
-        geometry = ModelGeometry.paper(dim)
+    def build(dim: int, crop: str = "paper") -> dict:
+        if (dim, crop) in built:
+            return built[(dim, crop)]
+        root = tmp_path_factory.mktemp(f"tiny{dim}d{crop}")
+        geometry = model_geometry(dim, crop)
         subjects = find_subjects(grid128, TINY_SUBJECTS)
         template = read_image(subjects[0].image)
         for s in subjects:
@@ -75,12 +77,12 @@ def tiny_pipeline(grid128, tmp_path_factory):
                                                                "template": names[0], "subjects": names}))
         sdm, _, _ = fit_from_groundtruth(root / "gt", 4)
         sdm.save(root / "sdm.npz")
-        config = config_by_name("compact").with_overrides(
+        config = config_by_name("compact" if crop == "paper" else "converge").with_overrides(
             ["iterations=30", "batch_size=8", "checkpoint_every=1000", "validate_every=1000"])
         torch.manual_seed(0)
         train(config, TrainingSet.from_groundtruth(root / "gt"), sdm, geometry, root / "bundle.pt", torch.device("cpu"))
-        built[dim] = {"gt": root / "gt", "sdm": root / "sdm.npz", "bundle": root / "bundle.pt", "subjects": names,
-                      "geometry": geometry}
-        return built[dim]
+        built[(dim, crop)] = {"gt": root / "gt", "sdm": root / "sdm.npz", "bundle": root / "bundle.pt",
+                              "subjects": names, "geometry": geometry}
+        return built[(dim, crop)]
 
     return build

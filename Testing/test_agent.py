@@ -188,3 +188,34 @@ def test_stop_on_convergence_stops_when_the_agent_oscillates(agent, pairs):
         assert torch.all(torch.stack(result.trajectory.actions)[t_stop:, i] == -1)
         assert torch.equal(thetas[t_stop - 1:, i], thetas[t_stop - 1, i].expand(len(thetas) - t_stop + 1, -1))
         assert torch.equal(torch.stack(full.trajectory.theta)[:t_stop, i], thetas[:t_stop, i])
+
+
+class _ShiftedQ(torch.nn.Module):
+    """The real network's Q-values shifted down by ``shift``: a network that finds fewer and fewer moves worth
+    making (the stop rule is about the Q-values, not about what the network learned)."""
+
+    def __init__(self, network, shift: float):
+        super().__init__()
+        self.network, self.shift = network, shift
+
+    def forward(self, fixed, moving):
+        return self.network(fixed, moving) - self.shift
+
+
+def test_the_stop_rule_stops_a_pair_once_no_allowed_action_is_predicted_to_help(agent, bundle, pairs):
+    with torch.no_grad():
+        q = agent.network(*pairs)
+    shifted = Agent(_ShiftedQ(bundle.network, float(q.max(1).values.median())), bundle.sdm, bundle.geometry.size,
+                    bundle.action_steps, "cpu")
+    settings = AgentSettings(steps=200, seed=0, stop_when_no_action_helps=True, exploration=0.0)
+    result = shifted.run(*pairs, settings)
+    actions, qs = torch.stack(result.trajectory.actions), torch.stack(result.trajectory.q_values)
+    rejected = torch.stack(result.trajectory.rejected)
+    allowed_best = qs.masked_fill(rejected & ~rejected.all(2, keepdim=True), -1e9).max(2).values
+    for i, taken in enumerate(result.steps_taken):
+        assert (allowed_best[:taken, i] > 0).all()  # every step taken was predicted to help
+        if taken < len(actions):
+            assert allowed_best[taken, i] <= 0 and (actions[taken:, i] == -1).all()  # then it stopped for good
+    assert result.steps_taken.min() < 200  # with Q-values lowered, some pair stops before the cap
+    never = shifted.run(*pairs, AgentSettings(steps=5, seed=0, exploration=0.0))
+    assert (never.steps_taken == 5).all()  # without the rule the same agent runs every step

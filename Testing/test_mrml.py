@@ -445,3 +445,134 @@ def test_sample_pair_loads_as_volumes_and_segmentations(scene):
     for key in ("fixed_label", "moving_label"):
         assert nodes[key].IsA("vtkMRMLSegmentationNode")
         assert nodes[key].GetSegmentation().GetNumberOfSegments() == 1
+
+
+# ----------------------------------------------------------------------------- points and single slices
+
+
+def test_a_markups_point_reaches_the_engine_in_lps(scene):
+    markups = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "prostate")
+    markups.AddControlPoint(12.5, -30.0, 4.0)  # RAS
+    np.testing.assert_allclose(mrml.markups_point_lps(markups), [-12.5, 30.0, 4.0])
+    np.testing.assert_allclose(mrml.ras_from_lps(mrml.lps_from_ras((1.0, 2.0, 3.0))), (1.0, 2.0, 3.0))
+    command = protocol.register_command("python", Path("f"), Path("m"), Path("b.pt"), Path("o"),
+                                        fixed_point=mrml.markups_point_lps(markups))
+    from AgentRegistrationLib.cli import _point, build_parser
+
+    np.testing.assert_allclose(_point(build_parser().parse_args(command[3:]).fixed_point), [-12.5, 30.0, 4.0])
+
+
+def test_an_empty_markups_node_is_refused_by_name(scene):
+    with pytest.raises(ValueError, match="markups 'nothing' has no point: place one on the prostate"):
+        mrml.markups_point_lps(scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "nothing"))
+
+
+def test_a_single_slice_goes_to_its_2d_frame_and_back(promise_pair):
+    one_slice = promise_pair["moving"][:, :, 5:6]
+    plane = mrml.SlicePlane.of(one_slice)
+    flat = plane.to_2d(one_slice, "slice")
+    assert flat.GetDimension() == 2 and flat.GetOrigin() == (0.0, 0.0) and flat.GetDirection() == (1.0, 0.0, 0.0, 1.0)
+    back = plane.to_3d(flat)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(one_slice))
+    assert back.GetOrigin() == one_slice.GetOrigin() and back.GetDirection() == one_slice.GetDirection()
+    # a 2-D displacement (a, b) is a * u + b * v in LPS, u and v the slice's in-plane directions
+    field = sitk.Compose([sitk.Image(flat.GetSize(), sitk.sitkFloat64) + 2.0, sitk.Image(flat.GetSize(), sitk.sitkFloat64) - 1.0])
+    field.CopyInformation(flat)
+    columns = np.array(one_slice.GetDirection()).reshape(3, 3)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(plane.to_3d(field))[0, 3, 4], 2.0 * columns[:, 0] - columns[:, 1])
+    # a point on the slice: its in-plane offsets from the first voxel
+    point = one_slice.TransformIndexToPhysicalPoint((4, 7, 0))
+    np.testing.assert_allclose(plane.point_2d(point), np.multiply((4, 7), one_slice.GetSpacing()[:2]), atol=1e-9)
+
+
+def test_a_thick_volume_with_a_2d_model_names_the_slice_to_use(scene, promise_pair, tmp_path):
+    fixed = mrml.volume_node_from_sitk(promise_pair["fixed"], scene, "fixed")
+    moving = mrml.volume_node_from_sitk(promise_pair["moving"], scene, "moving")
+    model = REPO_MODELS / "prostate-2d.pt"
+    with pytest.raises(ValueError, match="2-D model but volume 'fixed' has 36 slices: .*slice 18, its middle one"):
+        mrml.start_registration(sys.executable, protocol.engine_dir(MODULE_FILE), fixed, moving, model,
+                                temporary_root=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_single_slice_with_a_3d_model_asks_for_a_2d_model(scene, promise_pair, tmp_path):
+    fixed = mrml.volume_node_from_sitk(promise_pair["fixed"][:, :, 3:4], scene, "fixed slice")
+    moving = mrml.volume_node_from_sitk(promise_pair["moving"][:, :, 3:4], scene, "moving slice")
+    with pytest.raises(ValueError, match="3-D model but volume 'fixed slice' is a single slice: choose a 2-D model"):
+        mrml.start_registration(sys.executable, protocol.engine_dir(MODULE_FILE), fixed, moving,
+                                REPO_MODELS / "prostate-3d.pt", temporary_root=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+REPO_MODELS = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+SLICE_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def slice_run(tiny_pipeline, grid128, tmp_path_factory):
+    """The real worker with the tiny 2-D model on two single-slice volumes as Slicer holds them (128x128x1,
+    oblique, parallel planes at different positions), both segmentations and a markups point on the fixed one."""
+    bundle = tiny_pipeline(2)["bundle"]
+    direction = _rotation((8.0, -6.0, 20.0))
+    with _mrml_scene() as mrml_scene:
+        nodes = {}
+        for role, case, index, origin in (("fixed", "13", 16, (-40.0, 25.5, -12.0)), ("moving", "17", 21, (-36.0, 22.0, -9.0))):
+            image, label = (sitk.ReadImage(str(grid128 / f"case{case}_{kind}.nii.gz"))[:, :, index:index + 1]
+                            for kind in ("image", "label"))
+            nodes[role] = mrml.volume_node_from_sitk(_oblique(image, direction, origin), mrml_scene, role)
+            nodes[f"{role}_label"] = mrml.segmentation_node_from_labelmap_sitk(
+                _oblique(label, direction, origin), mrml_scene, f"{role} prostate", nodes[role])
+        fixed_image = mrml.sitk_from_volume_node(nodes["fixed"])
+        markups = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "prostate centre")
+        markups.AddControlPoint(*mrml.ras_from_lps(fixed_image.TransformContinuousIndexToPhysicalPoint((64, 60, 0))))
+        registration = mrml.start_registration(
+            sys.executable, protocol.engine_dir(MODULE_FILE), nodes["fixed"], nodes["moving"], bundle,
+            fixed_segmentation=nodes["fixed_label"], moving_segmentation=nodes["moving_label"], fixed_point=markups,
+            temporary_root=tmp_path_factory.mktemp("slice_worker"), keep_temporary_files=True, device="CPU",
+            steps=SLICE_STEPS, save_steps=2)
+        messages = registration.job.wait(timeout=600)
+        assert registration.job.succeeded, registration.job.error
+        result = mrml.finish_registration(registration)
+        yield {"scene": mrml_scene, "nodes": nodes, "result": result, "messages": messages, "markups": markups,
+               "output": registration.output_dir, "command": registration.job.commands[0]}
+
+
+def test_a_2d_model_registers_a_single_slice_volume(slice_run):
+    warped = slice_run["result"].warped_volume
+    assert warped.GetImageData().GetDimensions() == (128, 128, 1)
+    expected, actual = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    slice_run["nodes"]["fixed"].GetIJKToRASMatrix(expected)
+    warped.GetIJKToRASMatrix(actual)
+    np.testing.assert_allclose(mrml._numpy_matrix(actual), mrml._numpy_matrix(expected), atol=1e-6)
+    engine = sitk.GetArrayFromImage(sitk.ReadImage(str(slice_run["output"] / protocol.WARPED)))
+    assert engine.ndim == 2  # the worker registered a 2-D image ...
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(warped)[0], engine)  # ... shown on the fixed slice
+    assert slice_run["result"].metrics["steps"] == SLICE_STEPS
+
+
+def test_the_slice_label_propagated_through_the_imported_transform_is_the_engine_warped_label(slice_run):
+    nodes = slice_run["nodes"]
+    propagated = mrml.propagate_segmentation(nodes["moving_label"], slice_run["result"].transform, nodes["fixed"],
+                                             "propagated")
+    slicer_label = sitk.GetArrayFromImage(mrml.segmentation_to_labelmap_sitk(propagated, nodes["fixed"]))[0]
+    engine_label = sitk.GetArrayFromImage(sitk.ReadImage(str(slice_run["output"] / protocol.WARPED_LABEL)))
+    assert engine_label.sum() > 100
+    assert _dice(slicer_label, engine_label) >= 0.98
+
+
+def test_the_markups_point_is_given_to_the_engine_in_the_slices_frame(slice_run):
+    command = slice_run["command"]
+    (option,) = [c for c in command if c.startswith("--fixed-point")]
+    value = option.split("=", 1)[1] if "=" in option else command[command.index(option) + 1]
+    fixed = mrml.sitk_from_volume_node(slice_run["nodes"]["fixed"])
+    expected = np.multiply((64, 60), fixed.GetSpacing()[:2])  # the point's in-plane offset from the first voxel
+    np.testing.assert_allclose([float(v) for v in value.split(",")], expected, atol=1e-6)
+
+
+def test_the_step_volumes_of_a_slice_are_on_the_slice(slice_run):
+    sequence = slice_run["result"].step_sequence
+    assert [sequence.GetNthIndexValue(i) for i in range(sequence.GetNumberOfDataNodes())] == ["0", "2", "4"]
+    step = sequence.GetDataNodeAtValue("4")
+    assert step.GetImageData().GetDimensions() == (128, 128, 1)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(step)[0],
+                               slicer.util.arrayFromVolume(slice_run["result"].warped_volume)[0], atol=1e-4)

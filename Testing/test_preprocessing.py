@@ -56,7 +56,7 @@ def test_result_lands_exactly_in_the_original_fixed_geometry(native):
     u = dense_displacement(torch.tensor(coefficients)[None], grid, grid.image_bases(geometry.size, dtype=torch.float64))
     in_model = warp(torch.tensor(pair.moving_label)[None, None], u.float(), mode="nearest")[0, 0].numpy()
 
-    displacement = displacement_in_fixed_geometry(coefficients, grid, pair.frame, fixed, translation)
+    displacement = displacement_in_fixed_geometry(coefficients, grid, pair.frame, fixed, pair.moving_frame)
     assert displacement.GetSize() == fixed.GetSize() and displacement.GetDirection() == fixed.GetDirection()
     assert displacement.GetOrigin() == fixed.GetOrigin()
     # the field, sampled at the model grid points, is the model-space field in physical units
@@ -71,7 +71,7 @@ def test_result_lands_exactly_in_the_original_fixed_geometry(native):
     back_in_model = resample_to_frame(warped_label, pair.frame, label=True)
     assert dice(back_in_model, in_model) > 0.9  # two nearest-neighbour resamplings
     unwarped = resample_to_frame(warp_to_fixed(moving_label, displacement_in_fixed_geometry(
-        np.zeros_like(coefficients), grid, pair.frame, fixed, translation), label=True), pair.frame, label=True)
+        np.zeros_like(coefficients), grid, pair.frame, fixed, pair.moving_frame), label=True), pair.frame, label=True)
     assert dice(unwarped, in_model) < dice(back_in_model, in_model) - 0.02
 
 
@@ -80,7 +80,7 @@ def test_zero_deformation_is_the_translation(native):
     fixed, _ = _native(native, "13", (5.0, -3.0, 12.0), (0.6, 0.6, 3.0))
     frame = ModelFrame.for_fixed(fixed, geometry)
     field = displacement_in_fixed_geometry(np.zeros(geometry.control_grid().num_coefficients),
-                                           geometry.control_grid(), frame, fixed, np.array([1.0, 2.0, 3.0]))
+                                           geometry.control_grid(), frame, fixed, frame.translated([1.0, 2.0, 3.0]))
     assert np.allclose(sitk.GetArrayFromImage(field), [1.0, 2.0, 3.0])
 
 

@@ -39,7 +39,8 @@ def test_a_user_error_of_the_engine_is_one_error_message(capsys, tmp_path):
     code = cli.main(["register", "--fixed", str(tmp_path / "missing.nii.gz"), "--moving", str(tmp_path / "m.nii.gz"),
                      "--model", str(tmp_path / "b.pt"), "--output-dir", str(tmp_path / "out"), "--progress-json"])
     assert code == 1
-    (message,) = _printed(capsys)
+    *progress, message = _printed(capsys)
+    assert progress == [{"stage": "read", "done": 0, "total": 3}]  # progress from the first line, then one error
     assert message["stage"] == protocol.STAGE_ERROR
     assert protocol.progress_text(message).startswith("Error: ") and "missing.nii.gz" in message["message"]
 

@@ -177,9 +177,9 @@ def test_short_training_lowers_the_loss_and_beats_chance(tiny, tmp_path):
     config = _config(iterations=100, batch_size=12, checkpoint_every=100)
     bundle = train(config, tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "b.pt", torch.device("cpu"),
                    checkpoint=tmp_path / "c.pt")
-    from AgentRegistrationLib import mrml  # the reader the training module uses
+    from AgentRegistrationLib import protocol  # the reader the training module uses
 
-    columns = mrml.read_training_loss(tmp_path / "loss.csv")
+    columns = protocol.read_training_loss(tmp_path / "loss.csv")
     assert columns["iteration"] == [50, 100]
     first, last = columns["loss"][0], columns["loss"][-1]
     # best action on fresh held-out synthetic pairs (another seed than training and the built-in check)
@@ -283,7 +283,8 @@ def test_distributed_training_writes_one_bundle(tiny, tmp_path):
     assert bundle.training["iterations"] == 4
     assert bundle.validation["pairs"] and np.isfinite(bundle.validation["dice_median"])
     rows = (out.parent / "loss.csv").read_text().splitlines()
-    assert rows[0] == "iteration,loss,held_out_accuracy,validation_dice" and rows[-1].startswith("4,")
+    assert rows[0] == "iteration,loss,held_out_accuracy,validation_dice,held_out_near_gt_accuracy"
+    assert rows[-1].startswith("4,")
     assert sorted(p.name for p in out.parent.iterdir()) == ["bundle.checkpoint.pt", "bundle.pt", "loss.csv"]
 
 
@@ -409,10 +410,10 @@ def test_override_changes_only_the_named_fields():
 
 # ----------------------------------------------------------------------------------------- training module glue
 def test_training_module_commands_parse_with_the_real_cli(tmp_path):
-    from AgentRegistrationLib import cli, mrml
+    from AgentRegistrationLib import cli, protocol
 
-    files = mrml.TrainingFiles(tmp_path, "my-model")
-    commands = mrml.training_commands("python", tmp_path / "data", files, dim=2, configuration="paper", device="CPU")
+    files = protocol.TrainingFiles(tmp_path, "my-model")
+    commands = protocol.training_commands("python", tmp_path / "data", files, dim=2, configuration="paper", device="CPU")
     assert [c[:4] for c in commands] == [["python", "-m", "AgentRegistrationLib.cli", s] for s in ("groundtruth", "sdm", "train")]
     gt, sdm, training = (cli.build_parser().parse_args(c[3:]) for c in commands)
     assert (gt.data, gt.out, gt.dim, gt.progress_json) == (str(tmp_path / "data"), str(files.groundtruth), 2, True)
@@ -420,25 +421,25 @@ def test_training_module_commands_parse_with_the_real_cli(tmp_path):
     assert (training.groundtruth, training.sdm, training.out, training.checkpoint, training.config, training.device) == (
         str(files.groundtruth), str(files.sdm), str(files.bundle), str(files.checkpoint), "paper", "cpu")
     assert training.max_minutes is None
-    limited = mrml.training_commands("python", tmp_path / "data", files, dim=2, max_minutes=1.5)[2]
+    limited = protocol.training_commands("python", tmp_path / "data", files, dim=2, max_minutes=1.5)[2]
     assert cli.build_parser().parse_args(limited[3:]).max_minutes == 1.5
     assert files.gt_dice.name == "gt_dice.csv" and files.loss == files.checkpoint.with_name("loss.csv")
 
 
 def test_a_loss_file_without_the_expected_columns_is_refused(tmp_path):
-    from AgentRegistrationLib import mrml
+    from AgentRegistrationLib import protocol
 
     (tmp_path / "loss.csv").write_text("step,loss\n50,1.0\n")
     with pytest.raises(ValueError, match=r"lacks the columns \['iteration', 'held_out_accuracy', 'validation_dice'\]"):
-        mrml.read_training_loss(tmp_path / "loss.csv")
+        protocol.read_training_loss(tmp_path / "loss.csv")
 
 
 def test_progress_text_of_training_messages():
-    from AgentRegistrationLib import mrml
+    from AgentRegistrationLib import protocol
 
-    assert mrml.progress_text({"stage": "train", "done": 150, "total": 200, "loss": 0.01234, "accuracy": 0.5}) == (
+    assert protocol.progress_text({"stage": "train", "done": 150, "total": 200, "loss": 0.01234, "accuracy": 0.5}) == (
         "train 150/200, loss 0.01234, accuracy 0.5")
-    assert mrml.progress_text({"stage": "error", "message": "no GPU"}) == "error: no GPU"
+    assert protocol.progress_text({"stage": "error", "message": "no GPU"}) == "error: no GPU"
 
 
 def test_states_along_the_way_are_warped_moving_images_between_start_and_gt(tiny):
@@ -455,3 +456,33 @@ def test_states_along_the_way_are_warped_moving_images_between_start_and_gt(tiny
     assert closer.float().mean() > 0.7  # on the way to the GT (up to one step of noise)
     assert torch.allclose(state, warp(moving, agent.displacement(theta)))
     assert config_by_name("paper").state_sampling == 0.0  # the paper's configuration trains from the start state
+
+
+def test_q_targets_in_step_units_are_eq1_divided_by_each_step_squared():
+    gen = torch.Generator().manual_seed(1)
+    theta_gt, theta = torch.randn(5, 4, generator=gen) * 3, torch.randn(5, 4, generator=gen) * 3
+    steps = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    deltas = torch.stack([steps, -steps], 1).reshape(-1)
+    in_steps = q_targets(theta_gt, theta, deltas, units="steps")
+    torch.testing.assert_close(in_steps, q_targets(theta_gt, theta, deltas) / deltas**2)
+    r = (theta_gt - theta) / steps  # a mode r steps away: +2r - 1 for the move up, -2r - 1 for the move down
+    torch.testing.assert_close(in_steps[:, 0::2], 2 * r - 1)
+    torch.testing.assert_close(in_steps[:, 1::2], -2 * r - 1)
+    with pytest.raises(ValueError, match="unknown Q-target units 'mm'"):
+        q_targets(theta_gt, theta, deltas, units="mm")
+
+
+def test_near_ground_truth_states_lie_within_half_a_step_where_no_action_helps(tiny):
+    from AgentRegistrationLib.training import states_along_the_way
+
+    agent = _agent(tiny)
+    gen = _generator(tiny, agent, 4)
+    fixed, moving, theta_gt, _ = gen.sample(16)
+    start = agent.theta_start.expand(16, -1)
+    theta, state = states_along_the_way(agent, gen.gen, start, theta_gt, moving, 0.0, near_gt=1.0)
+    assert ((theta - theta_gt).abs() <= agent.action_steps / 2 + 1e-6).all()
+    assert (q_targets(theta_gt, theta, agent.deltas, units="steps") <= 0).all()  # every action moves away
+    assert torch.allclose(state, warp(moving, agent.displacement(theta)))
+    converge = config_by_name("converge")
+    assert converge.target_units == "steps" and converge.near_gt_sampling > 0 and converge.stop_rule == 1
+    assert config_by_name("paper").target_units == "paper" and config_by_name("paper").near_gt_sampling == 0.0

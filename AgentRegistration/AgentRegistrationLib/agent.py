@@ -8,6 +8,9 @@ stochastically rejects moves that leave the plausible part of the SDM: a move of
 ``f`` is accepted with probability ``min(1, N(f; mu, sigma) / N(h; mu, sigma))``, ``h = mu + k
 sigma``; a rejected action gets a large negative Q-value, so the next best is taken.
 
+With ``stop_when_no_action_helps`` a pair stops as soon as no allowed action has a positive Q-value
+(no move is predicted to bring it closer to the answer); the number of steps is then a cap.
+
 Speed: the loop stays on one device; one action changes one mode, so the dense displacement is
 updated by adding one precomputed mode field (never recomputed from all modes); many pairs run
 as one batch.
@@ -36,6 +39,7 @@ class AgentSettings:
     exploration: float = 0.05  # probability of a random (accepted) action instead of the best
     stop_on_convergence: bool = False
     convergence_window: int = 20
+    stop_when_no_action_helps: bool = False  # stop a pair once its best allowed Q-value is <= 0
     seed: int = 0
 
     def __post_init__(self):
@@ -155,7 +159,9 @@ class Agent:
                 rejected = torch.zeros_like(q, dtype=torch.bool)
             # a large negative value added to every rejected Q keeps their order: all rejected -> the best Q
             allowed = ~rejected | rejected.all(dim=1, keepdim=True)
-            action = q.masked_fill(~allowed, REJECTED).argmax(dim=1)
+            best_q, action = q.masked_fill(~allowed, REJECTED).max(dim=1)
+            if settings.stop_when_no_action_helps:
+                active &= best_q > 0  # no move is predicted to bring the parameters closer: the pair is done
             if settings.exploration > 0:
                 explore = uniform[:, n] < settings.exploration
                 noise = uniform[:, n + 1:].masked_fill(~allowed, -1.0)

@@ -44,6 +44,8 @@ class ModelBundle:
     training: dict = field(default_factory=dict)
     validation: dict = field(default_factory=dict)
     package_version: str = __version__
+    localisers: dict = field(default_factory=dict)  # {"2"|"3": organ localiser payload for images of that dimension}
+    organ_spread: dict = field(default_factory=dict)  # {"2"|"3": median organ spread of the training subjects}
 
     @property
     def dim(self) -> int:
@@ -53,9 +55,17 @@ class ModelBundle:
         """The agent of this bundle on ``device``."""
         return Agent(self.network, self.sdm, self.geometry.size, self.action_steps, device)
 
+    def typical_spread(self, dim: int) -> np.ndarray:
+        """The training subjects' median organ spread per axis (physical units) in a ``dim``-D image."""
+        if str(dim) not in self.organ_spread:
+            raise ValueError(f"this model does not know the organ's typical size in a {dim}-D image")
+        return np.asarray(self.organ_spread[str(dim)], dtype=float)
+
     def agent_settings(self, **overrides) -> AgentSettings:
-        """The bundle's agent defaults (k, exploration, steps) with the given overrides (``None`` keeps the default)."""
-        defaults = {k: v for k, v in self.agent_defaults.items() if k in ("fuzzy_k", "exploration", "steps")}
+        """The bundle's agent defaults (k, exploration, steps, stop rule) with the given overrides (``None`` keeps
+        the default)."""
+        defaults = {k: v for k, v in self.agent_defaults.items()
+                    if k in ("fuzzy_k", "exploration", "steps", "stop_when_no_action_helps")}
         defaults.update({k: v for k, v in overrides.items() if v is not None})
         return AgentSettings(**defaults)
 
@@ -71,11 +81,13 @@ class ModelBundle:
             "sdm": sdm,
             "sdm_grid": {"size": list(self.sdm.grid.size), "spacing": list(self.sdm.grid.spacing),
                          "origin": list(self.sdm.grid.origin)},
-            "geometry": {k: list(v) for k, v in self.geometry.to_dict().items()},
+            "geometry": {k: (None if v is None else list(v)) for k, v in self.geometry.to_dict().items()},
             "action_steps": torch.from_numpy(np.asarray(self.action_steps, dtype=np.float64)),
             "agent_defaults": dict(self.agent_defaults),
             "training": self.training,
             "validation": self.validation,
+            "localisers": dict(self.localisers),
+            "organ_spread": {k: [float(x) for x in v] for k, v in self.organ_spread.items()},
         }
 
     def save(self, path: str | Path) -> Path:
@@ -129,9 +141,13 @@ def bundle_from_payload(payload, source: str = "bundle") -> ModelBundle:
     except (RuntimeError, KeyError) as err:
         raise BundleError(f"{source}: the network weights do not fit the {config.architecture} architecture ({err})") from None
     network.eval()
+    localisers = dict(payload.get("localisers", {}))
+    if not all(isinstance(v, dict) and {"config", "state"} <= set(v) for v in localisers.values()):
+        raise BundleError(f"{source}: its organ localiser is incomplete (no config or weights); retrain the model")
     return ModelBundle(network, sdm, geometry, action_steps, dict(payload.get("agent_defaults", {})),
                        dict(payload.get("training", {})), dict(payload.get("validation", {})),
-                       str(payload.get("package_version", "unknown")))
+                       str(payload.get("package_version", "unknown")), localisers,
+                       dict(payload.get("organ_spread", {})))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -163,8 +179,13 @@ def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -
         f"spacing {bundle.sdm.grid.spacing} model voxels), {100 * bundle.sdm.explained_variance_ratio.sum():.1f} % of the "
         "variance of the real GT deformations; "
         f"{2 * bundle.sdm.num_modes} actions, step = {config.get('step_fraction', '?')} x mean |theta| per mode.",
-        f"- **Model grid**: {list(bundle.geometry.size)} voxels, crop box {list(bundle.geometry.crop_fraction)} of the "
-        "fixed image's extent, centred.",
+        f"- **Model grid**: {list(bundle.geometry.size)} voxels, "
+        + (f"each image's crop box centred on its prostate and spanning {list(bundle.geometry.box_spreads)} standard "
+           "deviations of it per axis (placed by the moving label, a point, or the model's localiser: "
+           + (f"for {' and '.join(sorted(bundle.localisers))}-D images" if bundle.localisers else "this model has none")
+           + ")." if bundle.geometry.localised else
+           f"crop box {list(bundle.geometry.crop_fraction)} of the fixed image's extent, centred, after elastix "
+           "translation pre-alignment."),
         f"- **Data**: PROMISE12 (shared `grid128`), training subjects {', '.join(t.get('subjects', []))} "
         f"({len(t.get('subjects', []))} subjects, {t.get('real_pairs', '?')} real GT pairs); split "
         "`Resources/promise12_split.json`.",

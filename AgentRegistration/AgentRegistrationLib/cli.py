@@ -24,21 +24,33 @@ from .files import atomic_write
 class Reporter:
     """Progress on stderr (tqdm) or as JSON lines on stdout, in the format of ``protocol`` (messages)."""
 
-    def __init__(self, stage: str, total: int, json_lines: bool):
-        self.stage, self.total, self.json_lines = stage, total, json_lines
+    def __init__(self, stage: str, total: int, json_lines: bool, delay: float = 0.0):
+        self.json_lines = json_lines
+        self.delay = delay  # seconds before a bar appears (a quick stage shows none)
         self.bar = None
-        if not json_lines:
+        self.begin(stage, total, announce=False)
+
+    def begin(self, stage: str, total: int, announce: bool = True) -> None:
+        """Start reporting ``stage`` (``total`` units; 0: one piece of work of unknown length, shown as busy)."""
+        self.close()
+        self.stage, self.total = stage, total
+        if self.json_lines:
+            if announce:
+                print(protocol.encode(protocol.progress_message(stage, 0, total)), flush=True)
+        elif total > 0:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=stage, file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=stage, file=sys.stderr, dynamic_ncols=True, delay=self.delay)
+        elif announce:
+            print(f"{protocol.STAGE_TITLES.get(stage, stage)} ...", file=sys.stderr, flush=True)
 
     def update(self, done: int, **info) -> None:
         if self.json_lines:
             print(protocol.encode(protocol.progress_message(self.stage, done, self.total, **info)), flush=True)
-        else:
-            self.bar.n = done
+        elif self.bar is not None:
             if info:
-                self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in info.items()})
-            self.bar.refresh()
+                self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in info.items()},
+                                     refresh=False)
+            self.bar.update(done - self.bar.n)  # shown at most every 0.1 s, and not before ``delay``
 
     def message(self, text: str) -> None:
         if self.json_lines:
@@ -49,6 +61,18 @@ class Reporter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+
+CROPS = ("organ", "paper")
+
+
+def model_geometry(dim: int, crop: str):
+    """The model geometry of a crop choice: the paper's grids, boxes on the organ or the paper's box."""
+    from .geometry import ModelGeometry
+    from .localisation import BOX_SPREADS
+
+    return ModelGeometry.localised_grid(dim, BOX_SPREADS[dim]) if crop == "organ" else ModelGeometry.paper(dim)
 
 
 def _subject_names(args) -> list[str] | None:
@@ -63,11 +87,10 @@ def _subject_names(args) -> list[str] | None:
 # ----------------------------------------------------------------------------------------- groundtruth
 def cmd_groundtruth(args) -> int:
     from .dataset import find_subjects, prepare_subject
-    from .geometry import ModelGeometry
     from .groundtruth import dice_summary, run_groundtruth
     from .image_io import read_image
 
-    geometry = ModelGeometry.paper(args.dim)
+    geometry = model_geometry(args.dim, args.crop)
     subjects = find_subjects(args.data, _subject_names(args))
     template = next((s for s in subjects if s.name == args.template), subjects[0]) if args.template else subjects[0]
     out = Path(args.out)
@@ -133,7 +156,7 @@ def cmd_sdm(args) -> int:
               f"median {100 * row['loss_median']:.2f} %, max {100 * row['loss_max']:.2f} %", file=sys.stderr)
     if args.report:
         from .sdm_fitting import write_report
-        write_report(Path(args.report), gt, table, "agentreg " + " ".join(sys.argv[1:]))
+        write_report(Path(args.report), gt, table, "agentreg " + " ".join(sys.argv[1:]), sdm)
     if args.progress_json:
         print(json.dumps({"stage": "done", "reconstruction": table}), flush=True)
     return 0
@@ -178,6 +201,8 @@ def cmd_train(args) -> int:
     rep.close()
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes)
         return 0
+    if geometry.localised:
+        add_localisation(bundle, Path(args.out), args.localiser, args.data, training_set.names)
     t = bundle.training
     print(f"trained {config.name} ({config.architecture}) for {t['iterations']} batches in {t['seconds'] / 60:.1f} min on "
           f"{t['device']}; final loss {t['final_loss']:.4g}, held-out best-action accuracy {t['held_out_accuracy']:.2f} "
@@ -187,31 +212,91 @@ def cmd_train(args) -> int:
     return 0
 
 
+def add_localisation(bundle, out: Path, localisers: list[str] | None, data: str | None, names: list[str]) -> None:
+    """Give a model that crops on the organ what it needs to place the fixed crop: organ localisers (files of
+    scripts/train_localiser.py, one per image dimension) and the training subjects' median organ spread (for a
+    point placed by hand)."""
+    from .dataset import find_subjects
+    from .image_io import read_label
+    from .localisation import localisation_from_label
+    from .localiser import load_localiser, localiser_to_payload
+
+    for path in localisers or []:
+        localiser = load_localiser(path)
+        bundle.localisers[str(localiser.config.dim)] = localiser_to_payload(localiser)
+    if data:
+        spreads = np.array([localisation_from_label(read_label(s.label)).spread for s in find_subjects(data, names)])
+        if spreads.shape[1] == 3:
+            bundle.organ_spread = {"3": np.median(spreads, 0).tolist(), "2": np.median(spreads[:, :2], 0).tolist()}
+        else:
+            bundle.organ_spread = {"2": np.median(spreads, 0).tolist()}
+    bundle.save(out)
+    if not localisers:
+        print("note: this model crops on the organ but has no localiser: users must place the fixed crop with a point "
+              "(--fixed-point); add one with --localiser", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------- register
+def _point(text: str | None) -> np.ndarray | None:
+    if not text:
+        return None
+    try:
+        return np.array([float(v) for v in text.split(",")])
+    except ValueError:
+        raise ValueError(f"--fixed-point {text!r}: give the point as comma-separated numbers, e.g. 12.5,-30,4") from None
+
+
 def cmd_register(args) -> int:
+    """Check every input first (nothing is loaded or written before), then read, localise or pre-align, crop,
+    run the agent and write; each stage reports progress from its start."""
+    from . import inputs
+
+    if args.threads is not None and args.threads < 0:
+        raise ValueError(f"--threads {args.threads}: give a positive number of CPU threads, or 0 for torch's choice")
+    if args.save_steps < 0:
+        raise ValueError(f"--save-steps {args.save_steps}: give K > 0 to write the warped image every K steps, or 0")
+    if args.steps is not None and args.steps < 0:
+        inputs.agent_steps(args.steps, 0)  # the message; the model's default is added once it is loaded
+    output_dir = inputs.check_output_dir(args.output_dir)
+    fixed_point = _point(args.fixed_point)
+    rep = Reporter("read", 3 + bool(args.fixed_label) + bool(args.moving_label), args.progress_json, delay=1.0)
+    rep.update(0)
+    given = inputs.read_register_inputs(args.fixed, args.moving, args.fixed_label, args.moving_label,
+                                        args.resample_labels, on_read=lambda done, total: rep.update(done))
     from .bundle import load_bundle, resolve_device
-    from .image_io import read_image, read_label
     from .outputs import write_registration_outputs
     from .registration import Registrar
 
+    _torch_threads(args.threads)
     device = resolve_device(args.device)
-    fixed = read_image(args.fixed, "fixed image")
-    moving = read_image(args.moving, "moving image")
-    fixed_label = read_label(args.fixed_label, "fixed label") if args.fixed_label else None
-    moving_label = read_label(args.moving_label, "moving label") if args.moving_label else None
     bundle = load_bundle(args.model)
-    if fixed.GetDimension() != bundle.dim:
-        raise ValueError(f"{args.model} is a {bundle.dim}-D model but {args.fixed} is {fixed.GetDimension()}-D: "
-                         f"use a {fixed.GetDimension()}-D model" + (" or extract a slice first" if bundle.dim == 2 else ""))
+    rep.update(rep.total)
+    inputs.check_model_dimension(bundle.dim, given.fixed.GetDimension(), args.model, args.fixed)
+    steps, warning = inputs.agent_steps(args.steps, bundle.agent_settings().steps)
+    for note in given.notes + ([warning] if warning else []):
+        print(f"agentreg: warning: {note}", file=sys.stderr, flush=True)
+        if args.progress_json:
+            rep.message(f"warning: {note}")
+    settings = bundle.agent_settings(steps=steps, seed=args.seed, fuzzy_k=args.fuzzy_k,
+                                     stop_on_convergence=args.stop_on_convergence,
+                                     fuzzy_action_control=not args.no_fuzzy)
     registrar = Registrar(bundle, device)
-    settings = bundle.agent_settings(steps=args.steps, seed=args.seed, fuzzy_k=args.fuzzy_k,
-                                  stop_on_convergence=args.stop_on_convergence,
-                                  fuzzy_action_control=not args.no_fuzzy)
-    rep = Reporter("register", settings.steps, args.progress_json)
-    result = registrar.register(fixed, [moving], settings, fixed_label, [moving_label],
-                                callback=lambda step, total: rep.update(step))[0]
+    rep.begin("localise" if bundle.geometry.localised else "prealign", 0)
+
+    def agent_step(step: int, total: int) -> None:
+        if rep.stage != "register":
+            rep.begin("register", total)
+        rep.update(step)
+        if step == total:
+            rep.begin("resample", 0)
+
+    result = registrar.register(given.fixed, [given.moving], settings, given.fixed_label, [given.moving_label],
+                                callback=agent_step, fixed_point=fixed_point)[0]
+    rep.begin("write", 0)
+    write_registration_outputs(result, output_dir, given.moving, bundle.sdm, bundle.geometry, given.fixed,
+                               args.save_steps, title=f"{Path(args.moving).name} to {Path(args.fixed).name}",
+                               step_limit=settings.steps)
     rep.close()
-    write_registration_outputs(result, Path(args.output_dir), moving, bundle.sdm, bundle.geometry, fixed, args.save_steps)
     m = result.metrics
     summary = f"registered in {m['seconds_total']:.2f} s (agent {m['seconds_agent']:.2f} s, {m['steps']} steps on {device})"
     if "dice_after" in m:
@@ -278,7 +363,7 @@ def cmd_evaluate(args) -> int:
     pairs = select_pairs(names, args.max_pairs, args.pairs, args.seed)
     geometry = ModelGeometry.paper(args.dim)
     model = None
-    if any(m in AGENT_METHODS for m in methods):
+    if any(m in AGENT_METHODS for m in methods) or args.model:
         from .bundle import load_bundle
 
         model = Path(args.model or _shipped_model(args.dim))
@@ -292,6 +377,7 @@ def cmd_evaluate(args) -> int:
         steps = args.steps or bundle.agent_settings().steps
     else:
         steps = args.steps or 200  # not used without ours / nfc
+    methods = parse_methods(args.methods, geometry)
     settings = EvaluationSettings(steps=steps, seed=args.agent_seed, iterations=args.iterations,
                                   gt_iterations=args.gt_iterations, batch_size=args.batch_size)
     device = resolve_device(args.device)
@@ -307,7 +393,8 @@ def cmd_evaluate(args) -> int:
         bars[stage].update(done)
 
     start = time.perf_counter()
-    results, failures = evaluate(subjects, pairs, geometry, out, methods, settings, model, device, args.workers, progress)
+    results, failures = evaluate(subjects, pairs, geometry, out, methods, settings, model, device, args.workers, progress,
+                                 localiser=model)
     for bar in bars.values():
         bar.close()
     summary = summarise(results, methods)
@@ -321,8 +408,13 @@ def cmd_evaluate(args) -> int:
         f"{len(pairs)} ordered pairs of the {len(names)} validation subjects of `{_shown(args.split)}` ({args.data}), "
         f"{args.dim}-D" + (" (the middle slice of the crop box of the 3-D-aligned pair)" if args.dim == 2 else "")
         + f"; model grid {'x'.join(map(str, geometry.size))} of the fixed image.",
-        "- Every method starts from the same translation pre-alignment (elastix, on the 3-D volumes); "
-        "T is that pre-alignment alone, and its seconds are the pre-alignment's.",
+        ("- Every method starts from the same crops, each centred on its image's prostate and sized to it: the "
+         "moving crop placed by the moving label (the atlas case), the fixed one by the model's localiser (no fixed "
+         "label is used); 'localised' is those crops alone, and its seconds are the localisation's."
+         if geometry.localised else
+         "- Every method starts from the same translation pre-alignment (elastix, on the 3-D volumes); "
+         "T is that pre-alignment alone, and its seconds are the pre-alignment's."),
+        "- none: no registration at all (the moving mask where it lies, on the fixed crop).",
         f"- e8 / e16: elastix's default B-spline map (Mattes mutual information, adaptive stochastic gradient "
         f"descent, 3 resolutions, {settings.iterations} iterations each), final grid spacing "
         f"{'x'.join(f'{s / 2:g}' for s in geometry.control_spacing)} / {'x'.join(f'{s:g}' for s in geometry.control_spacing)} "
@@ -384,7 +476,7 @@ def cmd_demo(args) -> int:
 
 # ----------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="agentreg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="agentreg", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
@@ -403,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="parallel processes (default: all cores)")
     p.add_argument("--iterations", type=int, default=250, help="elastix iterations per resolution")
     p.add_argument("--resolutions", type=int, default=3, help="elastix resolutions (image pyramid levels)")
+    p.add_argument("--crop", choices=CROPS, default="paper",
+                   help="crop boxes: 'organ' centres each subject's box on its own mask and sizes it to it; 'paper' is "
+                        "the paper's centred box with the subjects translated onto a template (elastix)")
     common(p)
     p.set_defaults(func=cmd_groundtruth)
 
@@ -427,24 +522,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes (checkpointed; run again to go on)")
+    p.add_argument("--localiser", action="append",
+                   help="organ localiser file (scripts/train_localiser.py) to put in the model, one per image dimension "
+                        "(repeatable); for ground truth made with --crop organ, it places the fixed crop of a new image")
     common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("register", help="register a moving image to a fixed image with a trained agent")
-    p.add_argument("--fixed", required=True)
-    p.add_argument("--moving", required=True)
-    p.add_argument("--model", required=True, help="model bundle (.pt)")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--fixed-label")
-    p.add_argument("--moving-label")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--steps", type=int, help="MDP steps (default: the bundle's, 200)")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser(
+        "register", help="register a moving image to a fixed image with a trained agent",
+        description="Register a moving image to a fixed image with a trained agent (2-D or 3-D, as the model). "
+                    "Every input is checked before any work; the outputs (warped image, displacement field, "
+                    "trajectory, metrics) are written to --output-dir only once all are complete, on the fixed "
+                    "image's grid. Exit status: 0 done, 1 an input or setting to correct (one line says which).")
+    p.add_argument("--fixed", required=True, metavar="IMAGE",
+                   help="the fixed (reference) image: any file SimpleITK reads (NIfTI, NRRD, MHA, ...), 2-D or 3-D, "
+                        "one grey value per voxel; the outputs are on its grid")
+    p.add_argument("--moving", required=True, metavar="IMAGE", help="the moving image, warped onto the fixed image")
+    p.add_argument("--model", required=True,
+                   help="model bundle (.pt), e.g. Resources/Models/prostate-3d.pt; its dimension must be the images'")
+    p.add_argument("--output-dir", required=True, metavar="FOLDER",
+                   help="folder for warped.nii.gz, displacement.nii.gz, trajectory.csv/.png and metrics.json (made "
+                        "if missing; files of an earlier run there are replaced)")
+    p.add_argument("--fixed-label", metavar="LABEL",
+                   help="prostate mask of the fixed image, on its grid: gives Dice and surface distances before and "
+                        "after registration in metrics.json")
+    p.add_argument("--moving-label", metavar="LABEL",
+                   help="prostate mask of the moving image, on its grid: warped too (warped_label.nii.gz); with "
+                        "--fixed-label, Dice at every agent step")
+    p.add_argument("--resample-labels", action="store_true",
+                   help="resample a label that is not on its image's grid onto it (nearest neighbour) instead of "
+                        "refusing it")
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (default 1: fastest for one pair, and it does not slow down when "
+                        "other programs use the cores; 0: torch's choice)")
+    p.add_argument("--steps", type=int,
+                   help="agent steps (MDP steps); default and 0: the model's own, chosen on its training pairs "
+                        "(41 for prostate-2d, 54 for prostate-3d; 'agentreg info MODEL' shows it); the paper used 200")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the agent's random choices (exploration and fuzzy action control); the same seed "
+                        "gives the same result")
     p.add_argument("--no-fuzzy", action="store_true", help="switch fuzzy action control off (the paper's nfc)")
-    p.add_argument("--fuzzy-k", type=float, help="fuzzy action control k (default 1.5)")
+    p.add_argument("--fuzzy-k", type=float, help="fuzzy action control k (default: the model's, 1.5 as in the paper)")
     p.add_argument("--stop-on-convergence", action="store_true", help="stop early when the agent oscillates")
-    p.add_argument("--save-steps", type=int, default=0, metavar="K", help="also write the warped image every K steps")
-    common(p)
+    p.add_argument("--save-steps", type=int, default=0, metavar="K",
+                   help="also write the warped image every K agent steps into steps/ (for stepping through them)")
+    p.add_argument("--fixed-point", metavar="X,Y[,Z]",
+                   help="the organ's centre in the fixed image (physical LPS coordinates, as ITK): places the fixed "
+                        "crop of a model that crops on the organ instead of its localiser")
+    p.add_argument("--progress-json", action="store_true",
+                   help="one JSON progress line per stage and agent step on stdout (for the Slicer module)")
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("evaluate", help="the paper's Table 1 protocol on every ordered pair of the validation subjects")
@@ -503,10 +630,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "workers", None) == 0:
-        import os
         args.workers = os.cpu_count() or 1
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (e.g. 'agentreg info MODEL | head'): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141  # the shell's status of a process ended by a broken pipe (128 + SIGPIPE)
     except (ValueError, OSError, RuntimeError) as err:
         if getattr(args, "progress_json", False):
             print(protocol.encode(protocol.error_message(str(err))), flush=True)

@@ -1,9 +1,11 @@
 """Training subjects: discovery (a data folder or a CSV) and preprocessing onto one model space.
 
-All subjects of a training set are translated (elastix) onto one template subject and
-resampled onto the template's model grid, as the paper does with "an arbitrarily chosen
-template from the training base". Inter-subject deformations and the SDM then live in
-one common model space. Prepared subjects are cached as ``.npz`` files.
+With the paper's geometry all subjects of a training set are translated (elastix) onto one
+template subject and resampled onto the template's model grid, as the paper does with "an
+arbitrarily chosen template from the training base". With a localised geometry each subject is
+resampled from the crop box on its own organ (placed by its mask), so the subjects share a model
+space normalised for the organ's position and size. Inter-subject deformations and the SDM then live
+in one common model space. Prepared subjects are cached as ``.npz`` files.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import SimpleITK as sitk
 from .files import atomic_write
 from .geometry import ModelGeometry
 from .image_io import read_image, read_label
+from .localisation import Localisation, localisation_from_label
 from .preprocessing import ModelFrame, normalise_intensity, resample_to_frame
 
 
@@ -74,12 +77,18 @@ def load_split(path: str | Path) -> dict[str, list[str]]:
     return split
 
 
-def subject_frame(template: sitk.Image, geometry: ModelGeometry) -> ModelFrame:
-    """The template's model frame; a 2-D model on 3-D volumes takes the crop box's middle slice."""
-    if geometry.dim == 2 and template.GetDimension() == 3:
-        slab = ModelGeometry((*geometry.size, 1), (*geometry.control_spacing, 1.0), geometry.crop_fraction)
-        return ModelFrame.for_fixed(template, slab)
-    return ModelFrame.for_fixed(template, geometry)
+def subject_frame(image: sitk.Image, geometry: ModelGeometry, localisation: Localisation | None = None,
+                  direction: np.ndarray | None = None) -> ModelFrame:
+    """The crop box of ``geometry`` on ``image``: on the organ at ``localisation`` (localised geometry; axes of
+    ``direction``, by default the image's) or the paper's centred box. A 2-D model on a 3-D volume takes one
+    slice of the box: its middle slice, or the slice nearest the organ's centre."""
+    if geometry.dim == 2 and image.GetDimension() == 3:
+        geometry = geometry.slab()
+    if geometry.localised:
+        if localisation is None:
+            raise ValueError("a localised model geometry needs the organ's localisation to place the crop box")
+        return ModelFrame.on_localisation(image, geometry, localisation, direction)
+    return ModelFrame.for_fixed(image, geometry)
 
 
 @dataclass
@@ -91,7 +100,8 @@ class PreparedSubject:
 
 def prepare_subject(subject: Subject, template: sitk.Image, geometry: ModelGeometry, cache_dir: Path | None,
                     translation: np.ndarray | None = None) -> PreparedSubject:
-    """Translate ``subject`` onto ``template`` and resample it onto the template's model grid (cached)."""
+    """Resample ``subject`` onto the model grid (cached): from the crop box on its own organ (localised
+    geometry, placed by its label) or translated onto ``template``'s box (the paper's)."""
     cache = cache_dir / f"{subject.name}.npz" if cache_dir else None
     if cache is not None and cache.is_file():
         with np.load(cache) as z:
@@ -100,11 +110,15 @@ def prepare_subject(subject: Subject, template: sitk.Image, geometry: ModelGeome
     label = read_label(subject.label, f"label of {subject.name}")
     if not sitk.GetArrayViewFromImage(label).any():
         raise ValueError(f"subject {subject.name}: the label {subject.label} is empty")
-    if translation is None:
-        from .preprocessing import prealign_translation  # elastix: the itk import is slow, needed on a cache miss only
+    if geometry.localised:
+        frame = subject_frame(image, geometry, localisation_from_label(label, f"label of {subject.name}"))
+        translation = np.zeros(image.GetDimension())
+    else:
+        if translation is None:
+            from .preprocessing import prealign_translation  # elastix: slow to import, needed on a cache miss only
 
-        translation, _ = prealign_translation(template, image, geometry)
-    frame = subject_frame(template, geometry)
+            translation, _ = prealign_translation(template, image, geometry)
+        frame = subject_frame(template, geometry)
     arr = resample_to_frame(image, frame, translation).reshape(geometry.array_shape)
     lab = resample_to_frame(label, frame, translation, label=True).reshape(geometry.array_shape)
     prepared = PreparedSubject(subject.name, normalise_intensity(arr), lab)

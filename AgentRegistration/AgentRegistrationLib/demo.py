@@ -126,7 +126,8 @@ def run_demo(data: str | Path, model: str | Path, out: str | Path = "demo_output
         moving, moving_label = load(moving_name)
         result = registrar.register(fixed, [moving], settings, fixed_label, [moving_label])[0]
         pair_out = out / f"{moving_name}_to_{fixed_name}"
-        write_registration_outputs(result, pair_out, moving, bundle.sdm, bundle.geometry, fixed)
+        write_registration_outputs(result, pair_out, moving, bundle.sdm, bundle.geometry, fixed,
+                                   title=f"{moving_name} to {fixed_name}", step_limit=settings.steps)
         e16_label, e16_seconds = elastix_e16(result, fixed, moving_label, bundle.geometry)
         plot_pair(pair_out / "figure.png", fixed, moving, result.warped, fixed_label, moving_label, result.warped_label,
                   f"{moving_name} -> {fixed_name}: Dice {result.metrics['dice_before']:.3f} -> "

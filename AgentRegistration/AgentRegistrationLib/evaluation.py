@@ -47,7 +47,8 @@ if TYPE_CHECKING:
     from .dataset import Subject  # SimpleITK: not needed to evaluate already prepared pairs
 from .metrics import dice, jacobian_statistics, surface_distances
 
-METHODS = ("T", "e8", "e16", "ours", "nfc", "gt")
+METHODS = ("none", "T", "localised", "e8", "e16", "ours", "nfc", "gt")
+START_METHODS = ("T", "localised")  # the start of every other method: the paper's translation, or the organ's boxes
 ELASTIX_METHODS = ("e8", "e16", "gt")
 AGENT_METHODS = ("ours", "nfc")
 FIGURES = ("dice", "hausdorff", "folding_percent", "seconds")
@@ -64,14 +65,19 @@ class EvaluationSettings:
     batch_size: int = 16  # pairs per agent batch
 
 
-def parse_methods(text: str) -> list[str]:
-    """``"T,e16,ours"`` -> ordered, checked list; ``"all"`` -> every method."""
+def parse_methods(text: str, geometry: ModelGeometry | None = None) -> list[str]:
+    """``"T,e16,ours"`` -> ordered, checked list; ``"all"`` -> every method. The start reference is ``T`` for the
+    paper's preprocessing and ``localised`` for crops on the organ: the other one is dropped for ``geometry``."""
+    wrong_start = None if geometry is None else ("T" if geometry.localised else "localised")
     if text.strip().lower() == "all":
-        return list(METHODS)
+        return [m for m in METHODS if m != wrong_start]
     chosen = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in METHODS]
     if unknown or not chosen:
         raise ValueError(f"--methods {text!r}: unknown method(s) {unknown}; choose from {', '.join(METHODS)} or 'all'")
+    if wrong_start in chosen:
+        raise ValueError(f"--methods: {wrong_start} is not the start of this model's preprocessing; use "
+                         f"{'localised' if wrong_start == 'T' else 'T'}")
     return [m for m in METHODS if m in chosen]
 
 
@@ -104,44 +110,98 @@ def _load_elastix() -> None:
     _ = itk.ParameterObject, itk.elastix_registration_method, itk.TransformixFilter
 
 
-def prepare_evaluation_pair(fixed: Subject, moving: Subject, geometry: ModelGeometry) -> dict:
-    """Translation pre-alignment on the 3-D volumes, then both on the fixed image's model grid."""
+def prepare_evaluation_pair(fixed: Subject, moving: Subject, geometry: ModelGeometry,
+                            localiser_path: str | None = None) -> dict:
+    """Both images on the fixed image's model grid, by the preprocessing of ``geometry``: the paper's translation
+    pre-alignment (elastix, on the 3-D volumes), or each crop on its organ, the moving one placed by the moving
+    label (the atlas case) and the fixed one by the localiser in ``localiser_path`` (a model bundle or a localiser
+    file; without one, by the fixed label: an oracle start, reported as such). Also the moving label with no
+    registration at all (``none``)."""
     from .dataset import subject_frame
     from .image_io import read_image, read_label
     from .preprocessing import normalise_intensity, prealign_translation, resample_to_frame
 
     fixed_image = read_image(fixed.image, f"image of {fixed.name}")
     moving_image = read_image(moving.image, f"image of {moving.name}")
-    _load_elastix()
+    fixed_label = read_label(fixed.label, f"label of {fixed.name}")
+    moving_label = read_label(moving.label, f"label of {moving.name}")
     start = time.perf_counter()
-    translation, status = prealign_translation(fixed_image, moving_image, geometry)
+    if geometry.localised:
+        from .localisation import localisation_from_label
+
+        if localiser_path:
+            from .localiser import localise
+
+            localiser = _localiser(localiser_path, fixed_image.GetDimension())
+            fixed_place, placed_by = localise(localiser, fixed_image), "localiser"
+        else:
+            fixed_place, placed_by = localisation_from_label(fixed_label, "fixed label"), "fixed label (oracle)"
+        frame = subject_frame(fixed_image, geometry, fixed_place)
+        moving_frame = subject_frame(moving_image, geometry, localisation_from_label(moving_label, "moving label"),
+                                     direction=frame.direction)
+        status = f"boxes on the organ; fixed placed by the {placed_by}"
+    else:
+        _load_elastix()
+        start = time.perf_counter()
+        translation, status = prealign_translation(fixed_image, moving_image, geometry)
+        frame = subject_frame(fixed_image, geometry)
+        moving_frame = frame.translated(translation)
     seconds = time.perf_counter() - start
-    frame = subject_frame(fixed_image, geometry)
     shape = geometry.array_shape
 
-    def on_grid(image, t, label=False):
-        return resample_to_frame(image, frame, t, label=label).reshape(shape)
+    def on_grid(image, box, label=False):
+        return resample_to_frame(image, box, label=label).reshape(shape)
 
-    zero = np.zeros(fixed_image.GetDimension())
     return {
-        "fixed": normalise_intensity(on_grid(fixed_image, zero)),
-        "moving": normalise_intensity(on_grid(moving_image, translation)),
-        "fixed_label": on_grid(read_label(fixed.label, f"label of {fixed.name}"), zero, label=True),
-        "moving_label": on_grid(read_label(moving.label, f"label of {moving.name}"), translation, label=True),
-        "translation": np.asarray(translation, dtype=float),
+        "fixed": normalise_intensity(on_grid(fixed_image, frame)),
+        "moving": normalise_intensity(on_grid(moving_image, moving_frame)),
+        "fixed_label": on_grid(fixed_label, frame, label=True),
+        "moving_label": on_grid(moving_label, moving_frame, label=True),
+        "unregistered_label": on_grid(moving_label, frame, label=True),
+        "translation": moving_frame.origin - frame.origin,
         "prealignment": status,
         "seconds": seconds,
         "geometry": json.dumps(geometry.to_dict()),
+        "localiser": localiser_hash(localiser_path, fixed_image.GetDimension()),
     }
 
 
-def load_prepared(path: Path, geometry: ModelGeometry) -> dict | None:
-    """The cached prepared pair, or ``None`` when absent or made for another geometry."""
+def _localiser(path: str, dim: int):
+    """The organ localiser for ``dim``-D images of a model bundle, or of a localiser file."""
+    from .localiser import load_localiser, localiser_from_payload
+
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(payload, dict) and payload.get("format") is not None:  # a model bundle
+        if str(dim) not in payload.get("localisers", {}):
+            raise ValueError(f"{path} has no organ localiser for {dim}-D images: train one (scripts/train_localiser.py) "
+                             "and add it to the model (agentreg train --localiser)")
+        return localiser_from_payload(payload["localisers"][str(dim)])
+    return load_localiser(path)
+
+
+def localiser_hash(path: str | None, dim: int) -> str:
+    """What identifies the localiser that placed the fixed crops of ``dim``-D images (``""`` for none)."""
+    if not path:
+        return ""
+    localiser = _localiser(path, dim)
+    digest = hashlib.sha256()
+    for key, value in sorted(localiser.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().numpy().tobytes())
+    digest.update(json.dumps(localiser.config.to_dict(), sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def load_prepared(path: Path, geometry: ModelGeometry, localiser: str | None = None) -> dict | None:
+    """The cached prepared pair, or ``None`` when absent, made for another geometry or (``localiser``: its hash)
+    with crops placed by another localiser."""
     if not path.is_file():
         return None
     with np.load(path) as z:
         pair = {k: z[k] for k in z.files}
     if str(pair["geometry"]) != json.dumps(geometry.to_dict()):
+        return None
+    if localiser is not None and str(pair.get("localiser", "")) != localiser:
         return None
     pair["prealignment"], pair["seconds"] = str(pair["prealignment"]), float(pair["seconds"])
     return pair
@@ -214,9 +274,12 @@ def run_elastix_method(method: str, pair: dict, geometry: ModelGeometry, setting
     return {**figures(warp_label_with(pair["moving_label"], u), pair["fixed_label"], u.numpy()), "seconds": seconds}
 
 
-def method_signature(method: str, geometry: ModelGeometry, settings: EvaluationSettings, model_hash: str | None) -> dict:
+def method_signature(method: str, geometry: ModelGeometry, settings: EvaluationSettings, model_hash: str | None,
+                     localiser: str = "") -> dict:
     """What a cached result must match to be reused."""
     sig = {"method": method, "geometry": geometry.to_dict()}
+    if localiser:
+        sig["localiser"] = localiser
     if method in ("e8", "e16"):
         sig.update(spacing=list(elastix_spacing(method, geometry)), iterations=settings.iterations)
     elif method == "gt":
@@ -239,11 +302,11 @@ def _save_result(path: Path, result: dict) -> None:
 
 # ----------------------------------------------------------------------------------------- worker jobs
 def _prepare_job(args) -> tuple[str, str, dict]:
-    fixed, moving, geometry_dict, path = args
+    fixed, moving, geometry_dict, path, localiser_path = args
     from .elastix import single_threaded_worker  # itk loads slowly: only in workers that need it
 
     single_threaded_worker()
-    pair = prepare_evaluation_pair(fixed, moving, ModelGeometry.from_dict(geometry_dict))
+    pair = prepare_evaluation_pair(fixed, moving, ModelGeometry.from_dict(geometry_dict), localiser_path)
     _save_prepared(Path(path), pair)
     return moving.name, fixed.name, {"prealignment": pair["prealignment"]}
 
@@ -297,16 +360,20 @@ def evaluate(
     device: torch.device | None = None,
     workers: int = 1,
     progress: Progress | None = None,
+    localiser: str | Path | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Run ``methods`` on ``pairs`` (moving, fixed); returns (results, failures), one result
-    dict per (pair, method) with the figures, cached under ``out/pairs``."""
+    dict per (pair, method) with the figures, cached under ``out/pairs``. With crops on the organ, the fixed
+    crops are placed by the localiser of ``localiser`` (a bundle or localiser file), else by the fixed label."""
     out = Path(out)
     progress = progress or (lambda stage, done, total: None)
     failures: list[dict] = []
     prepared_path = {p: pair_dir(out, *p) / "prepared.npz" for p in pairs}
+    localiser = str(localiser) if localiser and geometry.localised else None
+    placed_by = localiser_hash(localiser, 3)  # the evaluation reads volumes (a 2-D model takes one slice of them)
 
     # 1. shared preprocessing
-    todo = [p for p in pairs if load_prepared(prepared_path[p], geometry) is None]
+    todo = [p for p in pairs if load_prepared(prepared_path[p], geometry, placed_by) is None]
     done = len(pairs) - len(todo)
     progress("preprocess", done, len(pairs))
 
@@ -317,21 +384,21 @@ def evaluate(
             failures.append({"moving": job[1].name, "fixed": job[0].name, "method": "preprocessing", "error": error})
         progress("preprocess", done, len(pairs))
 
-    _run_jobs(_prepare_job, [(subjects[f], subjects[m], geometry.to_dict(), str(prepared_path[(m, f)])) for m, f in todo],
-              workers, prepared_done)
+    _run_jobs(_prepare_job, [(subjects[f], subjects[m], geometry.to_dict(), str(prepared_path[(m, f)]), localiser)
+                             for m, f in todo], workers, prepared_done)
     ready = [p for p in pairs if prepared_path[p].is_file()]
     model_hash = file_hash(model) if model and any(m in AGENT_METHODS for m in methods) else None
     results: dict[tuple[str, str, str], dict] = {}
 
     def store(m: str, f: str, method: str, figs: dict, extra: dict | None = None) -> None:
         r = {"moving": m, "fixed": f, "method": method, **figs, **(extra or {}),
-             "signature": method_signature(method, geometry, settings, model_hash)}
+             "signature": method_signature(method, geometry, settings, model_hash, placed_by)}
         _save_result(pair_dir(out, m, f) / f"{method}.json", r)
         results[(m, f, method)] = r
 
     todo = {}
     for method in methods:
-        sig = method_signature(method, geometry, settings, model_hash)
+        sig = method_signature(method, geometry, settings, model_hash, placed_by)
         for m, f in ready:
             cached = _load_result(pair_dir(out, m, f) / f"{method}.json", sig)
             if cached is not None:
@@ -339,11 +406,14 @@ def evaluate(
             else:
                 todo.setdefault(method, []).append((m, f))
 
-    # 2. T: the preprocessed pair itself (its time is the translation pre-alignment)
-    for m, f in todo.get("T", []):
-        pair = load_prepared(prepared_path[(m, f)], geometry)
-        store(m, f, "T", {**figures(pair["moving_label"], pair["fixed_label"], None), "seconds": pair["seconds"]},
-              {"prealignment": pair["prealignment"]})
+    # 2. none, and T / localised: the preprocessed pair itself (its time is the pre-alignment's or localisation's)
+    for method in ("none", *START_METHODS):
+        for m, f in todo.get(method, []):
+            pair = load_prepared(prepared_path[(m, f)], geometry)
+            label = pair["unregistered_label"] if method == "none" else pair["moving_label"]
+            store(m, f, method, {**figures(label, pair["fixed_label"], None),
+                                 "seconds": 0.0 if method == "none" else pair["seconds"]},
+                  {"prealignment": pair["prealignment"]})
 
     # 3. elastix methods in a process pool
     jobs = [(method, str(prepared_path[p]), geometry.to_dict(), asdict(settings))
@@ -428,7 +498,8 @@ def summarise(results: list[dict], methods: list[str]) -> dict[str, dict]:
     return summary
 
 
-METHOD_TITLES = {"T": "T", "e8": "e8", "e16": "e16", "ours": "our", "nfc": "nfc", "gt": "GT (upper bound)"}
+METHOD_TITLES = {"none": "none", "T": "T", "localised": "localised", "e8": "e8", "e16": "e16", "ours": "our",
+                 "nfc": "nfc", "gt": "GT (upper bound)"}
 
 
 def report_markdown(summary: dict, methods: list[str], info: dict) -> str:

@@ -41,6 +41,26 @@ from . import protocol
 # LPS <-> RAS: flip the first two axes. The matrix is its own inverse.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
+
+def lps_from_ras(point: Sequence[float]) -> np.ndarray:
+    """A physical point in LPS (ITK) from RAS (Slicer), with the module's one conversion matrix."""
+    return LPS_TO_RAS @ np.asarray(point, dtype=float)
+
+
+def ras_from_lps(point: Sequence[float]) -> np.ndarray:
+    """A physical point in RAS (Slicer) from LPS (ITK)."""
+    return LPS_TO_RAS @ np.asarray(point, dtype=float)
+
+
+def markups_point_lps(markups_node: slicer.vtkMRMLNode) -> np.ndarray:
+    """The first control point of a markups node, in world coordinates (its parent transforms applied), as LPS."""
+    if markups_node.GetNumberOfControlPoints() < 1:
+        raise ValueError(f"markups {markups_node.GetName()!r} has no point: place one on the prostate in the fixed "
+                         "volume, or clear the point selection")
+    ras = [0.0, 0.0, 0.0]
+    markups_node.GetNthControlPointPositionWorld(0, ras)
+    return lps_from_ras(ras)
+
 # --------------------------------------------------------------------------- geometry
 
 
@@ -140,6 +160,67 @@ def _same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> boo
             and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance))
 
 
+@dataclass(frozen=True)
+class SlicePlane:
+    """A single-slice volume (Slicer holds every volume as 3-D) as the 2-D image a 2-D model registers.
+
+    The 2-D frame: its axes are the slice's two in-plane voxel axes (``axes``, in 3-D axis order), its origin
+    the slice's first voxel, its direction the identity; so a 2-D output on that grid is the slice itself, and
+    a 2-D vector ``(a, b)`` is ``a * u + b * v`` in 3-D LPS (``u``, ``v``: the in-plane direction columns).
+    """
+
+    reference: sitk.Image  # the 3-D single-slice grid (LPS)
+    axes: tuple[int, int]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> SlicePlane | None:
+        """The plane of a 3-D image with exactly one axis of size 1, else ``None``."""
+        if image.GetDimension() != 3:
+            return None
+        thin = [a for a, n in enumerate(image.GetSize()) if n == 1]
+        if len(thin) != 1:
+            return None
+        return cls(image, tuple(a for a in range(3) if a != thin[0]))
+
+    @property
+    def _columns(self) -> np.ndarray:
+        return np.array(self.reference.GetDirection(), dtype=float).reshape(3, 3)[:, list(self.axes)]
+
+    def point_2d(self, point_lps: Sequence[float]) -> np.ndarray:
+        """A 3-D LPS point in the 2-D frame (its component out of the plane is dropped)."""
+        return self._columns.T @ (np.asarray(point_lps, dtype=float) - np.array(self.reference.GetOrigin()))
+
+    def to_2d(self, image: sitk.Image, name: str) -> sitk.Image:
+        """A single-slice 3-D image (this slice, or another parallel one) as a 2-D image in the 2-D frame."""
+        plane = SlicePlane.of(image)
+        if plane is None:
+            raise ValueError(f"{name} has {min(image.GetSize())} slices ({'x'.join(map(str, image.GetSize()))}); "
+                             "with a single-slice fixed volume, give a single slice of it too")
+        columns = plane._columns
+        direction = np.round(self._columns.T @ columns, 12)  # the slice's in-plane axes in this frame (+0 rounding)
+        if np.abs(np.linalg.norm(direction, axis=0) - 1).max() > 1e-3:
+            raise ValueError(f"the slice of {name} is not parallel to the fixed slice: reslice it onto the fixed "
+                             "volume's plane first (e.g. the Resample Image (BRAINS) module)")
+        array = sitk.GetArrayFromImage(image)
+        thin_axis = ({0, 1, 2} - set(plane.axes)).pop()
+        out = sitk.GetImageFromArray(np.take(array, 0, axis=2 - thin_axis), isVector=image.GetNumberOfComponentsPerPixel() > 1)
+        out.SetSpacing([image.GetSpacing()[a] for a in plane.axes])
+        out.SetOrigin(self.point_2d(image.GetOrigin()).tolist())
+        out.SetDirection(direction.ravel().tolist())
+        return out
+
+    def to_3d(self, image: sitk.Image) -> sitk.Image:
+        """A 2-D output on this plane's 2-D grid (an image or a displacement field) as the 3-D slice."""
+        array = sitk.GetArrayFromImage(image)
+        thin_axis = ({0, 1, 2} - set(self.axes)).pop()
+        vector = image.GetNumberOfComponentsPerPixel() > 1
+        if vector:  # (a, b) in the 2-D frame -> a * u + b * v in LPS
+            array = array.astype(np.float64) @ self._columns.T
+        out = sitk.GetImageFromArray(np.expand_dims(array, axis=2 - thin_axis), isVector=vector)
+        out.CopyInformation(self.reference)
+        return out
+
+
 def segmentation_to_labelmap_sitk(segmentation_node: slicer.vtkMRMLNode,
                                   reference_volume_node: slicer.vtkMRMLVolumeNode) -> sitk.Image:
     """A binary uint8 label image (LPS) on the reference volume's grid.
@@ -157,8 +238,9 @@ def segmentation_to_labelmap_sitk(segmentation_node: slicer.vtkMRMLNode,
         try:
             ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportVisibleSegmentsToLabelmapNode(
                 segmentation_node, labelmap_node, reference_volume_node)
-            if not ok:
-                raise ValueError(f"segmentation {segmentation_node.GetName()!r} could not be exported "
+            image_data = labelmap_node.GetImageData()
+            if not ok or image_data is None or image_data.GetPointData().GetScalars() is None:
+                raise ValueError(f"segmentation {segmentation_node.GetName()!r} is empty or could not be exported "
                                  "to a label map; check that it has a visible, non-empty segment")
             label = sitk_from_volume_node(labelmap_node)
         finally:
@@ -443,9 +525,10 @@ def trajectory_plot_chart_node(table_node: slicer.vtkMRMLTableNode, scene: slice
 
 
 def step_sequence_nodes(step_files: Iterable[Path], scene: slicer.vtkMRMLScene, name: str,
-                        sequences_logic: Any = None,
+                        sequences_logic: Any = None, convert: Any = None,
                         ) -> tuple[slicer.vtkMRMLSequenceNode, slicer.vtkMRMLSequenceBrowserNode]:
-    """A sequence of warped volumes indexed by agent step, and a browser showing it.
+    """A sequence of warped volumes indexed by agent step, and a browser showing it (``convert``: applied to
+    each image read, e.g. :meth:`SlicePlane.to_3d`).
 
     ``sequences_logic`` is Slicer's sequences module logic (``slicer.modules.sequences.logic()``);
     without it a logic is made for ``scene``. The browser's proxy node is the volume shown.
@@ -459,7 +542,8 @@ def step_sequence_nodes(step_files: Iterable[Path], scene: slicer.vtkMRMLScene, 
     sequence.SetIndexType(slicer.vtkMRMLSequenceNode.NumericIndex)
     for path in files:
         volume = slicer.vtkMRMLScalarVolumeNode()
-        image = _as_3d(sitk.ReadImage(str(path)))
+        image = sitk.ReadImage(str(path))
+        image = _as_3d(convert(image) if convert is not None else image)
         volume.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras_from_sitk(image)))
         volume.SetAndObserveImageData(_image_data_from_array(sitk.GetArrayFromImage(image)))
         volume.SetName(f"{name} step {protocol.step_number(path)}")
@@ -515,8 +599,12 @@ def import_register_results(output_dir: str | Path, scene: slicer.vtkMRMLScene,
                             sequences_logic: Any = None,
                             warped_node: slicer.vtkMRMLScalarVolumeNode | None = None,
                             transform_node: slicer.vtkMRMLGridTransformNode | None = None,
-                            metrics_node: slicer.vtkMRMLTableNode | None = None) -> RegistrationResultNodes:
+                            metrics_node: slicer.vtkMRMLTableNode | None = None,
+                            plane: SlicePlane | None = None) -> RegistrationResultNodes:
     """Make the result nodes from the folder a successful ``agentreg register`` wrote.
+
+    ``plane``: the fixed slice whose 2-D frame the worker's images were in (a 2-D model on a single-slice volume);
+    its 2-D outputs are brought back onto the slice's 3-D position and orientation.
 
     ``warped_node``, ``transform_node``, ``metrics_node``: output nodes the user chose (filled in place);
     the others are created. All or nothing: if anything fails, every node created here is removed again
@@ -525,8 +613,9 @@ def import_register_results(output_dir: str | Path, scene: slicer.vtkMRMLScene,
     output_dir = Path(output_dir)
     before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
     try:
-        warped_image = sitk.ReadImage(str(output_dir / protocol.WARPED))
-        displacement = sitk.ReadImage(str(output_dir / protocol.DISPLACEMENT), sitk.sitkVectorFloat64)
+        on_slice = plane.to_3d if plane is not None else (lambda image: image)
+        warped_image = on_slice(sitk.ReadImage(str(output_dir / protocol.WARPED)))
+        displacement = on_slice(sitk.ReadImage(str(output_dir / protocol.DISPLACEMENT), sitk.sitkVectorFloat64))
         metrics = protocol.read_metrics(output_dir / protocol.METRICS_JSON)
         trajectory_table = table_node_from_columns(protocol.read_trajectory(output_dir / protocol.TRAJECTORY_CSV),
                                                    scene, f"{name} trajectory")
@@ -534,7 +623,7 @@ def import_register_results(output_dir: str | Path, scene: slicer.vtkMRMLScene,
         step_files = sorted((output_dir / protocol.STEPS_DIR).glob("warped_*.nii*"))
         sequence = browser = None
         if step_files:
-            sequence, browser = step_sequence_nodes(step_files, scene, f"{name} steps", sequences_logic)
+            sequence, browser = step_sequence_nodes(step_files, scene, f"{name} steps", sequences_logic, on_slice)
         transform = grid_transform_node_from_displacement(displacement, scene, f"{name} transform", fixed_node,
                                                           moving_node, node=transform_node)
         warped = volume_node_from_sitk(warped_image, scene, f"{name} warped", node=warped_node)
@@ -563,6 +652,7 @@ class RegistrationJob:
     fixed_node: slicer.vtkMRMLScalarVolumeNode
     moving_node: slicer.vtkMRMLScalarVolumeNode
     name: str
+    plane: SlicePlane | None = None  # a single-slice fixed volume registered by a 2-D model
 
     @property
     def output_dir(self) -> Path:
@@ -570,44 +660,77 @@ class RegistrationJob:
 
 
 def write_volume_inputs(folder: Path, fixed_node, moving_node, fixed_segmentation=None,
-                        moving_segmentation=None) -> dict[str, Path]:
-    """Write the nodes as the worker's input files (NIfTI, LPS); segmentations as binary labels on their volume's grid."""
-    folder.mkdir(parents=True, exist_ok=True)
+                        moving_segmentation=None, model_dim: int | None = None,
+                        ) -> tuple[dict[str, Path], SlicePlane | None]:
+    """Write the nodes as the worker's input files (NIfTI, LPS); segmentations as binary labels on their volume's grid.
+
+    With a 2-D model (``model_dim`` 2) a single-slice fixed volume and a parallel single-slice moving volume are
+    written as 2-D images in the fixed slice's frame (returned, to bring the results back); a thicker volume is
+    refused with the slice to use. With a 3-D model a single slice is refused.
+    """
+    from .inputs import check_image
+
     if fixed_node is None or moving_node is None:
         raise ValueError("Select both a fixed and a moving volume.")
     if fixed_node is moving_node:
         raise ValueError("The fixed and the moving volume are the same node; select two volumes.")
-    paths = {"fixed": folder / "fixed.nii.gz", "moving": folder / "moving.nii.gz"}
-    sitk.WriteImage(sitk_from_volume_node(fixed_node), str(paths["fixed"]))
-    sitk.WriteImage(sitk_from_volume_node(moving_node), str(paths["moving"]))
+    images = {"fixed": sitk_from_volume_node(fixed_node), "moving": sitk_from_volume_node(moving_node)}
     for key, segmentation, reference in (("fixed_label", fixed_segmentation, fixed_node),
                                          ("moving_label", moving_segmentation, moving_node)):
         if segmentation is not None:
-            paths[key] = folder / f"{key}.nii.gz"
-            sitk.WriteImage(segmentation_to_labelmap_sitk(segmentation, reference), str(paths[key]))
-    return paths
+            images[key] = segmentation_to_labelmap_sitk(segmentation, reference)
+    plane = SlicePlane.of(images["fixed"])
+    name = fixed_node.GetName()
+    if model_dim == 2:
+        if plane is None:
+            size = images["fixed"].GetSize()
+            raise ValueError(f"The model is a 2-D model but volume {name!r} has {size[2]} slices: choose a 3-D model, "
+                             f"or register one slice: make a single-slice volume of it (e.g. slice {size[2] // 2}, "
+                             "its middle one, with the Crop Volume module) and of the moving volume.")
+        nodes = {"fixed": fixed_node, "moving": moving_node, "fixed_label": fixed_segmentation,
+                 "moving_label": moving_segmentation}
+        images = {key: plane.to_2d(image, f"volume {nodes[key].GetName()!r}") for key, image in images.items()}
+    elif model_dim == 3 and plane is not None:
+        raise ValueError(f"The model is a 3-D model but volume {name!r} is a single slice: choose a 2-D model "
+                         "(e.g. prostate-2d).")
+    else:
+        plane = None
+    for key in ("fixed", "moving"):
+        check_image(images[key], f"{key} volume", repr((fixed_node if key == "fixed" else moving_node).GetName()))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {key: folder / f"{key}.nii.gz" for key in images}
+    for key, image in images.items():
+        sitk.WriteImage(image, str(paths[key]))
+    return paths, plane
 
 
 def start_registration(python: str, engine_dir: str | Path, fixed_node, moving_node, model: str | Path, *,
-                       fixed_segmentation=None, moving_segmentation=None, temporary_root: str | Path | None = None,
-                       keep_temporary_files: bool = False, name: str | None = None,
-                       **options: Any) -> RegistrationJob:
+                       fixed_segmentation=None, moving_segmentation=None, fixed_point=None,
+                       temporary_root: str | Path | None = None, keep_temporary_files: bool = False,
+                       name: str | None = None, **options: Any) -> RegistrationJob:
     """Check the inputs, write them to a time-stamped temporary folder and start ``agentreg register``.
 
-    ``options`` are those of :func:`protocol.register_command` (device, steps, seed, fuzzy_action_control,
-    fuzzy_k, save_steps). The folder is removed again if the worker cannot be started.
+    ``fixed_point``: a markups node whose first point (on the fixed volume) places the prostate for a model that
+    crops on it (``--fixed-point``, converted to LPS). ``options`` are those of :func:`protocol.register_command`
+    (device, steps, seed, fuzzy_action_control, fuzzy_k, save_steps). The folder is removed again if the worker
+    cannot be started.
     """
     model = Path(model)
     if not model.is_file():
         raise ValueError(f"Model bundle not found: {model}. Pick a listed model or a .pt file.")
+    model_dim = protocol.model_header(model)["dim"]
+    point = markups_point_lps(fixed_point) if fixed_point is not None else None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if temporary_root is not None:
         Path(temporary_root).mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f"AgentRegistration-{stamp}-", dir=temporary_root))
     try:
-        inputs = write_volume_inputs(folder, fixed_node, moving_node, fixed_segmentation, moving_segmentation)
+        inputs, plane = write_volume_inputs(folder, fixed_node, moving_node, fixed_segmentation, moving_segmentation,
+                                            model_dim)
+        if point is not None and plane is not None:
+            point = plane.point_2d(point)
         command = protocol.register_command(python, inputs.pop("fixed"), inputs.pop("moving"), model,
-                                            folder / "output", **inputs, **options)
+                                            folder / "output", **inputs, fixed_point=point, **options)
         job = protocol.WorkerJob([command], env=protocol.worker_environment(engine_dir), folder=folder,
                                  keep_folder=keep_temporary_files).start()
     except BaseException:
@@ -616,7 +739,7 @@ def start_registration(python: str, engine_dir: str | Path, fixed_node, moving_n
     scene = fixed_node.GetScene()
     if name is None:
         name = scene.GenerateUniqueName(f"{moving_node.GetName()} to {fixed_node.GetName()}")
-    return RegistrationJob(job, folder, fixed_node, moving_node, name)
+    return RegistrationJob(job, folder, fixed_node, moving_node, name, plane)
 
 
 def finish_registration(registration: RegistrationJob, sequences_logic: Any = None,
@@ -633,7 +756,7 @@ def finish_registration(registration: RegistrationJob, sequences_logic: Any = No
             raise RuntimeError(job.error or f"the worker exited with status {job.worker.returncode}")
         return import_register_results(registration.output_dir, registration.fixed_node.GetScene(),
                                        registration.fixed_node, registration.moving_node, registration.name,
-                                       sequences_logic, **output_nodes)
+                                       sequences_logic, plane=registration.plane, **output_nodes)
     finally:
         job.cleanup()
 

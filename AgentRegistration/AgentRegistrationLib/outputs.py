@@ -48,37 +48,66 @@ def trajectory_rows(trajectory: dict[str, np.ndarray]) -> tuple[list[str], list[
     return header, rows
 
 
-def plot_trajectory(trajectory: dict[str, np.ndarray], path: Path, title: str = "") -> None:
-    """Dice (or the best Q-value) and the parameters over the agent's steps."""
-    import matplotlib
+def trajectory_figure(trajectory: dict[str, np.ndarray], metrics: dict | None = None, title: str = "",
+                      step_limit: int | None = None):
+    """The figure of trajectory.png: Dice on the model grid (or the best Q-value) and the SDM parameters over the
+    agent's integer steps, the step where the agent stopped marked, and the Dice of metrics.json (in the fixed
+    image's geometry) before and after in the legend. Returns a matplotlib ``Figure`` (no window)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    metrics = metrics or {}
     steps = np.arange(1, len(trajectory["actions"]) + 1)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    last = int(steps[-1]) if len(steps) else 0
+    fig = Figure(figsize=(7.5, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True)
     if "dice" in trajectory:
-        top.plot(steps, trajectory["dice"], color="tab:green")
+        top.plot(steps, trajectory["dice"], color="tab:green", label="Dice on the model grid (crop), each step")
         top.set_ylabel("Dice")
+        if "dice_after" in metrics:
+            top.axhline(metrics["dice_before"], color="tab:gray", linestyle=":",
+                        label=f"Dice before, fixed image: {metrics['dice_before']:.3f}")
+            top.plot([last], [metrics["dice_after"]], "o", color="tab:red",
+                     label=f"Dice after, fixed image: {metrics['dice_after']:.3f}")
     else:
-        top.plot(steps, trajectory["q_values"].max(axis=1), color="tab:blue")
-        top.set_ylabel("best Q-value")
-    top.set_title(title or "agent trajectory")
-    bottom.plot(steps, trajectory["theta"], linewidth=0.8)
-    bottom.set_ylabel("SDM parameters")
-    bottom.set_xlabel("step")
+        top.plot(steps, trajectory["q_values"].max(axis=1), color="tab:blue", label="best Q-value")
+        top.set_ylabel("best Q-value (expected improvement)")
+    stopped = "the step limit" if step_limit is None or last >= step_limit else "the stop rule"
+    for axes in (top, bottom):
+        axes.axvline(last, color="tab:red", linestyle="--", linewidth=1,
+                     label=f"stopped at step {last} ({stopped})" if axes is top else None)
+    top.legend(loc="best", fontsize="small")
+    top.set_title(title or "agent trajectory", fontsize="medium")
+    theta = np.asarray(trajectory["theta"])
+    bottom.plot(steps, theta, linewidth=0.8)
+    bottom.set_ylabel(f"SDM parameters ({theta.shape[1] if theta.ndim == 2 else 0} modes, one line each)")
+    bottom.set_xlabel("agent step")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if last:
+        bottom.set_xlim(0.5, last + 0.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def plot_trajectory(trajectory: dict[str, np.ndarray], path: Path, title: str = "", metrics: dict | None = None,
+                    step_limit: int | None = None) -> None:
+    """Write :func:`trajectory_figure` as a PNG."""
+    trajectory_figure(trajectory, metrics, title, step_limit).savefig(path, dpi=100)
 
 
 def write_registration_outputs(result: RegistrationResult, out_dir: Path, moving: sitk.Image, sdm, geometry,
-                               fixed: sitk.Image, save_steps: int = 0) -> list[Path]:
-    """Write warped.nii.gz, [warped_label.nii.gz], displacement.nii.gz, trajectory.csv/.png,
-    metrics.json and, with ``save_steps`` = K, steps/warped_NNNN.nii.gz every K steps."""
+                               fixed: sitk.Image, save_steps: int = 0, title: str = "",
+                               step_limit: int | None = None) -> list[Path]:
+    """Write warped.nii.gz, [warped_label.nii.gz], displacement.nii.gz, trajectory.csv/.png (``title``: the
+    pair's names), metrics.json and, with ``save_steps`` = K, steps/warped_NNNN.nii.gz every K steps.
+
+    An ``OSError`` names ``out_dir`` (never the temporary folder beside it)."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-partial-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-partial-", dir=out_dir.parent))
+    except OSError as err:
+        raise OSError(f"cannot write output folder {out_dir}: {err.strerror or err}") from None
     try:
         sitk.WriteImage(result.warped, str(tmp / WARPED), True)
         if result.warped_label is not None:
@@ -86,7 +115,7 @@ def write_registration_outputs(result: RegistrationResult, out_dir: Path, moving
         sitk.WriteImage(sitk.Cast(result.displacement, sitk.sitkVectorFloat32), str(tmp / DISPLACEMENT), True)
         header, rows = trajectory_rows(result.trajectory)
         (tmp / TRAJECTORY_CSV).write_text("\n".join(",".join(map(str, r)) for r in [header, *rows]) + "\n")
-        plot_trajectory(result.trajectory, tmp / TRAJECTORY_PNG)
+        plot_trajectory(result.trajectory, tmp / TRAJECTORY_PNG, title, result.metrics, step_limit)
         (tmp / METRICS_JSON).write_text(json.dumps(check_metrics(result.metrics), indent=1))
         if save_steps > 0:
             (tmp / STEPS_DIR).mkdir()
@@ -95,7 +124,7 @@ def write_registration_outputs(result: RegistrationResult, out_dir: Path, moving
             thetas += [(t + 1, th) for t, th in enumerate(result.trajectory["theta"]) if (t + 1) % save_steps == 0]
             for step, theta in thetas:
                 field = displacement_in_fixed_geometry(sdm.deformation(theta), grid, result.pair.frame, fixed,
-                                                       result.translation)
+                                                       result.pair.moving_frame)
                 sitk.WriteImage(warp_to_fixed(moving, field), str(tmp / STEPS_DIR / step_file_name(step)), True)
         out_dir.mkdir(exist_ok=True)
         for stale in OUTPUT_NAMES:  # files of an earlier run that this run does not write

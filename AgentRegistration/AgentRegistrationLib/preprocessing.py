@@ -22,6 +22,7 @@ import torch
 from . import elastix
 from .bspline import ControlGrid, dense_displacement
 from .geometry import ModelGeometry
+from .localisation import Localisation
 
 
 @dataclass
@@ -54,6 +55,41 @@ class ModelFrame:
         origin = np.asarray(centre) - direction @ (model_spacing * (np.array(geometry.size) - 1) / 2)
         return cls(origin, model_spacing, direction, tuple(geometry.size))
 
+    @classmethod
+    def on_localisation(cls, image: sitk.Image, geometry: ModelGeometry, localisation: Localisation,
+                        direction: np.ndarray | None = None) -> ModelFrame:
+        """The localised crop box of ``geometry`` on ``image``: centred on the organ and spanning
+        ``geometry.box_spreads`` of its standard deviations per axis (axes of ``direction``, by default
+        the image's). A one-slice box (a 2-D model's slice of a volume) sits on the image slice nearest
+        the organ's centre, so the slice is taken, not interpolated between two."""
+        dim = image.GetDimension()
+        if dim != geometry.dim:
+            raise ValueError(
+                f"the model is {geometry.dim}-D but the image is {dim}-D: use a {dim}-D model"
+                + (" (or extract a slice first)" if dim == 3 else ""))
+        if not geometry.localised:
+            raise ValueError("this model geometry places its crop box by the paper's rule, not on the organ")
+        direction = np.array(image.GetDirection()).reshape(dim, dim) if direction is None else np.asarray(direction)
+        size = np.array(geometry.size)
+        centre = np.asarray(localisation.centre, dtype=float)
+        if np.any(size == 1):  # snap a one-slice box onto the nearest slice of the image
+            index = np.array(image.TransformPhysicalPointToContinuousIndex(centre.tolist()))
+            flat = size == 1
+            index[flat] = np.clip(np.rint(index[flat]), 0, np.array(image.GetSize())[flat] - 1)
+            centre = np.array(image.TransformContinuousIndexToPhysicalPoint(index.tolist()))
+        model_spacing = np.array(geometry.box_spreads) * np.asarray(localisation.spread) / np.maximum(size - 1, 1)
+        model_spacing[size == 1] = np.array(image.GetSpacing())[size == 1]
+        origin = centre - direction @ (model_spacing * (size - 1) / 2)
+        return cls(origin, model_spacing, direction, tuple(int(n) for n in size))
+
+    def to_model(self, point: np.ndarray) -> np.ndarray:
+        """Model voxel coordinates of physical points ``(..., dim)``."""
+        return (np.asarray(point) - self.origin) @ self.direction / self.spacing
+
+    def to_physical(self, q: np.ndarray) -> np.ndarray:
+        """Physical points of model voxel coordinates ``(..., dim)``."""
+        return self.origin + (np.asarray(q) * self.spacing) @ self.direction.T
+
     def reference(self) -> sitk.Image:
         ref = sitk.Image([int(s) for s in self.size], sitk.sitkFloat32)
         ref.SetOrigin(self.origin.tolist())
@@ -61,21 +97,35 @@ class ModelFrame:
         ref.SetDirection(self.direction.ravel().tolist())
         return ref
 
+    def translated(self, translation: np.ndarray) -> ModelFrame:
+        """The same box moved by ``translation`` (physical): the moving box of the paper's preprocessing."""
+        return ModelFrame(self.origin + np.asarray(translation, dtype=float), self.spacing, self.direction, self.size)
+
     def to_dict(self) -> dict:
         return {k: np.asarray(v).tolist() for k, v in asdict(self).items()}
 
 
 @dataclass
 class PreparedPair:
-    """A pair on the model grid (arrays in array order), ready for the agent."""
+    """A pair on the model grid (arrays in array order), ready for the agent.
+
+    ``frame`` is the fixed image's crop box, ``moving_frame`` the moving image's: the same box
+    translated (the paper's preprocessing) or the box on the moving organ (localised). Model voxel
+    ``q`` of the fixed crop corresponds, before any deformation, to model voxel ``q`` of the moving one.
+    """
 
     fixed: np.ndarray
     moving: np.ndarray
     frame: ModelFrame
-    translation: np.ndarray
+    moving_frame: ModelFrame
     fixed_label: np.ndarray | None = None
     moving_label: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+
+    @property
+    def translation(self) -> np.ndarray:
+        """Offset of the moving box's origin from the fixed box's (physical units)."""
+        return self.moving_frame.origin - self.frame.origin
 
 
 def normalise_intensity(array: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
@@ -87,19 +137,19 @@ def normalise_intensity(array: np.ndarray, low: float = 1.0, high: float = 99.0)
 def resample_to_frame(image: sitk.Image, frame: ModelFrame, translation: np.ndarray | None = None,
                       label: bool = False) -> np.ndarray:
     """Sample ``image`` at the model grid points (shifted by ``translation``)."""
-    transform = sitk.TranslationTransform(image.GetDimension(), (translation if translation is not None
-                                                                 else np.zeros(image.GetDimension())).tolist())
+    if translation is not None:
+        frame = frame.translated(translation)
     interp = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
-    out = sitk.Resample(image, frame.reference(), transform, interp, 0.0,
+    out = sitk.Resample(image, frame.reference(), sitk.Transform(), interp, 0.0,
                         sitk.sitkUInt8 if label else sitk.sitkFloat32)
     arr = sitk.GetArrayFromImage(out)
     return (arr > 0).astype(np.uint8) if label else arr
 
 
-def _inside_fraction(image: sitk.Image, frame: ModelFrame, translation: np.ndarray) -> float:
+def _inside_fraction(image: sitk.Image, frame: ModelFrame) -> float:
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(image)
-    return float(resample_to_frame(ones, frame, translation, label=True).mean())
+    return float(resample_to_frame(ones, frame, label=True).mean())
 
 
 def crop_roi(image: sitk.Image, crop_fraction: tuple[float, ...]) -> sitk.Image:
@@ -132,38 +182,50 @@ def prepare_pair(
     prealign: bool = True,
     centre: np.ndarray | None = None,
     translation: np.ndarray | None = None,
+    fixed_localisation: Localisation | None = None,
+    moving_localisation: Localisation | None = None,
 ) -> PreparedPair:
-    """Pre-align, crop, resample and normalise a pair onto the model grid.
+    """Crop, resample and normalise a pair onto the model grid.
 
-    ``translation`` skips the elastix pre-alignment with a known one; ``prealign=False``
-    uses none. Raises ``ValueError`` with what to do when the dimension does not match the
-    model or the images do not overlap.
+    With a localised ``geometry`` each crop box is placed on its image's organ: ``fixed_localisation``
+    and ``moving_localisation`` are required. With the paper's geometry the moving image is
+    pre-aligned by translation: ``translation`` skips the elastix pre-alignment with a known one;
+    ``prealign=False`` uses none. Raises ``ValueError`` with what to do when the dimension does not
+    match the model or the images do not overlap.
     """
     if moving.GetDimension() != fixed.GetDimension():
         raise ValueError(f"fixed image is {fixed.GetDimension()}-D but moving image is {moving.GetDimension()}-D")
-    frame = ModelFrame.for_fixed(fixed, geometry, centre)
-    dim = fixed.GetDimension()
-    status = "given" if translation is not None else "none"
-    if translation is None:
-        translation, status = prealign_translation(fixed, moving, geometry) if prealign else (np.zeros(dim), "none")
-    translation = np.asarray(translation, dtype=float)
-    if _inside_fraction(moving, frame, translation) < 0.25:
+    if geometry.localised:
+        if fixed_localisation is None or moving_localisation is None:
+            raise ValueError("this model crops each image on its organ: give both localisations")
+        frame = ModelFrame.on_localisation(fixed, geometry, fixed_localisation)
+        moving_frame = ModelFrame.on_localisation(moving, geometry, moving_localisation, direction=frame.direction)
+        info = {"localisation": {"fixed": fixed_localisation.to_dict(), "moving": moving_localisation.to_dict()}}
+        where = "the organ's crop box"
+    else:
+        frame = ModelFrame.for_fixed(fixed, geometry, centre)
+        status = "given" if translation is not None else "none"
+        if translation is None:
+            translation, status = (prealign_translation(fixed, moving, geometry) if prealign
+                                   else (np.zeros(fixed.GetDimension()), "none"))
+        moving_frame = frame.translated(np.asarray(translation, dtype=float))
+        info = {"prealignment": status}
+        where = "the fixed image's region of interest, even after translation pre-alignment"
+    if _inside_fraction(moving, moving_frame) < 0.25:
         raise ValueError(
-            "the moving image covers less than a quarter of the fixed image's region of interest, "
-            "even after translation pre-alignment: the images do not overlap. Check that both show the "
-            "same anatomy, and centre or roughly align them first (e.g. Slicer's Transforms module)."
-        )
+            f"the moving image covers less than a quarter of {where}: the images do not overlap. Check that both "
+            "show the same anatomy, and centre or roughly align them first (e.g. Slicer's Transforms module).")
     pair = PreparedPair(
         fixed=normalise_intensity(resample_to_frame(fixed, frame)),
-        moving=normalise_intensity(resample_to_frame(moving, frame, translation)),
+        moving=normalise_intensity(resample_to_frame(moving, moving_frame)),
         frame=frame,
-        translation=translation,
-        info={"prealignment": status},
+        moving_frame=moving_frame,
+        info=info,
     )
     if fixed_label is not None:
         pair.fixed_label = resample_to_frame(fixed_label, frame, label=True)
     if moving_label is not None:
-        pair.moving_label = resample_to_frame(moving_label, frame, translation, label=True)
+        pair.moving_label = resample_to_frame(moving_label, moving_frame, label=True)
     return pair
 
 
@@ -172,27 +234,32 @@ def displacement_in_fixed_geometry(
     grid: ControlGrid,
     frame: ModelFrame,
     fixed: sitk.Image,
-    translation: np.ndarray,
+    moving_frame: ModelFrame,
 ) -> sitk.Image:
-    """The full transform (translation + model-space FFD) as an ITK displacement field on the
-    fixed image's own grid: vectors in physical units, fixed point -> moving point.
+    """The full transform as an ITK displacement field on the fixed image's own grid: vectors in
+    physical units, fixed point -> moving point.
 
-    The FFD is evaluated exactly at each fixed voxel (no interpolation of a coarse field).
-    Requires the fixed image's direction to equal the frame's, which ``ModelFrame.for_fixed``
-    guarantees, so each model axis depends on one image axis only.
+    Fixed point ``p`` is model voxel ``q`` of the fixed box ``frame``; the model-space FFD moves it to
+    ``q + u(q)``, which is the physical point ``moving_frame.to_physical(q + u(q))``. The FFD is evaluated
+    exactly at each fixed voxel (no interpolation of a coarse field). Requires the fixed image's direction
+    to equal both frames' (``ModelFrame`` guarantees it), so each model axis depends on one image axis only.
     """
     dim = fixed.GetDimension()
     f_origin = np.array(fixed.GetOrigin())
     f_spacing = np.array(fixed.GetSpacing())
     # model coordinate of fixed voxel i along axis a: (D^T (o_f - o_m))_a / s_m,a + i * s_f,a / s_m,a
     offset = frame.direction.T @ (f_origin - frame.origin)
-    bases = []
+    bases, axes = [], []
     for a in range(dim):
         q = (offset[a] + f_spacing[a] * np.arange(fixed.GetSize()[a])) / frame.spacing[a]
+        axes.append(q)
         bases.append(grid.basis(a, torch.from_numpy(q)))
     u = dense_displacement(torch.from_numpy(np.asarray(coefficients, dtype=np.float64))[None], grid, bases)[0]
     u = u.numpy().reshape(dim, -1)  # model voxels, channel order (x, y, z)
-    physical = frame.direction @ (frame.spacing[:, None] * u) + np.asarray(translation)[:, None]
+    q = np.stack([g.ravel() for g in np.meshgrid(*axes[::-1], indexing="ij")[::-1]])  # (dim, N), voxel order
+    # moving point - fixed point = (o_m - o_f) + D ((s_m - s_f) q + s_m u)
+    scale = (moving_frame.spacing - frame.spacing)[:, None] * q + moving_frame.spacing[:, None] * u
+    physical = frame.direction @ scale + (moving_frame.origin - frame.origin)[:, None]
     arr = np.moveaxis(physical.reshape(dim, *fixed.GetSize()[::-1]), 0, -1)
     out = sitk.GetImageFromArray(arr.astype(np.float64), isVector=True)
     out.CopyInformation(fixed)

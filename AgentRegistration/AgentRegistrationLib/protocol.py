@@ -24,12 +24,14 @@ import enum
 import json
 import math
 import os
+import pickle
 import queue
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +54,12 @@ STAGE_DONE = "done"
 STAGE_LOG = "log"
 
 STAGE_TITLES = {
+    "read": "Reading the images and the model",
+    "localise": "Finding the prostate and cropping",
+    "prealign": "Pre-aligning (translation) and cropping",
     "register": "Registering",
+    "resample": "Warping onto the fixed image",
+    "write": "Writing the results",
     "preprocess": "Preparing the subjects",
     "groundtruth": "Ground-truth deformations",
     "sdm": "Statistical deformation model",
@@ -60,7 +67,11 @@ STAGE_TITLES = {
     "elastix": "Elastix",
     "agent": "Agent",
 }
-"""What the status line calls each stage; a stage not listed shows its own name."""
+"""What the status line calls each stage; a stage not listed shows its own name. ``agentreg register`` reports
+read, localise (a model that crops on the organ) or prealign (the paper's), register (agent steps), resample and
+write, in this order; a stage with ``total`` 0 is one piece of work of unknown length (a busy indicator)."""
+REGISTER_STAGES = ("read", "localise", "prealign", "register", "resample", "write")
+"""The stages of ``agentreg register`` (localise and prealign are alternatives)."""
 
 INFO_LABELS = {"loss": "loss", "accuracy": "accuracy", "val_dice": "validation Dice", "dice": "Dice"}
 """Numbers a progress message may carry, in the order they are shown, with their labels."""
@@ -111,6 +122,19 @@ def progress_fraction(message: dict[str, Any]) -> float | None:
     return min(max(float(done) / float(total), 0.0), 1.0)
 
 
+def progress_range(message: dict[str, Any]) -> tuple[int, int, int] | None:
+    """What a progress bar shows for a message: ``(minimum, maximum, value)``; ``(0, 0, 0)`` is Qt's busy
+    indicator (a stage of unknown length); ``None``: leave the bar as it is (logs, notes, done, errors)."""
+    stage = message.get("stage")
+    if stage in (STAGE_ERROR, STAGE_DONE, STAGE_LOG) or "message" in message or "total" not in message:
+        return None
+    fraction = progress_fraction(message)
+    if fraction is None:
+        return (0, 0, 0)
+    total = int(message["total"])
+    return (0, total, round(fraction * total))
+
+
 def _number(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -133,7 +157,8 @@ def progress_text(message: dict[str, Any]) -> str:
     if "message" in message:
         return f"{title}: {message['message']}"
     parts = []
-    if isinstance(message.get("done"), (int, float)) and isinstance(message.get("total"), (int, float)):
+    if isinstance(message.get("done"), (int, float)) and isinstance(message.get("total"), (int, float)) \
+            and message["total"] > 0:
         parts.append(f"{message['done']} / {message['total']}")
     parts += [f"{label} {_number(message[key])}" for key, label in INFO_LABELS.items()
               if isinstance(message.get(key), (int, float)) and not isinstance(message.get(key), bool)]
@@ -227,8 +252,9 @@ PAPER_MODES = {2: 15, 3: 25}
 """The paper's number of SDM modes d per dimension."""
 GT_DICE_COLUMNS = ("moving", "fixed", "dice_before", "dice_after", "seconds")
 """Columns of ``groundtruth/gt_dice.csv`` (one row per ordered pair)."""
-LOSS_COLUMNS = ("iteration", "loss", "held_out_accuracy", "validation_dice")
-"""Columns of ``loss.csv``, which ``agentreg train`` writes beside its checkpoint."""
+LOSS_COLUMNS = ("iteration", "loss", "held_out_accuracy", "validation_dice", "held_out_near_gt_accuracy")
+"""Columns of ``loss.csv``, which ``agentreg train`` writes beside its checkpoint (the last one is absent in files
+of versions before the near-ground-truth states)."""
 MODEL_SUFFIX = ".pt"
 
 
@@ -306,7 +332,7 @@ def read_groundtruth_dice(path: str | Path) -> dict[str, list]:
 
 def read_training_loss(path: str | Path) -> dict[str, list]:
     """``loss.csv`` of ``agentreg train``."""
-    return read_csv_columns(path, LOSS_COLUMNS, "training loss file")
+    return read_csv_columns(path, LOSS_COLUMNS[:4], "training loss file")
 
 
 # ====================================================================================== command builders
@@ -335,6 +361,8 @@ def cli_command(python: str, subcommand: str, options: dict[str, Any],
         elif isinstance(value, (list, tuple)):
             for item in value:
                 command += [flag, str(item)]
+        elif value is not False and value is not None and str(value).startswith("-"):
+            command.append(f"{flag}={value}")  # argparse would read "-1.5,2,3" as an option
         elif value is not False and value is not None:
             command += [flag, str(value)]
     return command + ["--progress-json"]
@@ -344,10 +372,12 @@ def register_command(python: str, fixed: Path, moving: Path, model: Path, output
                      fixed_label: Path | None = None, moving_label: Path | None = None,
                      device: str = "Auto", steps: int | None = None, seed: int = 0,
                      fuzzy_action_control: bool = True, fuzzy_k: float | None = None,
-                     save_steps: int = 0) -> list[str]:
+                     save_steps: int = 0, fixed_point: Sequence[float] | None = None) -> list[str]:
     """The worker command line of ``agentreg register``.
 
     ``steps`` and ``fuzzy_k`` ``None`` (or 0): the model bundle's own defaults, which the engine owns.
+    ``fixed_point``: the organ's centre in the fixed image, physical LPS coordinates of the image the worker
+    reads (``--fixed-point``).
     """
     if steps is not None and steps < 0:
         raise ValueError(f"steps must be at least 1 (or 0 for the model's default), got {steps}")
@@ -358,7 +388,37 @@ def register_command(python: str, fixed: Path, moving: Path, model: Path, output
         "seed": int(seed), "steps": int(steps) if steps else None, "fixed_label": fixed_label,
         "moving_label": moving_label, "no_fuzzy": not fuzzy_action_control,
         "fuzzy_k": repr(float(fuzzy_k)) if fuzzy_k and fuzzy_action_control else None,
-        "save_steps": int(save_steps) if save_steps and save_steps > 0 else None})
+        "save_steps": int(save_steps) if save_steps and save_steps > 0 else None,
+        "fixed_point": ",".join(repr(float(v)) for v in fixed_point) if fixed_point is not None else None})
+
+
+class _HeaderUnpickler(pickle.Unpickler):
+    """Reads a bundle's plain values without torch: tensors become ``None``; any other class is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "collections" and name == "OrderedDict":
+            return dict
+        if module == "torch" or module.startswith("torch."):
+            return lambda *args, **kwargs: None
+        raise pickle.UnpicklingError(f"a model bundle holds no {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> None:
+        return None
+
+
+def model_header(path: str | Path) -> dict[str, Any]:
+    """What a module needs to know of a model bundle before starting a worker, read without torch:
+    ``dim`` (2 or 3) and the ``agent_defaults`` (e.g. ``steps``). ``ValueError`` when it is no bundle."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            (name,) = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            with archive.open(name) as handle:
+                payload = _HeaderUnpickler(handle).load()
+        size = payload["geometry"]["size"]
+        return {"dim": len(size), "agent_defaults": dict(payload.get("agent_defaults") or {})}
+    except (OSError, ValueError, KeyError, TypeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"{path} is not a readable AgentRegistration model bundle ({err}); pick another model") from None
 
 
 def training_commands(python: str, data: str | Path, files: TrainingFiles, *, dim: int = 3,

@@ -14,6 +14,8 @@ import torch
 
 from .agent import AgentSettings
 from .bundle import ModelBundle
+from .localisation import Localisation, localisation_at_point, localisation_from_label
+from .localiser import localise, localiser_from_payload
 from .metrics import dice, jacobian_statistics, surface_distances
 from .preprocessing import PreparedPair, displacement_in_fixed_geometry, prepare_pair, warp_to_fixed
 
@@ -38,9 +40,31 @@ class Registrar:
         self.bundle = bundle
         self.device = device
         self.agent = bundle.agent(device)
+        self.localisers = {int(d): localiser_from_payload(p) for d, p in bundle.localisers.items()}
 
-    def model_displacement(self, theta: np.ndarray) -> torch.Tensor:
-        return self.agent.displacement(torch.as_tensor(np.atleast_2d(theta), dtype=torch.float32, device=self.device))
+    def localise(self, image: sitk.Image, label: sitk.Image | None = None, point: np.ndarray | None = None,
+                 what: str = "image") -> Localisation | None:
+        """Where the organ is in ``image`` for a model that crops on it (``None`` for the paper's crop): from
+        its label, else at ``point`` (with the spread the localiser finds, else the training subjects' median),
+        else where the bundle's localiser finds it."""
+        if not self.bundle.geometry.localised:
+            return None
+        if label is not None:
+            return localisation_from_label(label, f"{what}'s label")
+        localiser = self.localisers.get(image.GetDimension())
+        found = localise(localiser, image) if localiser is not None else None
+        if point is not None:
+            if len(point) != image.GetDimension():
+                raise ValueError(f"the point on the {what} has {len(point)} coordinates but the image is "
+                                 f"{image.GetDimension()}-D: give {image.GetDimension()}")
+            spread = found.spread if found is not None else self.bundle.typical_spread(image.GetDimension())
+            return localisation_at_point(point, spread, f"point on the {what}")
+        if found is None:
+            raise ValueError(f"this model crops on the organ but has no localiser for {image.GetDimension()}-D images: "
+                             f"give a point on the organ in the "
+                             f"{what} (--fixed-point in agentreg register, a markups point in Slicer)"
+                             + ("" if what == "fixed image" else " or a moving label"))
+        return found
 
     def register(
         self,
@@ -51,13 +75,22 @@ class Registrar:
         moving_labels: list[sitk.Image | None] | None = None,
         translations: list[np.ndarray | None] | None = None,
         callback: Callable[[int, int], bool | None] | None = None,
+        fixed_point: np.ndarray | None = None,
     ) -> list[RegistrationResult]:
-        """Register every image of ``movings`` to ``fixed`` in one batch."""
+        """Register every image of ``movings`` to ``fixed`` in one batch.
+
+        A model that crops on the organ places the fixed crop on ``fixed_point`` (a physical point) or where
+        its localiser finds the organ, and each moving crop on its moving label, else where the localiser finds
+        it; the fixed label only measures the result. ``translations`` (the paper's preprocessing) skip the
+        elastix pre-alignment with known ones.
+        """
         t0 = time.perf_counter()
         moving_labels = moving_labels or [None] * len(movings)
         translations = translations or [None] * len(movings)
         geometry = self.bundle.geometry
-        pairs = [prepare_pair(fixed, m, geometry, fixed_label, ml, translation=t)
+        fixed_place = self.localise(fixed, point=fixed_point, what="fixed image")
+        pairs = [prepare_pair(fixed, m, geometry, fixed_label, ml, translation=t, fixed_localisation=fixed_place,
+                              moving_localisation=self.localise(m, label=ml, what="moving image"))
                  for m, ml, t in zip(movings, moving_labels, translations, strict=True)]
         t_prep = time.perf_counter()
         stack = lambda arrays: torch.as_tensor(np.stack(arrays), device=self.device)[:, None]  # noqa: E731
@@ -76,7 +109,7 @@ class Registrar:
         for i, (pair, moving, moving_label) in enumerate(zip(pairs, movings, moving_labels, strict=True)):
             coefficients = self.bundle.sdm.deformation(result.theta[i])
             displacement = displacement_in_fixed_geometry(coefficients, geometry.control_grid(), pair.frame, fixed,
-                                                          pair.translation)
+                                                          pair.moving_frame)
             warped = warp_to_fixed(moving, displacement)
             warped_label = warp_to_fixed(moving_label, displacement, label=True) if moving_label is not None else None
             steps = int(result.steps_taken[i])
@@ -90,7 +123,10 @@ class Registrar:
                 "log_jacobian_std": jacobian["log_jacobian_std"],
             }
             if warped_label is not None and fixed_label is not None:
-                metrics.update(label_metrics(fixed_label, moving_label, warped_label, pair.translation))
+                start = displacement_in_fixed_geometry(self.bundle.sdm.deformation(self.bundle.sdm.theta_identity),
+                                                       geometry.control_grid(), pair.frame, fixed, pair.moving_frame)
+                metrics.update(label_metrics(fixed_label, moving_label, warped_label,
+                                             warp_to_fixed(moving_label, start, label=True)))
             outputs.append(RegistrationResult(result.theta[i], coefficients, pair.translation, displacement, warped,
                                               warped_label, traj, metrics, pair))
         t_end = time.perf_counter()
@@ -102,15 +138,15 @@ class Registrar:
 
 
 def label_metrics(fixed_label: sitk.Image, moving_label: sitk.Image, warped_label: sitk.Image,
-                  translation: np.ndarray) -> dict:
-    """Dice and surface distances before (translation only) and after, in the fixed geometry;
-    distances in the fixed image's physical units."""
+                  start_label: sitk.Image) -> dict:
+    """Dice and surface distances in the fixed geometry: with no registration (``none``: the moving label
+    where it lies in physical space), at the agent's start (``before``: the crops alone, i.e. the translation
+    pre-alignment or the boxes on the organ) and ``after``; distances in the fixed image's physical units."""
     fixed_arr = sitk.GetArrayFromImage(fixed_label) > 0
-    shifted = sitk.Resample(moving_label, fixed_label, sitk.TranslationTransform(fixed_label.GetDimension(),
-                                                                                 translation.tolist()),
-                            sitk.sitkNearestNeighbor, 0)
+    unregistered = sitk.Resample(moving_label, fixed_label, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     out = {}
-    for when, arr in (("before", sitk.GetArrayFromImage(shifted) > 0), ("after", sitk.GetArrayFromImage(warped_label) > 0)):
+    for when, arr in (("none", sitk.GetArrayFromImage(unregistered) > 0), ("before", sitk.GetArrayFromImage(start_label) > 0),
+                      ("after", sitk.GetArrayFromImage(warped_label) > 0)):
         out[f"dice_{when}"] = dice(arr, fixed_arr)
         if arr.any() and fixed_arr.any():
             d = surface_distances(arr, fixed_arr, fixed_label.GetSpacing())

@@ -64,10 +64,25 @@ def reconstruction_report(gt_dir: Path, coefficients: np.ndarray, results: list[
     return table
 
 
-def write_report(path: Path, gt_dir: Path, table: list[dict], command: str) -> None:
+def translation_share(sdm: StatisticalDeformationModel, geometry: ModelGeometry) -> np.ndarray:
+    """Per mode: the share of its displacement (squared, summed over the model grid) that is a pure translation
+    (the displacement's mean vector): near 1 when a mode only shifts the image, as pre-alignment errors do."""
+    import torch
+
+    _, fields = sdm.fields(geometry.control_grid().image_bases(geometry.size, dtype=torch.float64))
+    u = fields.flatten(2).numpy()  # (d, dim, voxels)
+    mean = u.mean(axis=2, keepdims=True)
+    return (mean**2).sum(axis=(1, 2)) * u.shape[2] / (u**2).sum(axis=(1, 2))
+
+
+def write_report(path: Path, gt_dir: Path, table: list[dict], command: str,
+                 sdm: StatisticalDeformationModel | None = None) -> None:
     summary = json.loads((Path(gt_dir) / "summary.json").read_text())
     before, after = summary["dice_before"], summary["dice_after"]
     dim = summary["dim"]
+    geometry = ModelGeometry.from_dict(summary["geometry"])
+    start = ("with each subject's box on its own prostate (no registration)" if geometry.localised
+             else "after translation only")
     lines = [
         f"### {dim}-D ground truth and SDM",
         "",
@@ -82,7 +97,7 @@ def write_report(path: Path, gt_dir: Path, table: list[dict], command: str) -> N
         "",
         "| Dice | median | mean | std |",
         "|---|---|---|---|",
-        f"| after translation only | {before['median']:.3f} | {before['mean']:.3f} | {before['std']:.3f} |",
+        f"| {start} | {before['median']:.3f} | {before['mean']:.3f} | {before['std']:.3f} |",
         f"| after constrained GT registration | {after['median']:.3f} | {after['mean']:.3f} | {after['std']:.3f} |",
         "",
         "Reconstruction error of the SDM: loss of Dice (to the fixed mask) between each pair's full GT "
@@ -95,6 +110,12 @@ def write_report(path: Path, gt_dir: Path, table: list[dict], command: str) -> N
         d = f"{row['modes']}" + (f" (capped at {row['modes_used']})" if row["modes_used"] != row["modes"] else "")
         lines.append(f"| {d} | {100 * row['explained_variance']:.1f} % | {100 * row['loss_mean']:.2f} % | "
                      f"{100 * row['loss_median']:.2f} % | {100 * row['loss_max']:.2f} % | {row['recon_dice_median']:.3f} |")
+    if sdm is not None:
+        share = translation_share(sdm, geometry)
+        lines += ["", "What the first modes hold (share of the deformations' variance; share of the mode's displacement "
+                  "that is a pure translation):", ""]
+        lines += [f"- mode {m}: {100 * sdm.explained_variance_ratio[m]:.1f} % of the variance, "
+                  f"{100 * share[m]:.0f} % translation" for m in range(min(3, sdm.num_modes))]
     lines += ["", f"Made by: `{command}`", ""]
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
 

@@ -23,15 +23,23 @@ import torch
 from .sdm import StatisticalDeformationModel
 from .warp import warp
 
+TARGET_UNITS = ("paper", "steps")
 
-def q_targets(theta_gt: torch.Tensor, theta: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+
+def q_targets(theta_gt: torch.Tensor, theta: torch.Tensor, deltas: torch.Tensor, units: str = "paper") -> torch.Tensor:
     """Eq. 1 for every action: ``|theta_gt - theta|^2 - |theta_gt - (theta + delta_a)|^2``, ``(B, 2d)``.
 
     Action ``a`` changes mode ``a // 2`` by ``deltas[a]``, so the difference reduces to that mode.
+    ``units="steps"`` measures each mode in units of its own action step (the paper's Eq. 1 divided by
+    ``delta_a^2``): the target of a move towards the GT is ``2 |r| - 1`` for a mode ``r`` steps away, so
+    every mode speaks as loudly as the others, and every target is negative within half a step of the GT.
     """
+    if units not in TARGET_UNITS:
+        raise ValueError(f"unknown Q-target units {units!r}; choose one of {TARGET_UNITS}")
     mode = torch.arange(deltas.numel(), device=theta.device) // 2
     r = (theta_gt - theta)[:, mode]
-    return r**2 - (r - deltas) ** 2
+    q = r**2 - (r - deltas) ** 2
+    return q / deltas**2 if units == "steps" else q
 
 
 class SyntheticPairGenerator:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from .bundle import ModelBundle
 from .files import atomic_write
 from .geometry import ModelGeometry
 from .network import DualStreamQNetwork, NetworkConfig
+from .protocol import LOSS_COLUMNS
 from .sdm import StatisticalDeformationModel
 from .synthetic import SyntheticPairGenerator, q_targets
 from .warp import warp
@@ -46,6 +48,9 @@ class TrainingConfig:
     draw_scale: float = 0.5  # synthetic draws: sigma x draw_scale per mode (keeps the negated inverse accurate)
     step_fraction: float = 0.25  # action step of mode m = step_fraction * mean |theta_m| of the real pairs
     state_sampling: float = 0.0  # fraction of a batch in states along the way to theta_gt (0: all at the start)
+    near_gt_sampling: float = 0.0  # fraction of a batch in states within half a step of theta_gt in every mode
+    target_units: str = "paper"  # Eq. 1 as written ("paper") or per mode in units of its action step ("steps")
+    stop_rule: int = 0  # 1: the bundle's agent stops a pair when no action is predicted to help (steps = a cap)
     validate_every: int = 1000
     validation_pairs: int = 8
     validation_steps: int = 100
@@ -71,9 +76,14 @@ class TrainingConfig:
         return dataclasses.replace(self, **changes)
 
 
+AGENT_DEFAULTS = {"fuzzy_k": 1.5, "exploration": 0.05, "steps": 200}
+
 CONFIGS = {
     "paper": TrainingConfig(name="paper", architecture="paper", iterations=100_000),
     "compact": TrainingConfig(name="compact", architecture="compact", state_sampling=0.5),
+    # compact, plus what teaches convergence: targets per mode in step units, states near the GT, a stop rule
+    "converge": TrainingConfig(name="converge", architecture="compact", state_sampling=0.4, near_gt_sampling=0.25,
+                               target_units="steps", stop_rule=1),
 }
 
 
@@ -168,7 +178,10 @@ def train(
     action_steps = action_steps_for(sdm, config)
     agent = Agent(network, sdm, geometry.size, action_steps, device)
     deltas = agent.deltas
-    q_scale = float((agent.action_steps**2).mean())
+    q_scale = float((agent.action_steps**2).mean()) if config.target_units == "paper" else 1.0
+
+    def targets(theta_gt, theta):
+        return q_targets(theta_gt, theta, deltas, config.target_units) / q_scale
 
     real_theta = sdm.project(training_set.coefficients)
     images = torch.as_tensor(training_set.images, device=device)[:, None]
@@ -182,7 +195,10 @@ def train(
         config.intra_probability, config.draw_scale, torch.Generator(device=device).manual_seed(987654))
     with torch.no_grad():
         hf, hm, htheta, _ = held_out.sample(64)
-        h_target = q_targets(htheta, agent.theta_start.expand(64, -1), deltas) / q_scale
+        h_target = targets(htheta, agent.theta_start.expand(64, -1))
+        h_near_theta, h_near_moving = states_along_the_way(agent, held_out.gen, agent.theta_start.expand(64, -1), htheta,
+                                                           hm, 0.0, near_gt=1.0)
+        h_near_target = targets(htheta, h_near_theta)
 
     model = network
     if world > 1:
@@ -215,7 +231,9 @@ def train(
         buffer = io.BytesIO()
         torch.save(state, buffer)
         atomic_write(checkpoint, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
-        lines = ["iteration,loss,held_out_accuracy,validation_dice"] + [",".join(f"{v:.6g}" for v in h) for h in history]
+        width = len(LOSS_COLUMNS)  # rows of a run resumed from an older checkpoint lack the last columns
+        lines = [",".join(LOSS_COLUMNS)] + [",".join(f"{v:.6g}" for v in [*h, *[math.nan] * (width - len(h))])
+                                             for h in history]
         atomic_write(Path(checkpoint).with_name("loss.csv"), lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
     batch = config.batch(dim)
@@ -229,9 +247,10 @@ def train(
         with torch.no_grad():
             fixed, moving, theta_gt, _ = generator.sample(batch)
             theta = agent.theta_start.expand(batch, -1)
-            if config.state_sampling > 0:
-                theta, moving = states_along_the_way(agent, generator.gen, theta, theta_gt, moving, config.state_sampling)
-            target = q_targets(theta_gt, theta, deltas) / q_scale
+            if config.state_sampling > 0 or config.near_gt_sampling > 0:
+                theta, moving = states_along_the_way(agent, generator.gen, theta, theta_gt, moving, config.state_sampling,
+                                                     config.near_gt_sampling)
+            target = targets(theta_gt, theta)
         prediction = model(fixed, moving)
         loss = ((prediction - target) ** 2).sum(dim=1).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -245,16 +264,18 @@ def train(
             log_now = True
         if log_now:
             accuracy = held_out_accuracy(network, hf, hm, h_target)
+            near_accuracy = held_out_accuracy(network, hf, h_near_moving, h_near_target)
             model.train()
             val = float("nan")
             if validation and rank == 0 and (iteration % config.validate_every == 0 or iteration == last):
                 validation_result = validate(agent, validation, config)
                 val = validation_result["dice_median"]
                 model.train()
-            history.append([iteration, float(np.mean(running)), accuracy, val])
+            history.append([iteration, float(np.mean(running)), accuracy, val, near_accuracy])
             running = []
             if progress and rank == 0:
                 progress(iteration, config.iterations, {"loss": history[-1][1], "accuracy": accuracy,
+                                                        "near_gt_accuracy": near_accuracy,
                                                         **({"val_dice": val} if val == val else {})})
         if iteration % config.checkpoint_every == 0 or iteration == last:
             seconds_now = seconds + time.perf_counter() - t0
@@ -265,11 +286,12 @@ def train(
     seconds += time.perf_counter() - t0
     bundle = ModelBundle(
         network=network.cpu().eval(), sdm=sdm, geometry=geometry, action_steps=action_steps,
-        agent_defaults={"fuzzy_k": 1.5, "exploration": 0.05, "steps": 200},
+        agent_defaults={**AGENT_DEFAULTS, "stop_when_no_action_helps": bool(config.stop_rule)},
         training={"config": dataclasses.asdict(config), "iterations": max(last, start), "seconds": seconds,
                   "device": _device_name(device) + (f" x{world}" if world > 1 else ""), "subjects": training_set.names,
                   "real_pairs": len(training_set.pairs), "final_loss": history[-1][1] if history else None,
                   "held_out_accuracy": history[-1][2] if history else None,
+                  "held_out_near_gt_accuracy": history[-1][4] if history and len(history[-1]) > 4 else None,
                   "chance_accuracy": 1.0 / net_config.num_actions},
         validation={},
     )
@@ -283,25 +305,36 @@ def train(
 
 
 def states_along_the_way(agent: Agent, gen: torch.Generator, theta_start: torch.Tensor, theta_gt: torch.Tensor,
-                         moving: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Put a ``fraction`` of the pairs in a random state between the start and the GT (plus about one
-    action step of noise per mode), as the agent meets them after some steps: the state's moving image
-    is the moving image warped by that state's deformation, and Eq. 1 is taken from that state."""
+                         moving: torch.Tensor, fraction: float, near_gt: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training states other than the start: a ``fraction`` of the pairs in a random state between the start
+    and the GT (plus about one action step of noise per mode), as the agent meets them after some steps, and
+    a ``near_gt`` fraction (drawn independently, taking precedence) within half an action step of the GT in
+    every mode, where no action brings the parameters closer: the state the agent should recognise as the
+    answer. The state's moving image is the moving image warped by that state's deformation, and Eq. 1 is
+    taken from that state."""
     batch = theta_gt.shape[0]
     device = theta_gt.device
     on_path = (torch.rand(batch, 1, generator=gen, device=device) < fraction).float()
     lam = torch.rand(batch, 1, generator=gen, device=device)
     noise = torch.randn(theta_gt.shape, generator=gen, device=device) * agent.action_steps
     theta = theta_start + on_path * (lam * (theta_gt - theta_start) + noise)
+    if near_gt > 0:
+        near = torch.rand(batch, 1, generator=gen, device=device) < near_gt
+        offset = (torch.rand(theta_gt.shape, generator=gen, device=device) - 0.5) * agent.action_steps
+        theta = torch.where(near, theta_gt + offset, theta)
     return theta, warp(moving, agent.displacement(theta))
 
 
 @torch.no_grad()
 def held_out_accuracy(network: DualStreamQNetwork, fixed, moving, target) -> float:
-    """Fraction of held-out synthetic pairs whose predicted best action is the true best action."""
+    """Fraction of held-out synthetic pairs whose predicted best action is the true best action, where
+    "stop" (every target <= 0, as near the GT) counts as an action: the prediction must then be <= 0 too."""
     network.eval()
     prediction = network(fixed, moving)
-    return float((prediction.argmax(1) == target.argmax(1)).float().mean())
+    same = prediction.argmax(1) == target.argmax(1)
+    stop = target.max(1).values <= 0
+    right = torch.where(stop, prediction.max(1).values <= 0, same & (prediction.max(1).values > 0))
+    return float(right.float().mean())
 
 
 def validate(agent: Agent, pairs: list[ValidationPair], config: TrainingConfig) -> dict:
