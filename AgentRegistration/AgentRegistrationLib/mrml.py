@@ -166,11 +166,14 @@ class SlicePlane:
 
     The 2-D frame: its axes are the slice's two in-plane voxel axes (``axes``, in 3-D axis order), its origin
     the slice's first voxel, its direction the identity; so a 2-D output on that grid is the slice itself, and
-    a 2-D vector ``(a, b)`` is ``a * u + b * v`` in 3-D LPS (``u``, ``v``: the in-plane direction columns).
+    a 2-D vector ``(a, b)`` is ``a * u + b * v + moving_offset * n`` in 3-D LPS (``u``, ``v``: the in-plane
+    direction columns; ``n`` the third one): the 2-D registration maps the fixed slice onto the moving slice
+    projected onto the fixed plane, and ``moving_offset`` carries it back to where the moving slice lies.
     """
 
     reference: sitk.Image  # the 3-D single-slice grid (LPS)
     axes: tuple[int, int]
+    moving_offset: float = 0.0  # the moving slice's distance from the fixed plane along n
 
     @classmethod
     def of(cls, image: sitk.Image) -> SlicePlane | None:
@@ -185,6 +188,16 @@ class SlicePlane:
     @property
     def _columns(self) -> np.ndarray:
         return np.array(self.reference.GetDirection(), dtype=float).reshape(3, 3)[:, list(self.axes)]
+
+    @property
+    def _normal(self) -> np.ndarray:
+        thin_axis = ({0, 1, 2} - set(self.axes)).pop()
+        return np.array(self.reference.GetDirection(), dtype=float).reshape(3, 3)[:, thin_axis]
+
+    def with_moving(self, moving: sitk.Image) -> SlicePlane:
+        """This plane, knowing how far the moving slice (a parallel one) lies from it."""
+        offset = float(self._normal @ (np.array(moving.GetOrigin()) - np.array(self.reference.GetOrigin())))
+        return SlicePlane(self.reference, self.axes, offset)
 
     def point_2d(self, point_lps: Sequence[float]) -> np.ndarray:
         """A 3-D LPS point in the 2-D frame (its component out of the plane is dropped)."""
@@ -214,8 +227,8 @@ class SlicePlane:
         array = sitk.GetArrayFromImage(image)
         thin_axis = ({0, 1, 2} - set(self.axes)).pop()
         vector = image.GetNumberOfComponentsPerPixel() > 1
-        if vector:  # (a, b) in the 2-D frame -> a * u + b * v in LPS
-            array = array.astype(np.float64) @ self._columns.T
+        if vector:  # (a, b) in the 2-D frame -> a * u + b * v + moving_offset * n in LPS
+            array = array.astype(np.float64) @ self._columns.T + self.moving_offset * self._normal
         out = sitk.GetImageFromArray(np.expand_dims(array, axis=2 - thin_axis), isVector=vector)
         out.CopyInformation(self.reference)
         return out
@@ -690,6 +703,7 @@ def write_volume_inputs(folder: Path, fixed_node, moving_node, fixed_segmentatio
         nodes = {"fixed": fixed_node, "moving": moving_node, "fixed_label": fixed_segmentation,
                  "moving_label": moving_segmentation}
         images = {key: plane.to_2d(image, f"volume {nodes[key].GetName()!r}") for key, image in images.items()}
+        plane = plane.with_moving(sitk_from_volume_node(moving_node))
     elif model_dim == 3 and plane is not None:
         raise ValueError(f"The model is a 3-D model but volume {name!r} is a single slice: choose a 2-D model "
                          "(e.g. prostate-2d).")
