@@ -298,10 +298,14 @@ def real_run(tiny_pipeline, grid128, tmp_path_factory):
 
 def test_every_progress_line_of_the_real_worker_renders(real_run):
     messages = [m for m in real_run["messages"] if m["stage"] != protocol.STAGE_LOG]
+    stages = list(dict.fromkeys(m["stage"] for m in messages))  # in order of their first message
+    assert stages in (["read", "localise", "register", "resample", "write", "done"],
+                      ["read", "prealign", "register", "resample", "write", "done"])
+    assert messages[0] == {"stage": "read", "done": 0, "total": 5}  # the first line, before any file is read
     progress = [m for m in messages if m["stage"] == "register"]
-    assert [m["done"] for m in progress] == list(range(1, STEPS + 1))
-    assert [protocol.progress_text(m) for m in progress] == [f"Registering: {k} / {STEPS}" for k in range(1, STEPS + 1)]
-    assert [protocol.progress_fraction(m) for m in progress] == pytest.approx([k / STEPS for k in range(1, STEPS + 1)])
+    assert [m["done"] for m in progress] == list(range(0, STEPS + 1))
+    assert [protocol.progress_text(m) for m in progress] == [f"Registering: {k} / {STEPS}" for k in range(0, STEPS + 1)]
+    assert [protocol.progress_range(m) for m in progress] == [(0, STEPS, k) for k in range(0, STEPS + 1)]
     assert messages[-1]["stage"] == protocol.STAGE_DONE and protocol.progress_text(messages[-1]) == "Done"
     for message in messages:  # every line, whatever its stage, renders to a non-empty status line
         assert protocol.progress_text(message)
@@ -405,9 +409,23 @@ def test_failed_import_leaves_the_scene_as_it_was(real_run, tmp_path):
     assert scene.GetNumberOfNodes() == before
 
 
-def test_a_failing_worker_reports_its_error_and_leaves_nothing(real_run, tmp_path):
+def test_a_file_that_is_no_model_is_refused_before_a_worker_starts(real_run, tmp_path):
     bad = tmp_path / "model.pt"
     bad.write_bytes(b"PK\x03\x04 this is not a model bundle" * 20)
+    nodes = real_run["nodes"]
+    with pytest.raises(ValueError, match="model.pt is not a readable AgentRegistration model bundle"):
+        mrml.start_registration(sys.executable, protocol.engine_dir(MODULE_FILE), nodes["fixed"], nodes["moving"], bad,
+                                temporary_root=tmp_path / "tmp", device="CPU")
+    assert not (tmp_path / "tmp").exists()  # refused before any folder was made
+
+
+def test_a_failing_worker_reports_its_error_and_leaves_nothing(real_run, tiny_pipeline, tmp_path):
+    import torch
+
+    payload = torch.load(tiny_pipeline(3)["bundle"], weights_only=True)
+    payload["network"]["state"] = {}  # the module reads its header; the worker finds no weights
+    bad = tmp_path / "model.pt"
+    torch.save(payload, bad)
     scene, nodes = real_run["scene"], real_run["nodes"]
     before = scene.GetNumberOfNodes()
     registration = mrml.start_registration(sys.executable, protocol.engine_dir(MODULE_FILE), nodes["fixed"],
