@@ -69,9 +69,18 @@ def test_without_a_localiser_or_a_point_the_fixed_crop_cannot_be_placed(organ2d,
 
 
 def test_a_moving_image_stored_40_mm_away_registers_as_well_as_the_original(organ2d, inputs, tmp_path):
-    point = ",".join(f"{v:.3f}" for v in inputs["centre"])
-    assert _register(inputs, organ2d["bundle"], tmp_path / "near", "moving", "--fixed-point", point) == 0
-    assert _register(inputs, organ2d["bundle"], tmp_path / "far", "far", "--fixed-point", point) == 0
+    subjects = tmp_path / "subjects"  # the organ's typical size, measured on images in the units of the inputs
+    subjects.mkdir()
+    for kind in ("image", "label"):
+        sitk.WriteImage(sitk.ReadImage(str(inputs["fixed" if kind == "image" else "fixed_label"])),
+                        str(subjects / f"fixed_{kind}.nii.gz"))
+        sitk.WriteImage(sitk.ReadImage(str(inputs["moving" if kind == "image" else "moving_label"])),
+                        str(subjects / f"moving_{kind}.nii.gz"))
+    add_localisation(load_bundle(organ2d["bundle"]), tmp_path / "model.pt", None, str(subjects), ["fixed", "moving"])
+    assert load_bundle(tmp_path / "model.pt").typical_spread(2).shape == (2,)
+    point = "--fixed-point=" + ",".join(f"{v:.3f}" for v in inputs["centre"])
+    assert _register(inputs, tmp_path / "model.pt", tmp_path / "near", "moving", point) == 0
+    assert _register(inputs, tmp_path / "model.pt", tmp_path / "far", "far", point) == 0
     near, far = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("near", "far"))
     assert far["dice_none"] < 0.05 < near["dice_none"]  # left where it was stored, the far one misses the prostate
     assert far["dice_before"] == pytest.approx(near["dice_before"], abs=0.01) and near["dice_before"] > 0.6
@@ -83,7 +92,7 @@ def test_the_models_localiser_places_the_fixed_crop(organ2d, inputs, native, tmp
 
     images, labels = zip(*[_slice(native, case, (0.0, 0.0), (0.6, 0.6)) for case in ("00", "04", "06", "07")],
                          strict=True)
-    localiser = train_localiser(list(images), list(labels), LocaliserConfig(dim=2), iterations=3, seed=0)
+    localiser = train_localiser(list(images), list(labels), LocaliserConfig.default(2), iterations=3, seed=0)
     save_localiser(localiser, tmp_path / "localiser-2d.pt")
     bundle = load_bundle(organ2d["bundle"])
     add_localisation(bundle, tmp_path / "model.pt", [str(tmp_path / "localiser-2d.pt")], None, [])

@@ -438,8 +438,8 @@ def test_progress_text_of_training_messages():
     from AgentRegistrationLib import protocol
 
     assert protocol.progress_text({"stage": "train", "done": 150, "total": 200, "loss": 0.01234, "accuracy": 0.5}) == (
-        "train 150/200, loss 0.01234, accuracy 0.5")
-    assert protocol.progress_text({"stage": "error", "message": "no GPU"}) == "error: no GPU"
+        "Training: 150 / 200, loss 0.01234, accuracy 0.5")
+    assert protocol.progress_text({"stage": "error", "message": "no GPU"}) == "Error: no GPU"
 
 
 def test_states_along_the_way_are_warped_moving_images_between_start_and_gt(tiny):

@@ -355,13 +355,12 @@ def cmd_evaluate(args) -> int:
         summarise,
         write_csv,
     )
-    from .geometry import ModelGeometry
 
     methods = parse_methods(args.methods)
     names = load_split(args.split)["validation"]
     subjects = {s.name: s for s in find_subjects(args.data, names)}
     pairs = select_pairs(names, args.max_pairs, args.pairs, args.seed)
-    geometry = ModelGeometry.paper(args.dim)
+    geometry = model_geometry(args.dim, args.crop or "paper")
     model = None
     if any(m in AGENT_METHODS for m in methods) or args.model:
         from .bundle import load_bundle
@@ -373,6 +372,9 @@ def cmd_evaluate(args) -> int:
         if bundle.dim != args.dim:
             raise ValueError(f"{model} is a {bundle.dim}-D model but --dim is {args.dim}: use --dim {bundle.dim} "
                              f"or a {args.dim}-D model")
+        if args.crop and args.crop != ("organ" if bundle.geometry.localised else "paper"):
+            raise ValueError(f"--crop {args.crop}: {model} was trained on {'organ' if bundle.geometry.localised else 'paper'} "
+                             "crops; leave --crop out to use the model's")
         geometry = bundle.geometry
         steps = args.steps or bundle.agent_settings().steps
     else:
@@ -394,7 +396,7 @@ def cmd_evaluate(args) -> int:
 
     start = time.perf_counter()
     results, failures = evaluate(subjects, pairs, geometry, out, methods, settings, model, device, args.workers, progress,
-                                 localiser=model)
+                                 localiser=args.localiser or model)
     for bar in bars.values():
         bar.close()
     summary = summarise(results, methods)
@@ -580,9 +582,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split JSON; its 'validation' subjects are evaluated (default: Resources/promise12_split.json)")
     p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="2: middle slice; 3: volumes")
     p.add_argument("--model", help="model bundle for ours/nfc (default: Resources/Models/prostate-<dim>d.pt)")
+    p.add_argument("--crop", choices=CROPS, help="crop boxes of the methods without a model (default: the model's; "
+                                                 "without a model, the paper's)")
+    p.add_argument("--localiser", help="organ localiser (a file of scripts/train_localiser.py, or a model bundle) that "
+                                       "places the fixed crops with --crop organ (default: the model's; without one, "
+                                       "the fixed label places them: an oracle start)")
     p.add_argument("--out", required=True, help="output folder (per pair and method cache; a rerun resumes)")
     p.add_argument("--report", help="markdown report (default OUT/evaluation.md); the CSV and box plots go beside it")
-    p.add_argument("--methods", default="all", help="comma-separated of T,e8,e16,ours,nfc,gt (default: all)")
+    p.add_argument("--methods", default="all",
+                   help="comma-separated of none,T,localised,e8,e16,ours,nfc,gt (default: all; T for the paper's crops, "
+                        "localised for crops on the organ)")
     p.add_argument("--max-pairs", type=int, default=0, help="random subset of at most this many ordered pairs")
     p.add_argument("--pairs", help="explicit pairs MOVING:FIXED,... (instead of all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pair subset")
