@@ -121,6 +121,7 @@ def sync(device: torch.device) -> None:
 def load_pairs(data: Path, dim: int, geometry, count: int) -> list:
     """``count`` ordered pairs of the validation subjects, preprocessed as ``agentreg register`` does."""
     import SimpleITK as sitk
+    from AgentRegistrationLib.localisation import localisation_from_label
     from AgentRegistrationLib.preprocessing import middle_slice, prepare_pair
 
     names = json.loads(SPLIT.read_text())["validation"]
@@ -129,11 +130,13 @@ def load_pairs(data: Path, dim: int, geometry, count: int) -> list:
         sys.exit(f"benchmark: fewer than 2 validation subjects found in {data}")
     pairs = []
     for fixed_name, moving_name in list(permutations(names, 2))[:count]:
-        images = []
+        images, places = [], []
         for name in (fixed_name, moving_name):
             image = sitk.ReadImage(str(data / f"{name}_image.nii.gz"))
+            label = sitk.ReadImage(str(data / f"{name}_label.nii.gz"))
             images.append(middle_slice(image) if dim == 2 else image)
-        pair = prepare_pair(images[0], images[1], geometry)
+            places.append(localisation_from_label(middle_slice(label) if dim == 2 else label))  # crops on the organ
+        pair = prepare_pair(images[0], images[1], geometry, fixed_localisation=places[0], moving_localisation=places[1])
         pair.info["names"] = (moving_name, fixed_name)
         pairs.append(pair)
     return pairs

@@ -1,9 +1,10 @@
 """Dice of the agent after each MDP step on real pairs of TRAINING subjects, and the step count that is best
 on them: a choice of the number of steps that does not look at the validation subjects.
 
-The pairs are random ordered pairs of the training subjects as ``agentreg groundtruth`` prepared them (on the
-template's model grid, after its translation pre-alignment); the agent runs 200 steps with the bundle's
-settings and its trajectory records the Dice of the warped moving mask after every step.
+The pairs are random ordered pairs of the training subjects as ``agentreg groundtruth`` prepared them (each on
+its own prostate's box for a model that crops on the organ, else on the template's model grid after its
+translation pre-alignment); the agent runs 200 steps with the bundle's settings (without its stop rule, so that
+the curve covers every step) and its trajectory records the Dice of the warped moving mask after every step.
 
     python scripts/steps_on_training_pairs.py [--pairs-2d 72] [--pairs-3d 24] [--out results/steps_on_training_pairs.md]
                                               [--apply]
@@ -37,8 +38,8 @@ def dice_curve(model: Path, gt: Path, train_names: list[str], count: int, seed: 
     pairs = [(m, f) for m in names for f in names if m != f]
     chosen = [pairs[i] for i in np.random.default_rng(seed).choice(len(pairs), count, replace=False)]
     stack = lambda key, side: torch.as_tensor(np.stack([subjects[p[side]][key] for p in chosen]))[:, None]  # noqa: E731
-    result = bundle.agent("cpu").run(stack("image", 1), stack("image", 0), bundle.agent_settings(steps=200, seed=0),
-                                     stack("label", 0), stack("label", 1))
+    settings = bundle.agent_settings(steps=200, seed=0, stop_when_no_action_helps=False)
+    result = bundle.agent("cpu").run(stack("image", 1), stack("image", 0), settings, stack("label", 0), stack("label", 1))
     return torch.stack(result.trajectory.dice).numpy(), chosen
 
 
@@ -50,17 +51,20 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default="results/steps_on_training_pairs.md")
     p.add_argument("--apply", action="store_true", help="make the best step count the shipped bundles' default")
+    p.add_argument("--dims", default="2,3", help="which shipped models: 2, 3 or 2,3 (default)")
     args = p.parse_args(argv)
     train_names = json.loads((REPO / "Resources" / "promise12_split.json").read_text())["train"]
     lines = ["# Dice after each agent step on pairs of training subjects", "",
              f"Made by `python scripts/steps_on_training_pairs.py --pairs-2d {args.pairs_2d} --pairs-3d {args.pairs_3d} "
-             f"--seed {args.seed}` with the shipped models (seed 0, fuzzy action control, 200 steps). Random ordered "
-             "pairs of the training subjects, on the template's model grid after its translation pre-alignment "
-             "(the ground-truth pipeline's prepared subjects); Dice of the warped moving mask on the model grid. "
+             f"--seed {args.seed} --dims {args.dims} --work {args.work}` with the shipped models (seed 0, fuzzy action "
+             "control, 200 steps, no stop rule). Random ordered pairs of the training subjects as the ground-truth "
+             "pipeline prepared them (each on its own prostate's box for a model that crops on the organ); "
+             "Dice of the warped moving mask on the model grid. "
              "`--apply` made the best step count each shipped model's default.", "",
              "| model | pairs | " + " | ".join(f"step {s}" for s in SHOWN_STEPS) + " | best step (mean Dice) |",
              "| --- | ---: | " + " | ".join("---:" for _ in SHOWN_STEPS) + " | ---: |"]
-    for dim, count in ((2, args.pairs_2d), (3, args.pairs_3d)):
+    dims = [int(d) for d in args.dims.split(",")]
+    for dim, count in [(d, c) for d, c in ((2, args.pairs_2d), (3, args.pairs_3d)) if d in dims]:
         model = REPO / "Resources" / "Models" / f"prostate-{dim}d.pt"
         gt = Path(args.work) / f"gt{dim}d"
         if not (gt / "subjects").is_dir():

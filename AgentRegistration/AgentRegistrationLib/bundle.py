@@ -192,15 +192,21 @@ def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -
         f"- **Training configuration** `{config.get('name', '?')}`: " + ", ".join(f"{k}={val}" for k, val in config.items()),
         f"- **Training**: {t.get('iterations', '?')} batches in {t.get('seconds', 0) / 60:.1f} min on {t.get('device', '?')}; "
         f"final loss {t.get('final_loss', float('nan')):.4g}; best-action accuracy on held-out synthetic pairs "
-        f"{t.get('held_out_accuracy', float('nan')):.2f} (chance {t.get('chance_accuracy', float('nan')):.3f}).",
+        f"{t.get('held_out_accuracy', float('nan')):.2f} (chance {t.get('chance_accuracy', float('nan')):.3f})"
+        + (f"; right stop decision at held-out states within half a step of the answer "
+           f"{t['held_out_near_gt_accuracy']:.2f}." if t.get("held_out_near_gt_accuracy") is not None else "."),
         f"- **Fuzzy action control**: k = {bundle.agent_defaults.get('fuzzy_k')}; exploration probability "
         f"{bundle.agent_defaults.get('exploration')}; {bundle.agent_defaults.get('steps')} steps"
-        + (f" ({bundle.agent_defaults['steps_chosen_by']})." if bundle.agent_defaults.get("steps_chosen_by") else "."),
+        + (f" ({bundle.agent_defaults['steps_chosen_by']})" if bundle.agent_defaults.get("steps_chosen_by") else "")
+        + ("; stop rule on (a pair stops once no action is predicted to help; the steps are a cap)."
+           if bundle.agent_defaults.get("stop_when_no_action_helps") else "."),
         f"- **Package version**: {bundle.package_version}.",
     ]
     if v:
         lines.append(
-            f"- **Validation of the saved model** ({len(v.get('pairs', []))} real validation pairs on the common template grid, "
+            f"- **Validation of the saved model** ({len(v.get('pairs', []))} real validation pairs "
+            + ("each on its own prostate's box, placed by the labels, " if bundle.geometry.localised else
+               "on the common template grid, ") +
             f"{v.get('steps')} steps): Dice median {v.get('dice_before_median', float('nan')):.3f} -> "
             f"{v.get('dice_median', float('nan')):.3f}, mean {v.get('dice_before_mean', float('nan')):.3f} -> "
             f"{v.get('dice_mean', float('nan')):.3f}.")

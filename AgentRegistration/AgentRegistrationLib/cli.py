@@ -408,7 +408,8 @@ def cmd_evaluate(args) -> int:
     prealign_failed = sorted({(r["moving"], r["fixed"]) for r in results if r.get("prealignment", "ok") != "ok"})
     notes = [
         f"{len(pairs)} ordered pairs of the {len(names)} validation subjects of `{_shown(args.split)}` ({args.data}), "
-        f"{args.dim}-D" + (" (the middle slice of the crop box of the 3-D-aligned pair)" if args.dim == 2 else "")
+        f"{args.dim}-D" + ((" (the slice nearest each image's prostate centre)" if geometry.localised else
+                            " (the middle slice of the crop box of the 3-D-aligned pair)") if args.dim == 2 else "")
         + f"; model grid {'x'.join(map(str, geometry.size))} of the fixed image.",
         ("- Every method starts from the same crops, each centred on its image's prostate and sized to it: the "
          "moving crop placed by the moving label (the atlas case), the fixed one by the model's localiser (no fixed "
@@ -560,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "other programs use the cores; 0: torch's choice)")
     p.add_argument("--steps", type=int,
                    help="agent steps (MDP steps); default and 0: the model's own, chosen on its training pairs "
-                        "(41 for prostate-2d, 54 for prostate-3d; 'agentreg info MODEL' shows it); the paper used 200")
+                        "(66 for prostate-2d, 54 for prostate-3d; 'agentreg info MODEL' shows it); the paper used 200")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the agent's random choices (exploration and fuzzy action control); the same seed "
                         "gives the same result")

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from .image_io import read_image, read_label
 
 MANY_STEPS = 2000
-"""Agent step counts above this get a warning: the shipped models stop in 41 (2-D) and 54 (3-D) steps."""
+"""Agent step counts above this get a warning: the shipped models run at most a few dozen steps by default."""
 
 
 def _size(image: sitk.Image) -> str:
