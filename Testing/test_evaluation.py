@@ -132,7 +132,13 @@ def test_demo_registers_a_pair_and_writes_its_outputs(grid128, tiny_pipeline, tm
     for name in ("warped.nii.gz", "warped_label.nii.gz", "displacement.nii.gz", "trajectory.csv", "trajectory.png",
                  "metrics.json", "figure.png"):
         assert (pair / name).is_file(), name
-    assert "dice_after" in json.loads((pair / "metrics.json").read_text())
+    metrics = json.loads((pair / "metrics.json").read_text())
+    before, after = metrics["dice_before"], metrics["dice_after"]
+    (row,) = [line for line in printed.splitlines() if line.startswith(pair.name.replace("_to_", " -> "))]
+    if round(after, 3) < round(before, 3):  # the summary names a pair the agent made worse
+        assert row.endswith("WORSE") and f"WORSE: {pair.name.replace('_to_', ' -> ')} (Dice {before:.3f}" in printed
+    else:
+        assert "WORSE" not in row and "The agent made none of the 1 pair(s) worse." in printed
 
 
 def test_demo_without_data_says_where_to_put_it(tmp_path, capsys):
