@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from AgentRegistrationLib.dataset import find_subjects
-from AgentRegistrationLib.groundtruth import load_pair, pair_file, ray_directions, run_groundtruth, surface_points
+from AgentRegistrationLib.groundtruth import (
+    failure_lines,
+    failure_summary,
+    load_pair,
+    pair_file,
+    ray_directions,
+    run_groundtruth,
+    surface_points,
+)
 from AgentRegistrationLib.sdm import StatisticalDeformationModel
 
 
@@ -70,6 +78,33 @@ def test_cache_resume_and_failures(tiny_pipeline, tmp_path):
     assert load_pair(out / "pairs" / kept.name).coefficients.tolist() == load_pair(kept).coefficients.tolist()
     assert [f[:2] for f in failures] == [("blank", names[0])] and "empty mask" in failures[0][2]
     assert json.loads((out / "failures.json").read_text())[0][0] == "blank"
+
+
+def test_failure_summary_names_the_subjects_and_says_when_to_stop():
+    """A few scattered failures are within the limit; more than 10 % of the pairs, or one subject that lost every
+    pair, are not. Each message groups its pairs, the subjects with the most failed pairs first."""
+    names = [f"s{i:02d}" for i in range(20)]
+    pairs = [(m, f) for m in names for f in names if m != f]  # 380 ordered pairs, 38 per subject
+    scattered = [("s00", "s01", "RuntimeError: elastix diverged"), ("s02", "s03", "RuntimeError: elastix diverged"),
+                 ("s04", "s05", "ValueError: other")]
+    few = failure_summary(pairs, scattered, 0.10)
+    assert not few["too_many"] and few["subjects_without_pairs"] == []
+    assert [g["message"] for g in few["groups"]] == ["RuntimeError: elastix diverged", "ValueError: other"]
+    assert few["groups"][0]["subjects"][0] == ["s00", 1, 38]
+    lines = failure_lines(few)
+    assert lines[0] == "3 of 380 ground-truth pairs failed (1 %):"
+    assert "  2 pairs: RuntimeError: elastix diverged" in lines
+    many = [(m, f, "RuntimeError: elastix diverged") for m, f in pairs[::9]]  # 43 pairs: 11 %
+    assert failure_summary(pairs, many, 0.10)["too_many"]
+    assert not failure_summary(pairs, many[:38], 0.10)["too_many"]  # 10 % exactly is still allowed
+    empty = "ValueError: cannot place surface points on an empty mask"
+    lost = [(m, f, empty) for m, f in pairs if "s07" in (m, f)]  # 38 pairs (10 %) ...
+    summary = failure_summary(pairs, lost, 0.10)  # ... within the limit, but s07 has no pair left
+    assert summary["too_many"] and summary["subjects_without_pairs"] == ["s07"]
+    assert summary["groups"][0]["subjects"][:2] == [["s07", 38, 38], ["s00", 2, 38]]
+    text = "\n".join(failure_lines(summary))
+    assert "s07 (38 of its 38), s00 (2 of its 38)" in text and "and 12 more" in text
+    assert text.endswith("every pair failed for: s07")
 
 
 def test_gt_improves_dice_and_sdm_reconstructs_real_deformations(tiny_pipeline):

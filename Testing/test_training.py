@@ -29,6 +29,7 @@ from AgentRegistrationLib.training import (
     TrainingSet,
     ValidationPair,
     action_steps_for,
+    choose_steps,
     config_by_name,
     held_out_accuracy,
     train,
@@ -252,6 +253,27 @@ def test_the_learned_core_imports_without_simpleitk_or_itk():
         "assert 'SimpleITK' not in sys.modules and 'itk' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ENGINE_DIR)
+
+
+def test_default_steps_are_chosen_by_the_dice_of_real_runs_on_training_pairs(tiny):
+    """The chosen step count is the best of the measured curve, and the curve is what the agent does: a run of the
+    model's default settings (stop rule off) for that many steps gives the curve's Dice there."""
+    bundle = load_bundle(tiny.bundle)
+    assert bundle.agent_defaults["steps"] == 200 and "steps_chosen_by" not in bundle.agent_defaults  # train() alone
+    ts = tiny.training_set
+    choice = choose_steps(bundle, ts, pairs=len(ts.pairs), max_steps=60, batch=5)  # every pair, in 3 batches
+    curve = np.array(choice["dice_mean_by_step"])
+    assert choice["pairs"] == len(ts.pairs) == 12 and curve.shape == (60,)
+    best = choice["steps"]
+    assert best == int(curve.argmax()) + 1 == bundle.agent_defaults["steps"] and curve[best - 1] == curve.max()
+    assert "on 12 real pairs of training subjects" in bundle.agent_defaults["steps_chosen_by"]
+    moving, fixed = (list(index) for index in zip(*ts.pairs, strict=True))
+    stack = lambda array, index: torch.as_tensor(array[index])[:, None]  # noqa: E731
+    result = bundle.agent().run(stack(ts.images, fixed), stack(ts.images, moving),
+                                bundle.agent_settings(seed=0, stop_when_no_action_helps=False),
+                                stack(ts.labels, moving), stack(ts.labels, fixed))
+    assert len(result.trajectory.dice) == best
+    assert float(result.trajectory.dice[-1].mean()) == pytest.approx(curve[best - 1], abs=1e-6)
 
 
 def test_resuming_with_another_configuration_is_refused(tiny, tmp_path):

@@ -161,18 +161,72 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+PROJECT_SPLIT = "Resources/promise12_split.json"  # the project's PROMISE12 split, as a model records it
+
+
+def _project_split_subjects(subset: str) -> list[str] | None:
+    """The ``subset`` subjects of the project's PROMISE12 split, where this copy of the engine can find the file."""
+    for root in Path(__file__).resolve().parents[1:3]:  # installed layout, source tree
+        path = root / PROJECT_SPLIT
+        if path.is_file():
+            try:
+                return list(json.loads(path.read_text())[subset])
+            except (ValueError, KeyError, TypeError):
+                return None
+    return None
+
+
+def trained_on_promise12(training: dict) -> bool:
+    """Whether a model was trained on the project's PROMISE12 split: recorded so, or (a model that predates the
+    record, as the shipped ones) its training subjects are exactly the split's training subjects."""
+    data = training.get("data")
+    if data is not None:
+        return data.get("split") == PROJECT_SPLIT
+    subjects = training.get("subjects")
+    return bool(subjects) and sorted(subjects) == sorted(_project_split_subjects("train") or [])
+
+
+def _data_line(t: dict) -> str:
+    """The card's description of the data a model was trained on, as its training recorded it."""
+    subjects = t.get("subjects", [])
+    counted = f"({len(subjects)} subjects, {t.get('real_pairs', '?')} real GT pairs)"
+    data = t.get("data")
+    if data is None:  # a model made before the data was recorded
+        if trained_on_promise12(t):
+            return (f"PROMISE12 (shared `grid128`), training subjects {', '.join(subjects)} {counted}; split "
+                    f"`{PROJECT_SPLIT}`.")
+        return (f"training subjects {', '.join(subjects)} {counted}; where they came from (data folder, split) was "
+                "not recorded in this model.")
+    selection = data.get("selection")
+    chosen = {"split": f"the '{data.get('subset', 'train')}' subjects of the split `{data.get('split')}`",
+              "subjects": "subjects given with --subjects", "all": "every subject of the data folder"}.get(selection)
+    text = ("PROMISE12: " if data.get("split") == PROJECT_SPLIT else "") + f"training subjects {', '.join(subjects)} {counted}"
+    text += f", {chosen}" if chosen else ""
+    text += f", from `{data['data']}`" if data.get("data") else ""
+    text += f" (ground truth `{data['groundtruth']}`)" if data.get("groundtruth") else ""
+    missing = [what for what, known in (("the data folder", data.get("data")), ("how the subjects were chosen", chosen))
+               if not known]
+    return text + "." + (f" Not recorded in this model: {' and '.join(missing)}." if missing else "")
+
+
 def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -> str:
     """A markdown model card: data, split, configuration, training time and device, validation.
 
+    The data are those the model's training recorded (data folder, ground-truth folder, how the subjects were
+    chosen); PROMISE12 and the project's split are named only for a model trained on them.
     ``evaluation``: the JSON summary of ``agentreg evaluate`` with this model (and its ``source`` path),
     shown as the validation table."""
     t, v = bundle.training, bundle.validation
     config = t.get("config", {})
+    promise12 = trained_on_promise12(t)
+    organ = "prostate" if promise12 else "organ"
     size_mb = sum(p.numel() * p.element_size() for p in bundle.network.state_dict().values()) / 2**20
     lines = [
         f"# Model card: {name}",
         "",
-        f"- **Task**: {bundle.dim}-D inter-subject non-rigid registration of prostate T2w MR (Krebs et al., MICCAI 2017).",
+        f"- **Task**: {bundle.dim}-D inter-subject non-rigid registration "
+        + ("of prostate T2w MR" if promise12 else "of images like its training data (below)")
+        + " (Krebs et al., MICCAI 2017).",
         f"- **Network**: dual-stream Q-network, architecture `{bundle.network.config.architecture}`, "
         f"{sum(p.numel() for p in bundle.network.parameters()):,} parameters ({size_mb:.1f} MB of weights).",
         f"- **SDM**: {bundle.sdm.num_modes} PCA modes of B-spline coefficients (control grid {bundle.sdm.grid.size}, "
@@ -180,15 +234,13 @@ def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -
         "variance of the real GT deformations; "
         f"{2 * bundle.sdm.num_modes} actions, step = {config.get('step_fraction', '?')} x mean |theta| per mode.",
         f"- **Model grid**: {list(bundle.geometry.size)} voxels, "
-        + (f"each image's crop box centred on its prostate and spanning {list(bundle.geometry.box_spreads)} standard "
+        + (f"each image's crop box centred on its {organ} and spanning {list(bundle.geometry.box_spreads)} standard "
            "deviations of it per axis (placed by the moving label, a point, or the model's localiser: "
            + (f"for {' and '.join(sorted(bundle.localisers))}-D images" if bundle.localisers else "this model has none")
            + ")." if bundle.geometry.localised else
            f"crop box {list(bundle.geometry.crop_fraction)} of the fixed image's extent, centred, after elastix "
            "translation pre-alignment."),
-        f"- **Data**: PROMISE12 (shared `grid128`), training subjects {', '.join(t.get('subjects', []))} "
-        f"({len(t.get('subjects', []))} subjects, {t.get('real_pairs', '?')} real GT pairs); split "
-        "`Resources/promise12_split.json`.",
+        f"- **Data**: {_data_line(t)}",
         f"- **Training configuration** `{config.get('name', '?')}`: " + ", ".join(f"{k}={val}" for k, val in config.items()),
         f"- **Training**: {t.get('iterations', '?')} batches in {t.get('seconds', 0) / 60:.1f} min on {t.get('device', '?')}; "
         f"final loss {t.get('final_loss', float('nan')):.4g}; best-action accuracy on held-out synthetic pairs "
@@ -205,7 +257,8 @@ def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -
     if v:
         lines.append(
             f"- **Validation of the saved model** ({len(v.get('pairs', []))} real validation pairs "
-            + ("each on its own prostate's box, placed by the labels, " if bundle.geometry.localised else
+            + (f"of the 'validation' subjects of `{v['split']}` in `{v['data']}`, " if v.get("split") else "")
+            + (f"each on its own {organ}'s box, placed by the labels, " if bundle.geometry.localised else
                "on the common template grid, ") +
             f"{v.get('steps')} steps): Dice median {v.get('dice_before_median', float('nan')):.3f} -> "
             f"{v.get('dice_median', float('nan')):.3f}, mean {v.get('dice_before_mean', float('nan')):.3f} -> "
@@ -220,5 +273,7 @@ def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -
             lines.append(f"| {m} | {s[m]['dice']['median']:.3f} | {s[m]['dice']['mean']:.3f} | "
                          f"{s[m]['hausdorff']['median']:.1f} | {s[m]['folding_percent']['mean']:.2f} | "
                          f"{s[m]['seconds']['mean']:.2f} |")
-    lines += ["", "Full evaluation (Table 1 protocol): see `results/`.", ""]
+    lines += ["", "Full evaluation (Table 1 protocol): see `results/`." if promise12 else
+              "Evaluate it on pairs of subjects it was not trained on with `agentreg evaluate --model MODEL --data DATA "
+              "--split SPLIT` (the paper's Table 1 protocol on the split's 'validation' subjects).", ""]
     return "\n".join(lines)

@@ -65,6 +65,8 @@ class Reporter:
 
 
 CROPS = ("organ", "paper")
+STEP_CHOICE_PAIRS = 24  # 'agentreg train': real training pairs on which a new model's default steps are chosen
+MAX_FAILED_FRACTION = 0.10  # 'agentreg groundtruth' fails when more pairs fail (or a subject loses all its pairs)
 
 
 def model_geometry(dim: int, crop: str):
@@ -85,9 +87,30 @@ def _subject_names(args) -> list[str] | None:
 
 
 # ----------------------------------------------------------------------------------------- groundtruth
+def _recorded_path(path: str | Path) -> str:
+    """A path as a model records it: the project's own files relative to the repository, any other absolute."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(_repo_file()))
+    except ValueError:
+        return str(resolved)
+
+
+def _data_record(args) -> dict:
+    """Where the subjects came from, for the model card of a model trained on them."""
+    record = {"data": _recorded_path(args.data)}
+    if args.subjects:
+        record["selection"] = "subjects"
+    elif args.split:
+        record.update(selection="split", split=_recorded_path(args.split), subset=args.subset)
+    else:
+        record["selection"] = "all"
+    return record
+
+
 def cmd_groundtruth(args) -> int:
     from .dataset import find_subjects, prepare_subject
-    from .groundtruth import dice_summary, run_groundtruth
+    from .groundtruth import dice_summary, failure_lines, failure_summary, run_groundtruth
     from .image_io import read_image
 
     geometry = model_geometry(args.dim, args.crop)
@@ -120,8 +143,10 @@ def cmd_groundtruth(args) -> int:
     lines = ["moving,fixed,dice_before,dice_after,seconds"] + [
         f"{r.moving},{r.fixed},{r.dice_before:.4f},{r.dice_after:.4f},{r.seconds:.2f}" for r in results]
     atomic_write(out / "gt_dice.csv", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    failed = failure_summary(pairs, failures, MAX_FAILED_FRACTION)
     summary = {
         "dim": args.dim, "geometry": geometry.to_dict(), "template": template.name, "subjects": names,
+        **_data_record(args),
         "pairs_requested": len(pairs), "pairs_done": len(results), "failures": len(failures),
         "dice_before": dice_summary([r.dice_before for r in results]),
         "dice_after": dice_summary([r.dice_after for r in results]),
@@ -129,12 +154,28 @@ def cmd_groundtruth(args) -> int:
         "wall_seconds_this_run": time.perf_counter() - start,
         "workers": args.workers, "iterations": args.iterations, "resolutions": args.resolutions,
         "max_pairs": args.max_pairs, "seed": args.seed,
+        **({"failed": failed} if failures else {}),
     }
     atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
     d = summary["dice_after"]
-    print(f"ground truth: {len(results)} pairs ({len(failures)} failed); Dice after GT registration "
-          f"median {d['median']:.3f}, mean {d['mean']:.3f}, std {d['std']:.3f} "
-          f"(before: median {summary['dice_before']['median']:.3f}); written to {out}", file=sys.stderr)
+    dice_text = (f"Dice after GT registration median {d['median']:.3f}, mean {d['mean']:.3f}, std {d['std']:.3f} "
+                 f"(before: median {summary['dice_before']['median']:.3f})" if results else "no pair succeeded")
+    counted = (f"{len(results)} of {len(pairs)} pairs done, {len(failures)} failed" if failures
+               else f"{len(results)} pairs ({len(failures)} failed)")
+    print(f"ground truth: {counted}; {dice_text}; written to {out}", file=sys.stderr)
+    if failures:
+        print("\n".join(failure_lines(failed)), file=sys.stderr)
+        if failed["too_many"]:
+            raise ValueError(
+                f"too many ground-truth pairs failed ({len(failures)} of {len(pairs)}; at most "
+                f"{100 * failed['max_fraction']:.0f} % may fail, and every subject needs a pair that succeeds): "
+                "check the named subjects' images and masks (a mask must not be empty and must lie on its "
+                "image), then fix them or leave them out (--subjects or another --split) and rerun the same "
+                f"command (finished pairs are kept); the {len(results)} pairs that succeeded are saved in {out}")
+        print(f"warning: {len(failures)} of {len(pairs)} ground-truth pairs failed (within the "
+              f"{100 * failed['max_fraction']:.0f} % allowed); the SDM and training use the {len(results)} others; "
+              f"rerun the same command to retry the failed pairs (listed in {out / 'failures.json'})",
+              file=sys.stderr)
     if args.progress_json:
         print(json.dumps({"stage": "done", "summary": summary}), flush=True)
     return 0
@@ -163,6 +204,17 @@ def cmd_sdm(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------- train
+NO_VALIDATION = "no validation (give --data and --split for validation on real pairs)"
+
+
+def _validation_text(validation: dict) -> str:
+    if not validation:
+        return NO_VALIDATION
+    return (f"validation on {len(validation.get('pairs', []))} real pairs of the validation subjects "
+            f"({validation.get('steps')} steps): Dice median {validation['dice_before_median']:.3f} -> "
+            f"{validation['dice_median']:.3f}, mean {validation['dice_before_mean']:.3f} -> {validation['dice_mean']:.3f}")
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -171,8 +223,12 @@ def cmd_train(args) -> int:
     from .image_io import read_image
     from .sdm import StatisticalDeformationModel
     from .sdm_fitting import load_groundtruth
-    from .training import TrainingSet, config_by_name, train, validation_pairs_from_subjects
+    from .training import TrainingSet, choose_steps, config_by_name, train, validation_pairs_from_subjects
 
+    if args.split and not args.data:
+        raise ValueError("--split needs --data: the data folder or CSV that holds the split's validation subjects")
+    if args.step_pairs < 0:
+        raise ValueError(f"--step-pairs must be 0 or more, not {args.step_pairs}")
     device = resolve_device(args.device)
     config = config_by_name(args.config).with_overrides(args.set or [])
     geometry, _ = load_groundtruth(Path(args.groundtruth))
@@ -187,6 +243,9 @@ def cmd_train(args) -> int:
         template = next(s for s in all_subjects if s.name == summary["template"])
         names = load_split(args.split)["validation"]
         chosen = [s for s in all_subjects if s.name in set(names)]
+        if len(chosen) < 2:
+            raise ValueError(f"validation needs 2 or more of the validation subjects of {args.split} in {args.data}; "
+                             f"found {len(chosen)} ({', '.join(s.name for s in chosen) or 'none'})")
         cache = Path(args.groundtruth) / "validation_subjects"
         template_image = read_image(template.image, "template image")
         prepared = [prepare_subject(s, template_image, geometry, cache) for s in chosen]
@@ -201,12 +260,25 @@ def cmd_train(args) -> int:
     rep.close()
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes)
         return 0
+    if bundle.validation:
+        bundle.validation.update(data=_recorded_path(args.data), split=_recorded_path(args.split))
+    if args.step_pairs:
+        rep = Reporter("agent", 0, args.progress_json)
+        rep.message(f"choosing the model's default number of steps on {min(args.step_pairs, len(training_set.pairs))} "
+                    "real pairs of training subjects (up to 200 steps each)")
+        bundle.training["step_choice"] = choose_steps(bundle, training_set, args.step_pairs, device=device)
+        rep.close()
+    bundle.save(args.out)
     if geometry.localised:
         add_localisation(bundle, Path(args.out), args.localiser, args.data, training_set.names)
     t = bundle.training
+    steps = bundle.agent_defaults["steps"]
     print(f"trained {config.name} ({config.architecture}) for {t['iterations']} batches in {t['seconds'] / 60:.1f} min on "
           f"{t['device']}; final loss {t['final_loss']:.4g}, held-out best-action accuracy {t['held_out_accuracy']:.2f} "
-          f"(chance {t['chance_accuracy']:.3f}); validation {bundle.validation}; saved {args.out}", file=sys.stderr)
+          f"(chance {t['chance_accuracy']:.3f}); {_validation_text(bundle.validation)}; default {steps} agent steps"
+          + (f" (best on {t['step_choice']['pairs']} training pairs)" if "step_choice" in t else "")
+          + (", stop rule on" if bundle.agent_defaults.get("stop_when_no_action_helps") else ", no stop rule")
+          + f"; saved {args.out}", file=sys.stderr)
     if args.progress_json:
         print(json.dumps({"stage": "done", "bundle": str(args.out)}), flush=True)
     return 0
@@ -485,7 +557,14 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p):
         p.add_argument("--progress-json", action="store_true", help="one JSON progress line per step on stdout")
 
-    p = sub.add_parser("groundtruth", help="constrained elastix GT deformations for every ordered pair")
+    p = sub.add_parser(
+        "groundtruth", help="constrained elastix GT deformations for every ordered pair",
+        description="Constrained elastix ground-truth deformations for every ordered pair of the subjects. A pair "
+                    "that fails (e.g. a subject with an empty mask) is reported and skipped; at the end a summary "
+                    "names the failed pairs' subjects, grouped by the reason. Exit status: 0 done (with a warning "
+                    f"when a few pairs failed), 1 when more than {100 * MAX_FAILED_FRACTION:.0f} % of the pairs "
+                    "failed or some subject lost all its pairs (fix or leave out the named subjects and rerun the "
+                    "same command: finished pairs are kept), or for an input to correct.")
     p.add_argument("data", help="folder of <name>_image/<name>_label files, or a CSV with columns image,label[,name]")
     p.add_argument("--out", required=True, help="output folder (per-pair cache; a rerun resumes)")
     p.add_argument("--dim", type=int, choices=(2, 3), default=3)
@@ -513,15 +592,29 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_sdm)
 
-    p = sub.add_parser("train", help="train the dual-stream Q-network on synthetic pairs (Eq. 1)")
+    p = sub.add_parser(
+        "train", help="train the dual-stream Q-network on synthetic pairs (Eq. 1)",
+        description="Train the dual-stream Q-network on synthetic intra- and inter-subject pairs (Eq. 1) made from "
+                    "the ground truth of 'agentreg groundtruth', and save a model bundle. The model's default agent "
+                    "settings: the stop rule of its configuration (on with 'converge', the default: a pair stops "
+                    "once no action is predicted to help) and a cap on the number of steps chosen after training: "
+                    "the step count from 1 to 200 with the best mean Dice on --step-pairs real pairs of the training "
+                    "subjects (no validation subject). Its model card ('agentreg info MODEL') records both, and the "
+                    "data, subjects and split it was trained on.")
     p.add_argument("--groundtruth", required=True, help="output folder of 'agentreg groundtruth' (training subjects and GT)")
     p.add_argument("--sdm", required=True, help="SDM file of 'agentreg sdm'")
     p.add_argument("--out", required=True, help="model bundle to write (.pt)")
-    p.add_argument("--config", default="compact", help="training configuration by name: paper or compact")
+    p.add_argument("--config", default="converge",
+                   help="training configuration by name: converge (the default and the shipped models'; stop rule "
+                        "on), compact (no stop rule) or paper (the paper's network; no stop rule)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a configuration field (repeatable)")
     p.add_argument("--checkpoint", help="checkpoint file (default: OUT with .checkpoint.pt); an existing one is resumed")
     p.add_argument("--data", help="data folder or CSV, for validation on real pairs (with --split)")
-    p.add_argument("--split", help="split JSON whose 'validation' subjects are used for validation")
+    p.add_argument("--split", help="split JSON whose 'validation' subjects are used for validation (needs --data)")
+    p.add_argument("--step-pairs", type=int, default=STEP_CHOICE_PAIRS, metavar="N",
+                   help="real pairs of training subjects on which the model's default number of agent steps is chosen "
+                        f"(best mean Dice over 1 to 200 steps; default {STEP_CHOICE_PAIRS}; 0: no choice, the paper's "
+                        "200 steps)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes (checkpointed; run again to go on)")

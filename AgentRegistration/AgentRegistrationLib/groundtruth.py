@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -181,9 +182,50 @@ def run_groundtruth(
                 progress(done, len(pairs), r, None)
     if failures:
         atomic_write(out_dir / "failures.json", lambda tmp: Path(tmp).write_text(json.dumps(failures, indent=1)))
+    else:  # a rerun that redid an earlier run's failed pairs: no stale list of failures
+        (out_dir / "failures.json").unlink(missing_ok=True)
     return results, failures
 
 
 def dice_summary(values: list[float]) -> dict[str, float]:
     v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        return {"median": float("nan"), "mean": float("nan"), "std": float("nan"), "n": 0}
     return {"median": float(np.median(v)), "mean": float(v.mean()), "std": float(v.std()), "n": int(v.size)}
+
+
+def failure_summary(pairs: list[tuple[str, str]], failures: list[tuple[str, str, str]], max_fraction: float) -> dict:
+    """What failed and whether it is too much to go on with.
+
+    ``too_many``: more than ``max_fraction`` of the pairs failed, or some subject lost every one of its pairs
+    (its images then take no part in the ground truth, the SDM or training). ``groups``: the failures grouped by
+    message, each with the subjects of its pairs (most failed pairs first) as ``[name, failed, of its pairs]``."""
+    total = Counter(s for pair in pairs for s in pair)
+    failed = Counter(s for m, f, _ in failures for s in (m, f))
+    lost = sorted((s for s in total if failed[s] == total[s]), key=lambda s: (-total[s], s))
+    groups = {}
+    for m, f, message in failures:
+        groups.setdefault(message, []).append((m, f))
+    ordered = []
+    for message, group in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        counts = Counter(s for pair in group for s in pair)
+        subjects = [[s, n, total[s]] for s, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+        ordered.append({"message": message, "pairs": [list(p) for p in sorted(group)], "subjects": subjects})
+    return {"pairs": len(pairs), "failed": len(failures), "max_fraction": max_fraction,
+            "subjects_without_pairs": lost, "groups": ordered,
+            "too_many": len(failures) > max_fraction * len(pairs) or bool(lost)}
+
+
+def failure_lines(summary: dict, shown_subjects: int = 8) -> list[str]:
+    """The failure summary as text: one block per message, naming the subjects whose pairs failed."""
+    lines = [f"{summary['failed']} of {summary['pairs']} ground-truth pairs failed "
+             f"({100 * summary['failed'] / max(summary['pairs'], 1):.0f} %):"]
+    for group in summary["groups"]:
+        subjects = ", ".join(f"{s} ({n} of its {of})" for s, n, of in group["subjects"][:shown_subjects])
+        more = len(group["subjects"]) - shown_subjects
+        lines.append(f"  {len(group['pairs'])} pairs: {group['message']}")
+        lines.append(f"    subjects of these pairs (failed pairs of all of theirs): {subjects}"
+                     + (f" and {more} more" if more > 0 else ""))
+    if summary["subjects_without_pairs"]:
+        lines.append("  every pair failed for: " + ", ".join(summary["subjects_without_pairs"]))
+    return lines

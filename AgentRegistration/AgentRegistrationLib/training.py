@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import os
 import time
@@ -102,12 +103,16 @@ class TrainingSet:
     labels: np.ndarray  # (S, *spatial) uint8
     pairs: list[tuple[int, int]]  # (moving, fixed) subject indices
     coefficients: np.ndarray  # (P, n_coefficients)
+    source: dict = dataclasses.field(default_factory=dict)  # where the subjects came from (for the model card)
 
     @classmethod
     def from_groundtruth(cls, gt_dir: Path) -> TrainingSet:
         from .sdm_fitting import load_groundtruth
 
         _, results = load_groundtruth(gt_dir)
+        summary = json.loads((Path(gt_dir) / "summary.json").read_text())
+        source = {"groundtruth": str(Path(gt_dir).resolve()),
+                  **{k: summary[k] for k in ("data", "selection", "split", "subset") if k in summary}}
         names = sorted({r.moving for r in results} | {r.fixed for r in results})
         images, labels = [], []
         for n in names:
@@ -116,7 +121,7 @@ class TrainingSet:
                 labels.append(z["label"])
         index = {n: i for i, n in enumerate(names)}
         pairs = [(index[r.moving], index[r.fixed]) for r in results]
-        return cls(names, np.stack(images), np.stack(labels), pairs, np.stack([r.coefficients for r in results]))
+        return cls(names, np.stack(images), np.stack(labels), pairs, np.stack([r.coefficients for r in results]), source)
 
 
 @dataclass
@@ -289,6 +294,7 @@ def train(
         agent_defaults={**AGENT_DEFAULTS, "stop_when_no_action_helps": bool(config.stop_rule)},
         training={"config": dataclasses.asdict(config), "iterations": max(last, start), "seconds": seconds,
                   "device": _device_name(device) + (f" x{world}" if world > 1 else ""), "subjects": training_set.names,
+                  "data": dict(training_set.source),
                   "real_pairs": len(training_set.pairs), "final_loss": history[-1][1] if history else None,
                   "held_out_accuracy": history[-1][2] if history else None,
                   "held_out_near_gt_accuracy": history[-1][4] if history and len(history[-1]) > 4 else None,
@@ -371,3 +377,31 @@ def validation_pairs_from_subjects(subjects, count: int, seed: int = 0) -> list[
                                   f"{subjects[m].name}->{subjects[f].name}"))
     return out
 
+
+@torch.no_grad()
+def choose_steps(bundle: ModelBundle, training_set: TrainingSet, pairs: int, max_steps: int = 200,
+                 seed: int = 1, device: torch.device | str = "cpu", batch: int = 16) -> dict:
+    """A new model's default number of agent steps: the step count (1 to ``max_steps``) with the best mean Dice on
+    ``pairs`` random real GT pairs of its training subjects (never a validation subject), the agent run with the
+    model's settings but without its stop rule, so that every step is measured (as
+    ``scripts/steps_on_training_pairs.py`` chose the shipped models' steps). Sets the bundle's default (it does not
+    save it) and returns ``{"steps", "pairs", "max_steps", "seed", "dice_mean_by_step"}``."""
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(training_set.pairs), size=min(pairs, len(training_set.pairs)), replace=False))
+    agent = bundle.agent(device)
+    settings = bundle.agent_settings(steps=max_steps, seed=0, stop_when_no_action_helps=False)
+    dice = []
+    for first in range(0, len(chosen), batch):
+        moving, fixed = zip(*[training_set.pairs[i] for i in chosen[first:first + batch]], strict=True)
+        take = lambda array, index: torch.as_tensor(array[list(index)])[:, None]  # noqa: E731
+        result = agent.run(take(training_set.images, fixed), take(training_set.images, moving), settings,
+                           take(training_set.labels, moving), take(training_set.labels, fixed))
+        dice.append(torch.stack(result.trajectory.dice).cpu().numpy())  # (steps, pairs of this batch)
+    mean = np.concatenate(dice, axis=1).mean(axis=1)
+    best = int(mean.argmax()) + 1
+    bundle.agent_defaults["steps"] = best
+    bundle.agent_defaults["steps_chosen_by"] = (
+        f"the best mean Dice over 1 to {max_steps} steps on {len(chosen)} real pairs of training subjects, chosen by "
+        "'agentreg train'; the paper used 200")
+    return {"steps": best, "pairs": len(chosen), "max_steps": max_steps, "seed": seed,
+            "dice_mean_by_step": [float(x) for x in mean]}
