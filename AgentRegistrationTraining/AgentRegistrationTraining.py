@@ -64,7 +64,7 @@ class AgentRegistrationTrainingParameterNode:
     outputFolder: Path
     modelName: str = "my-prostate"
     dimension: Annotated[str, Choice(list(DIMENSIONS))] = "3-D"
-    configuration: Annotated[str, Choice(CONFIGURATIONS)] = "compact"
+    configuration: Annotated[str, Choice(CONFIGURATIONS)] = protocol.DEFAULT_TRAINING_CONFIGURATION
     device: Annotated[str, Choice(list(protocol.DEVICE_CHOICES))] = "Auto"
     resume: bool = True
     timeLimitMinutes: float = 0.0  # training stage; 0: none
@@ -223,7 +223,7 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
             sitk.WriteImage(mrml.segmentation_to_labelmap_sitk(label, volume), str(folder / f"{name}_label.nii.gz"))
 
     def startTraining(self, volumes: list, dataFolder: Path, outputFolder: Path, modelName: str,
-                      configuration: str = "compact", device: str = "Auto", resume: bool = True,
+                      configuration: str = protocol.DEFAULT_TRAINING_CONFIGURATION, device: str = "Auto", resume: bool = True,
                       dim: int = 3, maxMinutes: float | None = None) -> protocol.WorkerJob:
         """Check inputs and start ground truth -> SDM -> training.
 

@@ -121,6 +121,13 @@ def test_training_configuration_names_are_the_engine_configurations():
     assert set(protocol.TRAINING_CONFIGURATIONS) == set(CONFIGS)
 
 
+def test_the_module_and_the_command_line_train_with_the_same_default_configuration(tmp_path):
+    command = protocol.training_commands("python", tmp_path, protocol.TrainingFiles(tmp_path, "mine"))[-1]
+    from_module = cli.build_parser().parse_args(command[3:]).config
+    typed = cli.build_parser().parse_args(["train", "--groundtruth", "g", "--sdm", "s", "--out", "o.pt"]).config
+    assert from_module == typed == protocol.DEFAULT_TRAINING_CONFIGURATION == "converge"
+
+
 @pytest.mark.parametrize("bad", [{"dim": 4}, {"configuration": "huge"}, {"device": "TPU"},
                                  {"stage_options": {"evaluate": {}}}])
 def test_training_commands_refuse_bad_values(tmp_path, bad):

@@ -604,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groundtruth", required=True, help="output folder of 'agentreg groundtruth' (training subjects and GT)")
     p.add_argument("--sdm", required=True, help="SDM file of 'agentreg sdm'")
     p.add_argument("--out", required=True, help="model bundle to write (.pt)")
-    p.add_argument("--config", default="converge",
+    p.add_argument("--config", default=protocol.DEFAULT_TRAINING_CONFIGURATION,
                    help="training configuration by name: converge (the default and the shipped models'; stop rule "
                         "on), compact (no stop rule) or paper (the paper's network; no stop rule)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a configuration field (repeatable)")

@@ -248,6 +248,8 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
 # ====================================================================================== training output folder
 TRAINING_CONFIGURATIONS = ("compact", "paper", "converge")
 """Training configurations by name (``agentreg train --config``); a test keeps them equal to ``training.CONFIGS``."""
+DEFAULT_TRAINING_CONFIGURATION = "converge"
+"""The configuration ``agentreg train`` and the training module use unless told otherwise (the shipped models')."""
 PAPER_MODES = {2: 15, 3: 25}
 """The paper's number of SDM modes d per dimension."""
 GT_DICE_COLUMNS = ("moving", "fixed", "dice_before", "dice_after", "seconds")
@@ -422,7 +424,7 @@ def model_header(path: str | Path) -> dict[str, Any]:
 
 
 def training_commands(python: str, data: str | Path, files: TrainingFiles, *, dim: int = 3,
-                      configuration: str = "compact", device: str = "Auto", modes: int | None = None,
+                      configuration: str = DEFAULT_TRAINING_CONFIGURATION, device: str = "Auto", modes: int | None = None,
                       split: str | Path | None = None, max_minutes: float | None = None,
                       stage_options: dict[str, dict[str, Any]] | None = None) -> list[list[str]]:
     """Worker command lines of the three stages: ``agentreg groundtruth``, ``sdm`` and ``train``.
