@@ -51,7 +51,7 @@ def tiny_pipeline(grid128, tmp_path_factory):
     import torch
     from AgentRegistrationLib.cli import model_geometry
     from AgentRegistrationLib.dataset import find_subjects, prepare_subject
-    from AgentRegistrationLib.groundtruth import run_groundtruth
+    from AgentRegistrationLib.groundtruth import GroundTruthSummary, run_groundtruth
     from AgentRegistrationLib.image_io import read_image
     from AgentRegistrationLib.sdm_fitting import fit_from_groundtruth
     from AgentRegistrationLib.training import TrainingSet, config_by_name, train
@@ -68,13 +68,13 @@ def tiny_pipeline(grid128, tmp_path_factory):
         for s in subjects:
             prepare_subject(s, template, geometry, root / "gt" / "subjects")
         names = [s.name for s in subjects]
+        settings = {"iterations": 60 if dim == 2 else 25, "resolutions": 2}
         results, failures = run_groundtruth(root / "gt" / "subjects", names, geometry, root / "gt", workers=2,
-                                            settings={"iterations": 60 if dim == 2 else 25, "resolutions": 2})
+                                            settings=settings)
         assert not failures
-        import json
-
-        (root / "gt" / "summary.json").write_text(json.dumps({"dim": dim, "geometry": geometry.to_dict(),
-                                                               "template": names[0], "subjects": names}))
+        pairs = [(m, f) for m in names for f in names if m != f]
+        GroundTruthSummary.of_run(geometry, names[0], names, pairs, results, failures, settings=settings, workers=2,
+                                  max_pairs=0, seed=0, wall_seconds=0.0, max_failed_fraction=0.1).save(root / "gt")
         sdm, _, _ = fit_from_groundtruth(root / "gt", 4)
         sdm.save(root / "sdm.npz")
         config = config_by_name("compact" if crop == "paper" else "converge").with_overrides(

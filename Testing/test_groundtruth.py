@@ -7,6 +7,8 @@ import pytest
 import SimpleITK as sitk
 from AgentRegistrationLib.dataset import find_subjects
 from AgentRegistrationLib.groundtruth import (
+    GroundTruthSummary,
+    PairResult,
     failure_lines,
     failure_summary,
     load_pair,
@@ -105,6 +107,55 @@ def test_failure_summary_names_the_subjects_and_says_when_to_stop():
     text = "\n".join(failure_lines(summary))
     assert "s07 (38 of its 38), s00 (2 of its 38)" in text and "and 12 more" in text
     assert text.endswith("every pair failed for: s07")
+
+
+
+# written by 'agentreg groundtruth' before the summary recorded the subjects' source and the elastix resolutions
+EARLIEST_SUMMARY = {
+    "dim": 2, "geometry": {"size": [100, 100], "control_spacing": [16.0, 16.0], "crop_fraction": [0.78, 0.78, 1.0],
+                           "box_spreads": [10.0, 10.0]},
+    "template": "case00", "subjects": ["case00", "case03", "case04"], "pairs_requested": 6, "pairs_done": 6,
+    "failures": 0, "dice_before": {"median": 0.9, "mean": 0.9, "std": 0.01, "n": 6},
+    "dice_after": {"median": 0.97, "mean": 0.96, "std": 0.01, "n": 6}, "pair_seconds_sum": 60.5,
+    "wall_seconds_this_run": 31.0, "workers": 2, "iterations": 200, "max_pairs": 0, "seed": 0}
+
+
+def test_groundtruth_summary_keeps_its_json_and_reads_earlier_folders(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps(EARLIEST_SUMMARY))
+    summary = GroundTruthSummary.load(tmp_path)
+    assert summary.geometry.size == (100, 100) and summary.geometry.localised
+    assert summary.source == {} and summary.resolutions is None and summary.failed is None
+    assert json.loads(json.dumps(summary.to_dict())) == EARLIEST_SUMMARY and list(summary.to_dict()) == list(EARLIEST_SUMMARY)
+    names = ["case00", "case03", "case04"]
+    pairs = [(m, f) for m in names for f in names if m != f]
+    results = [PairResult(m, f, np.zeros(2), 0.8, 0.9, 2.0) for m, f in pairs[1:]]
+    source = {"data": "/data", "selection": "split", "split": "split.json", "subset": "training"}
+    made = GroundTruthSummary.of_run(
+        summary.geometry, "case00", names, pairs, results, [("case00", "case03", "RuntimeError: diverged")],
+        settings={"iterations": 250, "resolutions": 3}, workers=2, max_pairs=0, seed=0, wall_seconds=9.0,
+        max_failed_fraction=0.1, source=source)
+    made.save(tmp_path / "new")
+    written = json.loads((tmp_path / "new" / "summary.json").read_text())
+    assert list(written) == ["dim", "geometry", "template", "subjects", "data", "selection", "split", "subset",
+                             "pairs_requested", "pairs_done", "failures", "dice_before", "dice_after",
+                             "pair_seconds_sum", "wall_seconds_this_run", "workers", "iterations", "resolutions",
+                             "max_pairs", "seed", "failed"]
+    assert written["pairs_requested"] == 6 and written["pairs_done"] == 5 and written["failures"] == 1
+    assert written["dice_after"]["median"] == 0.9 and written["pair_seconds_sum"] == 10.0
+    assert written["failed"]["too_many"]  # 1 of 6 pairs is more than 10 %
+    assert GroundTruthSummary.load(tmp_path / "new") == made
+
+
+def test_groundtruth_summary_errors_say_to_run_groundtruth(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"is not a ground-truth folder \(no summary.json\): "
+                                                r"run 'agentreg groundtruth' first"):
+        GroundTruthSummary.load(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({k: v for k, v in EARLIEST_SUMMARY.items() if k != "seed"}))
+    with pytest.raises(ValueError, match=r"summary.json is not a ground-truth summary that can be read \(no 'seed'\)"):
+        GroundTruthSummary.load(tmp_path)
+    (tmp_path / "summary.json").write_text("{")
+    with pytest.raises(ValueError, match="run 'agentreg groundtruth' again"):
+        GroundTruthSummary.load(tmp_path)
 
 
 def test_gt_improves_dice_and_sdm_reconstructs_real_deformations(tiny_pipeline):

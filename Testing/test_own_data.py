@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 from AgentRegistrationLib import cli
 from AgentRegistrationLib.bundle import load_bundle
+from AgentRegistrationLib.groundtruth import GroundTruthSummary
 
 GOOD = ["case00", "case04", "case06"]
 
@@ -75,8 +76,8 @@ def test_groundtruth_with_a_subject_whose_pairs_all_fail_exits_1_with_a_summary(
     last = err.strip().splitlines()[-1]
     assert last.startswith("agentreg: error: too many ground-truth pairs failed (6 of 12; at most 10 % may fail")
     assert "leave them out (--subjects" in last and "finished pairs are kept" in last
-    summary = json.loads((own_data["gt"] / "summary.json").read_text())
-    assert summary["failed"]["subjects_without_pairs"] == ["blank"] and summary["failed"]["too_many"]
+    summary = GroundTruthSummary.load(own_data["gt"])
+    assert summary.failed["subjects_without_pairs"] == ["blank"] and summary.failed["too_many"]
     assert len(list((own_data["gt"] / "pairs").glob("*.npz"))) == 6  # the pairs that succeeded are kept
     assert len(json.loads((own_data["gt"] / "failures.json").read_text())) == 6
 
@@ -109,8 +110,9 @@ def test_groundtruth_without_the_failing_subject_succeeds_as_before(own_data, wi
     assert "ground truth: 6 pairs (0 failed); Dice after GT registration median" in without_blank["err"]
     assert "failed" not in without_blank["err"].replace("(0 failed)", "")
     assert not (own_data["gt"] / "failures.json").exists()  # no stale list of the earlier run's failures
-    summary = json.loads((own_data["gt"] / "summary.json").read_text())
-    assert summary["selection"] == "subjects" and "failed" not in summary
+    summary = GroundTruthSummary.load(own_data["gt"])
+    assert summary.source["selection"] == "subjects" and summary.failed is None
+    assert "failed" not in json.loads(GroundTruthSummary.path(own_data["gt"]).read_text())
 
 
 def _train(own_data, out, *extra):

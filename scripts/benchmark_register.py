@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -77,20 +76,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------- environment
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def device_text(device: torch.device) -> str:
+    """The device as this benchmark names it: the hardware with CUDA's version or torch's CPU threads."""
+    from AgentRegistrationLib.bundle import device_name
 
-
-def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    return f"{cpu_name()}, {torch.get_num_threads()} torch threads"
+        return f"{device_name(device)} (CUDA {torch.version.cuda})"
+    return f"{device_name(device)}, {torch.get_num_threads()} torch threads"
 
 
 def _status_kb(key: str) -> int | None:
@@ -276,7 +268,7 @@ def _where(r: dict) -> str:
 
 
 def report_text(results: list[dict], device: torch.device, args) -> str:
-    lines = [f"device: {device} = {device_name(device)}; elastix (itk-elastix) threads: its default (all cores), "
+    lines = [f"device: {device} = {device_text(device)}; elastix (itk-elastix) threads: its default (all cores), "
              "on this machine unless said otherwise",
              f"agent: {args.steps} steps, fuzzy action control, seed 0, no early stop; median of {args.repeats} runs; "
              "warm-up (itk import, first elastix run, first network calls) excluded"]
@@ -299,7 +291,7 @@ def report_text(results: list[dict], device: torch.device, args) -> str:
 
 
 def report_markdown(results: list[dict], device: torch.device, args) -> str:
-    lines = [f"Registration time on {device_name(device)} ({args.steps} agent steps; elastix B-spline at the SDM's "
+    lines = [f"Registration time on {device_text(device)} ({args.steps} agent steps; elastix B-spline at the SDM's "
              "control spacing after the same translation; warm-up excluded; median of "
              f"{args.repeats}).", "",
              "| model | agent, 1 pair (s) | elastix B-spline, 1 pair (s) | agent / elastix | "
@@ -336,7 +328,7 @@ def main(argv=None) -> int:
     results = [benchmark_model(m, args, device) for m in models]
     print(report_text(results, device, args))
     if args.json:
-        doc = {"device": str(device), "device_name": device_name(device), "steps": args.steps, "repeats": args.repeats,
+        doc = {"device": str(device), "device_name": device_text(device), "steps": args.steps, "repeats": args.repeats,
                "torch": torch.__version__, "results": results}
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     if args.markdown:

@@ -13,7 +13,6 @@ subjects and deformations of one dimension; give a 2-D and a 3-D pair to benchma
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "AgentRegistration"))
 
 from AgentRegistrationLib.agent import Agent  # noqa: E402
+from AgentRegistrationLib.bundle import device_name  # noqa: E402
 from AgentRegistrationLib.network import DualStreamQNetwork, NetworkConfig, count_parameters  # noqa: E402
 from AgentRegistrationLib.sdm import StatisticalDeformationModel  # noqa: E402
 from AgentRegistrationLib.sdm_fitting import load_groundtruth  # noqa: E402
@@ -30,10 +30,11 @@ from AgentRegistrationLib.synthetic import SyntheticPairGenerator, q_targets  # 
 from AgentRegistrationLib.training import TrainingSet, action_steps_for, config_by_name  # noqa: E402
 
 
-def device_name(device: torch.device) -> str:
+def device_text(device: torch.device) -> str:
+    """The device as this benchmark names it: the GPU, or the CPU with torch's threads."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+        return device_name(device)
+    return f"{device_name(device)} ({torch.get_num_threads()} threads)"
 
 
 def _sync(device: torch.device) -> None:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         devices.append(torch.device(name))
     for device in devices:
-        print(f"device {device}: {device_name(device)}", file=sys.stderr)
+        print(f"device {device}: {device_text(device)}", file=sys.stderr)
     rows = []
     for gt, sdm in datasets:
         for architecture in args.architectures.split(","):
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {row['dim']}-D {architecture} on {device}: {row['pairs_per_second']:.1f} pairs/s", file=sys.stderr)
                 rows.append(row)
     print(f"\nTraining throughput, {args.iterations} batches after {args.warmup} warm-up batches; torch {torch.__version__}; "
-          + "; ".join(f"{d}: {device_name(d)}" for d in devices) + "\n")
+          + "; ".join(f"{d}: {device_text(d)}" for d in devices) + "\n")
     print("| dim | architecture | parameters | device | batch | ms / batch | pairs / s | vs CPU |")
     print("|---|---|---:|---|---:|---:|---:|---:|")
     for row in rows:

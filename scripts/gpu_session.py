@@ -50,6 +50,7 @@ ENGINE = str(REPO / "AgentRegistration")  # the engine, not installed on the GPU
 sys.path.insert(0, ENGINE)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ENGINE, os.environ.get("PYTHONPATH")]))  # subprocesses
 
+from AgentRegistrationLib.bundle import device_name  # noqa: E402
 from AgentRegistrationLib.evaluation import (  # noqa: E402
     EvaluationSettings,
     evaluate,
@@ -60,7 +61,7 @@ from AgentRegistrationLib.evaluation import (  # noqa: E402
     summarise,
     write_csv,
 )
-from AgentRegistrationLib.geometry import ModelGeometry  # noqa: E402
+from AgentRegistrationLib.groundtruth import GroundTruthSummary  # noqa: E402
 from AgentRegistrationLib.sdm import StatisticalDeformationModel  # noqa: E402
 from AgentRegistrationLib.training import TrainingSet, config_by_name, train  # noqa: E402
 
@@ -85,7 +86,7 @@ def pack(into: Path, work: Path) -> None:
         gt = work / f"gt{dim}d"
         for sub in ("pairs", "subjects"):
             shutil.copytree(gt / sub, into / f"gt{dim}d" / sub)
-        shutil.copy(gt / "summary.json", into / f"gt{dim}d" / "summary.json")
+        shutil.copy(GroundTruthSummary.path(gt), GroundTruthSummary.path(into / f"gt{dim}d"))
         shutil.copy(work / f"sdm{dim}d.npz", into / f"sdm{dim}d.npz")
         prepared = sorted((work / f"eval{dim}d" / "pairs").glob("*/prepared.npz"))
         for i, f in enumerate(prepared):
@@ -132,15 +133,16 @@ class Session:
         (self.out / "session.json").write_text(json.dumps(self.doc, indent=2, default=str) + "\n")
 
 
-def device_name() -> str:
-    return torch.cuda.get_device_name(0) if DEVICE == "cuda" else "CPU (rehearsal)"
+def device_text() -> str:
+    """The session's device: the GPU's name (on the CPU: a rehearsal)."""
+    return device_name(torch.device(DEVICE)) if DEVICE == "cuda" else "CPU (rehearsal)"
 
 
 def environment() -> dict:
     smi = shutil.which("nvidia-smi") and subprocess.run(
         ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
         capture_output=True, text=True).stdout.strip()
-    return {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": device_name(), "nvidia_smi": smi,
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": device_text(), "nvidia_smi": smi,
             "python": sys.version.split()[0]}
 
 
@@ -198,7 +200,7 @@ def train_run(inputs: Path, work: Path, name: str, dim: int, config_name: str, s
     if resume_from is not None:
         shutil.copy(resume_from / name / "checkpoint.pt", run_dir / "checkpoint.pt")
     gt = inputs / f"gt{dim}d"
-    geometry = ModelGeometry.from_dict(json.loads((gt / "summary.json").read_text())["geometry"])
+    geometry = GroundTruthSummary.load(gt).geometry
     sdm = StatisticalDeformationModel.load(inputs / f"sdm{dim}d.npz")
     training_set = TrainingSet.from_groundtruth(gt)
     checkpoint = run_dir / "checkpoint.pt"
@@ -226,7 +228,7 @@ def evaluate_model(model: Path, prepared: Path, out: Path, title: str, max_pairs
     summary = summarise(results, methods)
     t = bundle.training
     notes = [f"Model: {title} ({bundle.network.config.architecture} network), trained {t.get('iterations')} batches in "
-             f"{t.get('seconds', 0) / 60:.1f} min on {t.get('device')}; agent on {device_name()}, batches of "
+             f"{t.get('seconds', 0) / 60:.1f} min on {t.get('device')}; agent on {device_text()}, batches of "
              f"{settings.batch_size} pairs, {settings.steps} steps, seed {settings.seed}; {len(pairs)} prepared validation "
              f"pairs (the cache of agentreg evaluate); failures: {len(failures)}."]
     info = {"dim": bundle.dim, "command": f"python scripts/gpu_session.py run --inputs work/gpu_in --out OUT  # run {title}",

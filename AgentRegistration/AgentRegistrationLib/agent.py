@@ -51,6 +51,13 @@ class AgentSettings:
             raise ValueError(f"exploration probability must be in [0, 1), not {self.exploration}")
 
 
+def model_defaults() -> dict:
+    """The agent settings a new model stores as its own defaults (``ModelBundle.agent_defaults``): fuzzy action
+    control's k, the exploration probability and the number of steps, as :class:`AgentSettings` has them."""
+    settings = AgentSettings()
+    return {"fuzzy_k": settings.fuzzy_k, "exploration": settings.exploration, "steps": settings.steps}
+
+
 @dataclass
 class Trajectory:
     """Per step and pair: the action taken, all Q-values, which actions fuzzy control rejected,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .agent import Agent, AgentSettings
+from .agent import Agent, AgentSettings, model_defaults
 from .bspline import ControlGrid
 from .files import atomic_write
 from .geometry import ModelGeometry
@@ -40,7 +41,7 @@ class ModelBundle:
     sdm: StatisticalDeformationModel
     geometry: ModelGeometry
     action_steps: np.ndarray  # (d,)
-    agent_defaults: dict = field(default_factory=lambda: {"fuzzy_k": 1.5, "exploration": 0.05, "steps": 200})
+    agent_defaults: dict = field(default_factory=model_defaults)
     training: dict = field(default_factory=dict)
     validation: dict = field(default_factory=dict)
     package_version: str = __version__
@@ -159,6 +160,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
     return torch.device(device)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from ``/proc/cpuinfo``; elsewhere the platform's processor or machine name)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """The hardware behind ``device``, for records and reports: the GPU's name for CUDA, else the CPU's."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 PROJECT_SPLIT = "Resources/promise12_split.json"  # the project's PROMISE12 split, as a model records it

@@ -110,7 +110,7 @@ def _data_record(args) -> dict:
 
 def cmd_groundtruth(args) -> int:
     from .dataset import find_subjects, prepare_subject
-    from .groundtruth import dice_summary, failure_lines, failure_summary, run_groundtruth
+    from .groundtruth import GroundTruthSummary, failure_lines, run_groundtruth
     from .image_io import read_image
 
     geometry = model_geometry(args.dim, args.crop)
@@ -143,27 +143,20 @@ def cmd_groundtruth(args) -> int:
     lines = ["moving,fixed,dice_before,dice_after,seconds"] + [
         f"{r.moving},{r.fixed},{r.dice_before:.4f},{r.dice_after:.4f},{r.seconds:.2f}" for r in results]
     atomic_write(out / "gt_dice.csv", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
-    failed = failure_summary(pairs, failures, MAX_FAILED_FRACTION)
-    summary = {
-        "dim": args.dim, "geometry": geometry.to_dict(), "template": template.name, "subjects": names,
-        **_data_record(args),
-        "pairs_requested": len(pairs), "pairs_done": len(results), "failures": len(failures),
-        "dice_before": dice_summary([r.dice_before for r in results]),
-        "dice_after": dice_summary([r.dice_after for r in results]),
-        "pair_seconds_sum": float(sum(r.seconds for r in results)),
-        "wall_seconds_this_run": time.perf_counter() - start,
-        "workers": args.workers, "iterations": args.iterations, "resolutions": args.resolutions,
-        "max_pairs": args.max_pairs, "seed": args.seed,
-        **({"failed": failed} if failures else {}),
-    }
-    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
-    d = summary["dice_after"]
+    summary = GroundTruthSummary.of_run(
+        geometry, template.name, names, pairs, results, failures,
+        settings={"iterations": args.iterations, "resolutions": args.resolutions}, workers=args.workers,
+        max_pairs=args.max_pairs, seed=args.seed, wall_seconds=time.perf_counter() - start,
+        max_failed_fraction=MAX_FAILED_FRACTION, source=_data_record(args))
+    summary.save(out)
+    d = summary.dice_after
     dice_text = (f"Dice after GT registration median {d['median']:.3f}, mean {d['mean']:.3f}, std {d['std']:.3f} "
-                 f"(before: median {summary['dice_before']['median']:.3f})" if results else "no pair succeeded")
+                 f"(before: median {summary.dice_before['median']:.3f})" if results else "no pair succeeded")
     counted = (f"{len(results)} of {len(pairs)} pairs done, {len(failures)} failed" if failures
                else f"{len(results)} pairs ({len(failures)} failed)")
     print(f"ground truth: {counted}; {dice_text}; written to {out}", file=sys.stderr)
     if failures:
+        failed = summary.failed
         print("\n".join(failure_lines(failed)), file=sys.stderr)
         if failed["too_many"]:
             raise ValueError(
@@ -177,7 +170,7 @@ def cmd_groundtruth(args) -> int:
               f"rerun the same command to retry the failed pairs (listed in {out / 'failures.json'})",
               file=sys.stderr)
     if args.progress_json:
-        print(json.dumps({"stage": "done", "summary": summary}), flush=True)
+        print(json.dumps({"stage": "done", "summary": summary.to_dict()}), flush=True)
     return 0
 
 
@@ -220,6 +213,7 @@ def cmd_train(args) -> int:
 
     from .bundle import resolve_device
     from .dataset import find_subjects, prepare_subject
+    from .groundtruth import GroundTruthSummary
     from .image_io import read_image
     from .sdm import StatisticalDeformationModel
     from .sdm_fitting import load_groundtruth
@@ -238,9 +232,9 @@ def cmd_train(args) -> int:
     if args.data and args.split:
         from .dataset import load_split
 
-        summary = json.loads((Path(args.groundtruth) / "summary.json").read_text())
+        summary = GroundTruthSummary.load(args.groundtruth)
         all_subjects = find_subjects(args.data)
-        template = next(s for s in all_subjects if s.name == summary["template"])
+        template = next(s for s in all_subjects if s.name == summary.template)
         names = load_split(args.split)["validation"]
         chosen = [s for s in all_subjects if s.name in set(names)]
         if len(chosen) < 2:
@@ -709,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=str(_repo_file("Resources", "promise12_split.json")),
                    help="split JSON whose validation subjects are paired")
     p.add_argument("--pairs", type=int, default=3, help="number of validation pairs (default 3)")
-    p.add_argument("--steps", type=int, help="agent steps (default: the bundle's, 200)")
+    p.add_argument("--steps", type=int, help="agent steps (default: the model's own, chosen on its training pairs)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=cmd_demo)

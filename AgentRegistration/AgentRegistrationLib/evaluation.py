@@ -12,7 +12,8 @@ For every ordered pair (moving m -> fixed n) of the validation subjects:
    - ``e8`` / ``e16``: elastix B-spline (elastix's default B-spline map: Mattes mutual information,
      adaptive stochastic gradient descent, 3 resolutions), final grid spacing 8x8(x4) / 16x16(x8)
      model voxels, i.e. half / the same grid as the GT and the SDM;
-   - ``ours``: the agent, 200 steps, fuzzy action control; ``nfc``: the same without it;
+   - ``ours``: the agent with the model's settings (its own number of steps unless ``--steps`` is given,
+     its stop rule), fuzzy action control; ``nfc``: the same without it;
    - ``gt``: the constrained elastix registration that made the training ground truth (MI + bending
      energy + corresponding mask-surface points), which sees both masks: an upper bound.
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -545,7 +545,3 @@ def plot_boxplots(path: Path, results: list[dict], methods: list[str], dim: int)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-
-
-def default_workers() -> int:
-    return os.cpu_count() or 1

@@ -7,7 +7,8 @@ corresponding points are spread evenly over the two mask surfaces by casting the
 evenly spread rays from each mask's centroid (a Fibonacci sphere in 3-D, equal angles in
 2-D); the i-th ray's exit point of one mask corresponds to the i-th ray's exit point of the
 other. The result of each pair (its B-spline coefficient vector on the common control grid
-and its Dice) is cached in its own file, so a rerun resumes.
+and its Dice) is cached in its own file, so a rerun resumes. The folder's ``summary.json``
+(:class:`GroundTruthSummary`) says what the run was: geometry, subjects, pairs, Dice, settings.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -229,3 +231,104 @@ def failure_lines(summary: dict, shown_subjects: int = 8) -> list[str]:
     if summary["subjects_without_pairs"]:
         lines.append("  every pair failed for: " + ", ".join(summary["subjects_without_pairs"]))
     return lines
+
+
+# ----------------------------------------------------------------------------------------- the folder's summary
+SOURCE_KEYS = ("data", "selection", "split", "subset")  # where the subjects came from (see GroundTruthSummary.source)
+
+
+@dataclass
+class GroundTruthSummary:
+    """What a ground-truth folder holds, as ``agentreg groundtruth`` records it in ``summary.json``.
+
+    The model geometry, the subjects and the template, where they came from (``source``: the data folder and
+    the selection: ``subjects``, ``split`` with its file and subset, or ``all``; empty in folders made before it was
+    recorded), the pairs requested / done / failed, Dice before and after, time, and the run's settings. ``failed``:
+    the failure summary (:func:`failure_summary`) when some pairs failed. Stored with the same flat JSON keys as
+    ever, so every earlier folder loads."""
+
+    FILE: ClassVar[str] = "summary.json"
+
+    dim: int
+    geometry: ModelGeometry
+    template: str
+    subjects: list[str]
+    pairs_requested: int
+    pairs_done: int
+    failures: int
+    dice_before: dict[str, float]
+    dice_after: dict[str, float]
+    pair_seconds_sum: float
+    wall_seconds_this_run: float
+    workers: int
+    iterations: int
+    max_pairs: int
+    seed: int
+    resolutions: int | None = None  # absent in the earliest folders
+    source: dict[str, str] = field(default_factory=dict)
+    failed: dict | None = None
+
+    @classmethod
+    def of_run(cls, geometry: ModelGeometry, template: str, subjects: list[str], pairs: list[tuple[str, str]],
+               results: list[PairResult], failures: list[tuple[str, str, str]], *, settings: dict, workers: int,
+               max_pairs: int, seed: int, wall_seconds: float, max_failed_fraction: float,
+               source: dict[str, str] | None = None) -> GroundTruthSummary:
+        """The summary of a run of :func:`run_groundtruth` on ``pairs`` (its ``settings``, ``workers``; the pairs
+        drawn with ``max_pairs`` and ``seed``), which took ``wall_seconds``."""
+        return cls(
+            dim=geometry.dim, geometry=geometry, template=template, subjects=list(subjects),
+            pairs_requested=len(pairs), pairs_done=len(results), failures=len(failures),
+            dice_before=dice_summary([r.dice_before for r in results]),
+            dice_after=dice_summary([r.dice_after for r in results]),
+            pair_seconds_sum=float(sum(r.seconds for r in results)), wall_seconds_this_run=wall_seconds,
+            workers=workers, iterations=settings.get("iterations"), resolutions=settings.get("resolutions"),
+            max_pairs=max_pairs, seed=seed, source=dict(source or {}),
+            failed=failure_summary(pairs, failures, max_failed_fraction) if failures else None)
+
+    def to_dict(self) -> dict:
+        """The JSON of ``summary.json`` (keys in their usual order; ``resolutions`` and ``failed`` only when known)."""
+        d = {"dim": self.dim, "geometry": self.geometry.to_dict(), "template": self.template,
+             "subjects": list(self.subjects), **self.source,
+             "pairs_requested": self.pairs_requested, "pairs_done": self.pairs_done, "failures": self.failures,
+             "dice_before": self.dice_before, "dice_after": self.dice_after,
+             "pair_seconds_sum": self.pair_seconds_sum, "wall_seconds_this_run": self.wall_seconds_this_run,
+             "workers": self.workers, "iterations": self.iterations}
+        if self.resolutions is not None:
+            d["resolutions"] = self.resolutions
+        d.update(max_pairs=self.max_pairs, seed=self.seed)
+        if self.failed is not None:
+            d["failed"] = self.failed
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GroundTruthSummary:
+        """Read :meth:`to_dict`'s JSON; ``KeyError`` naming the first missing key."""
+        fields = {k: d[k] for k in ("dim", "template", "subjects", "pairs_requested", "pairs_done", "failures",
+                                    "dice_before", "dice_after", "pair_seconds_sum", "wall_seconds_this_run",
+                                    "workers", "iterations", "max_pairs", "seed")}
+        return cls(geometry=ModelGeometry.from_dict(d["geometry"]), resolutions=d.get("resolutions"),
+                   source={k: d[k] for k in SOURCE_KEYS if k in d}, failed=d.get("failed"), **fields)
+
+    @classmethod
+    def path(cls, folder: str | Path) -> Path:
+        return Path(folder) / cls.FILE
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``folder/summary.json`` (atomically)."""
+        text = json.dumps(self.to_dict(), indent=1)
+        return atomic_write(self.path(folder), lambda tmp: Path(tmp).write_text(text))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> GroundTruthSummary:
+        """Read ``folder/summary.json``: ``FileNotFoundError`` when ``folder`` is no ground-truth folder,
+        ``ValueError`` when its summary cannot be read; both say to run ``agentreg groundtruth``."""
+        file = cls.path(folder)
+        if not file.is_file():
+            raise FileNotFoundError(f"{folder} is not a ground-truth folder (no {cls.FILE}): "
+                                    "run 'agentreg groundtruth' first")
+        try:
+            return cls.from_dict(json.loads(file.read_text()))
+        except (ValueError, KeyError, TypeError) as err:
+            problem = f"no {err}" if isinstance(err, KeyError) else str(err)
+            raise ValueError(f"{file} is not a ground-truth summary that can be read ({problem}): "
+                             "run 'agentreg groundtruth' again on this folder") from None

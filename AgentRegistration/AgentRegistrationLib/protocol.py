@@ -276,10 +276,6 @@ class TrainingFiles:
         return self.groundtruth / "gt_dice.csv"
 
     @property
-    def gt_summary(self) -> Path:
-        return self.groundtruth / "summary.json"
-
-    @property
     def sdm(self) -> Path:
         return Path(self.output_folder) / "sdm.npz"
 

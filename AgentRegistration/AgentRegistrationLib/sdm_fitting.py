@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .files import atomic_write
 from .geometry import ModelGeometry
-from .groundtruth import PairResult, load_pair, warp_label
+from .groundtruth import GroundTruthSummary, PairResult, load_pair, warp_label
 from .metrics import dice
 from .sdm import StatisticalDeformationModel
 
 
 def load_groundtruth(gt_dir: Path) -> tuple[ModelGeometry, list[PairResult]]:
-    summary_file = Path(gt_dir) / "summary.json"
-    if not summary_file.is_file():
-        raise FileNotFoundError(f"{gt_dir} is not a ground-truth folder (no summary.json): run 'agentreg groundtruth' first")
-    summary = json.loads(summary_file.read_text())
-    geometry = ModelGeometry.from_dict(summary["geometry"])
+    geometry = GroundTruthSummary.load(gt_dir).geometry
     results = [load_pair(p) for p in sorted((Path(gt_dir) / "pairs").glob("*.npz"))]
     if len(results) < 3:
         raise ValueError(f"{gt_dir} holds {len(results)} GT deformations; fitting an SDM needs at least 3")
@@ -77,23 +72,22 @@ def translation_share(sdm: StatisticalDeformationModel, geometry: ModelGeometry)
 
 def write_report(path: Path, gt_dir: Path, table: list[dict], command: str,
                  sdm: StatisticalDeformationModel | None = None) -> None:
-    summary = json.loads((Path(gt_dir) / "summary.json").read_text())
-    before, after = summary["dice_before"], summary["dice_after"]
-    dim = summary["dim"]
-    geometry = ModelGeometry.from_dict(summary["geometry"])
+    summary = GroundTruthSummary.load(gt_dir)
+    before, after = summary.dice_before, summary.dice_after
+    geometry = summary.geometry
     start = ("with each subject's box on its own prostate (no registration)" if geometry.localised
              else "after translation only")
     lines = [
-        f"### {dim}-D ground truth and SDM",
+        f"### {summary.dim}-D ground truth and SDM",
         "",
-        f"- Subjects: {len(summary['subjects'])} training subjects (template {summary['template']}); "
-        f"ordered pairs: {summary['pairs_done']} of {summary['pairs_requested']} requested, {summary['failures']} failed"
-        + (f" (random subset, seed {summary['seed']})" if summary.get("max_pairs") else " (all ordered pairs)") + ".",
-        f"- Model grid {summary['geometry']['size']}, B-spline control spacing {summary['geometry']['control_spacing']} voxels; "
-        f"elastix {summary['iterations']} iterations per resolution, {summary['workers']} parallel workers.",
-        f"- Time: {summary['pair_seconds_sum'] / 60:.1f} CPU-minutes of registration in total "
-        f"({summary['pair_seconds_sum'] / max(summary['pairs_done'], 1):.1f} s per pair, one thread each); "
-        f"wall time of the last run {summary['wall_seconds_this_run'] / 60:.1f} min.",
+        f"- Subjects: {len(summary.subjects)} training subjects (template {summary.template}); "
+        f"ordered pairs: {summary.pairs_done} of {summary.pairs_requested} requested, {summary.failures} failed"
+        + (f" (random subset, seed {summary.seed})" if summary.max_pairs else " (all ordered pairs)") + ".",
+        f"- Model grid {list(geometry.size)}, B-spline control spacing {list(geometry.control_spacing)} voxels; "
+        f"elastix {summary.iterations} iterations per resolution, {summary.workers} parallel workers.",
+        f"- Time: {summary.pair_seconds_sum / 60:.1f} CPU-minutes of registration in total "
+        f"({summary.pair_seconds_sum / max(summary.pairs_done, 1):.1f} s per pair, one thread each); "
+        f"wall time of the last run {summary.wall_seconds_this_run / 60:.1f} min.",
         "",
         "| Dice | median | mean | std |",
         "|---|---|---|---|",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 import os
 import time
@@ -25,8 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .agent import Agent, AgentSettings, dice_batch
-from .bundle import ModelBundle
+from .agent import Agent, AgentSettings, dice_batch, model_defaults
+from .bundle import ModelBundle, device_name
 from .files import atomic_write
 from .geometry import ModelGeometry
 from .network import DualStreamQNetwork, NetworkConfig
@@ -77,8 +76,6 @@ class TrainingConfig:
         return dataclasses.replace(self, **changes)
 
 
-AGENT_DEFAULTS = {"fuzzy_k": 1.5, "exploration": 0.05, "steps": 200}
-
 CONFIGS = {
     "paper": TrainingConfig(name="paper", architecture="paper", iterations=100_000),
     "compact": TrainingConfig(name="compact", architecture="compact", state_sampling=0.5),
@@ -107,12 +104,11 @@ class TrainingSet:
 
     @classmethod
     def from_groundtruth(cls, gt_dir: Path) -> TrainingSet:
+        from .groundtruth import GroundTruthSummary
         from .sdm_fitting import load_groundtruth
 
         _, results = load_groundtruth(gt_dir)
-        summary = json.loads((Path(gt_dir) / "summary.json").read_text())
-        source = {"groundtruth": str(Path(gt_dir).resolve()),
-                  **{k: summary[k] for k in ("data", "selection", "split", "subset") if k in summary}}
+        source = {"groundtruth": str(Path(gt_dir).resolve()), **GroundTruthSummary.load(gt_dir).source}
         names = sorted({r.moving for r in results} | {r.fixed for r in results})
         images, labels = [], []
         for n in names:
@@ -142,8 +138,9 @@ def _distributed() -> tuple[int, int]:
 
 
 def _device_name(device: torch.device) -> str:
+    """The device as a model's training record names it."""
     if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
+        return f"cuda ({device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
@@ -291,7 +288,7 @@ def train(
     seconds += time.perf_counter() - t0
     bundle = ModelBundle(
         network=network.cpu().eval(), sdm=sdm, geometry=geometry, action_steps=action_steps,
-        agent_defaults={**AGENT_DEFAULTS, "stop_when_no_action_helps": bool(config.stop_rule)},
+        agent_defaults={**model_defaults(), "stop_when_no_action_helps": bool(config.stop_rule)},
         training={"config": dataclasses.asdict(config), "iterations": max(last, start), "seconds": seconds,
                   "device": _device_name(device) + (f" x{world}" if world > 1 else ""), "subjects": training_set.names,
                   "data": dict(training_set.source),
