@@ -373,6 +373,58 @@ def cmd_register(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- register-many
+def cmd_register_many(args) -> int:
+    """Many pairs with one model load (the engine is :mod:`.cohort`); exit 1 only when every pair failed."""
+    from . import inputs
+    from .cohort import FAILED, CohortOptions, atlas_pairs, pairs_from_csv, register_cohort, summary_text
+
+    if bool(args.pairs) == bool(args.atlas or args.patients):
+        raise ValueError("give either --pairs CSV, or --atlas IMAGE with --patients FOLDER (and --atlas-label LABEL)")
+    if args.atlas_label and not args.atlas:
+        raise ValueError("--atlas-label needs --atlas (the atlas image) and --patients")
+    if not args.pairs and not (args.atlas and args.patients):
+        raise ValueError(f"--{'patients' if args.atlas else 'atlas'} is missing: the atlas mode needs --atlas IMAGE and "
+                         "--patients FOLDER")
+    if args.steps is not None and args.steps < 0:
+        inputs.agent_steps(args.steps, 0)
+    options = CohortOptions(Path(args.model), args.batch_size, args.workers, args.threads, args.resample_labels,
+                            args.save_steps)
+    output_dir = inputs.check_output_dir(args.output_dir)
+    pairs = pairs_from_csv(args.pairs) if args.pairs else atlas_pairs(args.atlas, args.atlas_label, args.patients)
+    from .bundle import load_bundle, resolve_device
+
+    _torch_threads(args.threads)
+    device = resolve_device(args.device)
+    bundle = load_bundle(args.model)
+    steps, warning = inputs.agent_steps(args.steps, bundle.agent_settings().steps)
+    settings = bundle.agent_settings(steps=steps, seed=args.seed, fuzzy_k=args.fuzzy_k,
+                                     stop_on_convergence=args.stop_on_convergence,
+                                     fuzzy_action_control=not args.no_fuzzy)
+    rep = Reporter("register", len(pairs), args.progress_json)
+    if warning:
+        rep.message(f"warning: {warning}")
+
+    def progress(done: int, total: int, report) -> None:
+        if report is not None and report.status == FAILED:
+            rep.message(f"{report.pair.name}: failed: {report.message}")
+        info = {"dice": report.metrics["dice_after"]} if report is not None and "dice_after" in report.metrics else {}
+        rep.update(done, **info)
+
+    reports = register_cohort(pairs, bundle, output_dir, settings, device, options, progress)
+    rep.close()
+    summary = output_dir / "summary.csv"
+    print(f"register-many: {summary_text(reports)} ({steps} steps on {device}); summary in {summary}",
+          file=sys.stderr)
+    failed = [r for r in reports if r.status == FAILED]
+    if len(failed) == len(reports):
+        raise ValueError(f"every pair failed (the first: {failed[0].pair.name}: {failed[0].message}); see {summary}")
+    if args.progress_json:
+        print(protocol.encode(protocol.done_message(output_dir=str(output_dir), summary=str(summary),
+                                                    pairs=len(reports), failed=len(failed))), flush=True)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------- info
 def cmd_info(args) -> int:
     from .bundle import load_bundle, model_card
@@ -663,6 +715,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress-json", action="store_true",
                    help="one JSON progress line per stage and agent step on stdout (for the Slicer module)")
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser(
+        "register-many", help="register many pairs (a CSV of pairs, or an atlas against a folder of patients)",
+        description="Register many pairs with one model load: the pairs of a CSV (--pairs), or one atlas (--atlas, "
+                    "--atlas-label) against every image of a folder of patients (--patients; each patient is the "
+                    "fixed image, so the atlas label is propagated onto it). Each pair is checked and prepared as "
+                    "'agentreg register' does it (in --workers processes), the agent runs on batches of pairs "
+                    "(--batch-size), and each pair's results go into their own folder OUTPUT/<pair>, the files "
+                    "'agentreg register' writes; OUTPUT/summary.csv has one row per pair (status registered, "
+                    "skipped or failed; Dice and Hausdorff distance before and after where both labels exist; "
+                    "seconds; warnings; why a pair failed). A pair that fails does not stop the others. Resumable: "
+                    "rerun the same command and the pairs whose folder is complete are skipped (OUTPUT/cohort.json "
+                    "records the model and settings; another model into the same folder is refused). Exit status: "
+                    "0 when at least one pair was registered or skipped (failures are in the summary), 1 when every "
+                    "pair failed or an input or setting is to correct (one line says which).")
+    p.add_argument("--model", required=True, help="model bundle (.pt), e.g. Resources/Models/prostate-3d.pt")
+    p.add_argument("--output-dir", required=True, metavar="FOLDER",
+                   help="folder for one subfolder per pair (named by the CSV's 'name' column, else "
+                        "<moving>_to_<fixed>; in the atlas mode by the patient) and summary.csv")
+    p.add_argument("--pairs", metavar="CSV",
+                   help="CSV of pairs with columns fixed,moving and optionally fixed_label,moving_label (masks on "
+                        "their images' grids: Dice and distances, the warped label), fixed_point (x,y[,z], as "
+                        "--fixed-point of 'agentreg register') and name; relative paths are relative to the CSV")
+    p.add_argument("--atlas", metavar="IMAGE", help="the atlas image (the moving image of every pair)")
+    p.add_argument("--atlas-label", metavar="LABEL", help="the atlas's label, warped onto every patient")
+    p.add_argument("--patients", metavar="FOLDER",
+                   help="folder of patient images (the fixed images: NIfTI, NRRD, MHA), <name>.<ext> or "
+                        "<name>_image.<ext>; a <name>_label.<ext> beside one gives Dice and distances")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that read, check and prepare the pairs and write their results while the agent "
+                        "runs (default 1: all in this process; 0: one per core)")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs per agent batch on the device (default 16)")
+    p.add_argument("--resample-labels", action="store_true",
+                   help="resample a label that is not on its image's grid onto it (nearest neighbour)")
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch, in this process and each worker (default 1, as 'agentreg register'; "
+                        "0: torch's choice)")
+    p.add_argument("--steps", type=int, help="agent steps (default and 0: the model's own)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the agent's random choices (as 'agentreg register')")
+    p.add_argument("--no-fuzzy", action="store_true", help="switch fuzzy action control off (the paper's nfc)")
+    p.add_argument("--fuzzy-k", type=float, help="fuzzy action control k (default: the model's)")
+    p.add_argument("--stop-on-convergence", action="store_true", help="stop early when the agent oscillates")
+    p.add_argument("--save-steps", type=int, default=0, metavar="K",
+                   help="also write each pair's warped image every K agent steps into its steps/")
+    p.add_argument("--progress-json", action="store_true",
+                   help="one JSON progress line per pair on stdout (stage 'register', done/total pairs)")
+    p.set_defaults(func=cmd_register_many)
 
     p = sub.add_parser("evaluate", help="the paper's Table 1 protocol on every ordered pair of the validation subjects")
     p.add_argument("--data", required=True, help="data folder or CSV (e.g. ../shared/data/promise12/grid128)")

@@ -33,13 +33,24 @@ class RegistrationResult:
     pair: PreparedPair = field(repr=False)
 
 
+@dataclass
+class AgentOutcome:
+    """What the agent found for one pair of a batch: its final parameters and trajectory (``steps`` rows)."""
+
+    theta: np.ndarray  # (d,)
+    trajectory: dict[str, np.ndarray]
+    steps: int
+
+
 class Registrar:
     """A bundle loaded onto a device, ready to register many pairs."""
 
-    def __init__(self, bundle: ModelBundle, device: torch.device):
+    def __init__(self, bundle: ModelBundle, device: torch.device, agent: bool = True):
+        """``agent=False``: only :meth:`prepare` and :meth:`finish` (a worker process of a cohort that reads and
+        crops the pairs and writes their results while the agent runs elsewhere)."""
         self.bundle = bundle
         self.device = device
-        self.agent = bundle.agent(device)
+        self.agent = bundle.agent(device) if agent else None
         self.localisers = {int(d): localiser_from_payload(p) for d, p in bundle.localisers.items()}
 
     def localise(self, image: sitk.Image, label: sitk.Image | None = None, point: np.ndarray | None = None,
@@ -87,48 +98,14 @@ class Registrar:
         t0 = time.perf_counter()
         moving_labels = moving_labels or [None] * len(movings)
         translations = translations or [None] * len(movings)
-        geometry = self.bundle.geometry
         fixed_place = self.localise(fixed, point=fixed_point, what="fixed image")
-        pairs = [prepare_pair(fixed, m, geometry, fixed_label, ml, translation=t, fixed_localisation=fixed_place,
-                              moving_localisation=self.localise(m, label=ml, what="moving image"))
+        pairs = [self.prepare(fixed, m, fixed_label, ml, translation=t, fixed_localisation=fixed_place)
                  for m, ml, t in zip(movings, moving_labels, translations, strict=True)]
         t_prep = time.perf_counter()
-        stack = lambda arrays: torch.as_tensor(np.stack(arrays), device=self.device)[:, None]  # noqa: E731
-        labels = fixed_label is not None and all(ml is not None for ml in moving_labels)
-        result = self.agent.run(
-            stack([p.fixed for p in pairs]), stack([p.moving for p in pairs]), settings,
-            stack([p.moving_label for p in pairs]) if labels else None,
-            stack([p.fixed_label for p in pairs]) if labels else None,
-            callback,
-        )
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        outcomes = self.run_agent(pairs, settings, callback)
         t_agent = time.perf_counter()
-        trajectory = result.trajectory.stacked()
-        outputs = []
-        for i, (pair, moving, moving_label) in enumerate(zip(pairs, movings, moving_labels, strict=True)):
-            coefficients = self.bundle.sdm.deformation(result.theta[i])
-            displacement = displacement_in_fixed_geometry(coefficients, geometry.control_grid(), pair.frame, fixed,
-                                                          pair.moving_frame)
-            warped = warp_to_fixed(moving, displacement)
-            warped_label = warp_to_fixed(moving_label, displacement, label=True) if moving_label is not None else None
-            steps = int(result.steps_taken[i])
-            traj = {k: v[:steps, i] for k, v in trajectory.items()}
-            jacobian = jacobian_statistics(np.moveaxis(sitk.GetArrayFromImage(displacement), -1, 0), fixed.GetSpacing())
-            metrics = {  # flat, as protocol.METRICS_SCHEMA documents it
-                "steps": steps,
-                "prealignment": pair.info.get("prealignment"),
-                "translation": pair.translation.tolist(),
-                "jacobian_folding_percent": jacobian["folding_percent"],
-                "log_jacobian_std": jacobian["log_jacobian_std"],
-            }
-            if warped_label is not None and fixed_label is not None:
-                start = displacement_in_fixed_geometry(self.bundle.sdm.deformation(self.bundle.sdm.theta_identity),
-                                                       geometry.control_grid(), pair.frame, fixed, pair.moving_frame)
-                metrics.update(label_metrics(fixed_label, moving_label, warped_label,
-                                             warp_to_fixed(moving_label, start, label=True)))
-            outputs.append(RegistrationResult(result.theta[i], coefficients, pair.translation, displacement, warped,
-                                              warped_label, traj, metrics, pair))
+        outputs = [self.finish(pair, outcome, fixed, moving, fixed_label, moving_label)
+                   for pair, outcome, moving, moving_label in zip(pairs, outcomes, movings, moving_labels, strict=True)]
         t_end = time.perf_counter()
         for out in outputs:
             out.metrics.update(seconds_total=t_end - t0, seconds_preprocessing=t_prep - t0,
@@ -136,6 +113,70 @@ class Registrar:
                                pairs_in_batch=len(outputs))
         return outputs
 
+    def prepare(self, fixed: sitk.Image, moving: sitk.Image, fixed_label: sitk.Image | None = None,
+                moving_label: sitk.Image | None = None, translation: np.ndarray | None = None,
+                fixed_point: np.ndarray | None = None,
+                fixed_localisation: Localisation | None = None) -> PreparedPair:
+        """One pair on the model grid, as :meth:`register` prepares it: the fixed crop on ``fixed_localisation``
+        (else localised here, at ``fixed_point`` or by the localiser), the moving crop on its label or localiser
+        (or the paper's translation pre-alignment)."""
+        if fixed_localisation is None:
+            fixed_localisation = self.localise(fixed, point=fixed_point, what="fixed image")
+        return prepare_pair(fixed, moving, self.bundle.geometry, fixed_label, moving_label, translation=translation,
+                            fixed_localisation=fixed_localisation,
+                            moving_localisation=self.localise(moving, label=moving_label, what="moving image"))
+
+    def run_agent(self, pairs: list[PreparedPair], settings: AgentSettings,
+                  callback: Callable[[int, int], bool | None] | None = None) -> list[AgentOutcome]:
+        """The agent on a batch of prepared pairs (each with its own fixed image or the same one). A pair's outcome
+        does not depend on the others of its batch (the agent's random stream is shared, its network in eval
+        mode); its trajectory has Dice at every step when the pair has both labels."""
+        stack = lambda arrays: torch.as_tensor(np.stack(arrays), device=self.device)[:, None]  # noqa: E731
+        labelled = [p.fixed_label is not None and p.moving_label is not None for p in pairs]
+        labels = any(labelled)
+        blank = next((p.fixed_label for p, has in zip(pairs, labelled, strict=True) if has), None)
+        blank = None if blank is None else np.zeros_like(blank)  # a pair without labels: Dice computed, not kept
+        result = self.agent.run(
+            stack([p.fixed for p in pairs]), stack([p.moving for p in pairs]), settings,
+            stack([p.moving_label if has else blank for p, has in zip(pairs, labelled, strict=True)]) if labels else None,
+            stack([p.fixed_label if has else blank for p, has in zip(pairs, labelled, strict=True)]) if labels else None,
+            callback,
+        )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        trajectory = result.trajectory.stacked()
+        outcomes = []
+        for i, has in enumerate(labelled):
+            steps = int(result.steps_taken[i])
+            outcomes.append(AgentOutcome(result.theta[i], {k: v[:steps, i] for k, v in trajectory.items()
+                                                           if has or k != "dice"}, steps))
+        return outcomes
+
+    def finish(self, pair: PreparedPair, outcome: AgentOutcome, fixed: sitk.Image, moving: sitk.Image,
+               fixed_label: sitk.Image | None = None, moving_label: sitk.Image | None = None) -> RegistrationResult:
+        """The agent's result in the fixed image's geometry: displacement, warped image and label, and the metrics
+        (without the seconds, which the caller adds)."""
+        geometry = self.bundle.geometry
+        coefficients = self.bundle.sdm.deformation(outcome.theta)
+        displacement = displacement_in_fixed_geometry(coefficients, geometry.control_grid(), pair.frame, fixed,
+                                                      pair.moving_frame)
+        warped = warp_to_fixed(moving, displacement)
+        warped_label = warp_to_fixed(moving_label, displacement, label=True) if moving_label is not None else None
+        jacobian = jacobian_statistics(np.moveaxis(sitk.GetArrayFromImage(displacement), -1, 0), fixed.GetSpacing())
+        metrics = {  # flat, as protocol.METRICS_SCHEMA documents it
+            "steps": outcome.steps,
+            "prealignment": pair.info.get("prealignment"),
+            "translation": pair.translation.tolist(),
+            "jacobian_folding_percent": jacobian["folding_percent"],
+            "log_jacobian_std": jacobian["log_jacobian_std"],
+        }
+        if warped_label is not None and fixed_label is not None:
+            start = displacement_in_fixed_geometry(self.bundle.sdm.deformation(self.bundle.sdm.theta_identity),
+                                                   geometry.control_grid(), pair.frame, fixed, pair.moving_frame)
+            metrics.update(label_metrics(fixed_label, moving_label, warped_label,
+                                         warp_to_fixed(moving_label, start, label=True)))
+        return RegistrationResult(outcome.theta, coefficients, pair.translation, displacement, warped, warped_label,
+                                  outcome.trajectory, metrics, pair)
 
 def label_metrics(fixed_label: sitk.Image, moving_label: sitk.Image, warped_label: sitk.Image,
                   start_label: sitk.Image) -> dict:
