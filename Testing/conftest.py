@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,12 @@ import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "promise12"
+
+# One torch (OpenMP) thread per process, the suite's and the workers' it starts, unless set otherwise: on 2 cores shared
+# with elastix, worker processes or other jobs, intra-op threads that wait for a busy core made each small agent step
+# up to 40x slower (an agent run of 3 pairs: 5 ms/step with one thread, 30-400 ms/step with two). Set before torch is
+# imported (no test module is imported before this file).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _need(path: Path) -> Path:
@@ -53,10 +60,14 @@ def tiny_pipeline(grid128, tmp_path_factory):
     from AgentRegistrationLib.dataset import find_subjects, prepare_subject
     from AgentRegistrationLib.groundtruth import GroundTruthSummary, run_groundtruth
     from AgentRegistrationLib.image_io import read_image
+    from AgentRegistrationLib.preprocessing import prealign_translation
     from AgentRegistrationLib.sdm_fitting import fit_from_groundtruth
     from AgentRegistrationLib.training import TrainingSet, config_by_name, train
 
     built: dict[tuple[int, str], dict] = {}
+    # each subject's elastix translation onto the template's box, computed once: the 2-D and 3-D paper crops share
+    # the template and the crop fraction, so the same 3-D registration (the costliest part of the build)
+    translations: dict[tuple[str, tuple[float, ...]], object] = {}
 
     def build(dim: int, crop: str = "paper") -> dict:
         if (dim, crop) in built:
@@ -66,7 +77,13 @@ def tiny_pipeline(grid128, tmp_path_factory):
         subjects = find_subjects(grid128, TINY_SUBJECTS)
         template = read_image(subjects[0].image)
         for s in subjects:
-            prepare_subject(s, template, geometry, root / "gt" / "subjects")
+            translation = None
+            if not geometry.localised:
+                key = (s.name, tuple(geometry.crop_fraction))
+                if key not in translations:
+                    translations[key], _ = prealign_translation(template, read_image(s.image), geometry)
+                translation = translations[key]
+            prepare_subject(s, template, geometry, root / "gt" / "subjects", translation)
         names = [s.name for s in subjects]
         settings = {"iterations": 60 if dim == 2 else 25, "resolutions": 2}
         results, failures = run_groundtruth(root / "gt" / "subjects", names, geometry, root / "gt", workers=2,
