@@ -8,8 +8,10 @@ stochastically rejects moves that leave the plausible part of the SDM: a move of
 ``f`` is accepted with probability ``min(1, N(f; mu, sigma) / N(h; mu, sigma))``, ``h = mu + k
 sigma``; a rejected action gets a large negative Q-value, so the next best is taken.
 
-With ``stop_when_no_action_helps`` a pair stops as soon as no allowed action has a positive Q-value
-(no move is predicted to bring it closer to the answer); the number of steps is then a cap.
+With ``stop_when_no_action_helps`` a pair stops as soon as no allowed action has a Q-value above
+``stop_margin`` (0: no move is predicted to bring it closer to the answer; a model trained with targets
+in units of each mode's step stores a margin chosen on training pairs, since the predictions carry an
+error); the number of steps is then a cap.
 
 Speed: the loop stays on one device; one action changes one mode, so the dense displacement is
 updated by adding one precomputed mode field (never recomputed from all modes); many pairs run
@@ -39,7 +41,8 @@ class AgentSettings:
     exploration: float = 0.05  # probability of a random (accepted) action instead of the best
     stop_on_convergence: bool = False
     convergence_window: int = 20
-    stop_when_no_action_helps: bool = False  # stop a pair once its best allowed Q-value is <= 0
+    stop_when_no_action_helps: bool = False  # stop a pair once its best allowed Q-value is <= stop_margin
+    stop_margin: float = 0.0  # with the stop rule: the predicted gain (the Q-value's units) that is not worth a step
     seed: int = 0
 
     def __post_init__(self):
@@ -49,6 +52,8 @@ class AgentSettings:
             raise ValueError(f"fuzzy action control k must be > 0, not {self.fuzzy_k}")
         if not 0.0 <= self.exploration < 1.0:
             raise ValueError(f"exploration probability must be in [0, 1), not {self.exploration}")
+        if self.stop_margin < 0:
+            raise ValueError(f"stop margin must be >= 0, not {self.stop_margin}")
 
 
 def model_defaults() -> dict:
@@ -69,6 +74,13 @@ class Trajectory:
     theta: list[torch.Tensor] = field(default_factory=list)  # (B, d), after the step
     dice: list[torch.Tensor] = field(default_factory=list)  # (B,), after the step
 
+    def best_allowed_q(self) -> torch.Tensor:
+        """``(steps, B)``: the best Q-value among the actions fuzzy control allowed, before each step's action (what
+        the stop rule compares with its margin)."""
+        q, rejected = torch.stack(self.q_values), torch.stack(self.rejected)
+        allowed = ~rejected | rejected.all(dim=-1, keepdim=True)
+        return q.masked_fill(~allowed, REJECTED).max(dim=-1).values
+
     def stacked(self) -> dict[str, np.ndarray]:
         out = {k: torch.stack(getattr(self, k)).cpu().numpy() for k in ("actions", "q_values", "rejected", "theta")
                if getattr(self, k)}
@@ -84,6 +96,31 @@ class AgentResult:
     displacement: torch.Tensor  # (B, dim, *spatial), model voxels
     trajectory: Trajectory
     steps_taken: np.ndarray  # (B,)
+
+
+STOP_MARGINS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+"""The stop margins a model's default is chosen from (on training pairs; :func:`stop_steps`)."""
+
+
+def stop_steps(best_q: np.ndarray, margin: float, cap: int) -> np.ndarray:
+    """Per pair, the number of steps after which the stop rule with ``margin`` stops it (at most ``cap``), from the
+    ``(steps, B)`` best allowed Q-values of a run without the stop rule: a run with the rule is the same run up to
+    that step (the random draws are per step, shared by the pairs), so one run measures every margin."""
+    below = np.asarray(best_q)[:cap] <= margin
+    return np.where(below.any(axis=0), below.argmax(axis=0), min(cap, len(below)))
+
+
+def dice_by_margin(best_q: np.ndarray, dice: np.ndarray, cap: int) -> dict[float, np.ndarray]:
+    """Per margin of :data:`STOP_MARGINS`, each pair's Dice where the stop rule stops it: ``dice`` is
+    ``(steps + 1, B)`` (row 0: the start) of the same run as ``best_q``."""
+    columns = np.arange(dice.shape[1])
+    return {margin: dice[stop_steps(best_q, margin, cap), columns] for margin in STOP_MARGINS}
+
+
+def choose_stop_margin(best_q: np.ndarray, dice: np.ndarray, cap: int) -> float:
+    """The margin of :data:`STOP_MARGINS` with the best mean Dice (ties: the smaller margin)."""
+    means = {margin: float(values.mean()) for margin, values in dice_by_margin(best_q, dice, cap).items()}
+    return max(means, key=lambda margin: (round(means[margin], 6), -margin))
 
 
 def fuzzy_acceptance(theta: torch.Tensor, deltas: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
@@ -168,7 +205,7 @@ class Agent:
             allowed = ~rejected | rejected.all(dim=1, keepdim=True)
             best_q, action = q.masked_fill(~allowed, REJECTED).max(dim=1)
             if settings.stop_when_no_action_helps:
-                active &= best_q > 0  # no move is predicted to bring the parameters closer: the pair is done
+                active &= best_q > settings.stop_margin  # no move is predicted to help enough: the pair is done
             if settings.exploration > 0:
                 explore = uniform[:, n] < settings.exploration
                 noise = uniform[:, n + 1:].masked_fill(~allowed, -1.0)

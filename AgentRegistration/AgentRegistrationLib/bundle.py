@@ -66,7 +66,7 @@ class ModelBundle:
         """The bundle's agent defaults (k, exploration, steps, stop rule) with the given overrides (``None`` keeps
         the default)."""
         defaults = {k: v for k, v in self.agent_defaults.items()
-                    if k in ("fuzzy_k", "exploration", "steps", "stop_when_no_action_helps")}
+                    if k in ("fuzzy_k", "exploration", "steps", "stop_when_no_action_helps", "stop_margin")}
         defaults.update({k: v for k, v in overrides.items() if v is not None})
         return AgentSettings(**defaults)
 
@@ -267,7 +267,11 @@ def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -
         f"- **Fuzzy action control**: k = {bundle.agent_defaults.get('fuzzy_k')}; exploration probability "
         f"{bundle.agent_defaults.get('exploration')}; {bundle.agent_defaults.get('steps')} steps"
         + (f" ({bundle.agent_defaults['steps_chosen_by']})" if bundle.agent_defaults.get("steps_chosen_by") else "")
-        + ("; stop rule on (a pair stops once no action is predicted to help; the steps are a cap)."
+        + ("; stop rule on (a pair stops once no action is predicted to help"
+           + (f" by more than {bundle.agent_defaults['stop_margin']:g}" if bundle.agent_defaults.get("stop_margin")
+              else "")
+           + "; the steps are a cap)" + (f" ({bundle.agent_defaults['stop_margin_chosen_by']})"
+                                          if bundle.agent_defaults.get("stop_margin_chosen_by") else "") + "."
            if bundle.agent_defaults.get("stop_when_no_action_helps") else "."),
         f"- **Package version**: {bundle.package_version}.",
     ]

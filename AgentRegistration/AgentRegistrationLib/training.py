@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .agent import Agent, AgentSettings, dice_batch, model_defaults
+from .agent import STOP_MARGINS, Agent, AgentSettings, choose_stop_margin, dice_batch, model_defaults
 from .bundle import ModelBundle, device_name
 from .files import atomic_write
 from .geometry import ModelGeometry
@@ -387,18 +387,30 @@ def choose_steps(bundle: ModelBundle, training_set: TrainingSet, pairs: int, max
     chosen = sorted(rng.choice(len(training_set.pairs), size=min(pairs, len(training_set.pairs)), replace=False))
     agent = bundle.agent(device)
     settings = bundle.agent_settings(steps=max_steps, seed=0, stop_when_no_action_helps=False)
-    dice = []
+    dice, best_q = [], []
     for first in range(0, len(chosen), batch):
         moving, fixed = zip(*[training_set.pairs[i] for i in chosen[first:first + batch]], strict=True)
         take = lambda array, index: torch.as_tensor(array[list(index)])[:, None]  # noqa: E731
+        moving_label, fixed_label = take(training_set.labels, moving).to(agent.device), take(training_set.labels, fixed)
         result = agent.run(take(training_set.images, fixed), take(training_set.images, moving), settings,
-                           take(training_set.labels, moving), take(training_set.labels, fixed))
-        dice.append(torch.stack(result.trajectory.dice).cpu().numpy())  # (steps, pairs of this batch)
-    mean = np.concatenate(dice, axis=1).mean(axis=1)
+                           moving_label, fixed_label)
+        start = agent.displacement(agent.theta_start[None].expand(len(moving), -1))
+        start_dice = dice_batch(warp(moving_label, start, mode="nearest"), fixed_label.to(agent.device))
+        dice.append(torch.cat([start_dice[None], torch.stack(result.trajectory.dice)]).cpu().numpy())  # (1 + steps, B)
+        best_q.append(result.trajectory.best_allowed_q().cpu().numpy())
+    dice, best_q = np.concatenate(dice, axis=1), np.concatenate(best_q, axis=1)
+    mean = dice[1:].mean(axis=1)
     best = int(mean.argmax()) + 1
     bundle.agent_defaults["steps"] = best
     bundle.agent_defaults["steps_chosen_by"] = (
         f"the best mean Dice over 1 to {max_steps} steps on {len(chosen)} real pairs of training subjects, chosen by "
         "'agentreg train'; the paper used 200")
-    return {"steps": best, "pairs": len(chosen), "max_steps": max_steps, "seed": seed,
-            "dice_mean_by_step": [float(x) for x in mean]}
+    choice = {"steps": best, "pairs": len(chosen), "max_steps": max_steps, "seed": seed,
+              "dice_mean_by_step": [float(x) for x in mean]}
+    if bundle.agent_defaults.get("stop_when_no_action_helps"):
+        margin = choose_stop_margin(best_q, dice, max_steps)
+        bundle.agent_defaults["stop_margin"] = margin
+        bundle.agent_defaults["stop_margin_chosen_by"] = (
+            f"margin with the best mean Dice at {max_steps} steps on the same pairs, of {list(STOP_MARGINS)}")
+        choice["stop_margin"] = margin
+    return choice

@@ -1,0 +1,71 @@
+"""The stop rule and its margin: a pair stops once no allowed action's Q-value is above the margin; one run without
+the rule measures every margin (``stop_steps``), which is how a model's default margin is chosen on training pairs.
+
+Runs the real 2-D tiny bundle on real pairs of validation subjects (middle slices of ``grid128``).
+"""
+
+import numpy as np
+import pytest
+import torch
+from AgentRegistrationLib.agent import AgentSettings, choose_stop_margin, dice_by_margin, stop_steps
+from AgentRegistrationLib.bundle import load_bundle
+from AgentRegistrationLib.preprocessing import middle_slice, prepare_pair
+
+PAIRS = [("02", "09"), ("13", "17"), ("22", "30"), ("46", "49")]  # (fixed, moving)
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_pipeline):
+    return load_bundle(tiny_pipeline(2)["bundle"])
+
+
+@pytest.fixture(scope="module")
+def pairs(bundle, load_case):
+    prepared = []
+    for fixed_name, moving_name in PAIRS:
+        fixed, fixed_label = (middle_slice(im) for im in load_case(fixed_name))
+        moving, moving_label = (middle_slice(im) for im in load_case(moving_name))
+        prepared.append(prepare_pair(fixed, moving, bundle.geometry, fixed_label, moving_label, prealign=False))
+    return [torch.as_tensor(np.stack([getattr(p, key) for p in prepared]))[:, None]
+            for key in ("fixed", "moving")]
+
+
+def test_a_run_with_a_margin_is_the_run_without_the_rule_cut_where_the_rule_stops(bundle, pairs):
+    agent = bundle.agent("cpu")
+    free = agent.run(*pairs, AgentSettings(steps=STEPS, seed=3))
+    best_q = free.trajectory.best_allowed_q().numpy()
+    thetas = np.concatenate([free.theta_start[None, None].repeat(len(PAIRS), 1),
+                             torch.stack(free.trajectory.theta).double().numpy()])  # (1 + steps, pairs, d)
+    stopped_early = 0
+    for margin in sorted({0.0, *np.quantile(best_q, [0.5, 0.9, 0.99]).clip(min=0.0)}):
+        expected = stop_steps(best_q, float(margin), STEPS)
+        ruled = agent.run(*pairs, AgentSettings(steps=STEPS, seed=3, stop_when_no_action_helps=True,
+                                                stop_margin=float(margin)))
+        np.testing.assert_array_equal(ruled.steps_taken, expected)
+        np.testing.assert_allclose(ruled.theta, thetas[expected, np.arange(len(PAIRS))], atol=1e-5)
+        stopped_early += int((expected < STEPS).sum())
+    assert stopped_early > 0  # the margins above were drawn from the run itself, so some pair stops
+
+
+def test_stop_steps_is_the_first_step_at_or_below_the_margin_or_the_cap():
+    best_q = np.array([[5.0, 0.5, 9.0], [3.0, 7.0, 9.0], [1.0, 0.1, 9.0]])  # (steps, pairs)
+    np.testing.assert_array_equal(stop_steps(best_q, 0.5, 3), [3, 0, 3])  # pair 1 stops before any step
+    np.testing.assert_array_equal(stop_steps(best_q, 3.0, 3), [1, 0, 3])
+    np.testing.assert_array_equal(stop_steps(best_q, 3.0, 1), [1, 0, 1])  # the cap counts too
+
+
+def test_the_chosen_margin_has_the_best_mean_dice_and_ties_go_to_the_smaller():
+    steps, pairs = 4, 2
+    best_q = np.array([[9.0, 9.0], [3.0, 3.0], [1.5, 1.5], [0.1, 0.1]])
+    dice = np.array([[0.5, 0.5], [0.6, 0.6], [0.9, 0.8], [0.7, 0.7], [0.6, 0.6]])  # (1 + steps, pairs)
+    assert dice_by_margin(best_q, dice, steps)[2.0].tolist() == [0.9, 0.8]  # stops after 2 steps (1.5 <= 2)
+    assert dice_by_margin(best_q, dice, steps)[4.0].tolist() == [0.6, 0.6]  # after 1 (3.0 <= 4)
+    assert choose_stop_margin(best_q, dice, steps) == 2.0
+    flat = np.full((1 + steps, pairs), 0.7)
+    assert choose_stop_margin(best_q, flat, steps) == 0.0
+
+
+def test_a_negative_margin_is_refused():
+    with pytest.raises(ValueError, match="stop margin"):
+        AgentSettings(stop_margin=-1.0)
