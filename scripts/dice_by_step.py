@@ -66,13 +66,16 @@ def main(argv=None) -> int:
              f"Made by `python scripts/dice_by_step.py {shlex.join(argv if argv is not None else sys.argv[1:])}`. "
              "Pairs prepared by `agentreg evaluate` (the crops every method starts from); seed 0, the bundle's fuzzy "
              "action control and exploration; 'stop rule' = the bundle's own setting (a pair stops once no action is "
-             "predicted to help), 'no stop' = all 200 steps.", "",
+             "predicted to help by more than the model's stop margin), 'no stop' = all 200 steps; both capped at 200 "
+             "steps, whatever the model's default cap.", "",
              "| model | run | pairs | " + " | ".join(f"step {s}" for s in SHOWN) + " | best step (median) | at 200 - best |",
              "|---|---|---|" + "---|" * (len(SHOWN) + 2)]
     fig, ax = plt.subplots(figsize=(7, 4))
     for model in args.model:
         bundle = load_bundle(model)
-        runs = [("no stop", False)] + ([("stop rule", True)] if bundle.agent_settings().stop_when_no_action_helps else [])
+        defaults = bundle.agent_settings()
+        runs = [("no stop", False)] + ([(f"stop rule, margin {defaults.stop_margin:g}", True)]
+                                       if defaults.stop_when_no_action_helps else [])
         for name, rule in runs:
             curve, n = dice_by_step(Path(model), Path(args.evaluation), rule)
             median = np.median(curve, axis=1)

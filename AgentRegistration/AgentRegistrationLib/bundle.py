@@ -270,8 +270,8 @@ def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -
         + ("; stop rule on (a pair stops once no action is predicted to help"
            + (f" by more than {bundle.agent_defaults['stop_margin']:g}" if bundle.agent_defaults.get("stop_margin")
               else "")
-           + "; the steps are a cap)" + (f" ({bundle.agent_defaults['stop_margin_chosen_by']})"
-                                          if bundle.agent_defaults.get("stop_margin_chosen_by") else "") + "."
+           + (f", the margin with {bundle.agent_defaults['stop_margin_chosen_by']}"
+              if bundle.agent_defaults.get("stop_margin_chosen_by") else "") + "; the steps are a cap)."
            if bundle.agent_defaults.get("stop_when_no_action_helps") else "."),
         f"- **Package version**: {bundle.package_version}.",
     ]

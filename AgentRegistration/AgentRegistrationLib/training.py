@@ -411,6 +411,6 @@ def choose_steps(bundle: ModelBundle, training_set: TrainingSet, pairs: int, max
         margin = choose_stop_margin(best_q, dice, max_steps)
         bundle.agent_defaults["stop_margin"] = margin
         bundle.agent_defaults["stop_margin_chosen_by"] = (
-            f"margin with the best mean Dice at {max_steps} steps on the same pairs, of {list(STOP_MARGINS)}")
+            f"the best mean Dice at {max_steps} steps on the same pairs among {list(STOP_MARGINS)}")
         choice["stop_margin"] = margin
     return choice
