@@ -69,47 +69,133 @@ def workerPython() -> str:
 
 def missingRequirements() -> list[str]:
     """Requirement names whose module cannot be imported yet."""
+    importlib.invalidate_caches()  # a package pip installed meanwhile is found
     return [name for name, module in REQUIREMENT_IMPORTS.items() if importlib.util.find_spec(module) is None]
 
 
-def ensureDependencies(requester: str = "AgentRegistration") -> bool:
-    """Install the engine's requirements on first use, asking the user first.
+class DependencyInstall:
+    """Installs the missing requirements with pip in a separate process (``protocol.DependencyInstallJob``).
 
-    Torch comes from the PyTorch extension (PyTorchUtils, which picks the CUDA build) when
-    available; everything else from ``Resources/requirements.txt``. A failed install says what to do.
+    A QTimer polls the job; a progress dialog shows pip's latest line and has a Cancel button, so Slicer never
+    freezes. ``onFinished(succeeded)`` is called once the install has ended (a failure has been shown to the user).
     """
+
+    active: DependencyInstall | None = None  # at most one install at a time
+
+    def __init__(self, requester: str, requirements: list[str], onFinished=None) -> None:
+        self.requester = requester
+        self.onFinished = onFinished
+        # PythonSlicer, as slicer.util.pip_install uses: inside Slicer sys.executable is the application itself
+        command = protocol.dependency_install_command(workerPython(), requirements)
+        logging.info("Installing Python packages: %s", " ".join(command))
+        self.job = protocol.DependencyInstallJob(command, requirements).start()
+        self.dialog = qt.QProgressDialog(
+            _("Installing {packages}...").format(packages=", ".join(requirements)), _("Cancel"), 0, 0,
+            slicer.util.mainWindow())
+        self.dialog.windowTitle = _("{requester}: installing Python packages").format(requester=requester)
+        self.dialog.minimumDuration = 0
+        self.dialog.minimumWidth = 600
+        self.dialog.canceled.connect(self.cancel)
+        self.dialog.show()
+        self.timer = qt.QTimer()
+        self.timer.setInterval(200)
+        self.timer.timeout.connect(self.onTimer)
+        self.timer.start()
+        DependencyInstall.active = self
+
+    def cancel(self) -> None:
+        if not self.job.done():
+            self.dialog.setLabelText(_("Cancelling..."))
+            self.job.cancel()
+
+    def onTimer(self) -> None:
+        for line in self.job.poll():
+            logging.info("pip: %s", line)
+        if self.job.latest_line and not self.job.cancelled:
+            self.dialog.setLabelText(self.job.latest_line[:120])
+        if not self.job.done():
+            return
+        self.timer.stop()
+        self.dialog.hide()
+        self.dialog.deleteLater()
+        DependencyInstall.active = None
+        succeeded = self.job.succeeded and not missingRequirements()
+        if not succeeded and not self.job.cancelled:
+            error = self.job.error or _("pip finished but these packages still cannot be imported: {packages}. "
+                                        "Restart Slicer and try again.").format(packages=", ".join(missingRequirements()))
+            slicer.util.errorDisplay(_("{requester} could not install its Python packages.").format(
+                requester=self.requester), detailedText=error)
+        if self.onFinished is not None:
+            self.onFinished(succeeded)
+
+
+def startDependencyInstall(requester: str = "AgentRegistration", onFinished=None) -> DependencyInstall | None:
+    """Ask the user, then install the missing requirements without blocking Slicer.
+
+    Torch comes from the PyTorch extension (PyTorchUtils, which picks the CUDA build and has its own UI) when
+    available; everything else from ``Resources/requirements.txt`` through a :class:`DependencyInstall`.
+    Returns the running install, or None when nothing is left to install or the user declined (``onFinished``
+    is then called at once with whether everything is installed).
+    """
+    def finish(succeeded: bool) -> None:
+        if onFinished is not None:
+            onFinished(succeeded)
+
+    if DependencyInstall.active is not None:  # already installing: show that one
+        DependencyInstall.active.dialog.show()
+        DependencyInstall.active.dialog.activateWindow()
+        return None
     missing = missingRequirements()
     if not missing:
-        return True
+        finish(True)
+        return None
     if not slicer.util.confirmOkCancelDisplay(
             _("{requester} needs these Python packages, which are not installed yet:\n{packages}\n\n"
               "Install them now? This is needed once and can take several minutes "
-              "(PyTorch is a large download).").format(requester=requester, packages=", ".join(missing))):
-        return False
-    try:
-        if "torch" in missing:
-            try:
-                import PyTorchUtils
+              "(PyTorch is a large download). Slicer stays usable meanwhile.").format(
+                requester=requester, packages=", ".join(missing))):
+        finish(False)
+        return None
+    if "torch" in missing:
+        try:
+            import PyTorchUtils
 
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
-                    raise ImportError("PyTorchUtils did not install torch")
-                missing.remove("torch")
-            except ImportError:
-                logging.info("PyTorch extension not available; torch is installed with pip (CPU build on some systems)")
-        requirements = resourceFile("requirements.txt")
-        with slicer.util.WaitCursor():
-            if hasattr(slicer, "packaging") and requirements is not None:
-                reqs = [r for r in slicer.packaging.load_requirements(requirements) if r.name in missing]
-                slicer.packaging.pip_ensure(reqs, requester=requester)
-            else:
-                slicer.util.pip_install(missing)
-    except Exception as error:
-        slicer.util.errorDisplay(
-            _("Installing {packages} failed. Check the internet connection and try again, or install them from "
-              "the Python console: slicer.util.pip_install('{packages}'). PyTorch can also be installed with the "
-              "PyTorch extension (Extensions Manager).").format(packages=" ".join(missing)), detailedText=str(error))
-        return False
-    return not missingRequirements()
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+                raise ImportError("PyTorchUtils did not install torch")
+            missing.remove("torch")
+        except ImportError:
+            logging.info("PyTorch extension not available; torch is installed with pip (CPU build on some systems)")
+        except Exception as error:
+            logging.warning("PyTorch extension failed to install torch (%s); trying pip", error)
+    if not missing:
+        finish(not missingRequirements())
+        return None
+    requirementsFile = resourceFile("requirements.txt")
+    requirements = protocol.read_requirements(requirementsFile, missing) if requirementsFile is not None else []
+    return DependencyInstall(requester, requirements or missing, finish)
+
+
+def dependenciesReady(requester: str = "AgentRegistration", then=None) -> bool:
+    """True when every requirement is installed; otherwise start installing them (asking first, never blocking)
+    and return False: ``then()`` is called once the install has succeeded (e.g. to start what needed them)."""
+    if not missingRequirements():
+        return True
+    startDependencyInstall(requester, lambda succeeded: succeeded and then is not None and then())
+    return False
+
+
+def ensureDependencies(requester: str = "AgentRegistration") -> bool:
+    """Install the engine's requirements on first use and wait for it (for scripts and the self-test).
+
+    The install runs in a separate pip process; Slicer keeps processing events while it waits. The GUI uses
+    :func:`dependenciesReady`, which does not wait. A failed install says what to do.
+    """
+    outcome: list[bool] = []
+    install = startDependencyInstall(requester, outcome.append)
+    while install is not None and not outcome:
+        slicer.app.processEvents()
+        time.sleep(0.05)
+    return bool(outcome and outcome[0]) and not missingRequirements()
 
 
 JobState = protocol.JobState
@@ -304,8 +390,8 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._job.job.cancel()
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
-            if not ensureDependencies():
-                return
+            if not dependenciesReady(then=self.onApplyButton):
+                return  # installing the Python packages in a separate process; Apply goes on once they are in
             p = self._parameterNode
             self._job = self.logic.startRegistration(
                 p.fixedVolume, p.movingVolume, p.modelPath, p.fixedSegmentation, p.movingSegmentation,

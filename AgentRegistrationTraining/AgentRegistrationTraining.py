@@ -139,8 +139,8 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
             import AgentRegistration
 
-            if not AgentRegistration.ensureDependencies("AgentRegistrationTraining"):
-                return
+            if not AgentRegistration.dependenciesReady("AgentRegistrationTraining", then=self.onApplyButton):
+                return  # installing the Python packages in a separate process; training starts once they are in
             p = self._parameterNode
             volumes = list(self.ui.volumesSelector.checkedNodes())
             self._pipeline = self.logic.startTraining(volumes, p.dataFolder, p.outputFolder, p.modelName,

@@ -263,3 +263,47 @@ def test_training_outputs_are_read_with_the_protocol_columns(training_run):
     loss = protocol.read_training_loss(files.loss)
     assert loss["iteration"][-1] == 10.0
     assert files.sdm.is_file() and files.bundle.is_file()
+
+
+# -- installing the dependencies (real pip, offline) -----------------------------------------------------------
+def test_the_dependency_install_command_is_a_pip_command_line():
+    requirements = protocol.read_requirements(REPO / "Resources" / "requirements.txt", ["torch", "SimpleITK", "tqdm"])
+    assert requirements == ["torch>=2.1", "SimpleITK>=2.3", "tqdm"]
+    command = protocol.dependency_install_command(sys.executable, requirements)
+    assert command[:4] == [sys.executable, "-m", "pip", "install"] and command[-3:] == requirements
+    with pytest.raises(ValueError):
+        protocol.dependency_install_command(sys.executable, [])
+
+
+def test_an_offline_install_of_an_installed_package_succeeds_with_pips_lines():
+    command = protocol.dependency_install_command(sys.executable, ["numpy"], ["--no-index", "--no-deps"])
+    job = protocol.DependencyInstallJob(command, ["numpy"]).start()
+    lines = job.wait(timeout=120)
+    assert job.succeeded, job.error
+    assert any("numpy" in line for line in lines) and "numpy" in job.latest_line
+
+
+def test_a_failed_install_says_what_to_do_and_shows_the_pip_command():
+    name = "agentreg-no-such-package"
+    command = protocol.dependency_install_command(sys.executable, [name], ["--no-index"])
+    job = protocol.DependencyInstallJob(command, [name]).start()
+    job.wait(timeout=120)
+    assert job.done() and not job.succeeded
+    assert "internet connection" in job.error and "Python console" in job.error
+    assert f"slicer.util.pip_install('{name}')" in job.error
+    assert f"-m pip install --disable-pip-version-check --no-index {name}" in job.error
+    assert any(name in line for line in job.last_lines)  # pip's own error line is kept
+
+
+def test_cancel_stops_a_running_install():
+    job = protocol.DependencyInstallJob([sys.executable, "-c", "import time; print('Collecting x', flush=True); "
+                                         "time.sleep(60)"]).start()
+    deadline = time.monotonic() + 30
+    while "Collecting" not in job.latest_line and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    assert not job.done()
+    job.cancel()
+    job.wait(timeout=10)
+    assert job.done() and job.cancelled and not job.succeeded and "cancelled" in job.error
+    assert job.worker.returncode != 0
