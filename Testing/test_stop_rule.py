@@ -69,3 +69,11 @@ def test_the_chosen_margin_has_the_best_mean_dice_and_ties_go_to_the_smaller():
 def test_a_negative_margin_is_refused():
     with pytest.raises(ValueError, match="stop margin"):
         AgentSettings(stop_margin=-1.0)
+
+
+def test_a_run_every_pair_stopped_early_still_reports_its_end(bundle, pairs):
+    calls = []
+    result = bundle.agent("cpu").run(*pairs, AgentSettings(steps=STEPS, stop_when_no_action_helps=True,
+                                                            stop_margin=1e9), callback=lambda *a: calls.append(a))
+    assert result.steps_taken.max() == 0  # no Q-value is above the margin: every pair stops before its first step
+    assert calls == [(1, STEPS), (STEPS, STEPS)]  # the step that found it, then the end of the run

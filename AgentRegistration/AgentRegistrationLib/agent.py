@@ -170,7 +170,8 @@ class Agent:
             callback: Callable[[int, int], bool | None] | None = None) -> AgentResult:
         """Register ``moving`` to ``fixed`` (``(B, 1, *spatial)`` on the model grid).
 
-        ``callback(step, total)`` is called after every step; returning ``False`` cancels
+        ``callback(step, total)`` is called after every step, and once with ``(total, total)`` when every pair
+        stopped before ``total`` (so that a progress display reaches its end); returning ``False`` cancels
         (raises ``InterruptedError``).
         """
         self.network.eval()  # batch statistics of a network in training mode would change every Q-value
@@ -229,6 +230,8 @@ class Agent:
             if callback is not None and callback(step + 1, settings.steps) is False:
                 raise InterruptedError("registration cancelled")
             if not active.any():
+                if callback is not None and step + 1 < settings.steps:
+                    callback(settings.steps, settings.steps)  # every pair stopped: the run is done, say so once
                 break
         return AgentResult(theta.cpu().double().numpy(), self.theta_start.cpu().double().numpy(), u, trajectory,
                            steps_taken.cpu().numpy())
