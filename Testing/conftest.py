@@ -36,6 +36,30 @@ def native() -> Path:
 
 
 @pytest.fixture(scope="session")
+def native_slice(native):
+    """``native_slice(case, index, origin, spacing, direction=None)`` -> (image, label): axial slice ``index`` of
+    native subject ``case`` (``None``: the slice through its prostate's centre) in a user-like 2-D geometry."""
+    from AgentRegistrationLib.localisation import localisation_from_label
+
+    def take(case: str, index: int | None, origin, spacing, direction=None) -> list[sitk.Image]:
+        if index is None:
+            label = sitk.ReadImage(str(native / f"case{case}_label.nii.gz"))
+            centre = localisation_from_label(label).centre.tolist()
+            index = int(round(label.TransformPhysicalPointToContinuousIndex(centre)[2]))
+        out = []
+        for kind in ("image", "label"):
+            image = sitk.ReadImage(str(native / f"case{case}_{kind}.nii.gz"))[:, :, index]
+            image.SetOrigin(origin)
+            image.SetSpacing(spacing)
+            if direction is not None:
+                image.SetDirection(direction)
+            out.append(image)
+        return out
+
+    return take
+
+
+@pytest.fixture(scope="session")
 def load_case(grid128):
     """``load_case("00")`` -> (image, label) SimpleITK images of grid128 subject 00."""
     def load(case: str):

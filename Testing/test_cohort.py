@@ -29,18 +29,6 @@ ANGLE = math.radians(30)
 DIRECTION = (math.cos(ANGLE), -math.sin(ANGLE), math.sin(ANGLE), math.cos(ANGLE))
 
 
-def _native_slice(native, case: str, index: int, origin, spacing):
-    """Axial slice ``index`` of native subject ``case`` (image, label) in a user-like 2-D geometry."""
-    out = []
-    for kind in ("image", "label"):
-        image = sitk.ReadImage(str(native / f"case{case}_{kind}.nii.gz"))[:, :, index]
-        image.SetOrigin(origin)
-        image.SetSpacing(spacing)
-        image.SetDirection(DIRECTION)
-        out.append(image)
-    return out
-
-
 def _grid_slice(grid128, case: str):
     """The slice through the prostate's centre of grid128 subject ``case`` (image, label)."""
     label = sitk.ReadImage(str(grid128 / f"case{case}_label.nii.gz"))
@@ -49,11 +37,11 @@ def _grid_slice(grid128, case: str):
 
 
 @pytest.fixture(scope="module")
-def files(native, grid128, tmp_path_factory):
+def files(native_slice, grid128, tmp_path_factory):
     """Images and labels on disk: native 13 (NIfTI) and 19 (NRRD), grid128 00 and 04 (MHA)."""
     folder = tmp_path_factory.mktemp("cohort_inputs")
-    images = {"n13": _native_slice(native, "13", 8, (12.5, -30.0), (0.6, 0.6)),
-              "n19": _native_slice(native, "19", 11, (16.0, -33.0), (0.58, 0.62)),
+    images = {"n13": native_slice("13", 8, (12.5, -30.0), (0.6, 0.6), DIRECTION),
+              "n19": native_slice("19", 11, (16.0, -33.0), (0.58, 0.62), DIRECTION),
               "g00": _grid_slice(grid128, "00"), "g04": _grid_slice(grid128, "04")}
     suffix = {"n13": ".nii.gz", "n19": ".nrrd", "g00": ".mha", "g04": ".mha"}
     paths = {}

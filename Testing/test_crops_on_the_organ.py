@@ -15,31 +15,18 @@ from AgentRegistrationLib.localisation import localisation_from_label
 STEPS = 10
 
 
-def _slice(native, case: str, origin, spacing):
-    """The axial slice through the prostate of native subject ``case`` (image, label), in a 2-D geometry."""
-    label3d = sitk.ReadImage(str(native / f"case{case}_label.nii.gz"))
-    z = int(round(label3d.TransformPhysicalPointToContinuousIndex(localisation_from_label(label3d).centre.tolist())[2]))
-    out = []
-    for kind in ("image", "label"):
-        image = sitk.ReadImage(str(native / f"case{case}_{kind}.nii.gz"))[:, :, z]
-        image.SetOrigin(origin)
-        image.SetSpacing(spacing)
-        out.append(image)
-    return out
-
-
 @pytest.fixture(scope="module")
 def organ2d(tiny_pipeline):
     return tiny_pipeline(2, "organ")
 
 
 @pytest.fixture(scope="module")
-def inputs(native, tmp_path_factory):
+def inputs(native_slice, tmp_path_factory):
     """Fixed subject 13; moving subject 19, and the same moving slice stored 40 mm away."""
     folder = tmp_path_factory.mktemp("organ_inputs")
-    fixed, fixed_label = _slice(native, "13", (12.5, -30.0), (0.6, 0.6))
-    moving, moving_label = _slice(native, "19", (16.0, -33.0), (0.58, 0.62))
-    far, far_label = _slice(native, "19", (56.0, -33.0), (0.58, 0.62))
+    fixed, fixed_label = native_slice("13", None, (12.5, -30.0), (0.6, 0.6))
+    moving, moving_label = native_slice("19", None, (16.0, -33.0), (0.58, 0.62))
+    far, far_label = native_slice("19", None, (56.0, -33.0), (0.58, 0.62))
     paths = {}
     for key, image in (("fixed", fixed), ("fixed_label", fixed_label), ("moving", moving), ("moving_label", moving_label),
                        ("far", far), ("far_label", far_label)):
@@ -87,10 +74,10 @@ def test_a_moving_image_stored_40_mm_away_registers_as_well_as_the_original(orga
     assert far["dice_after"] == pytest.approx(near["dice_after"], abs=0.01)
 
 
-def test_the_models_localiser_places_the_fixed_crop(organ2d, inputs, native, tmp_path):
+def test_the_models_localiser_places_the_fixed_crop(organ2d, inputs, native_slice, tmp_path):
     from AgentRegistrationLib.localiser import LocaliserConfig, save_localiser, train_localiser
 
-    images, labels = zip(*[_slice(native, case, (0.0, 0.0), (0.6, 0.6)) for case in ("00", "04", "06", "07")],
+    images, labels = zip(*[native_slice(case, None, (0.0, 0.0), (0.6, 0.6)) for case in ("00", "04", "06", "07")],
                          strict=True)
     localiser = train_localiser(list(images), list(labels), LocaliserConfig.default(2), iterations=3, seed=0)
     save_localiser(localiser, tmp_path / "localiser-2d.pt")

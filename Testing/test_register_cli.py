@@ -21,24 +21,12 @@ ANGLE = math.radians(30)
 DIRECTION = (math.cos(ANGLE), -math.sin(ANGLE), math.sin(ANGLE), math.cos(ANGLE))
 
 
-def _slice(native, case: str, index: int, origin, spacing):
-    """Axial slice ``index`` of native subject ``case`` (image, label) in a user-like 2-D geometry."""
-    out = []
-    for kind in ("image", "label"):
-        image = sitk.ReadImage(str(native / f"case{case}_{kind}.nii.gz"))[:, :, index]
-        image.SetOrigin(origin)
-        image.SetSpacing(spacing)
-        image.SetDirection(DIRECTION)
-        out.append(image)
-    return out
-
-
 @pytest.fixture(scope="module")
-def inputs(native, tmp_path_factory):
+def inputs(native_slice, tmp_path_factory):
     """Fixed: subject 13 as NIfTI; moving: subject 19 as NRRD, same orientation, shifted and differently sampled."""
     folder = tmp_path_factory.mktemp("register_inputs")
-    fixed, fixed_label = _slice(native, "13", 8, (12.5, -30.0), (0.6, 0.6))
-    moving, moving_label = _slice(native, "19", 11, (16.0, -33.0), (0.58, 0.62))
+    fixed, fixed_label = native_slice("13", 8, (12.5, -30.0), (0.6, 0.6), DIRECTION)
+    moving, moving_label = native_slice("19", 11, (16.0, -33.0), (0.58, 0.62), DIRECTION)
     paths = {"fixed": folder / "fixed.nii.gz", "fixed_label": folder / "fixed_label.nii.gz",
              "moving": folder / "moving.nrrd", "moving_label": folder / "moving_label.nrrd"}
     for key, image in zip(paths, (fixed, fixed_label, moving, moving_label), strict=True):

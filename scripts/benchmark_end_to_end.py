@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from AgentRegistrationLib.bundle import cpu_name
+from AgentRegistrationLib.metrics import dice
 
 REPO = Path(__file__).resolve().parents[1]
 NATIVE = REPO.parent / "shared" / "data" / "promise12" / "native"
@@ -126,9 +127,8 @@ def run_agentreg(pair: tuple[Path, ...], model: Path, out: Path) -> dict:
 
 # ----------------------------------------------------------------------------------------- measurement
 def dice_on_fixed(fixed_label: Path, warped_label: Path) -> float:
-    a = sitk.GetArrayFromImage(sitk.ReadImage(str(fixed_label))) > 0
-    b = sitk.GetArrayFromImage(sitk.ReadImage(str(warped_label))) > 0
-    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+    """Dice of a warped label file with the fixed label file, on the fixed image's grid."""
+    return dice(*(sitk.GetArrayFromImage(sitk.ReadImage(str(path))) for path in (fixed_label, warped_label)))
 
 
 def validation_pairs(data: Path, count: int) -> list[tuple[Path, ...]]:

@@ -37,11 +37,7 @@ def dice_by_step(model: Path, evaluation: Path, stop_rule: bool | None) -> tuple
         settings.stop_when_no_action_helps = stop_rule
     agent = bundle.agent("cpu")
     result = agent.run(stack("fixed"), stack("moving"), settings, stack("moving_label"), stack("fixed_label"))
-    from AgentRegistrationLib.agent import dice_batch
-    from AgentRegistrationLib.warp import warp
-
-    start = dice_batch(warp(stack("moving_label"), agent.displacement(agent.theta_start[None].expand(len(pairs), -1)),
-                            mode="nearest"), stack("fixed_label"))
+    start = agent.start_dice(stack("moving_label"), stack("fixed_label"))
     curve = torch.cat([start[None], torch.stack(result.trajectory.dice)]).numpy()
     if len(curve) < STEPS + 1:  # every pair stopped: the rest of the curve stays where it is
         curve = np.concatenate([curve, np.repeat(curve[-1:], STEPS + 1 - len(curve), axis=0)])

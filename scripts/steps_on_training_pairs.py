@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from AgentRegistrationLib.agent import STOP_MARGINS, choose_stop_margin, dice_batch, dice_by_margin, stop_steps
+from AgentRegistrationLib.agent import STOP_MARGINS, choose_stop_margin, dice_by_margin, stop_steps
 from AgentRegistrationLib.bundle import load_bundle
-from AgentRegistrationLib.warp import warp
 
 REPO = Path(__file__).resolve().parents[1]
 SHOWN_STEPS = (1, 10, 25, 50, 75, 100, 150, 200)
@@ -44,8 +43,7 @@ def dice_curve(model: Path, gt: Path, train_names: list[str], count: int, seed: 
     settings = bundle.agent_settings(steps=200, seed=0, stop_when_no_action_helps=False)
     agent = bundle.agent("cpu")
     result = agent.run(stack("image", 1), stack("image", 0), settings, stack("label", 0), stack("label", 1))
-    start = dice_batch(warp(stack("label", 0), agent.displacement(agent.theta_start[None].expand(len(chosen), -1)),
-                            mode="nearest"), stack("label", 1))
+    start = agent.start_dice(stack("label", 0), stack("label", 1))
     dice = torch.cat([start[None], torch.stack(result.trajectory.dice)]).numpy()  # (1 + steps, pairs), row 0: start
     return dice, result.trajectory.best_allowed_q().numpy(), chosen
 

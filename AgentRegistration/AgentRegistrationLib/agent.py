@@ -165,6 +165,12 @@ class Agent:
         return self.mean_field + torch.einsum("bm,m...->b...", theta, self.mode_fields)
 
     @torch.no_grad()
+    def start_dice(self, moving_label: torch.Tensor, fixed_label: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` Dice of the moving labels warped by the start parameters (before any step), with the fixed ones."""
+        start = self.displacement(self.theta_start[None].expand(moving_label.shape[0], -1))
+        return dice_batch(warp(moving_label.to(self.device), start, mode="nearest"), fixed_label.to(self.device))
+
+    @torch.no_grad()
     def run(self, fixed: torch.Tensor, moving: torch.Tensor, settings: AgentSettings,
             moving_label: torch.Tensor | None = None, fixed_label: torch.Tensor | None = None,
             callback: Callable[[int, int], bool | None] | None = None) -> AgentResult:

@@ -596,6 +596,22 @@ def cmd_demo(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------- main
+def add_agent_options(p: argparse.ArgumentParser) -> None:
+    """The agent's settings, the same for ``register`` and ``register-many``."""
+    p.add_argument("--steps", type=int,
+                   help="agent steps (MDP steps); default and 0: the model's own, chosen on its training pairs "
+                        "(66 for prostate-2d, 44 for prostate-3d; 'agentreg info MODEL' shows it); the paper used 200")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the agent's random choices (exploration and fuzzy action control); the same seed "
+                        "gives the same result")
+    p.add_argument("--no-fuzzy", action="store_true", help="switch fuzzy action control off (the paper's nfc)")
+    p.add_argument("--fuzzy-k", type=float, help="fuzzy action control k (default: the model's, 1.5 as in the paper)")
+    p.add_argument("--stop-on-convergence", action="store_true", help="stop early when the agent oscillates")
+    p.add_argument("--save-steps", type=int, default=0, metavar="K",
+                   help="also write the warped image every K agent steps into steps/ of the output folder (for "
+                        "stepping through them)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentreg", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
@@ -698,17 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: fastest for one pair, and it does not slow down when "
                         "other programs use the cores; 0: torch's choice)")
-    p.add_argument("--steps", type=int,
-                   help="agent steps (MDP steps); default and 0: the model's own, chosen on its training pairs "
-                        "(66 for prostate-2d, 44 for prostate-3d; 'agentreg info MODEL' shows it); the paper used 200")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the agent's random choices (exploration and fuzzy action control); the same seed "
-                        "gives the same result")
-    p.add_argument("--no-fuzzy", action="store_true", help="switch fuzzy action control off (the paper's nfc)")
-    p.add_argument("--fuzzy-k", type=float, help="fuzzy action control k (default: the model's, 1.5 as in the paper)")
-    p.add_argument("--stop-on-convergence", action="store_true", help="stop early when the agent oscillates")
-    p.add_argument("--save-steps", type=int, default=0, metavar="K",
-                   help="also write the warped image every K agent steps into steps/ (for stepping through them)")
+    add_agent_options(p)
     p.add_argument("--fixed-point", metavar="X,Y[,Z]",
                    help="the organ's centre in the fixed image (physical LPS coordinates, as ITK): places the fixed "
                         "crop of a model that crops on the organ instead of its localiser")
@@ -753,13 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch, in this process and each worker (default 1, as 'agentreg register'; "
                         "0: torch's choice)")
-    p.add_argument("--steps", type=int, help="agent steps (default and 0: the model's own)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the agent's random choices (as 'agentreg register')")
-    p.add_argument("--no-fuzzy", action="store_true", help="switch fuzzy action control off (the paper's nfc)")
-    p.add_argument("--fuzzy-k", type=float, help="fuzzy action control k (default: the model's)")
-    p.add_argument("--stop-on-convergence", action="store_true", help="stop early when the agent oscillates")
-    p.add_argument("--save-steps", type=int, default=0, metavar="K",
-                   help="also write each pair's warped image every K agent steps into its steps/")
+    add_agent_options(p)
     p.add_argument("--progress-json", action="store_true",
                    help="one JSON progress line per pair on stdout (stage 'register', done/total pairs)")
     p.set_defaults(func=cmd_register_many)

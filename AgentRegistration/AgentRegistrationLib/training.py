@@ -347,8 +347,7 @@ def validate(agent: Agent, pairs: list[ValidationPair], config: TrainingConfig) 
     fixed, moving, fl, ml = stack("fixed"), stack("moving"), stack("fixed_label"), stack("moving_label")
     result = agent.run(fixed, moving, AgentSettings(steps=config.validation_steps, seed=0))
     after = dice_batch(warp(ml, result.displacement, mode="nearest"), fl).cpu().numpy()
-    before = dice_batch(warp(ml, agent.displacement(agent.theta_start[None].expand(len(pairs), -1)), mode="nearest"),
-                        fl).cpu().numpy()
+    before = agent.start_dice(ml, fl).cpu().numpy()
     return {"pairs": [p.name for p in pairs], "steps": config.validation_steps,
             "dice_before_median": float(np.median(before)), "dice_median": float(np.median(after)),
             "dice_mean": float(after.mean()), "dice_before_mean": float(before.mean())}
@@ -391,11 +390,10 @@ def choose_steps(bundle: ModelBundle, training_set: TrainingSet, pairs: int, max
     for first in range(0, len(chosen), batch):
         moving, fixed = zip(*[training_set.pairs[i] for i in chosen[first:first + batch]], strict=True)
         take = lambda array, index: torch.as_tensor(array[list(index)])[:, None]  # noqa: E731
-        moving_label, fixed_label = take(training_set.labels, moving).to(agent.device), take(training_set.labels, fixed)
+        moving_label, fixed_label = take(training_set.labels, moving), take(training_set.labels, fixed)
         result = agent.run(take(training_set.images, fixed), take(training_set.images, moving), settings,
                            moving_label, fixed_label)
-        start = agent.displacement(agent.theta_start[None].expand(len(moving), -1))
-        start_dice = dice_batch(warp(moving_label, start, mode="nearest"), fixed_label.to(agent.device))
+        start_dice = agent.start_dice(moving_label, fixed_label)
         dice.append(torch.cat([start_dice[None], torch.stack(result.trajectory.dice)]).cpu().numpy())  # (1 + steps, B)
         best_q.append(result.trajectory.best_allowed_q().cpu().numpy())
     dice, best_q = np.concatenate(dice, axis=1), np.concatenate(best_q, axis=1)
