@@ -1,6 +1,6 @@
 """The engine's one wrapper around elastix/transformix (itk-elastix).
 
-Used for the translation pre-alignment (paper, section 3), the ground-truth B-spline
+Used for the translation pre-alignment (paper, section 3; its policy is :mod:`preprocessing`'s), the ground-truth B-spline
 registrations constrained by corresponding points, the e8/e16 baselines, and the check
 that our B-spline FFD equals transformix's. Images go in and out as SimpleITK images.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 import itk
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from .bspline import ControlGrid
 
@@ -20,8 +21,6 @@ from .bspline import ControlGrid
 def single_threaded_worker() -> None:
     """In a worker process of a pool: one ITK (elastix) thread and one torch thread, so that the
     workers do not oversubscribe the cores."""
-    import torch
-
     itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(1)
     torch.set_num_threads(1)
 
@@ -82,37 +81,14 @@ def _write_points(path: Path, points: np.ndarray) -> str:
     return str(path)
 
 
-def translation_prealignment(fixed: sitk.Image, moving: sitk.Image, roi: sitk.Image | None = None,
-                             max_fraction: float = 0.15) -> tuple[np.ndarray, str]:
-    """Translation ``t`` (physical units) with ``fixed(x) ~ moving(x + t)``, by elastix's
-    translation registration (Mattes mutual information, 3 resolutions) of the fixed image's
-    region of interest ``roi`` (a cropped copy of ``fixed``; default: all of it) to the moving
-    image, both intensity-normalised.
-
-    Returns ``(t, status)``. On these MR images the registration fails now and then (it stops
-    with an error, or runs away); then ``t`` is zero and ``status`` says why, so callers can
-    report it. A result is taken as a runaway when one of its components exceeds
-    ``max_fraction`` of the fixed image's extent along that axis.
-    """
-    from .preprocessing import normalise_intensity
-
-    def normalised(image):
-        out = sitk.GetImageFromArray(normalise_intensity(sitk.GetArrayFromImage(image)))
-        out.CopyInformation(image)
-        return out
-
-    dim = fixed.GetDimension()
+def translation(fixed: sitk.Image, moving: sitk.Image) -> np.ndarray:
+    """elastix's translation registration of ``moving`` to ``fixed`` (Mattes mutual information, 3 resolutions):
+    the translation ``t`` (physical units) with ``fixed(x) ~ moving(x + t)``. Raises ``RuntimeError`` when elastix
+    fails (when to trust its result is the caller's policy: :func:`preprocessing.prealign_translation`)."""
     parameter_map = default_map("translation", resolutions=3, MaximumStepLength="2.0", NumberOfSpatialSamples="4096",
                                 MaximumNumberOfIterations="300", RequiredRatioOfValidSamples="0.05")
-    try:
-        maps = register(normalised(roi if roi is not None else fixed), normalised(moving), [parameter_map])
-    except RuntimeError:
-        return np.zeros(dim), "elastix translation registration failed; no translation applied"
-    t = np.array([float(v) for v in maps[0]["TransformParameters"]])
-    extent = (np.array(fixed.GetSize()) - 1) * np.array(fixed.GetSpacing())
-    if np.any(np.abs(t) > max_fraction * extent):
-        return np.zeros(dim), f"elastix translation {np.round(t, 1).tolist()} ran away; no translation applied"
-    return t, "ok"
+    maps = register(fixed, moving, [parameter_map])
+    return np.array([float(v) for v in maps[0]["TransformParameters"]])
 
 
 def bspline_map(grid_spacing: tuple[float, ...], iterations: int = 500, resolutions: int = 3,

@@ -160,9 +160,36 @@ def crop_roi(image: sitk.Image, crop_fraction: tuple[float, ...]) -> sitk.Image:
     return sitk.RegionOfInterest(image, keep.tolist(), start.tolist())
 
 
+PREALIGN_MAX_FRACTION = 0.15
+"""A pre-alignment translation longer than this fraction of the fixed image's extent along an axis ran away."""
+
+
 def prealign_translation(fixed: sitk.Image, moving: sitk.Image, geometry: ModelGeometry) -> tuple[np.ndarray, str]:
-    """Translation pre-alignment of ``moving`` onto the region of interest of ``fixed``."""
-    return elastix.translation_prealignment(fixed, moving, crop_roi(fixed, geometry.crop_fraction))
+    """Translation ``t`` (physical units) with ``fixed(x) ~ moving(x + t)``: elastix's translation registration
+    (:func:`elastix.translation`) of the fixed image's region of interest (:func:`crop_roi`) to the moving image,
+    both intensity-normalised.
+
+    Returns ``(t, status)``. On these MR images the registration fails now and then (it stops with an error, or
+    runs away); then ``t`` is zero and ``status`` says why, so callers can report it. A result is taken as a
+    runaway when one of its components exceeds :data:`PREALIGN_MAX_FRACTION` of the fixed image's extent along
+    that axis.
+    """
+    dim = fixed.GetDimension()
+    try:
+        t = elastix.translation(_normalised(crop_roi(fixed, geometry.crop_fraction)), _normalised(moving))
+    except RuntimeError:
+        return np.zeros(dim), "elastix translation registration failed; no translation applied"
+    extent = (np.array(fixed.GetSize()) - 1) * np.array(fixed.GetSpacing())
+    if np.any(np.abs(t) > PREALIGN_MAX_FRACTION * extent):
+        return np.zeros(dim), f"elastix translation {np.round(t, 1).tolist()} ran away; no translation applied"
+    return t, "ok"
+
+
+def _normalised(image: sitk.Image) -> sitk.Image:
+    """``image`` with :func:`normalise_intensity`'s grey values, same geometry."""
+    out = sitk.GetImageFromArray(normalise_intensity(sitk.GetArrayFromImage(image)))
+    out.CopyInformation(image)
+    return out
 
 
 def middle_slice(image: sitk.Image, index: int | None = None) -> sitk.Image:
