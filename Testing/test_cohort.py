@@ -278,3 +278,150 @@ def test_pairs_and_atlas_together_are_refused(files, bundle2d, tmp_path, capsys)
     argv = _many(bundle2d, tmp_path / "out", "--pairs", "x.csv", "--atlas", str(files["n13"]))
     assert main(argv) == 1
     assert "either --pairs" in capsys.readouterr().err
+
+
+# -- several atlases: one folder per atlas and a fused label per patient ----------------------------------------
+ATLASES = ("n13", "g00", "g04")
+
+
+@pytest.fixture(scope="module")
+def fused_run(files, bundle2d, tmp_path_factory):
+    """Three atlases (real slices with their labels) onto two patients: p1 with its label, p2 without."""
+    root = tmp_path_factory.mktemp("cohort_atlases")
+    patients = root / "patients"
+    patients.mkdir()
+    shutil.copy(files["n19"], patients / "p1.nrrd")
+    shutil.copy(files["n19_label"], patients / "p1_label.nrrd")
+    shutil.copy(files["g04"], patients / "p2_image.mha")
+    argv = _many(bundle2d, root / "out", "--patients", str(patients))
+    for atlas in ATLASES:
+        argv += ["--atlas", str(files[atlas]), "--atlas-label", str(files[atlas + "_label"])]
+    assert main(argv) == 0
+    return root / "out", patients
+
+
+def test_several_atlases_keep_each_atlas_result_per_patient(fused_run):
+    out, patients = fused_run
+    rows = _summary(out)
+    pairs = [f"{p}/{a}" for p in ("p1", "p2") for a in ATLASES]
+    assert list(rows) == pairs + ["p1/fused", "p2/fused"]
+    assert all(rows[name]["status"] == "registered" for name in pairs)
+    fixed = sitk.ReadImage(str(patients / "p1.nrrd"))
+    for atlas in ATLASES:
+        warped = sitk.ReadImage(str(out / "p1" / atlas / "warped_label.nii.gz"))
+        assert warped.GetSize() == fixed.GetSize() and warped.GetOrigin() == pytest.approx(fixed.GetOrigin())
+        metrics = json.loads((out / "p1" / atlas / "metrics.json").read_text())
+        assert float(rows[f"p1/{atlas}"]["dice_after"]) == pytest.approx(metrics["dice_after"], abs=1e-4)
+
+
+def test_the_fused_label_is_the_majority_of_the_atlas_labels_voxel_by_voxel(fused_run):
+    """With three atlases a voxel is prostate where at least two of the labels the run wrote say so."""
+    out, patients = fused_run
+    for patient, image in (("p1", "p1.nrrd"), ("p2", "p2_image.mha")):
+        votes = sum((_array(out / patient / atlas / "warped_label.nii.gz") > 0).astype(int) for atlas in ATLASES)
+        fused = sitk.ReadImage(str(out / patient / "fused_label.nii.gz"))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(fused) > 0, votes >= 2)
+        assert 0 < (votes >= 2).sum() < votes.size and (votes == 1).any()  # the vote decides somewhere
+        fixed = sitk.ReadImage(str(patients / image))
+        assert fused.GetSize() == fixed.GetSize() and fused.GetDirection() == pytest.approx(fixed.GetDirection())
+
+
+def test_the_fused_row_has_the_dice_of_the_fused_label_where_the_patient_has_a_label(fused_run):
+    out, patients = fused_run
+    rows = _summary(out)
+    truth = _array(patients / "p1_label.nrrd") > 0
+    fused = _array(out / "p1" / "fused_label.nii.gz") > 0
+    expected = 2 * (truth & fused).sum() / (truth.sum() + fused.sum())
+    assert rows["p1/fused"]["status"] == "fused" and float(rows["p1/fused"]["dice_after"]) == pytest.approx(expected,
+                                                                                                          abs=1e-4)
+    assert float(rows["p1/fused"]["hausdorff_after"]) >= 0 and rows["p1/fused"]["steps"] == ""
+    assert rows["p2/fused"]["status"] == "fused" and rows["p2/fused"]["dice_after"] == ""
+
+
+def test_majority_vote_ties_go_to_the_lowest_label():
+    from AgentRegistrationLib.cohort import majority_vote
+
+    a = np.array([[0, 1, 2, 2], [1, 1, 0, 3]], np.uint8)
+    b = np.array([[1, 1, 2, 1], [2, 0, 0, 3]], np.uint8)
+    c = np.array([[1, 0, 1, 3], [3, 0, 2, 0]], np.uint8)
+    # columns: two of three; two of three; two of three; one each (tie -> lowest, 1); one each -> 1; two 0s; two 0s; 3
+    np.testing.assert_array_equal(majority_vote([a, b, c]), [[1, 1, 2, 1], [1, 0, 0, 3]])
+    np.testing.assert_array_equal(majority_vote([a[:1], b[:1]]), [[0, 1, 2, 1]])  # two atlases: 0 vs 1 ties to 0
+
+
+def test_several_atlases_each_need_a_label(files, bundle2d, tmp_path, capsys):
+    argv = _many(bundle2d, tmp_path / "out", "--patients", str(tmp_path), "--atlas", str(files["n13"]), "--atlas-label",
+                 str(files["n13_label"]), "--atlas", str(files["g00"]))
+    assert main(argv) == 1
+    assert "one label per atlas" in capsys.readouterr().err
+
+
+def test_an_atlas_is_read_once_per_worker(files):
+    from AgentRegistrationLib.inputs import read_register_inputs
+
+    cache = {}
+    first, second = (read_register_inputs(files[f], files["n13"], None, files["n13_label"], moving_cache=cache)
+                     for f in ("n19", "g00"))
+    assert second.moving is first.moving and second.moving_label is first.moving_label
+    assert second.fixed is not first.fixed and len(cache) == 2
+
+
+# -- a Dask scheduler instead of local processes ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dask_cluster():
+    distributed = pytest.importorskip("distributed", reason="the 'distributed' extra (dask[distributed]) is not installed")
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+@pytest.mark.slow
+def test_register_many_on_a_dask_cluster_gives_the_local_results(files, bundle2d, batch, dask_cluster, tmp_path):
+    """Two worker processes of a LocalCluster read, prepare and write the pairs; the results are those of the local
+    run, pair by pair."""
+    out = tmp_path / "out"
+    assert main(_many(bundle2d, out, "--pairs", _csv(tmp_path / "pairs.csv", files, PAIRS), "--scheduler",
+                      dask_cluster)) == 0
+    assert {r["status"] for r in _summary(out).values()} == {"registered"}
+    for name, *_ in PAIRS:
+        _same_results(out / name, batch / name)
+
+
+@pytest.mark.slow
+def test_ground_truth_on_a_dask_cluster_gives_the_local_results(tiny_pipeline, dask_cluster, tmp_path):
+    from AgentRegistrationLib.groundtruth import pair_file, run_groundtruth
+
+    tiny = tiny_pipeline(2)
+    names, settings = tiny["subjects"], {"iterations": 20, "resolutions": 1}
+    pairs = [(names[0], names[1]), (names[2], names[0])]
+    runs = {}
+    for where, scheduler in (("local", None), ("dask", dask_cluster)):
+        results, failures = run_groundtruth(tiny["gt"] / "subjects", names, tiny["geometry"], tmp_path / where, pairs,
+                                            workers=2, settings=settings, scheduler=scheduler)
+        assert not failures and sorted((r.moving, r.fixed) for r in results) == sorted(pairs)
+        assert all(pair_file(tmp_path / where, m, f).is_file() for m, f in pairs)
+        runs[where] = {(r.moving, r.fixed): r for r in results}
+    for key in pairs:
+        np.testing.assert_array_equal(runs["dask"][key].coefficients, runs["local"][key].coefficients)
+        assert runs["dask"][key].dice_after == runs["local"][key].dice_after
+
+
+def test_surface_distances_on_the_masks_box_equal_those_on_the_whole_image(native):
+    """The distances are computed on the box around both masks (what makes a pair's metrics cheap on a large
+    volume); they are those of the whole image, also for a mask that touches the image's edge."""
+    from AgentRegistrationLib.metrics import surface_distances
+    from scipy import ndimage
+
+    def whole_image(a, b, spacing):
+        sa, sb = (m & ~ndimage.binary_erosion(m, border_value=0) for m in (a, b))
+        ab = ndimage.distance_transform_edt(~sb, sampling=spacing[::-1])[sa]
+        ba = ndimage.distance_transform_edt(~sa, sampling=spacing[::-1])[sb]
+        return {"hausdorff": max(ab.max(), ba.max()), "hausdorff95": max(np.percentile(ab, 95), np.percentile(ba, 95)),
+                "average_surface_distance": np.concatenate([ab, ba]).mean()}
+
+    a = _array(native / "case30_label.nii.gz") > 0
+    shifted = np.roll(a, (1, 7, -5), axis=(0, 1, 2))
+    edge = a.copy()
+    edge[:, :, -3:] = True
+    spacing = (0.5, 0.6, 3.0)
+    for x, y in ((a, shifted), (a, edge), (shifted, edge)):
+        assert surface_distances(x, y, spacing) == {k: float(v) for k, v in whole_image(x, y, spacing).items()}

@@ -137,7 +137,8 @@ def cmd_groundtruth(args) -> int:
         rep.update(done, **({"dice": result.dice_after} if result else {}))
 
     results, failures = run_groundtruth(subject_dir, names, geometry, out, pairs, args.workers,
-                                        {"iterations": args.iterations, "resolutions": args.resolutions}, progress)
+                                        {"iterations": args.iterations, "resolutions": args.resolutions}, progress,
+                                        args.scheduler)
     rep.close()
     results.sort(key=lambda r: (r.moving, r.fixed))
     lines = ["moving,fixed,dice_before,dice_after,seconds"] + [
@@ -377,21 +378,35 @@ def cmd_register(args) -> int:
 def cmd_register_many(args) -> int:
     """Many pairs with one model load (the engine is :mod:`.cohort`); exit 1 only when every pair failed."""
     from . import inputs
-    from .cohort import FAILED, CohortOptions, atlas_pairs, pairs_from_csv, register_cohort, summary_text
+    from .cohort import (
+        FAILED,
+        CohortOptions,
+        is_fusion,
+        multi_atlas_pairs,
+        pairs_from_csv,
+        register_cohort,
+        summary_text,
+    )
 
-    if bool(args.pairs) == bool(args.atlas or args.patients):
+    atlases, labels = args.atlas or [], args.atlas_label or []
+    if bool(args.pairs) == bool(atlases or args.patients):
         raise ValueError("give either --pairs CSV, or --atlas IMAGE with --patients FOLDER (and --atlas-label LABEL)")
-    if args.atlas_label and not args.atlas:
+    if labels and not atlases:
         raise ValueError("--atlas-label needs --atlas (the atlas image) and --patients")
-    if not args.pairs and not (args.atlas and args.patients):
-        raise ValueError(f"--{'patients' if args.atlas else 'atlas'} is missing: the atlas mode needs --atlas IMAGE and "
+    if not args.pairs and not (atlases and args.patients):
+        raise ValueError(f"--{'patients' if atlases else 'atlas'} is missing: the atlas mode needs --atlas IMAGE and "
                          "--patients FOLDER")
+    if len(labels) > len(atlases) or (len(atlases) > 1 and len(labels) != len(atlases)):
+        raise ValueError(f"{len(atlases)} --atlas and {len(labels)} --atlas-label: give one label per atlas, in the "
+                         "same order (--atlas A1 --atlas-label L1 --atlas A2 --atlas-label L2)")
     if args.steps is not None and args.steps < 0:
         inputs.agent_steps(args.steps, 0)
     options = CohortOptions(Path(args.model), args.batch_size, args.workers, args.threads, args.resample_labels,
-                            args.save_steps)
+                            args.save_steps, args.scheduler)
     output_dir = inputs.check_output_dir(args.output_dir)
-    pairs = pairs_from_csv(args.pairs) if args.pairs else atlas_pairs(args.atlas, args.atlas_label, args.patients)
+    pairs = (pairs_from_csv(args.pairs) if args.pairs
+             else multi_atlas_pairs(list(zip(atlases, labels + [None] * (len(atlases) - len(labels)), strict=True)),
+                                    args.patients))
     from .bundle import load_bundle, resolve_device
 
     _torch_threads(args.threads)
@@ -416,8 +431,8 @@ def cmd_register_many(args) -> int:
     summary = output_dir / "summary.csv"
     print(f"register-many: {summary_text(reports)} ({steps} steps on {device}); summary in {summary}",
           file=sys.stderr)
-    failed = [r for r in reports if r.status == FAILED]
-    if len(failed) == len(reports):
+    failed = [r for r in reports if r.status == FAILED and not is_fusion(r)]
+    if len(failed) == len(pairs):
         raise ValueError(f"every pair failed (the first: {failed[0].pair.name}: {failed[0].message}); see {summary}")
     if args.progress_json:
         print(protocol.encode(protocol.done_message(output_dir=str(output_dir), summary=str(summary),
@@ -637,6 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pairs", type=int, default=0, help="random subset of at most this many ordered pairs")
     p.add_argument("--seed", type=int, default=0, help="seed of the pair subset")
     p.add_argument("--workers", type=int, default=0, help="parallel processes (default: all cores)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="a Dask distributed scheduler (e.g. tcp://host:8786, of dask-jobqueue on a cluster): its "
+                        "workers register the pairs instead of --workers local processes; they need this package and "
+                        "OUT at the same path (a shared file system)")
     p.add_argument("--iterations", type=int, default=250, help="elastix iterations per resolution")
     p.add_argument("--resolutions", type=int, default=3, help="elastix resolutions (image pyramid levels)")
     p.add_argument("--crop", choices=CROPS, default="paper",
@@ -744,8 +763,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV of pairs with columns fixed,moving and optionally fixed_label,moving_label (masks on "
                         "their images' grids: Dice and distances, the warped label), fixed_point (x,y[,z], as "
                         "--fixed-point of 'agentreg register') and name; relative paths are relative to the CSV")
-    p.add_argument("--atlas", metavar="IMAGE", help="the atlas image (the moving image of every pair)")
-    p.add_argument("--atlas-label", metavar="LABEL", help="the atlas's label, warped onto every patient")
+    p.add_argument("--atlas", metavar="IMAGE", action="append",
+                   help="an atlas image (the moving image of every pair); repeat for several atlases: each patient "
+                        "then gets OUTPUT/<patient>/<atlas>/ per atlas and OUTPUT/<patient>/fused_label.nii.gz, the "
+                        "majority vote of the atlas labels (a tie goes to the lowest label: background)")
+    p.add_argument("--atlas-label", metavar="LABEL", action="append",
+                   help="the atlas's label, warped onto every patient (with several atlases: one each, in order)")
     p.add_argument("--patients", metavar="FOLDER",
                    help="folder of patient images (the fixed images: NIfTI, NRRD, MHA), <name>.<ext> or "
                         "<name>_image.<ext>; a <name>_label.<ext> beside one gives Dice and distances")
@@ -753,6 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes that read, check and prepare the pairs and write their results while the agent "
                         "runs (default 1: all in this process; 0: one per core)")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per agent batch on the device (default 16)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="a Dask distributed scheduler (e.g. tcp://host:8786, of dask-jobqueue on a cluster): its "
+                        "workers read, prepare and write the pairs instead of --workers local processes; they need "
+                        "this package and the files at the same paths (a shared file system); the agent runs here")
     p.add_argument("--resample-labels", action="store_true",
                    help="resample a label that is not on its image's grid onto it (nearest neighbour)")
     p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda")

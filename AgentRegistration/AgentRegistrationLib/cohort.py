@@ -1,13 +1,19 @@
 """Registration of a cohort: many pairs with one model load (``agentreg register-many``).
 
-A cohort is a list of pairs: the rows of a CSV of pairs, or one atlas (image and label) against a folder of
-patients, the patients being the fixed images (the atlas label is propagated onto each). Every pair is
-checked and prepared exactly as ``agentreg register`` does it (:mod:`.inputs`, :meth:`.Registrar.prepare`),
-in ``workers`` processes when more than one; the agent runs on batches of prepared pairs on the device, pairs
-of different fixed images in one batch (:meth:`.Registrar.run_agent`: a pair's result does not depend on its
-batch); and each pair's results are written into its own folder exactly as ``agentreg register`` writes
-them (:func:`.outputs.write_registration_outputs`). ``summary.csv`` beside the pair folders has one row per
-pair (:data:`SUMMARY_COLUMNS`).
+A cohort is a list of pairs: the rows of a CSV of pairs, or one or several atlases (image and label) against a
+folder of patients, the patients being the fixed images (each atlas label is propagated onto each). Every pair
+is checked and prepared exactly as ``agentreg register`` does it (:mod:`.inputs`, :meth:`.Registrar.prepare`)
+by the workers (this process; ``workers`` local processes; or the workers of a Dask scheduler); the agent runs
+here on batches of prepared pairs on the device, pairs of different fixed images in one batch
+(:meth:`.Registrar.run_agent`: a pair's result does not depend on its batch); and the workers write each pair's
+results into its own folder exactly as ``agentreg register`` writes them
+(:func:`.outputs.write_registration_outputs`). A worker reads an atlas once, not once per pair. ``summary.csv``
+beside the pair folders has one row per pair (:data:`SUMMARY_COLUMNS`).
+
+- Several atlases: the folder of patient P holds one folder per atlas (``P/<atlas>``, the pair's files) and
+  ``P/fused_label.nii.gz``, the majority vote of the atlases' warped labels (:func:`majority_vote`: a tie goes
+  to the lowest label, the background when it is tied); summary.csv has a row ``P/fused`` (status ``fused``)
+  after the pairs, with the fused label's Dice and Hausdorff distance where P has a label.
 
 - A pair that fails (an unreadable image, an empty label, images that do not overlap, ...) gets status
   ``failed`` and its message in the summary; the others go on.
@@ -24,12 +30,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import multiprocessing
 import re
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +77,7 @@ class CohortPair:
     fixed_label: Path | None = None
     moving_label: Path | None = None
     fixed_point: tuple[float, ...] | None = None  # the organ's centre in the fixed image (physical LPS)
+    patient: str | None = None  # with several atlases: the patient whose atlas results are fused
 
 
 @dataclass
@@ -84,6 +90,7 @@ class CohortOptions:
     threads: int = 1
     resample_labels: bool = False
     save_steps: int = 0
+    scheduler: str | None = None  # a Dask distributed scheduler's address: its workers prepare and write the pairs
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -130,7 +137,8 @@ def _stem(path: Path) -> str:
 def _check_names(pairs: list[CohortPair], source: str) -> list[CohortPair]:
     seen: dict[str, CohortPair] = {}
     for pair in pairs:
-        if not pair.name or pair.name in (".", "..") or pair.name.startswith(".") or re.search(r"[/\\]", pair.name):
+        parts = pair.name.split("/") if pair.patient is not None else [pair.name]  # <patient>/<atlas>: two folders
+        if any(not part or part.startswith(".") or re.search(r"[/\\]", part) for part in parts):
             raise ValueError(f"{source}: pair name {pair.name!r} cannot be a folder name: give a name without '/' "
                              "that does not start with '.'")
         if pair.name in seen:
@@ -216,13 +224,102 @@ def atlas_pairs(atlas: str | Path, atlas_label: str | Path | None, patients: str
     """One pair per patient image of the folder ``patients`` (the fixed image, with its label when present),
     the atlas being the moving image; each pair is named after its patient. The atlas itself is left out if it
     is in the folder."""
-    atlas = Path(atlas)
-    for what, path in (("atlas image", atlas), ("atlas label", atlas_label)):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{what} file not found: {path}")
-    pairs = [CohortPair(name, image, atlas, label, Path(atlas_label) if atlas_label else None)
-             for name, image, label in patient_images(patients) if image.resolve() != atlas.resolve()]
+    return multi_atlas_pairs([(atlas, atlas_label)], patients)
+
+
+def multi_atlas_pairs(atlases: list[tuple[str | Path, str | Path | None]], patients: str | Path) -> list[CohortPair]:
+    """The pairs of several atlases ``(image, label)`` against the folder ``patients``: every atlas onto every
+    patient image (the fixed image). One atlas: pairs named after the patient (``<patient>``). Several: each
+    must have a label; pairs ``<patient>/<atlas>`` (the atlas named by its image file), patient by patient, so
+    that :func:`fuse_patients` can vote on the atlases' labels. An atlas image that is in the folder is no
+    patient."""
+    atlases = [(Path(image), Path(label) if label else None) for image, label in atlases]
+    if not atlases:
+        raise ValueError("give at least one atlas (--atlas IMAGE --atlas-label LABEL)")
+    for image, label in atlases:
+        for what, path in (("atlas image", image), ("atlas label", label)):
+            if path is not None and not path.is_file():
+                raise FileNotFoundError(f"{what} file not found: {path}")
+    names = [_stem(image) for image, _ in atlases]
+    if len(atlases) > 1:
+        unlabelled = [str(image) for image, label in atlases if label is None]
+        if unlabelled:
+            raise ValueError(f"atlas {unlabelled[0]} has no label: with several atlases each needs its --atlas-label "
+                             "(in the order of the --atlas images), for the majority vote of their labels")
+        twice = sorted({n for n in names if names.count(n) > 1 or n == FUSED})
+        if twice:
+            raise ValueError(f"two atlases have the same file name {twice[0]!r} (or one is named {FUSED!r}, the "
+                             "name of the fused label's row): their results would share a folder; rename one")
+    own = {image.resolve() for image, _ in atlases}
+    pairs = []
+    for patient, image, label in patient_images(patients):
+        if image.resolve() in own:
+            continue
+        for name, (atlas, atlas_label) in zip(names, atlases, strict=True):
+            pairs.append(CohortPair(patient if len(atlases) == 1 else f"{patient}/{name}", image, atlas, label,
+                                    atlas_label, patient=patient if len(atlases) > 1 else None))
     return _check_names(pairs, str(patients))
+
+
+# ----------------------------------------------------------------------------------------- fusion
+FUSED_LABEL = "fused_label.nii.gz"
+FUSED = "fused"
+"""The status of a patient's fused row in summary.csv (pair ``<patient>/fused``)."""
+
+
+def majority_vote(labels: list[np.ndarray]) -> np.ndarray:
+    """The label each voxel gets from most of ``labels`` (arrays of one shape, integer label values; background 0
+    counts as a label). A tie goes to the lowest of the tied labels: to the background when it is among them, so
+    with two atlases a voxel is foreground only where both say so."""
+    stack = np.stack([np.asarray(a) for a in labels])
+    values = np.unique(stack)  # ascending: on a tie argmax keeps the first, i.e. the lowest label
+    counts = np.stack([(stack == v).sum(axis=0) for v in values])
+    return values[np.argmax(counts, axis=0)].astype(stack.dtype)
+
+
+def fuse_patients(pairs: list[CohortPair], reports: list[PairReport], output_dir: Path) -> list[PairReport]:
+    """For each patient of several atlases: the majority vote (:func:`majority_vote`) of the labels its atlases
+    were warped into (their ``warped_label.nii.gz``), written to ``<patient>/fused_label.nii.gz``, and a report
+    (status ``fused``; Dice and Hausdorff distance against the patient's label where it has one). Atlases whose
+    pair failed are left out of the vote, with a warning; a patient with none left is ``failed``."""
+    import SimpleITK as sitk
+
+    from .image_io import read_label, write_image
+    from .metrics import dice, surface_distances
+
+    by_patient: dict[str, list[PairReport]] = {}
+    for pair, report in zip(pairs, reports, strict=True):
+        if pair.patient is not None:
+            by_patient.setdefault(pair.patient, []).append(report)
+    fused = []
+    for patient, group in by_patient.items():
+        first = group[0].pair
+        pair = CohortPair(f"{patient}/{FUSED}", first.fixed, Path(f"majority vote of {len(group)} atlases"),
+                          first.fixed_label, patient=patient)
+        start = time.perf_counter()
+        done = [r for r in group if r.status != FAILED]
+        warnings = [f"{r.pair.name} failed: left out of the vote" for r in group if r.status == FAILED]
+        if not done:
+            fused.append(PairReport(pair, FAILED, message="every atlas failed on this patient", warnings=warnings))
+            continue
+        try:
+            labels = [read_label(output_dir / r.pair.name / WARPED_LABEL, "warped atlas label") for r in done]
+            vote = sitk.GetImageFromArray(majority_vote([sitk.GetArrayFromImage(label) for label in labels]))
+            vote.CopyInformation(labels[0])
+            write_image(vote, output_dir / patient / FUSED_LABEL)
+            metrics = {"atlases": len(done)}
+            if first.fixed_label is not None:
+                truth = sitk.GetArrayFromImage(read_label(first.fixed_label, "patient label")) > 0
+                voted = sitk.GetArrayFromImage(vote) > 0
+                metrics["dice_after"] = dice(voted, truth)
+                if voted.any() and truth.any():
+                    metrics["hausdorff_after"] = surface_distances(voted, truth, vote.GetSpacing())["hausdorff"]
+        except Exception as err:  # noqa: BLE001 - one patient's fusion failing stops no other
+            fused.append(PairReport(pair, FAILED, seconds=time.perf_counter() - start, message=_message(err),
+                                    warnings=warnings))
+            continue
+        fused.append(PairReport(pair, FUSED, metrics, time.perf_counter() - start, warnings))
+    return fused
 
 
 # ----------------------------------------------------------------------------------------- folders and files
@@ -291,12 +388,19 @@ def run_record(model: Path, settings, options: CohortOptions) -> dict:
 # ----------------------------------------------------------------------------------------- the work of one pair
 @dataclass
 class PreparedCohortPair:
-    """A pair read, checked and on the model grid, waiting for the agent."""
+    """A pair read, checked and on the model grid, waiting for the agent. ``given`` (the checked images) stays in
+    the process that read them: it is not sent to another process (:meth:`__getstate__`), whose worker reads the
+    files again to finish the pair (:meth:`CohortWorker.finish`), which is cheaper than sending whole volumes twice
+    through the agent's process."""
 
     pair: CohortPair
-    given: object  # inputs.RegisterInputs: the checked images
-    prepared: object  # preprocessing.PreparedPair
+    prepared: object  # preprocessing.PreparedPair: the crops, small
+    notes: list[str]
     seconds: float
+    given: object = None  # inputs.RegisterInputs
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "given": None}
 
 
 def _message(err: BaseException) -> str:
@@ -306,37 +410,47 @@ def _message(err: BaseException) -> str:
 
 
 class CohortWorker:
-    """Reads and prepares pairs and writes their results, in the main process or in a worker process."""
+    """Reads and prepares pairs and writes their results, in the main process or in a worker process (a local
+    process pool or a Dask worker). An atlas that is the moving image of many pairs is read and checked once per
+    worker (``read_register_inputs``' ``moving_cache``)."""
 
     def __init__(self, registrar, settings, options: CohortOptions, output_dir: Path):
         self.registrar = registrar
         self.settings = settings
         self.options = options
         self.output_dir = Path(output_dir)
+        self.moving_cache: dict = {}
+
+    def read(self, pair: CohortPair):
+        """The pair's checked images, as ``agentreg register`` reads them."""
+        from .inputs import read_register_inputs
+
+        return read_register_inputs(pair.fixed, pair.moving, pair.fixed_label, pair.moving_label,
+                                    self.options.resample_labels, moving_cache=self.moving_cache)
 
     def prepare(self, pair: CohortPair) -> PreparedCohortPair | PairReport:
         """As ``agentreg register``: read and check the files, then localise (or pre-align) and crop."""
-        from .inputs import check_model_dimension, read_register_inputs
+        from .inputs import check_model_dimension
 
         start = time.perf_counter()
         try:
-            given = read_register_inputs(pair.fixed, pair.moving, pair.fixed_label, pair.moving_label,
-                                         self.options.resample_labels)
+            given = self.read(pair)
             check_model_dimension(self.registrar.bundle.dim, given.fixed.GetDimension(), self.options.model, pair.fixed)
             point = None if pair.fixed_point is None else np.array(pair.fixed_point)
             prepared = self.registrar.prepare(given.fixed, given.moving, given.fixed_label, given.moving_label,
                                               fixed_point=point)
         except Exception as err:  # noqa: BLE001 - any failure of one pair is reported, the others go on
             return PairReport(pair, FAILED, seconds=time.perf_counter() - start, message=_message(err))
-        return PreparedCohortPair(pair, given, prepared, time.perf_counter() - start)
+        return PreparedCohortPair(pair, prepared, list(given.notes), time.perf_counter() - start, given)
 
     def finish(self, item: PreparedCohortPair, outcome, agent_seconds: float, batch: int) -> PairReport:
         """The agent's result in the fixed image's geometry, written into the pair's folder."""
         from .outputs import write_registration_outputs
 
         start = time.perf_counter()
-        given, pair = item.given, item.pair
+        pair = item.pair
         try:
+            given = item.given if item.given is not None else self.read(pair)
             result = self.registrar.finish(item.prepared, outcome, given.fixed, given.moving, given.fixed_label,
                                            given.moving_label)
             outputs = time.perf_counter() - start
@@ -349,42 +463,60 @@ class CohortWorker:
                                        step_limit=self.settings.steps)
         except Exception as err:  # noqa: BLE001 - any failure of one pair is reported, the others go on
             return PairReport(pair, FAILED, seconds=item.seconds + time.perf_counter() - start, message=_message(err),
-                              warnings=list(given.notes))
+                              warnings=list(item.notes))
         seconds = item.seconds + agent_seconds / batch + time.perf_counter() - start
-        return PairReport(pair, REGISTERED, result.metrics, seconds, list(given.notes))
+        return PairReport(pair, REGISTERED, result.metrics, seconds, list(item.notes))
 
 
-_WORKER: CohortWorker | None = None  # the worker of a worker process
+@dataclass(frozen=True)
+class WorkerContext:
+    """What a worker process needs to build its :class:`CohortWorker` (sent with every job: small)."""
+
+    settings: object  # agent.AgentSettings
+    options: CohortOptions
+    output_dir: Path
+
+    def key(self) -> str:
+        return json.dumps([asdict(self.settings), asdict(self.options), str(self.output_dir)], default=str,
+                          sort_keys=True)
 
 
-def _start_worker(settings, options: CohortOptions, output_dir: Path) -> None:
-    import torch
-
-    from .bundle import load_bundle
-    from .registration import Registrar
-
-    global _WORKER
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    _WORKER = CohortWorker(Registrar(load_bundle(options.model), torch.device("cpu"), agent=False), settings, options,
-                           output_dir)
+_WORKERS: dict[str, CohortWorker] = {}  # the worker of this process (a pool's or a Dask worker's), by its context
 
 
-def _prepare_job(pair: CohortPair):
-    return _WORKER.prepare(pair)
+def _worker(context: WorkerContext) -> CohortWorker:
+    """This process's worker for ``context``, made on its first job (the model loaded once per process)."""
+    key = context.key()
+    if key not in _WORKERS:
+        import torch
+
+        from .bundle import load_bundle
+        from .registration import Registrar
+
+        if context.options.threads:
+            torch.set_num_threads(context.options.threads)
+        _WORKERS.clear()  # one run at a time per process
+        _WORKERS[key] = CohortWorker(Registrar(load_bundle(context.options.model), torch.device("cpu"), agent=False),
+                                     context.settings, context.options, context.output_dir)
+    return _WORKERS[key]
 
 
-def _finish_job(item: PreparedCohortPair, outcome, agent_seconds: float, batch: int) -> PairReport:
-    return _WORKER.finish(item, outcome, agent_seconds, batch)
+def _prepare_job(context: WorkerContext, pair: CohortPair):
+    return _worker(context).prepare(pair)
+
+
+def _finish_job(context: WorkerContext, item: PreparedCohortPair, outcome, agent_seconds: float,
+                batch: int) -> PairReport:
+    return _worker(context).finish(item, outcome, agent_seconds, batch)
 
 
 class _InlineExecutor:
-    """Runs each job at once in this process (``workers`` = 1)."""
+    """Runs each job at once in this process (``workers`` = 1), with the main process's worker."""
 
     def __init__(self, worker: CohortWorker):
         self.worker = worker
 
-    def submit(self, job, *args) -> Future:
+    def submit(self, job, context, *args) -> Future:
         method = {_prepare_job: self.worker.prepare, _finish_job: self.worker.finish}[job]
         future = Future()
         try:
@@ -397,18 +529,31 @@ class _InlineExecutor:
         pass
 
 
+def make_executor(options: CohortOptions, jobs: int, main_worker: CohortWorker):
+    """Where the jobs of one pair run: a Dask scheduler's workers (``options.scheduler``), local worker processes
+    (``options.workers`` > 1) or this process (:mod:`.cluster`)."""
+    if options.scheduler or options.workers > 1:
+        from .cluster import job_executor
+
+        return job_executor(min(options.workers, jobs), options.scheduler, spawn=True)
+    return _InlineExecutor(main_worker)
+
+
 # ----------------------------------------------------------------------------------------- the run
 def register_cohort(pairs: list[CohortPair], bundle, output_dir: str | Path, settings, device,
                     options: CohortOptions,
                     progress: Callable[[int, int, PairReport | None], None] | None = None) -> list[PairReport]:
     """Register every pair of a cohort with the loaded ``bundle`` (from ``options.model``) on ``device``; returns
     one report per pair, in the order of ``pairs``, and writes them to ``output_dir``/summary.csv as they come.
+    Pairs of one patient and several atlases (:func:`multi_atlas_pairs`) are fused at the end (:func:`fuse_patients`):
+    their rows follow the pairs'.
 
     ``progress(done, total, report)`` after each pair (``report`` ``None`` for the pairs skipped at the start).
     Raises ``ValueError`` only for what stops the whole run (a folder of another model, a bad option)."""
     from .registration import Registrar
 
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).resolve()
+    options = replace(options, model=Path(options.model).resolve())
     output_dir.mkdir(parents=True, exist_ok=True)
     check_record(output_dir, run_record(options.model, settings, options))
     summary_path = output_dir / SUMMARY_CSV
@@ -434,18 +579,22 @@ def register_cohort(pairs: list[CohortPair], bundle, output_dir: str | Path, set
 
     if progress is not None:
         progress(len(reports), total, None)
-    if not todo:
-        write_summary(summary_path, [reports[p.name] for p in pairs])
-        return [reports[p.name] for p in pairs]
-    registrar = Registrar(bundle, device)
-    if options.workers > 1:
-        executor = ProcessPoolExecutor(max_workers=min(options.workers, len(todo)),
-                                       mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                                       initargs=(settings, options, output_dir))
-        held = 2 * options.batch_size  # prepared pairs (images in memory) at most, counting those in preparation
-    else:
-        executor = _InlineExecutor(CohortWorker(registrar, settings, options, output_dir))
-        held = options.batch_size
+    if todo:
+        registrar = Registrar(bundle, device)
+        context = WorkerContext(settings, options, output_dir)
+        _run(todo, registrar, context, record)
+    done = [reports[p.name] for p in pairs]
+    fused = fuse_patients(pairs, done, output_dir)
+    write_summary(summary_path, done + fused)
+    return done + fused
+
+
+def _run(todo: list[CohortPair], registrar, context: WorkerContext, record: Callable[[PairReport], None]) -> None:
+    """The pipeline: pairs prepared by the executor, the agent on batches here, results written by the executor."""
+    options, settings = context.options, context.settings
+    executor = make_executor(options, len(todo), CohortWorker(registrar, settings, options, context.output_dir))
+    inline = isinstance(executor, _InlineExecutor)
+    held = options.batch_size if inline else 2 * options.batch_size  # prepared pairs at most, with those in hand
     queue = list(reversed(todo))
     preparing: dict[Future, CohortPair] = {}
     finishing: dict[Future, CohortPair] = {}
@@ -454,7 +603,7 @@ def register_cohort(pairs: list[CohortPair], bundle, output_dir: str | Path, set
         while queue or preparing or ready or finishing:
             while queue and len(preparing) + len(ready) < held:
                 pair = queue.pop()
-                preparing[executor.submit(_prepare_job, pair)] = pair
+                preparing[executor.submit(_prepare_job, context, pair)] = pair
             if ready and (len(ready) >= options.batch_size or not (queue or preparing)):
                 batch, ready = ready[: options.batch_size], ready[options.batch_size:]
                 start = time.perf_counter()
@@ -462,13 +611,13 @@ def register_cohort(pairs: list[CohortPair], bundle, output_dir: str | Path, set
                     outcomes = registrar.run_agent([item.prepared for item in batch], settings)
                 except Exception as err:  # noqa: BLE001 - e.g. out of memory on the device: this batch fails
                     for item in batch:
-                        record(PairReport(item.pair, FAILED, seconds=item.seconds, warnings=list(item.given.notes),
+                        record(PairReport(item.pair, FAILED, seconds=item.seconds, warnings=list(item.notes),
                                           message=f"the agent failed on its batch of {len(batch)} pairs: "
                                                   f"{_message(err)}"))
                     continue
                 seconds = time.perf_counter() - start
                 for item, outcome in zip(batch, outcomes, strict=True):
-                    finishing[executor.submit(_finish_job, item, outcome, seconds, len(batch))] = item.pair
+                    finishing[executor.submit(_finish_job, context, item, outcome, seconds, len(batch))] = item.pair
                 continue
             done, _ = wait([*preparing, *finishing], return_when=FIRST_COMPLETED)
             for future in [f for f in [*preparing, *finishing] if f in done]:  # in the order they were given
@@ -483,11 +632,18 @@ def register_cohort(pairs: list[CohortPair], bundle, output_dir: str | Path, set
                     ready.append(outcome)
     finally:
         executor.shutdown(cancel_futures=True)
-    return [reports[p.name] for p in pairs]
+
+
+def is_fusion(report: PairReport) -> bool:
+    """Whether ``report`` is a patient's fused label (:func:`fuse_patients`), not a pair."""
+    return report.pair.patient is not None and report.pair.name == f"{report.pair.patient}/{FUSED}"
 
 
 def summary_text(reports: list[PairReport]) -> str:
-    """One line on a run: how many pairs were registered, skipped and failed, and the Dice after."""
+    """One line on a run: how many pairs were registered, skipped and failed, and the Dice after (and of the fused
+    labels, with several atlases)."""
+    fusions = [r for r in reports if is_fusion(r)]
+    reports = [r for r in reports if not is_fusion(r)]
     count = {s: sum(r.status == s for r in reports) for s in (REGISTERED, SKIPPED, FAILED)}
     dice = [r.metrics["dice_after"] for r in reports if r.status != FAILED and "dice_after" in r.metrics]
     text = (f"{len(reports)} pairs: {count[REGISTERED]} registered, {count[SKIPPED]} skipped (done before), "
@@ -496,4 +652,8 @@ def summary_text(reports: list[PairReport]) -> str:
         before = [r.metrics["dice_before"] for r in reports if r.status != FAILED and "dice_after" in r.metrics]
         text += (f"; Dice median {np.median(before):.3f} -> {np.median(dice):.3f} "
                  f"(mean {np.mean(before):.3f} -> {np.mean(dice):.3f}) on the {len(dice)} pairs with both labels")
+    if fusions:
+        fused = [r.metrics["dice_after"] for r in fusions if "dice_after" in r.metrics]
+        text += (f"; {sum(r.status == FUSED for r in fusions)} of {len(fusions)} patients fused (majority vote)"
+                 + (f", Dice median {np.median(fused):.3f} on the {len(fused)} with a label" if fused else ""))
     return text

@@ -18,7 +18,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .bspline import ControlGrid, dense_displacement
+from .cluster import job_executor
 from .files import atomic_write
 from .geometry import ModelGeometry
 from .metrics import dice
@@ -141,8 +142,11 @@ def run_groundtruth(
     workers: int | None = None,
     settings: dict | None = None,
     progress: Callable[[int, int, PairResult | None, str | None], None] | None = None,
+    scheduler: str | None = None,
 ) -> tuple[list[PairResult], list[tuple[str, str, str]]]:
-    """Constrained GT registration for ``pairs`` (default: every ordered pair of ``names``).
+    """Constrained GT registration for ``pairs`` (default: every ordered pair of ``names``), in ``workers`` local
+    processes, or on the workers of the Dask scheduler at the address ``scheduler`` (:mod:`.cluster`; they read
+    ``subject_dir``, the results come back here).
 
     Cached pairs are loaded, not recomputed. Returns the results and the failures
     ``(moving, fixed, message)``; a failing pair never stops the run.
@@ -164,7 +168,7 @@ def run_groundtruth(
     failures: list[tuple[str, str, str]] = []
     workers = workers or os.cpu_count() or 1
     jobs = [(m, f, str(subject_dir), geometry.to_dict(), settings or {}) for m, f in todo]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with job_executor(workers, scheduler) as pool:
         futures = {pool.submit(_pair_job, job): job[:2] for job in jobs}
         for future in as_completed(futures):
             m, f = futures[future]

@@ -160,19 +160,27 @@ class RegisterInputs:
 
 def read_register_inputs(fixed: str | Path, moving: str | Path, fixed_label: str | Path | None = None,
                          moving_label: str | Path | None = None, resample_labels: bool = False,
-                         on_read=None) -> RegisterInputs:
-    """Read and check the files of one registration; ``on_read(done, total)`` after each file."""
+                         on_read=None, moving_cache: dict | None = None) -> RegisterInputs:
+    """Read and check the files of one registration; ``on_read(done, total)`` after each file.
+
+    ``moving_cache``: a dict that keeps the checked moving image and label between calls, so that one atlas
+    registered onto many images is read and checked once (keyed by the files and ``resample_labels``)."""
     paths = [("fixed image", fixed), ("moving image", moving), ("fixed label", fixed_label),
              ("moving label", moving_label)]
     paths = [(what, p) for what, p in paths if p]
     images, notes = {}, []
     for done, (what, path) in enumerate(paths, 1):
-        if what.endswith("image"):
+        key = (what, str(path), str(moving) if what == "moving label" else "", resample_labels)
+        if moving_cache is not None and key in moving_cache:
+            images[what], note = moving_cache[key]
+        elif what.endswith("image"):
             images[what], note = check_image(read_image(path, what), what, path)
         else:
             image_what = what.replace("label", "image")
             images[what], note = check_label(read_label(path, what), images[image_what], what, image_what, path,
                                              resample_labels)
+        if moving_cache is not None and what.startswith("moving"):
+            moving_cache[key] = images[what], note
         notes += [note] if note else []
         if on_read is not None:
             on_read(done, len(paths))
