@@ -80,11 +80,10 @@ def tiny_pipeline(grid128, tmp_path_factory):
     crop: ``crop="paper"`` (translation onto a template, the paper's box) or ``"organ"`` (each subject's box on
     its own prostate; trained with the ``converge`` configuration)."""
     import torch
-    from AgentRegistrationLib.cli import model_geometry
     from AgentRegistrationLib.dataset import find_subjects, prepare_subject
     from AgentRegistrationLib.groundtruth import GroundTruthSummary, run_groundtruth
     from AgentRegistrationLib.image_io import read_image
-    from AgentRegistrationLib.preprocessing import prealign_translation
+    from AgentRegistrationLib.preprocessing import model_geometry, prealign_translation
     from AgentRegistrationLib.sdm_fitting import fit_from_groundtruth
     from AgentRegistrationLib.training import TrainingSet, config_by_name, train
 

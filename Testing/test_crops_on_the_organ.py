@@ -9,8 +9,9 @@ import json
 import pytest
 import SimpleITK as sitk
 from AgentRegistrationLib.bundle import load_bundle
-from AgentRegistrationLib.cli import add_localisation, main
+from AgentRegistrationLib.cli import main
 from AgentRegistrationLib.localisation import localisation_from_label
+from AgentRegistrationLib.training import add_localisation
 
 STEPS = 10
 

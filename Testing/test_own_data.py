@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from AgentRegistrationLib import cli
 from AgentRegistrationLib.bundle import load_bundle
 from AgentRegistrationLib.groundtruth import GroundTruthSummary
+from AgentRegistrationLib.paths import repo_file
 
 GOOD = ["case00", "case04", "case06"]
 
@@ -185,7 +186,7 @@ def test_the_shipped_models_cards_still_name_promise12_and_its_split(dim, capsys
     card name PROMISE12 and the split, as the committed card does. Another set of subjects is not claimed to be."""
     from AgentRegistrationLib.bundle import model_card
 
-    repo = cli._repo_file()
+    repo = repo_file()
     model = repo / "Resources" / "Models" / f"prostate-{dim}d.pt"
     code, card, _ = _run(capsys, "info", model, "--name", f"prostate-{dim}d")
     assert code == 0

@@ -50,24 +50,26 @@ ENGINE = str(REPO / "AgentRegistration")  # the engine, not installed on the GPU
 sys.path.insert(0, ENGINE)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ENGINE, os.environ.get("PYTHONPATH")]))  # subprocesses
 
-from AgentRegistrationLib.bundle import device_name  # noqa: E402
+from AgentRegistrationLib.agent import dice_batch  # noqa: E402
+from AgentRegistrationLib.bundle import device_name, load_bundle  # noqa: E402
 from AgentRegistrationLib.evaluation import (  # noqa: E402
     EvaluationSettings,
     evaluate,
     pair_dir,
-    plot_boxplots,
     prepared_pairs,
-    report_markdown,
-    summarise,
-    write_csv,
+    select_pairs,
+    write_report,
 )
 from AgentRegistrationLib.groundtruth import GroundTruthSummary  # noqa: E402
+from AgentRegistrationLib.network import DualStreamQNetwork, NetworkConfig, count_parameters  # noqa: E402
+from AgentRegistrationLib.paths import shipped_model  # noqa: E402
 from AgentRegistrationLib.sdm import StatisticalDeformationModel  # noqa: E402
 from AgentRegistrationLib.training import TrainingSet, config_by_name, train  # noqa: E402
+from AgentRegistrationLib.warp import warp  # noqa: E402
 
 MAX_RETURNED_FILE = 15 * 2**20
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a rehearsal (run --allow-cpu)
-SHIPPED = {2: REPO / "Resources" / "Models" / "prostate-2d.pt", 3: REPO / "Resources" / "Models" / "prostate-3d.pt"}
+SHIPPED = {dim: shipped_model(dim) for dim in (2, 3)}
 # (name, dimension, configuration, share of the training time)
 RUNS = [("paper-2d", 2, "paper", 0.20), ("compact-2d", 2, "compact", 0.18),
         ("paper-3d", 3, "paper", 0.34), ("compact-3d", 3, "compact", 0.28)]
@@ -76,8 +78,6 @@ RUNS = [("paper-2d", 2, "paper", 0.20), ("compact-2d", 2, "compact", 0.18),
 # ----------------------------------------------------------------------------------------- pack (here)
 def pack(into: Path, work: Path) -> None:
     """Copy what the session reads into ``into`` (an ignored folder the device tool carries)."""
-    from AgentRegistrationLib.evaluation import select_pairs
-
     if into.exists():
         shutil.rmtree(into)
     names = json.loads((REPO / "Resources" / "promise12_split.json").read_text())["validation"]
@@ -148,10 +148,6 @@ def environment() -> dict:
 
 def cuda_path(inputs: Path) -> dict:
     """The shipped models on CUDA against the CPU on 8 prepared validation pairs, same seed."""
-    from AgentRegistrationLib.agent import dice_batch
-    from AgentRegistrationLib.bundle import load_bundle
-    from AgentRegistrationLib.warp import warp
-
     out = {}
     for dim, model in SHIPPED.items():
         bundle = load_bundle(model)
@@ -214,8 +210,6 @@ def train_run(inputs: Path, work: Path, name: str, dim: int, config_name: str, s
 
 def evaluate_model(model: Path, prepared: Path, out: Path, title: str, max_pairs: int | None = None) -> None:
     """``ours`` and ``nfc`` on every prepared pair of ``prepared``; report, CSV and box plots in ``out``."""
-    from AgentRegistrationLib.bundle import load_bundle
-
     bundle = load_bundle(model)
     # a copy per model: evaluate() caches each method's result beside the pair, and models run in parallel
     pairs = [names for names, _ in prepared_pairs(prepared, bundle.geometry, max_pairs)]
@@ -225,17 +219,13 @@ def evaluate_model(model: Path, prepared: Path, out: Path, title: str, max_pairs
     methods = ["ours", "nfc"]
     settings = EvaluationSettings(steps=200, seed=0, iterations=0, gt_iterations=0, batch_size=16)
     results, failures = evaluate({}, pairs, bundle.geometry, out, methods, settings, model, torch.device(DEVICE))
-    summary = summarise(results, methods)
     t = bundle.training
     notes = [f"Model: {title} ({bundle.network.config.architecture} network), trained {t.get('iterations')} batches in "
              f"{t.get('seconds', 0) / 60:.1f} min on {t.get('device')}; agent on {device_text()}, batches of "
              f"{settings.batch_size} pairs, {settings.steps} steps, seed {settings.seed}; {len(pairs)} prepared validation "
              f"pairs (the cache of agentreg evaluate); failures: {len(failures)}."]
-    info = {"dim": bundle.dim, "command": f"python scripts/gpu_session.py run --inputs work/gpu_in --out OUT  # run {title}",
-            "notes": notes, "csv": "evaluation.csv", "png": "evaluation_boxplots.png"}
-    (out / "evaluation.md").write_text(report_markdown(summary, methods, info))
-    write_csv(out / "evaluation.csv", results)
-    plot_boxplots(out / "evaluation_boxplots.png", results, methods, bundle.dim)
+    command = f"python scripts/gpu_session.py run --inputs work/gpu_in --out OUT  # run {title}"
+    summary = write_report(out / "evaluation.md", results, methods, bundle.dim, command, notes)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
@@ -323,8 +313,6 @@ def report(returned: Path, out: Path) -> None:
              "| run | network | parameters | batches | minutes | held-out best-action accuracy | pairs | ours Dice median "
              "| ours Dice mean | ours HD median | ours % folding | nfc Dice median |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    from AgentRegistrationLib.network import DualStreamQNetwork, NetworkConfig, count_parameters
-
     for name, dim, config_name, _ in RUNS:
         stage = session["stages"].get(f"train {name}", {})
         summary_file = returned / name / "summary.json"

@@ -18,19 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-DATA_HINT = "../shared/data/promise12/grid128"
-
-
-def how_to_get_a_model(dim: int = 3) -> str:
-    """The README's training commands, for a message."""
-    modes = 15 if dim == 2 else 25
-    return ("Train one with the README's commands (from the repository root):\n"
-            f"  agentreg groundtruth {DATA_HINT} --split Resources/promise12_split.json --dim {dim} --out work/gt{dim}d\n"
-            f"  agentreg sdm work/gt{dim}d --modes {modes} --out work/sdm{dim}d.npz\n"
-            f"  agentreg train --groundtruth work/gt{dim}d --sdm work/sdm{dim}d.npz --out Resources/Models/prostate-{dim}d.pt "
-            f"--data {DATA_HINT} --split Resources/promise12_split.json\n"
-            "or pass a model you have with --model MODEL.pt")
+from . import elastix
+from .bundle import load_bundle, resolve_device
+from .dataset import find_subjects, load_split, model_image
+from .image_io import read_image, read_label
+from .metrics import dice
+from .outputs import write_registration_outputs
+from .paths import DATA_HINT, how_to_get_a_model
+from .preprocessing import displacement_in_fixed_geometry, middle_slice, warp_to_fixed
+from .registration import Registrar
 
 
 def demo_pairs(names: list[str], count: int) -> list[tuple[str, str]]:
@@ -109,9 +108,6 @@ def pair_figure(fixed, moving, warped, fixed_label, moving_label, warped_label, 
     each panel naming its slice (``*_slices``: the source volume's slice count when the images are the 2-D model's
     middle slices) and its anatomical orientation from its direction matrix; the title gives the Dice before ->
     after, and a pair the agent made worse gets a red title and a red frame. Returns a matplotlib ``Figure``."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
     fixed_c = _slice(fixed_label)
     fixed_caption = slice_caption(fixed, fixed_slices)
     panels = [(f"fixed: {fixed_name}", fixed_caption, fixed, [(fixed_c, "lime")]),
@@ -174,10 +170,6 @@ def summary_lines(rows: list[tuple], control_spacing) -> list[str]:
 
 def elastix_e16(result, fixed: sitk.Image, moving_label: sitk.Image, geometry) -> tuple[sitk.Image, float]:
     """e16 on the agent's own preprocessed pair; its warped moving mask in the fixed geometry and seconds."""
-    from . import elastix
-    from .dataset import model_image
-    from .preprocessing import displacement_in_fixed_geometry, warp_to_fixed
-
     pair = result.pair
     start = time.perf_counter()
     maps = elastix.register(model_image(pair.fixed), model_image(pair.moving),
@@ -191,8 +183,6 @@ def elastix_e16(result, fixed: sitk.Image, moving_label: sitk.Image, geometry) -
 def run_demo(data: str | Path, model: str | Path, out: str | Path = "demo_output", num_pairs: int = 3,
              device: str = "auto", steps: int | None = None, split: str | Path | None = None, echo=print) -> int:
     """The demo; returns the exit code (1 with a message when data or model is missing)."""
-    from .dataset import find_subjects, load_split
-
     data, model, out = Path(data), Path(model), Path(out)
     if not data.is_dir() or not any(data.glob("*_image.*")):
         echo(f"agentreg demo: no PROMISE12 data in {data}.\nPut the shared PROMISE12 files in {DATA_HINT} beside the "
@@ -202,13 +192,6 @@ def run_demo(data: str | Path, model: str | Path, out: str | Path = "demo_output
     if not model.is_file():
         echo(f"agentreg demo: model bundle not found: {model}\n{how_to_get_a_model(3)}", file=sys.stderr)
         return 1
-
-    from .bundle import load_bundle, resolve_device
-    from .image_io import read_image, read_label
-    from .metrics import dice
-    from .outputs import write_registration_outputs
-    from .preprocessing import middle_slice
-    from .registration import Registrar
 
     subjects = {s.name: s for s in find_subjects(data)}
     names = sorted(subjects)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
+import multiprocessing
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -40,12 +40,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .bspline import dense_displacement
+from .bundle import load_bundle
 from .files import atomic_write
 from .geometry import ModelGeometry
-
-if TYPE_CHECKING:
-    from .dataset import Subject  # SimpleITK: not needed to evaluate already prepared pairs
+from .groundtruth import ordered_pairs, register_constrained
 from .metrics import dice, jacobian_statistics, surface_distances
+from .paths import how_to_get_a_model, shipped_model, shown
+from .warp import warp
+
+# SimpleITK and itk are imported where images are read or elastix runs, never at the top: scripts/gpu_session.py
+# evaluates already prepared pairs on a machine that has neither.
+if TYPE_CHECKING:
+    from .dataset import Subject
 
 METHODS = ("none", "T", "localised", "e8", "e16", "ours", "nfc", "gt")
 START_METHODS = ("T", "localised")  # the start of every other method: the paper's translation, or the organ's boxes
@@ -92,10 +99,7 @@ def select_pairs(names: list[str], max_pairs: int = 0, pairs: str | None = None,
                 raise ValueError(f"--pairs: {item!r} is not MOVING:FIXED with two different subjects of {names}")
             chosen.append((m, f))
         return chosen
-    everything = [(m, f) for m in names for f in names if m != f]
-    if max_pairs and len(everything) > max_pairs:
-        everything = sorted(random.Random(seed).sample(everything, max_pairs))
-    return everything
+    return ordered_pairs(names, max_pairs, seed)
 
 
 def pair_dir(out: Path, moving: str, fixed: str) -> Path:
@@ -105,7 +109,7 @@ def pair_dir(out: Path, moving: str, fixed: str) -> Path:
 # ----------------------------------------------------------------------------------------- preprocessing
 def _load_elastix() -> None:
     """Load itk-elastix's lazily imported parts, so that the first pair's time does not include it."""
-    import itk
+    import itk  # (see the imports)
 
     _ = itk.ParameterObject, itk.elastix_registration_method, itk.TransformixFilter
 
@@ -117,8 +121,10 @@ def prepare_evaluation_pair(fixed: Subject, moving: Subject, geometry: ModelGeom
     label (the atlas case) and the fixed one by the localiser in ``localiser_path`` (a model bundle or a localiser
     file; without one, by the fixed label: an oracle start, reported as such). Also the moving label with no
     registration at all (``none``)."""
-    from .dataset import subject_frame
+    from .dataset import subject_frame  # SimpleITK (see the imports)
     from .image_io import read_image, read_label
+    from .localisation import localisation_from_label
+    from .localiser import localise
     from .preprocessing import normalise_intensity, prealign_translation, resample_to_frame
 
     fixed_image = read_image(fixed.image, f"image of {fixed.name}")
@@ -127,11 +133,7 @@ def prepare_evaluation_pair(fixed: Subject, moving: Subject, geometry: ModelGeom
     moving_label = read_label(moving.label, f"label of {moving.name}")
     start = time.perf_counter()
     if geometry.localised:
-        from .localisation import localisation_from_label
-
         if localiser_path:
-            from .localiser import localise
-
             localiser = _localiser(localiser_path, fixed_image.GetDimension())
             fixed_place, placed_by = localise(localiser, fixed_image), "localiser"
         else:
@@ -168,7 +170,7 @@ def prepare_evaluation_pair(fixed: Subject, moving: Subject, geometry: ModelGeom
 
 def _localiser(path: str, dim: int):
     """The organ localiser for ``dim``-D images of a model bundle, or of a localiser file."""
-    from .localiser import load_localiser, localiser_from_payload
+    from .localiser import load_localiser, localiser_from_payload  # SimpleITK (see the imports)
 
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(payload, dict) and payload.get("format") is not None:  # a model bundle
@@ -236,15 +238,12 @@ def figures(warped_label: np.ndarray, fixed_label: np.ndarray, displacement: np.
 
 def bspline_field(coefficients: np.ndarray, grid, size: tuple[int, ...]) -> torch.Tensor:
     """Dense displacement ``(dim, *spatial)`` (float64, model voxels) of B-spline coefficients."""
-    from .bspline import dense_displacement
-
     bases = grid.image_bases(size, dtype=torch.float64)
     return dense_displacement(torch.as_tensor(coefficients, dtype=torch.float64)[None], grid, bases)[0]
 
 
 def warp_label_with(label: np.ndarray, displacement: torch.Tensor) -> np.ndarray:
-    from .warp import warp
-
+    """Warp a model-space label with a dense displacement ``(dim, *spatial)`` (nearest neighbour)."""
     return warp(torch.as_tensor(label)[None, None], displacement[None].float(), mode="nearest")[0, 0].numpy()
 
 
@@ -255,9 +254,8 @@ def elastix_spacing(method: str, geometry: ModelGeometry) -> tuple[float, ...]:
 
 def run_elastix_method(method: str, pair: dict, geometry: ModelGeometry, settings: EvaluationSettings) -> dict:
     """e8 / e16 / gt on one prepared pair (model-space arrays)."""
-    from . import elastix
+    from . import elastix  # itk (see the imports)
     from .dataset import model_image
-    from .groundtruth import register_constrained
 
     _load_elastix()
     start = time.perf_counter()
@@ -303,7 +301,7 @@ def _save_result(path: Path, result: dict) -> None:
 # ----------------------------------------------------------------------------------------- worker jobs
 def _prepare_job(args) -> tuple[str, str, dict]:
     fixed, moving, geometry_dict, path, localiser_path = args
-    from .elastix import single_threaded_worker  # itk loads slowly: only in workers that need it
+    from .elastix import single_threaded_worker  # itk (see the imports)
 
     single_threaded_worker()
     pair = prepare_evaluation_pair(fixed, moving, ModelGeometry.from_dict(geometry_dict), localiser_path)
@@ -313,7 +311,7 @@ def _prepare_job(args) -> tuple[str, str, dict]:
 
 def _elastix_job(args) -> dict:
     method, prepared_path, geometry_dict, settings_dict = args
-    from .elastix import single_threaded_worker  # itk loads slowly: only in workers that need it
+    from .elastix import single_threaded_worker  # itk (see the imports)
 
     single_threaded_worker()
     geometry = ModelGeometry.from_dict(geometry_dict)
@@ -332,8 +330,6 @@ def _run_jobs(function, jobs: list, workers: int, on_done: Callable[[object, obj
                 result, error = None, f"{type(err).__name__}: {err}"
             on_done(job, result, error)
         return
-    import multiprocessing
-
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(function, job): job for job in jobs}
         for future in as_completed(futures):
@@ -365,85 +361,110 @@ def evaluate(
     """Run ``methods`` on ``pairs`` (moving, fixed); returns (results, failures), one result
     dict per (pair, method) with the figures, cached under ``out/pairs``. With crops on the organ, the fixed
     crops are placed by the localiser of ``localiser`` (a bundle or localiser file), else by the fixed label."""
-    out = Path(out)
-    progress = progress or (lambda stage, done, total: None)
-    failures: list[dict] = []
-    prepared_path = {p: pair_dir(out, *p) / "prepared.npz" for p in pairs}
     localiser = str(localiser) if localiser and geometry.localised else None
-    placed_by = localiser_hash(localiser, 3)  # the evaluation reads volumes (a 2-D model takes one slice of them)
+    run = _EvaluationRun(Path(out), pairs, geometry, settings, progress or (lambda stage, done, total: None),
+                         placed_by=localiser_hash(localiser, 3))  # the evaluation reads volumes (a 2-D model: a slice)
+    run.prepare(subjects, localiser, workers)  # 1. shared preprocessing
+    run.model_hash = file_hash(model) if model and any(m in AGENT_METHODS for m in methods) else None
+    todo = run.load_cached(methods)
+    run.start_methods(todo)  # 2. none, and T / localised: the preprocessed pair itself
+    run.elastix_methods(todo, workers)  # 3. elastix methods in a process pool
+    agent_todo = [(method, p) for method in AGENT_METHODS for p in todo.get(method, [])]
+    if agent_todo:  # 4. the agent, batched
+        if model is None:
+            raise ValueError("methods ours/nfc need a model bundle (--model)")
+        run_agent_methods(agent_todo, run.prepared_path, geometry, model, device or torch.device("cpu"), settings,
+                          run.store, run.progress)
+    ordered = [run.results[(m, f, method)] for m, f in pairs for method in methods if (m, f, method) in run.results]
+    return ordered, run.failures
 
-    # 1. shared preprocessing
-    todo = [p for p in pairs if load_prepared(prepared_path[p], geometry, placed_by) is None]
-    done = len(pairs) - len(todo)
-    progress("preprocess", done, len(pairs))
 
-    def prepared_done(job, result, error):
-        nonlocal done
-        done += 1
-        if error:
-            failures.append({"moving": job[1].name, "fixed": job[0].name, "method": "preprocessing", "error": error})
-        progress("preprocess", done, len(pairs))
+class _EvaluationRun:
+    """The steps of :func:`evaluate` on one output folder, and what they share: the prepared pairs' files, the
+    results by ``(moving, fixed, method)`` and the failures."""
 
-    _run_jobs(_prepare_job, [(subjects[f], subjects[m], geometry.to_dict(), str(prepared_path[(m, f)]), localiser)
-                             for m, f in todo], workers, prepared_done)
-    ready = [p for p in pairs if prepared_path[p].is_file()]
-    model_hash = file_hash(model) if model and any(m in AGENT_METHODS for m in methods) else None
-    results: dict[tuple[str, str, str], dict] = {}
+    def __init__(self, out: Path, pairs: list[tuple[str, str]], geometry: ModelGeometry, settings: EvaluationSettings,
+                 progress: Progress, placed_by: str):
+        self.out, self.pairs, self.geometry, self.settings, self.progress = out, pairs, geometry, settings, progress
+        self.placed_by = placed_by
+        self.model_hash: str | None = None
+        self.prepared_path = {p: pair_dir(out, *p) / "prepared.npz" for p in pairs}
+        self.ready: list[tuple[str, str]] = []
+        self.results: dict[tuple[str, str, str], dict] = {}
+        self.failures: list[dict] = []
 
-    def store(m: str, f: str, method: str, figs: dict, extra: dict | None = None) -> None:
-        r = {"moving": m, "fixed": f, "method": method, **figs, **(extra or {}),
-             "signature": method_signature(method, geometry, settings, model_hash, placed_by)}
-        _save_result(pair_dir(out, m, f) / f"{method}.json", r)
-        results[(m, f, method)] = r
+    def prepare(self, subjects: dict[str, Subject], localiser: str | None, workers: int) -> None:
+        """The shared preprocessing of every pair not cached yet; ``ready``: the pairs whose preparation exists."""
+        pairs = self.pairs
+        todo = [p for p in pairs if load_prepared(self.prepared_path[p], self.geometry, self.placed_by) is None]
+        done = len(pairs) - len(todo)
+        self.progress("preprocess", done, len(pairs))
 
-    todo = {}
-    for method in methods:
-        sig = method_signature(method, geometry, settings, model_hash, placed_by)
-        for m, f in ready:
-            cached = _load_result(pair_dir(out, m, f) / f"{method}.json", sig)
-            if cached is not None:
-                results[(m, f, method)] = cached
-            else:
-                todo.setdefault(method, []).append((m, f))
+        def prepared_done(job, result, error):
+            nonlocal done
+            done += 1
+            if error:
+                self.failures.append({"moving": job[1].name, "fixed": job[0].name, "method": "preprocessing",
+                                      "error": error})
+            self.progress("preprocess", done, len(pairs))
 
-    # 2. none, and T / localised: the preprocessed pair itself (its time is the pre-alignment's or localisation's)
-    for method in ("none", *START_METHODS):
-        for m, f in todo.get(method, []):
-            pair = load_prepared(prepared_path[(m, f)], geometry)
-            label = pair["unregistered_label"] if method == "none" else pair["moving_label"]
-            store(m, f, method, {**figures(label, pair["fixed_label"], None),
-                                 "seconds": 0.0 if method == "none" else pair["seconds"]},
-                  {"prealignment": pair["prealignment"]})
+        _run_jobs(_prepare_job, [(subjects[f], subjects[m], self.geometry.to_dict(), str(self.prepared_path[(m, f)]),
+                                  localiser) for m, f in todo], workers, prepared_done)
+        self.ready = [p for p in pairs if self.prepared_path[p].is_file()]
 
-    # 3. elastix methods in a process pool
-    jobs = [(method, str(prepared_path[p]), geometry.to_dict(), asdict(settings))
-            for method in ELASTIX_METHODS for p in todo.get(method, [])]
-    if jobs:
+    def signature(self, method: str) -> dict:
+        return method_signature(method, self.geometry, self.settings, self.model_hash, self.placed_by)
+
+    def load_cached(self, methods: list[str]) -> dict[str, list[tuple[str, str]]]:
+        """Load the cached results that match; returns the ready pairs still to run, by method."""
+        todo: dict[str, list[tuple[str, str]]] = {}
+        for method in methods:
+            sig = self.signature(method)
+            for m, f in self.ready:
+                cached = _load_result(pair_dir(self.out, m, f) / f"{method}.json", sig)
+                if cached is not None:
+                    self.results[(m, f, method)] = cached
+                else:
+                    todo.setdefault(method, []).append((m, f))
+        return todo
+
+    def store(self, m: str, f: str, method: str, figs: dict, extra: dict | None = None) -> None:
+        r = {"moving": m, "fixed": f, "method": method, **figs, **(extra or {}), "signature": self.signature(method)}
+        _save_result(pair_dir(self.out, m, f) / f"{method}.json", r)
+        self.results[(m, f, method)] = r
+
+    def start_methods(self, todo: dict[str, list[tuple[str, str]]]) -> None:
+        """none, and T / localised: the preprocessed pair itself (its time is the pre-alignment's or
+        localisation's)."""
+        for method in ("none", *START_METHODS):
+            for m, f in todo.get(method, []):
+                pair = load_prepared(self.prepared_path[(m, f)], self.geometry)
+                label = pair["unregistered_label"] if method == "none" else pair["moving_label"]
+                self.store(m, f, method, {**figures(label, pair["fixed_label"], None),
+                                          "seconds": 0.0 if method == "none" else pair["seconds"]},
+                           {"prealignment": pair["prealignment"]})
+
+    def elastix_methods(self, todo: dict[str, list[tuple[str, str]]], workers: int) -> None:
+        """e8, e16 and gt, in a process pool."""
+        jobs = [(method, str(self.prepared_path[p]), self.geometry.to_dict(), asdict(self.settings))
+                for method in ELASTIX_METHODS for p in todo.get(method, [])]
+        if not jobs:
+            return
         done = 0
-        progress("elastix", 0, len(jobs))
-        names = {str(prepared_path[p]): p for p in ready}
+        self.progress("elastix", 0, len(jobs))
+        names = {str(self.prepared_path[p]): p for p in self.ready}
 
         def elastix_done(job, result, error):
             nonlocal done
             done += 1
             m, f = names[job[1]]
             if error:
-                failures.append({"moving": m, "fixed": f, "method": job[0], "error": error})
+                self.failures.append({"moving": m, "fixed": f, "method": job[0], "error": error})
             else:
-                store(m, f, job[0], result)
-            progress("elastix", done, len(jobs))
+                self.store(m, f, job[0], result)
+            self.progress("elastix", done, len(jobs))
 
         _run_jobs(_elastix_job, jobs, workers, elastix_done)
-
-    # 4. the agent, batched
-    agent_todo = [(method, p) for method in AGENT_METHODS for p in todo.get(method, [])]
-    if agent_todo:
-        if model is None:
-            raise ValueError("methods ours/nfc need a model bundle (--model)")
-        run_agent_methods(agent_todo, prepared_path, geometry, model, device or torch.device("cpu"), settings, store,
-                          progress)
-    ordered = [results[(m, f, method)] for m, f in pairs for method in methods if (m, f, method) in results]
-    return ordered, failures
 
 
 def run_agent_methods(todo: list[tuple[str, tuple[str, str]]], prepared_path: dict, geometry: ModelGeometry,
@@ -451,8 +472,6 @@ def run_agent_methods(todo: list[tuple[str, tuple[str, str]]], prepared_path: di
                       store: Callable, progress: Progress) -> None:
     """ours / nfc in batches of ``settings.batch_size`` pairs; seconds per pair = the batch's
     agent time / the number of pairs in the batch."""
-    from .bundle import load_bundle
-
     bundle = load_bundle(model)
     if bundle.geometry != geometry:
         raise ValueError(f"{model} was trained on model geometry {bundle.geometry.to_dict()}, but the evaluation uses "
@@ -480,6 +499,87 @@ def run_agent_methods(todo: list[tuple[str, tuple[str, str]]], prepared_path: di
                       {"batch_size": len(batch), "device": str(device), "steps": int(result.steps_taken[i])})
             done += len(batch)
             progress("agent", done, len(todo))
+
+
+def model_to_evaluate(model: str | Path | None, dim: int, crop: str | None, methods: list[str], steps: int | None,
+                      geometry: ModelGeometry) -> tuple[Path | None, ModelGeometry, int]:
+    """The model of ours / nfc (``model``, default the shipped one of ``dim``; none when no method needs one and none
+    is given), checked against ``dim`` and ``crop``; the model geometry of every method (the model's, else
+    ``geometry``); and the agent steps (``steps``, default the model's)."""
+    if not (any(m in AGENT_METHODS for m in methods) or model):
+        return None, geometry, steps or 200  # steps: not used without ours / nfc
+    model = Path(model or shipped_model(dim))
+    if not model.is_file():
+        raise FileNotFoundError(f"model bundle not found: {model}. {how_to_get_a_model(dim)}")
+    bundle = load_bundle(model)
+    if bundle.dim != dim:
+        raise ValueError(f"{model} is a {bundle.dim}-D model but --dim is {dim}: use --dim {bundle.dim} "
+                         f"or a {dim}-D model")
+    model_crop = "organ" if bundle.geometry.localised else "paper"
+    if crop and crop != model_crop:
+        raise ValueError(f"--crop {crop}: {model} was trained on {model_crop} crops; leave --crop out to use the model's")
+    return model, bundle.geometry, steps or bundle.agent_settings().steps
+
+
+def report_notes(pairs: list[tuple[str, str]], names: list[str], split: str | Path, data: str | Path, dim: int,
+                 geometry: ModelGeometry, settings: EvaluationSettings, model: Path | None, device: torch.device,
+                 results: list[dict], failures: list[dict], seconds: float, workers: int) -> list[str]:
+    """The notes under an ``agentreg evaluate`` report's table: the pairs, what each method is, the figures, the
+    failures and the run's wall time (``seconds``)."""
+    prealign_failed = sorted({(r["moving"], r["fixed"]) for r in results if r.get("prealignment", "ok") != "ok"})
+    return [
+        f"{len(pairs)} ordered pairs of the {len(names)} validation subjects of `{shown(split)}` ({data}), "
+        f"{dim}-D" + ((" (the slice nearest each image's prostate centre)" if geometry.localised else
+                       " (the middle slice of the crop box of the 3-D-aligned pair)") if dim == 2 else "")
+        + f"; model grid {'x'.join(map(str, geometry.size))} of the fixed image.",
+        ("- Every method starts from the same crops, each centred on its image's prostate and sized to it: the "
+         "moving crop placed by the moving label (the atlas case), the fixed one by the model's localiser (no fixed "
+         "label is used); 'localised' is those crops alone, and its seconds are the localisation's."
+         if geometry.localised else
+         "- Every method starts from the same translation pre-alignment (elastix, on the 3-D volumes); "
+         "T is that pre-alignment alone, and its seconds are the pre-alignment's."),
+        "- none: no registration at all (the moving mask where it lies, on the fixed crop).",
+        f"- e8 / e16: elastix's default B-spline map (Mattes mutual information, adaptive stochastic gradient "
+        f"descent, 3 resolutions, {settings.iterations} iterations each), final grid spacing "
+        f"{'x'.join(f'{s / 2:g}' for s in geometry.control_spacing)} / {'x'.join(f'{s:g}' for s in geometry.control_spacing)} "
+        "model voxels (e16 is the GT/SDM control grid).",
+        f"- our / nfc: the agent, {settings.steps} steps, with / without fuzzy action control "
+        + (f"(model `{shown(model)}`, device {device}); seconds = agent time of a batch of up to {settings.batch_size} pairs "
+           "divided by its pairs." if model else "(not run)."),
+        f"- GT: the constrained elastix registration with both masks (MI + bending energy + surface points, "
+        f"{settings.gt_iterations} iterations): an upper bound, not a method.",
+        "- Dice of the warped moving mask with the fixed mask and Hausdorff distance in model-grid voxels "
+        "(PROMISE12 spacing is unknown: not mm), both on the model grid; % folding = voxels with det J <= 0.",
+        f"- Failed (pair, method): {len(failures)}" + (": " + "; ".join(
+            f"{f['moving']}->{f['fixed']} {f['method']}: {f['error']}" for f in failures) if failures else "."),
+        f"- Pairs whose translation pre-alignment was rejected (no translation applied): {len(prealign_failed)}.",
+        f"- Wall time of this run (cached results are not recomputed): {seconds:.0f} s, {workers} worker(s).",
+    ]
+
+
+def write_report(report: Path, results: list[dict], methods: list[str], dim: int, command: str, notes: list[str],
+                 record: dict | None = None) -> dict[str, dict]:
+    """An evaluation's files: the markdown ``report`` (Table 1 and ``notes``), the per-pair CSV and the box plots
+    beside it (``<report>.csv``, ``<report>_boxplots.png``) and, with ``record``, ``<report>.json`` (the summary and
+    ``record``). Returns the summary (:func:`summarise`)."""
+    summary = summarise(results, methods)
+    csv_path = report.with_suffix(".csv")
+    png_path = report.with_name(report.stem + "_boxplots.png")
+    write_csv(csv_path, results)
+    plot_boxplots(png_path, results, methods, dim)
+    info = {"dim": dim, "command": command, "notes": notes, "csv": csv_path.name, "png": png_path.name}
+    atomic_write(report, lambda tmp: Path(tmp).write_text(report_markdown(summary, methods, info)))
+    if record is not None:
+        atomic_write(report.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(
+            {"summary": summary, **record}, indent=1)))
+    return summary
+
+
+def summary_lines(summary: dict[str, dict], methods: list[str]) -> list[str]:
+    """One line per method: Dice, Hausdorff, folding, seconds, pairs (what ``agentreg evaluate`` prints)."""
+    return [f"{m:>4}: Dice median {s['dice']['median']:.3f} (mean {s['dice']['mean']:.3f}), Hausdorff median "
+            f"{s['hausdorff']['median']:.1f} voxels, folding {s['folding_percent']['mean']:.3f} %, "
+            f"{s['seconds']['mean']:.2f} s/pair, {s['n']} pairs" for m, s in ((m, summary[m]) for m in methods)]
 
 
 # ----------------------------------------------------------------------------------------- summary and report
@@ -527,7 +627,7 @@ def write_csv(path: Path, results: list[dict]) -> None:
 
 
 def plot_boxplots(path: Path, results: list[dict], methods: list[str], dim: int) -> None:
-    import matplotlib
+    import matplotlib  # seconds to import: only where a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -22,7 +22,13 @@ import torch
 from . import elastix
 from .bspline import ControlGrid, dense_displacement
 from .geometry import ModelGeometry
-from .localisation import Localisation
+from .localisation import BOX_SPREADS, Localisation
+
+
+def model_geometry(dim: int, crop: str) -> ModelGeometry:
+    """The model geometry of a crop choice (:data:`protocol.CROPS`): boxes on the organ (``organ``: sized by
+    :data:`localisation.BOX_SPREADS`) or the paper's centred box (``paper``), on the paper's grids."""
+    return ModelGeometry.localised_grid(dim, BOX_SPREADS[dim]) if crop == "organ" else ModelGeometry.paper(dim)
 
 
 @dataclass

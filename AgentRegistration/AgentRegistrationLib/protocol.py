@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -250,6 +251,9 @@ TRAINING_CONFIGURATIONS = ("compact", "paper", "converge")
 """Training configurations by name (``agentreg train --config``); a test keeps them equal to ``training.CONFIGS``."""
 DEFAULT_TRAINING_CONFIGURATION = "converge"
 """The configuration ``agentreg train`` and the training module use unless told otherwise (the shipped models')."""
+CROPS = ("organ", "paper")
+"""Crop boxes by name (``--crop``): ``organ`` centres each image's box on its organ and sizes it to it, ``paper`` is
+the paper's centred box after translation pre-alignment (:func:`preprocessing.model_geometry`)."""
 PAPER_MODES = {2: 15, 3: 25}
 """The paper's number of SDM modes d per dimension."""
 GT_DICE_COLUMNS = ("moving", "fixed", "dice_before", "dice_after", "seconds")
@@ -703,8 +707,6 @@ class WorkerJob:
 
     def wait(self, timeout: float | None = None, interval: float = 0.05) -> list[dict[str, Any]]:
         """Poll until done (for scripts and tests); returns every message. ``TimeoutError`` after ``timeout`` s."""
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         messages = []
         while not self.done():
@@ -846,8 +848,6 @@ class DependencyInstallJob:
 
     def wait(self, timeout: float | None = None, interval: float = 0.05) -> list[str]:
         """Poll until done (for scripts and tests); returns every line. ``TimeoutError`` after ``timeout`` s."""
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         lines: list[str] = []
         while not self.done():

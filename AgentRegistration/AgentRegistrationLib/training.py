@@ -25,12 +25,14 @@ import torch
 import torch.distributed as dist
 
 from .agent import STOP_MARGINS, Agent, AgentSettings, choose_stop_margin, dice_batch, model_defaults
-from .bundle import ModelBundle, device_name
+from .bundle import ModelBundle, bundle_from_payload, device_name
 from .files import atomic_write
 from .geometry import ModelGeometry
+from .groundtruth import GroundTruthSummary
 from .network import DualStreamQNetwork, NetworkConfig
 from .protocol import LOSS_COLUMNS
 from .sdm import StatisticalDeformationModel
+from .sdm_fitting import load_groundtruth
 from .synthetic import SyntheticPairGenerator, q_targets
 from .warp import warp
 
@@ -104,9 +106,6 @@ class TrainingSet:
 
     @classmethod
     def from_groundtruth(cls, gt_dir: Path) -> TrainingSet:
-        from .groundtruth import GroundTruthSummary
-        from .sdm_fitting import load_groundtruth
-
         _, results = load_groundtruth(gt_dir)
         source = {"groundtruth": str(Path(gt_dir).resolve()), **GroundTruthSummary.load(gt_dir).source}
         names = sorted({r.moving for r in results} | {r.fixed for r in results})
@@ -171,140 +170,181 @@ def train(
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.manual_seed(config.seed + rank)
-    dim = geometry.dim
     sdm.check_grid(geometry.control_grid())
     if training_set.images.shape[1:] != geometry.array_shape:
         raise ValueError(f"training images are {training_set.images.shape[1:]} but the model grid is {geometry.array_shape}")
-    net_config = NetworkConfig(config.architecture, dim, tuple(geometry.size), 2 * sdm.num_modes)
-    network = DualStreamQNetwork(net_config).to(device)
-    action_steps = action_steps_for(sdm, config)
-    agent = Agent(network, sdm, geometry.size, action_steps, device)
-    deltas = agent.deltas
-    q_scale = float((agent.action_steps**2).mean()) if config.target_units == "paper" else 1.0
-
-    def targets(theta_gt, theta):
-        return q_targets(theta_gt, theta, deltas, config.target_units) / q_scale
-
-    real_theta = sdm.project(training_set.coefficients)
-    images = torch.as_tensor(training_set.images, device=device)[:, None]
-    labels = torch.as_tensor(training_set.labels, device=device)[:, None]
-    generator = SyntheticPairGenerator(
-        images, labels, training_set.pairs, real_theta, sdm, agent.mode_fields, agent.theta_start,
-        config.intra_probability, config.draw_scale,
-        torch.Generator(device=device).manual_seed(config.seed * 1000 + rank))
-    held_out = SyntheticPairGenerator(
-        images, labels, training_set.pairs, real_theta, sdm, agent.mode_fields, agent.theta_start,
-        config.intra_probability, config.draw_scale, torch.Generator(device=device).manual_seed(987654))
-    with torch.no_grad():
-        hf, hm, htheta, _ = held_out.sample(64)
-        h_target = targets(htheta, agent.theta_start.expand(64, -1))
-        h_near_theta, h_near_moving = states_along_the_way(agent, held_out.gen, agent.theta_start.expand(64, -1), htheta,
-                                                           hm, 0.0, near_gt=1.0)
-        h_near_target = targets(htheta, h_near_theta)
-
-    model = network
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_every, gamma=config.lr_decay)
-    start, history, seconds = 0, [], 0.0
-    if checkpoint is not None and Path(checkpoint).is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        changed = sorted(k for k, v in dataclasses.asdict(config).items()
-                         if k != "iterations" and state["config"].get(k) != v)  # a resumed run may be made longer
-        if changed:
-            raise ValueError(f"checkpoint {checkpoint} was made with another training configuration ({', '.join(changed)} "
-                             "differ); use the same configuration to resume, or another checkpoint path to start over")
-        network.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["generator"].numel() == generator.gen.get_state().numel():
-            generator.gen.set_state(state["generator"].cpu())
-        else:  # made on another kind of device: its generator state does not fit this device's generator
-            generator.gen.manual_seed(config.seed * 1000 + rank + int(state["iteration"]))
-        start, history, seconds = int(state["iteration"]), [list(h) for h in state["history"]], float(state["seconds"])
-
-    def save_checkpoint(iteration: int) -> None:
-        if checkpoint is None or rank != 0:
-            return
-        state = {"config": dataclasses.asdict(config), "model": network.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "generator": generator.gen.get_state(), "iteration": iteration,
-                 "history": history, "seconds": seconds}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write(checkpoint, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
-        width = len(LOSS_COLUMNS)  # rows of a run resumed from an older checkpoint lack the last columns
-        lines = [",".join(LOSS_COLUMNS)] + [",".join(f"{v:.6g}" for v in [*h, *[math.nan] * (width - len(h))])
-                                             for h in history]
-        atomic_write(Path(checkpoint).with_name("loss.csv"), lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
-
-    batch = config.batch(dim)
-    model.train()
-    t0 = time.perf_counter()
-    running = []
-    validation_result: dict = {}
-    deadline = None if time_limit is None else time.perf_counter() + time_limit
-    last = config.iterations
-    for iteration in range(start + 1, config.iterations + 1):
-        with torch.no_grad():
-            fixed, moving, theta_gt, _ = generator.sample(batch)
-            theta = agent.theta_start.expand(batch, -1)
-            if config.state_sampling > 0 or config.near_gt_sampling > 0:
-                theta, moving = states_along_the_way(agent, generator.gen, theta, theta_gt, moving, config.state_sampling,
-                                                     config.near_gt_sampling)
-            target = targets(theta_gt, theta)
-        prediction = model(fixed, moving)
-        loss = ((prediction - target) ** 2).sum(dim=1).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        running.append(loss.item())
-        log_now = iteration % 50 == 0 or iteration == config.iterations
-        if deadline is not None and time.perf_counter() > deadline:
-            last = iteration
-            log_now = True
-        if log_now:
-            accuracy = held_out_accuracy(network, hf, hm, h_target)
-            near_accuracy = held_out_accuracy(network, hf, h_near_moving, h_near_target)
-            model.train()
-            val = float("nan")
-            if validation and rank == 0 and (iteration % config.validate_every == 0 or iteration == last):
-                validation_result = validate(agent, validation, config)
-                val = validation_result["dice_median"]
-                model.train()
-            history.append([iteration, float(np.mean(running)), accuracy, val, near_accuracy])
-            running = []
-            if progress and rank == 0:
-                progress(iteration, config.iterations, {"loss": history[-1][1], "accuracy": accuracy,
-                                                        "near_gt_accuracy": near_accuracy,
-                                                        **({"val_dice": val} if val == val else {})})
-        if iteration % config.checkpoint_every == 0 or iteration == last:
-            seconds_now = seconds + time.perf_counter() - t0
-            seconds, t0 = seconds_now, time.perf_counter()
-            save_checkpoint(iteration)
-        if iteration == last:
-            break
-    seconds += time.perf_counter() - t0
-    bundle = ModelBundle(
-        network=network.cpu().eval(), sdm=sdm, geometry=geometry, action_steps=action_steps,
-        agent_defaults={**model_defaults(), "stop_when_no_action_helps": bool(config.stop_rule)},
-        training={"config": dataclasses.asdict(config), "iterations": max(last, start), "seconds": seconds,
-                  "device": _device_name(device) + (f" x{world}" if world > 1 else ""), "subjects": training_set.names,
-                  "data": dict(training_set.source),
-                  "real_pairs": len(training_set.pairs), "final_loss": history[-1][1] if history else None,
-                  "held_out_accuracy": history[-1][2] if history else None,
-                  "held_out_near_gt_accuracy": history[-1][4] if history and len(history[-1]) > 4 else None,
-                  "chance_accuracy": 1.0 / net_config.num_actions},
-        validation={},
-    )
+    run = _TrainingRun(config, training_set, sdm, geometry, device, rank, world)
+    run.resume(checkpoint)
+    run.loop(checkpoint, validation, progress, time_limit)
+    bundle = run.bundle()
     if validation and rank == 0:
         # The bundle's validation is measured on the network as saved and reloaded, as users will run it.
         bundle.validation = validate_bundle(bundle, validation, config)
     if rank == 0:
         bundle.save(out_bundle)
-    network.to(device)
+    run.network.to(device)
     return bundle
+
+
+class _TrainingRun:
+    """The state of one :func:`train` call and its steps: the network, agent, synthetic pair generators, held-out
+    set and optimiser (:meth:`__init__`), going on from a checkpoint (:meth:`resume`), the iterations
+    (:meth:`loop`, :meth:`step`, :meth:`log`, :meth:`save_checkpoint`) and the model bundle (:meth:`bundle`)."""
+
+    def __init__(self, config: TrainingConfig, training_set: TrainingSet, sdm: StatisticalDeformationModel,
+                 geometry: ModelGeometry, device: torch.device, rank: int, world: int):
+        self.config, self.training_set, self.sdm, self.geometry = config, training_set, sdm, geometry
+        self.device, self.rank, self.world = device, rank, world
+        self.net_config = NetworkConfig(config.architecture, geometry.dim, tuple(geometry.size), 2 * sdm.num_modes)
+        self.network = DualStreamQNetwork(self.net_config).to(device)
+        self.action_steps = action_steps_for(sdm, config)
+        self.agent = agent = Agent(self.network, sdm, geometry.size, self.action_steps, device)
+        self.q_scale = float((agent.action_steps**2).mean()) if config.target_units == "paper" else 1.0
+        real_theta = sdm.project(training_set.coefficients)
+        images = torch.as_tensor(training_set.images, device=device)[:, None]
+        labels = torch.as_tensor(training_set.labels, device=device)[:, None]
+        self.generator = SyntheticPairGenerator(
+            images, labels, training_set.pairs, real_theta, sdm, agent.mode_fields, agent.theta_start,
+            config.intra_probability, config.draw_scale,
+            torch.Generator(device=device).manual_seed(config.seed * 1000 + rank))
+        held_out = SyntheticPairGenerator(
+            images, labels, training_set.pairs, real_theta, sdm, agent.mode_fields, agent.theta_start,
+            config.intra_probability, config.draw_scale, torch.Generator(device=device).manual_seed(987654))
+        with torch.no_grad():  # the held-out synthetic pairs: from the start, and near the GT
+            self.h_fixed, self.h_moving, htheta, _ = held_out.sample(64)
+            self.h_target = self.targets(htheta, agent.theta_start.expand(64, -1))
+            h_near_theta, self.h_near_moving = states_along_the_way(
+                agent, held_out.gen, agent.theta_start.expand(64, -1), htheta, self.h_moving, 0.0, near_gt=1.0)
+            self.h_near_target = self.targets(htheta, h_near_theta)
+        self.model = self.network
+        if world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.network, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = torch.optim.RMSprop(self.model.parameters(), lr=config.learning_rate)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_decay_every,
+                                                         gamma=config.lr_decay)
+        self.start, self.history, self.seconds, self.last = 0, [], 0.0, config.iterations
+
+    def targets(self, theta_gt: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """Eq. 1 of the state ``theta`` towards ``theta_gt``, in the configuration's units."""
+        return q_targets(theta_gt, theta, self.agent.deltas, self.config.target_units) / self.q_scale
+
+    def resume(self, checkpoint: Path | None) -> None:
+        """Go on from ``checkpoint`` when it exists (made with the same configuration but, maybe, fewer
+        iterations)."""
+        if checkpoint is None or not Path(checkpoint).is_file():
+            return
+        config, generator = self.config, self.generator
+        state = torch.load(checkpoint, map_location=self.device, weights_only=True)
+        changed = sorted(k for k, v in dataclasses.asdict(config).items()
+                         if k != "iterations" and state["config"].get(k) != v)  # a resumed run may be made longer
+        if changed:
+            raise ValueError(f"checkpoint {checkpoint} was made with another training configuration ({', '.join(changed)} "
+                             "differ); use the same configuration to resume, or another checkpoint path to start over")
+        self.network.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["generator"].numel() == generator.gen.get_state().numel():
+            generator.gen.set_state(state["generator"].cpu())
+        else:  # made on another kind of device: its generator state does not fit this device's generator
+            generator.gen.manual_seed(config.seed * 1000 + self.rank + int(state["iteration"]))
+        self.start, self.history = int(state["iteration"]), [list(h) for h in state["history"]]
+        self.seconds = float(state["seconds"])
+
+    def save_checkpoint(self, checkpoint: Path | None, iteration: int) -> None:
+        """The checkpoint (model, optimiser, scheduler, generator, history) and ``loss.csv`` beside it; rank 0."""
+        if checkpoint is None or self.rank != 0:
+            return
+        state = {"config": dataclasses.asdict(self.config), "model": self.network.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "generator": self.generator.gen.get_state(), "iteration": iteration, "history": self.history,
+                 "seconds": self.seconds}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(checkpoint, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+        width = len(LOSS_COLUMNS)  # rows of a run resumed from an older checkpoint lack the last columns
+        lines = [",".join(LOSS_COLUMNS)] + [",".join(f"{v:.6g}" for v in [*h, *[math.nan] * (width - len(h))])
+                                             for h in self.history]
+        atomic_write(Path(checkpoint).with_name("loss.csv"), lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+
+    def step(self, batch: int) -> float:
+        """One batch of synthetic pairs (in states along the way as configured), one optimiser step; its loss."""
+        config, agent = self.config, self.agent
+        with torch.no_grad():
+            fixed, moving, theta_gt, _ = self.generator.sample(batch)
+            theta = agent.theta_start.expand(batch, -1)
+            if config.state_sampling > 0 or config.near_gt_sampling > 0:
+                theta, moving = states_along_the_way(agent, self.generator.gen, theta, theta_gt, moving,
+                                                     config.state_sampling, config.near_gt_sampling)
+            target = self.targets(theta_gt, theta)
+        prediction = self.model(fixed, moving)
+        loss = ((prediction - target) ** 2).sum(dim=1).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
+
+    def log(self, iteration: int, running: list[float], validation: list[ValidationPair] | None,
+            progress: Callable[[int, int, dict], None] | None) -> None:
+        """A row of the history: mean loss since the last row, held-out accuracies and, now and then, the
+        validation Dice; reported to ``progress``."""
+        config, network = self.config, self.network
+        accuracy = held_out_accuracy(network, self.h_fixed, self.h_moving, self.h_target)
+        near_accuracy = held_out_accuracy(network, self.h_fixed, self.h_near_moving, self.h_near_target)
+        self.model.train()
+        val = float("nan")
+        if validation and self.rank == 0 and (iteration % config.validate_every == 0 or iteration == self.last):
+            val = validate(self.agent, validation, config)["dice_median"]
+            self.model.train()
+        self.history.append([iteration, float(np.mean(running)), accuracy, val, near_accuracy])
+        if progress and self.rank == 0:
+            progress(iteration, config.iterations, {"loss": self.history[-1][1], "accuracy": accuracy,
+                                                    "near_gt_accuracy": near_accuracy,
+                                                    **({"val_dice": val} if val == val else {})})
+
+    def loop(self, checkpoint: Path | None, validation: list[ValidationPair] | None,
+             progress: Callable[[int, int, dict], None] | None, time_limit: float | None) -> None:
+        """The iterations from the checkpoint's to the configuration's, or until ``time_limit`` (seconds) passes;
+        a history row every 50 and a checkpoint every ``checkpoint_every`` and at the end."""
+        config = self.config
+        batch = config.batch(self.geometry.dim)
+        self.model.train()
+        t0 = time.perf_counter()
+        running = []
+        deadline = None if time_limit is None else time.perf_counter() + time_limit
+        for iteration in range(self.start + 1, config.iterations + 1):
+            running.append(self.step(batch))
+            log_now = iteration % 50 == 0 or iteration == config.iterations
+            if deadline is not None and time.perf_counter() > deadline:
+                self.last = iteration
+                log_now = True
+            if log_now:
+                self.log(iteration, running, validation, progress)
+                running = []
+            if iteration % config.checkpoint_every == 0 or iteration == self.last:
+                self.seconds, t0 = self.seconds + time.perf_counter() - t0, time.perf_counter()
+                self.save_checkpoint(checkpoint, iteration)
+            if iteration == self.last:
+                break
+        self.seconds += time.perf_counter() - t0
+
+    def bundle(self) -> ModelBundle:
+        """The model bundle of the run (its network on the CPU), with the training record; no validation yet."""
+        config, history = self.config, self.history
+        return ModelBundle(
+            network=self.network.cpu().eval(), sdm=self.sdm, geometry=self.geometry, action_steps=self.action_steps,
+            agent_defaults={**model_defaults(), "stop_when_no_action_helps": bool(config.stop_rule)},
+            training={"config": dataclasses.asdict(config), "iterations": max(self.last, self.start),
+                      "seconds": self.seconds,
+                      "device": _device_name(self.device) + (f" x{self.world}" if self.world > 1 else ""),
+                      "subjects": self.training_set.names, "data": dict(self.training_set.source),
+                      "real_pairs": len(self.training_set.pairs), "final_loss": history[-1][1] if history else None,
+                      "held_out_accuracy": history[-1][2] if history else None,
+                      "held_out_near_gt_accuracy": history[-1][4] if history and len(history[-1]) > 4 else None,
+                      "chance_accuracy": 1.0 / self.net_config.num_actions},
+            validation={},
+        )
 
 
 def states_along_the_way(agent: Agent, gen: torch.Generator, theta_start: torch.Tensor, theta_gt: torch.Tensor,
@@ -355,8 +395,6 @@ def validate(agent: Agent, pairs: list[ValidationPair], config: TrainingConfig) 
 
 def validate_bundle(bundle: ModelBundle, pairs: list[ValidationPair], config: TrainingConfig) -> dict:
     """:func:`validate` with the bundle's network after a save/load round trip (on the CPU)."""
-    from .bundle import bundle_from_payload
-
     reloaded = bundle_from_payload(bundle.to_payload())
     return validate(reloaded.agent(), pairs, config)
 
@@ -372,6 +410,81 @@ def validation_pairs_from_subjects(subjects, count: int, seed: int = 0) -> list[
         out.append(ValidationPair(subjects[f].image, subjects[m].image, subjects[f].label, subjects[m].label,
                                   f"{subjects[m].name}->{subjects[f].name}"))
     return out
+
+
+def validation_pairs_from_split(groundtruth: Path, data: str | Path, split: str | Path, geometry: ModelGeometry,
+                                count: int, seed: int = 0) -> list[ValidationPair]:
+    """``count`` random pairs of the ``validation`` subjects of ``split`` found in ``data``, prepared onto the model
+    grid as the training subjects of the ground-truth folder ``groundtruth`` were (cached in
+    ``groundtruth/validation_subjects``)."""
+    # SimpleITK: training runs without it on prepared subjects (GPU machines); only new validation subjects need it
+    from .dataset import find_subjects, load_split, prepare_subject
+    from .image_io import read_image
+
+    summary = GroundTruthSummary.load(groundtruth)
+    all_subjects = find_subjects(data)
+    template = next(s for s in all_subjects if s.name == summary.template)
+    names = load_split(split)["validation"]
+    chosen = [s for s in all_subjects if s.name in set(names)]
+    if len(chosen) < 2:
+        raise ValueError(f"validation needs 2 or more of the validation subjects of {split} in {data}; "
+                         f"found {len(chosen)} ({', '.join(s.name for s in chosen) or 'none'})")
+    template_image = read_image(template.image, "template image")
+    cache = Path(groundtruth) / "validation_subjects"
+    prepared = [prepare_subject(s, template_image, geometry, cache) for s in chosen]
+    return validation_pairs_from_subjects(prepared, count, seed)
+
+
+NO_VALIDATION = "no validation (give --data and --split for validation on real pairs)"
+
+
+def validation_text(validation: dict) -> str:
+    """A bundle's validation in words (``agentreg train``'s last line)."""
+    if not validation:
+        return NO_VALIDATION
+    return (f"validation on {len(validation.get('pairs', []))} real pairs of the validation subjects "
+            f"({validation.get('steps')} steps): Dice median {validation['dice_before_median']:.3f} -> "
+            f"{validation['dice_median']:.3f}, mean {validation['dice_before_mean']:.3f} -> {validation['dice_mean']:.3f}")
+
+
+def training_text(config: TrainingConfig, bundle: ModelBundle, out: str | Path) -> str:
+    """What ``agentreg train`` says at the end: the run, its validation and the model's agent defaults."""
+    t = bundle.training
+    steps = bundle.agent_defaults["steps"]
+    return (f"trained {config.name} ({config.architecture}) for {t['iterations']} batches in {t['seconds'] / 60:.1f} min "
+            f"on {t['device']}; final loss {t['final_loss']:.4g}, held-out best-action accuracy "
+            f"{t['held_out_accuracy']:.2f} (chance {t['chance_accuracy']:.3f}); {validation_text(bundle.validation)}; "
+            f"default {steps} agent steps"
+            + (f" (best on {t['step_choice']['pairs']} training pairs)" if "step_choice" in t else "")
+            + (", stop rule on" if bundle.agent_defaults.get("stop_when_no_action_helps") else ", no stop rule")
+            + f"; saved {out}")
+
+
+def add_localisation(bundle: ModelBundle, out: Path, localisers: list[str] | None, data: str | None,
+                     names: list[str]) -> str | None:
+    """Give a model that crops on the organ what it needs to place the fixed crop: organ localisers (files of
+    scripts/train_localiser.py, one per image dimension) and the training subjects' median organ spread (for a
+    point placed by hand); save it to ``out``. Returns a note for the user when it has no localiser."""
+    # SimpleITK (the training labels are read again): only for models that crop on the organ
+    from .dataset import find_subjects
+    from .image_io import read_label
+    from .localisation import localisation_from_label
+    from .localiser import load_localiser, localiser_to_payload
+
+    for path in localisers or []:
+        localiser = load_localiser(path)
+        bundle.localisers[str(localiser.config.dim)] = localiser_to_payload(localiser)
+    if data:
+        spreads = np.array([localisation_from_label(read_label(s.label)).spread for s in find_subjects(data, names)])
+        if spreads.shape[1] == 3:
+            bundle.organ_spread = {"3": np.median(spreads, 0).tolist(), "2": np.median(spreads[:, :2], 0).tolist()}
+        else:
+            bundle.organ_spread = {"2": np.median(spreads, 0).tolist()}
+    bundle.save(out)
+    if not localisers:
+        return ("note: this model crops on the organ but has no localiser: users must place the fixed crop with a "
+                "point (--fixed-point); add one with --localiser")
+    return None
 
 
 @torch.no_grad()
