@@ -3,6 +3,11 @@
 Every command prints a progress bar (tqdm, on stderr); with ``--progress-json`` it prints one
 JSON line per step on stdout instead, which the Slicer modules read. User errors end with one
 line ``agentreg: error: ...`` (or ``{"stage": "error", ...}``) and exit code 1.
+
+The command line only parses arguments, calls the stage that does the work and prints. Each command imports its
+stage inside its function: the stages import torch, SimpleITK or itk (seconds), and ``agentreg --help``, the
+input checks of ``register`` (before any model is loaded) and the Slicer worker's start must not wait for the
+ones they do not use.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -19,6 +24,7 @@ import numpy as np
 
 from . import protocol
 from .files import atomic_write
+from .paths import recorded_path, repo_file, shown
 
 
 class Reporter:
@@ -38,7 +44,7 @@ class Reporter:
             if announce:
                 print(protocol.encode(protocol.progress_message(stage, 0, total)), flush=True)
         elif total > 0:
-            from tqdm import tqdm
+            from tqdm import tqdm  # only for a bar on a terminal (not for the Slicer worker's JSON lines)
             self.bar = tqdm(total=total, desc=stage, file=sys.stderr, dynamic_ncols=True, delay=self.delay)
         elif announce:
             print(f"{protocol.STAGE_TITLES.get(stage, stage)} ...", file=sys.stderr, flush=True)
@@ -64,112 +70,50 @@ class Reporter:
             self.bar = None
 
 
-CROPS = ("organ", "paper")
 STEP_CHOICE_PAIRS = 24  # 'agentreg train': real training pairs on which a new model's default steps are chosen
 MAX_FAILED_FRACTION = 0.10  # 'agentreg groundtruth' fails when more pairs fail (or a subject loses all its pairs)
 
 
-def model_geometry(dim: int, crop: str):
-    """The model geometry of a crop choice: the paper's grids, boxes on the organ or the paper's box."""
-    from .geometry import ModelGeometry
-    from .localisation import BOX_SPREADS
-
-    return ModelGeometry.localised_grid(dim, BOX_SPREADS[dim]) if crop == "organ" else ModelGeometry.paper(dim)
-
-
 def _subject_names(args) -> list[str] | None:
+    from .dataset import load_split
+
     if args.subjects:
         return args.subjects.split(",")
     if args.split:
-        from .dataset import load_split
         return load_split(args.split)[args.subset]
     return None
 
 
 # ----------------------------------------------------------------------------------------- groundtruth
-def _recorded_path(path: str | Path) -> str:
-    """A path as a model records it: the project's own files relative to the repository, any other absolute."""
-    resolved = Path(path).resolve()
-    try:
-        return str(resolved.relative_to(_repo_file()))
-    except ValueError:
-        return str(resolved)
-
-
-def _data_record(args) -> dict:
-    """Where the subjects came from, for the model card of a model trained on them."""
-    record = {"data": _recorded_path(args.data)}
-    if args.subjects:
-        record["selection"] = "subjects"
-    elif args.split:
-        record.update(selection="split", split=_recorded_path(args.split), subset=args.subset)
-    else:
-        record["selection"] = "all"
-    return record
-
-
 def cmd_groundtruth(args) -> int:
-    from .dataset import find_subjects, prepare_subject
-    from .groundtruth import GroundTruthSummary, failure_lines, run_groundtruth
-    from .image_io import read_image
+    from . import groundtruth
+    from .dataset import find_subjects
+    from .preprocessing import model_geometry
 
     geometry = model_geometry(args.dim, args.crop)
     subjects = find_subjects(args.data, _subject_names(args))
     template = next((s for s in subjects if s.name == args.template), subjects[0]) if args.template else subjects[0]
-    out = Path(args.out)
-    subject_dir = out / "subjects"
-    start = time.perf_counter()
-    template_image = read_image(template.image, "template image")
+    pairs = groundtruth.ordered_pairs([s.name for s in subjects], args.max_pairs, args.seed)
     rep = Reporter("preprocess", len(subjects), args.progress_json)
-    for i, s in enumerate(subjects):
-        prepare_subject(s, template_image, geometry, subject_dir)
-        rep.update(i + 1)
-    rep.close()
-    names = [s.name for s in subjects]
-    pairs = [(m, f) for m in names for f in names if m != f]
-    if args.max_pairs and len(pairs) > args.max_pairs:
-        pairs = sorted(random.Random(args.seed).sample(pairs, args.max_pairs))
-    rep = Reporter("groundtruth", len(pairs), args.progress_json)
 
-    def progress(done, total, result, error):
+    def pair_done(done, total, result, error):
+        if rep.stage != "groundtruth":
+            rep.begin("groundtruth", len(pairs), announce=False)
         if error:
             rep.message(error)
         rep.update(done, **({"dice": result.dice_after} if result else {}))
 
-    results, failures = run_groundtruth(subject_dir, names, geometry, out, pairs, args.workers,
-                                        {"iterations": args.iterations, "resolutions": args.resolutions}, progress,
-                                        args.scheduler)
+    out = Path(args.out)
+    summary, _, _ = groundtruth.make_groundtruth(
+        subjects, template, geometry, out, pairs, workers=args.workers,
+        settings={"iterations": args.iterations, "resolutions": args.resolutions}, max_pairs=args.max_pairs,
+        seed=args.seed, source=groundtruth.data_record(args.data, args.subjects, args.split, args.subset),
+        max_failed_fraction=MAX_FAILED_FRACTION, on_subject=rep.update, on_pair=pair_done, scheduler=args.scheduler)
     rep.close()
-    results.sort(key=lambda r: (r.moving, r.fixed))
-    lines = ["moving,fixed,dice_before,dice_after,seconds"] + [
-        f"{r.moving},{r.fixed},{r.dice_before:.4f},{r.dice_after:.4f},{r.seconds:.2f}" for r in results]
-    atomic_write(out / "gt_dice.csv", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
-    summary = GroundTruthSummary.of_run(
-        geometry, template.name, names, pairs, results, failures,
-        settings={"iterations": args.iterations, "resolutions": args.resolutions}, workers=args.workers,
-        max_pairs=args.max_pairs, seed=args.seed, wall_seconds=time.perf_counter() - start,
-        max_failed_fraction=MAX_FAILED_FRACTION, source=_data_record(args))
-    summary.save(out)
-    d = summary.dice_after
-    dice_text = (f"Dice after GT registration median {d['median']:.3f}, mean {d['mean']:.3f}, std {d['std']:.3f} "
-                 f"(before: median {summary.dice_before['median']:.3f})" if results else "no pair succeeded")
-    counted = (f"{len(results)} of {len(pairs)} pairs done, {len(failures)} failed" if failures
-               else f"{len(results)} pairs ({len(failures)} failed)")
-    print(f"ground truth: {counted}; {dice_text}; written to {out}", file=sys.stderr)
-    if failures:
-        failed = summary.failed
-        print("\n".join(failure_lines(failed)), file=sys.stderr)
-        if failed["too_many"]:
-            raise ValueError(
-                f"too many ground-truth pairs failed ({len(failures)} of {len(pairs)}; at most "
-                f"{100 * failed['max_fraction']:.0f} % may fail, and every subject needs a pair that succeeds): "
-                "check the named subjects' images and masks (a mask must not be empty and must lie on its "
-                "image), then fix them or leave them out (--subjects or another --split) and rerun the same "
-                f"command (finished pairs are kept); the {len(results)} pairs that succeeded are saved in {out}")
-        print(f"warning: {len(failures)} of {len(pairs)} ground-truth pairs failed (within the "
-              f"{100 * failed['max_fraction']:.0f} % allowed); the SDM and training use the {len(results)} others; "
-              f"rerun the same command to retry the failed pairs (listed in {out / 'failures.json'})",
-              file=sys.stderr)
+    lines, error = groundtruth.run_report(summary, out)
+    print("\n".join(lines), file=sys.stderr)
+    if error:
+        raise ValueError(error)
     if args.progress_json:
         print(json.dumps({"stage": "done", "summary": summary.to_dict()}), flush=True)
     return 0
@@ -177,7 +121,7 @@ def cmd_groundtruth(args) -> int:
 
 # ----------------------------------------------------------------------------------------- sdm
 def cmd_sdm(args) -> int:
-    from .sdm_fitting import fit_from_groundtruth, reconstruction_report
+    from .sdm_fitting import fit_from_groundtruth, reconstruction_report, write_report
 
     gt = Path(args.groundtruth)
     sdm, coefficients, results = fit_from_groundtruth(gt, args.modes)
@@ -190,7 +134,6 @@ def cmd_sdm(args) -> int:
         print(f"d = {row['modes']:3d}: Dice loss of reconstruction mean {100 * row['loss_mean']:.2f} %, "
               f"median {100 * row['loss_median']:.2f} %, max {100 * row['loss_max']:.2f} %", file=sys.stderr)
     if args.report:
-        from .sdm_fitting import write_report
         write_report(Path(args.report), gt, table, "agentreg " + " ".join(sys.argv[1:]), sdm)
     if args.progress_json:
         print(json.dumps({"stage": "done", "reconstruction": table}), flush=True)
@@ -198,109 +141,52 @@ def cmd_sdm(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------- train
-NO_VALIDATION = "no validation (give --data and --split for validation on real pairs)"
-
-
-def _validation_text(validation: dict) -> str:
-    if not validation:
-        return NO_VALIDATION
-    return (f"validation on {len(validation.get('pairs', []))} real pairs of the validation subjects "
-            f"({validation.get('steps')} steps): Dice median {validation['dice_before_median']:.3f} -> "
-            f"{validation['dice_median']:.3f}, mean {validation['dice_before_mean']:.3f} -> {validation['dice_mean']:.3f}")
-
-
 def cmd_train(args) -> int:
-    import torch
-
+    from . import training
     from .bundle import resolve_device
-    from .dataset import find_subjects, prepare_subject
-    from .groundtruth import GroundTruthSummary
-    from .image_io import read_image
     from .sdm import StatisticalDeformationModel
     from .sdm_fitting import load_groundtruth
-    from .training import TrainingSet, choose_steps, config_by_name, train, validation_pairs_from_subjects
 
     if args.split and not args.data:
         raise ValueError("--split needs --data: the data folder or CSV that holds the split's validation subjects")
     if args.step_pairs < 0:
         raise ValueError(f"--step-pairs must be 0 or more, not {args.step_pairs}")
     device = resolve_device(args.device)
-    config = config_by_name(args.config).with_overrides(args.set or [])
+    config = training.config_by_name(args.config).with_overrides(args.set or [])
     geometry, _ = load_groundtruth(Path(args.groundtruth))
     sdm = StatisticalDeformationModel.load(args.sdm)
-    training_set = TrainingSet.from_groundtruth(Path(args.groundtruth))
+    training_set = training.TrainingSet.from_groundtruth(Path(args.groundtruth))
     validation = None
     if args.data and args.split:
-        from .dataset import load_split
-
-        summary = GroundTruthSummary.load(args.groundtruth)
-        all_subjects = find_subjects(args.data)
-        template = next(s for s in all_subjects if s.name == summary.template)
-        names = load_split(args.split)["validation"]
-        chosen = [s for s in all_subjects if s.name in set(names)]
-        if len(chosen) < 2:
-            raise ValueError(f"validation needs 2 or more of the validation subjects of {args.split} in {args.data}; "
-                             f"found {len(chosen)} ({', '.join(s.name for s in chosen) or 'none'})")
-        cache = Path(args.groundtruth) / "validation_subjects"
-        template_image = read_image(template.image, "template image")
-        prepared = [prepare_subject(s, template_image, geometry, cache) for s in chosen]
-        validation = validation_pairs_from_subjects(prepared, config.validation_pairs, config.seed)
-    if device.type == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
+        validation = training.validation_pairs_from_split(Path(args.groundtruth), args.data, args.split, geometry,
+                                                          config.validation_pairs, config.seed)
+    if device.type == "cpu":
+        _torch_threads(args.threads)
     rep = Reporter("train", config.iterations, args.progress_json)
     checkpoint = Path(args.checkpoint) if args.checkpoint else Path(args.out).with_suffix(".checkpoint.pt")
-    bundle = train(config, training_set, sdm, geometry, Path(args.out), device, checkpoint, validation,
-                   lambda i, n, info: rep.update(i, **info),
-                   time_limit=None if args.max_minutes is None else 60.0 * args.max_minutes)
+    bundle = training.train(config, training_set, sdm, geometry, Path(args.out), device, checkpoint, validation,
+                            lambda i, n, info: rep.update(i, **info),
+                            time_limit=None if args.max_minutes is None else 60.0 * args.max_minutes)
     rep.close()
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes)
         return 0
     if bundle.validation:
-        bundle.validation.update(data=_recorded_path(args.data), split=_recorded_path(args.split))
+        bundle.validation.update(data=recorded_path(args.data), split=recorded_path(args.split))
     if args.step_pairs:
         rep = Reporter("agent", 0, args.progress_json)
         rep.message(f"choosing the model's default number of steps on {min(args.step_pairs, len(training_set.pairs))} "
                     "real pairs of training subjects (up to 200 steps each)")
-        bundle.training["step_choice"] = choose_steps(bundle, training_set, args.step_pairs, device=device)
+        bundle.training["step_choice"] = training.choose_steps(bundle, training_set, args.step_pairs, device=device)
         rep.close()
     bundle.save(args.out)
     if geometry.localised:
-        add_localisation(bundle, Path(args.out), args.localiser, args.data, training_set.names)
-    t = bundle.training
-    steps = bundle.agent_defaults["steps"]
-    print(f"trained {config.name} ({config.architecture}) for {t['iterations']} batches in {t['seconds'] / 60:.1f} min on "
-          f"{t['device']}; final loss {t['final_loss']:.4g}, held-out best-action accuracy {t['held_out_accuracy']:.2f} "
-          f"(chance {t['chance_accuracy']:.3f}); {_validation_text(bundle.validation)}; default {steps} agent steps"
-          + (f" (best on {t['step_choice']['pairs']} training pairs)" if "step_choice" in t else "")
-          + (", stop rule on" if bundle.agent_defaults.get("stop_when_no_action_helps") else ", no stop rule")
-          + f"; saved {args.out}", file=sys.stderr)
+        note = training.add_localisation(bundle, Path(args.out), args.localiser, args.data, training_set.names)
+        if note:
+            print(note, file=sys.stderr)
+    print(training.training_text(config, bundle, args.out), file=sys.stderr)
     if args.progress_json:
         print(json.dumps({"stage": "done", "bundle": str(args.out)}), flush=True)
     return 0
-
-
-def add_localisation(bundle, out: Path, localisers: list[str] | None, data: str | None, names: list[str]) -> None:
-    """Give a model that crops on the organ what it needs to place the fixed crop: organ localisers (files of
-    scripts/train_localiser.py, one per image dimension) and the training subjects' median organ spread (for a
-    point placed by hand)."""
-    from .dataset import find_subjects
-    from .image_io import read_label
-    from .localisation import localisation_from_label
-    from .localiser import load_localiser, localiser_to_payload
-
-    for path in localisers or []:
-        localiser = load_localiser(path)
-        bundle.localisers[str(localiser.config.dim)] = localiser_to_payload(localiser)
-    if data:
-        spreads = np.array([localisation_from_label(read_label(s.label)).spread for s in find_subjects(data, names)])
-        if spreads.shape[1] == 3:
-            bundle.organ_spread = {"3": np.median(spreads, 0).tolist(), "2": np.median(spreads[:, :2], 0).tolist()}
-        else:
-            bundle.organ_spread = {"2": np.median(spreads, 0).tolist()}
-    bundle.save(out)
-    if not localisers:
-        print("note: this model crops on the organ but has no localiser: users must place the fixed crop with a point "
-              "(--fixed-point); add one with --localiser", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------- register
@@ -443,12 +329,11 @@ def cmd_register_many(args) -> int:
 # ----------------------------------------------------------------------------------------- info
 def cmd_info(args) -> int:
     from .bundle import load_bundle, model_card
+    from .evaluation import file_hash
 
     bundle = load_bundle(args.model)
     evaluation = None
     if args.evaluation:
-        from .evaluation import file_hash
-
         evaluation = json.loads(Path(args.evaluation).read_text())
         if evaluation.get("model_hash") != file_hash(args.model):
             raise ValueError(f"{args.evaluation} was not made with {args.model} (another model file): run 'agentreg "
@@ -462,62 +347,23 @@ def cmd_info(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------- evaluate
-def _shown(path: str | Path) -> str:
-    """A path as a report shows it: relative to the working folder when inside it."""
-    path = Path(path).resolve()
-    try:
-        return str(path.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 def cmd_evaluate(args) -> int:
-    import shlex
-
+    from . import evaluation
     from .bundle import resolve_device
     from .dataset import find_subjects, load_split
-    from .evaluation import (
-        AGENT_METHODS,
-        EvaluationSettings,
-        evaluate,
-        file_hash,
-        parse_methods,
-        plot_boxplots,
-        report_markdown,
-        select_pairs,
-        summarise,
-        write_csv,
-    )
+    from .preprocessing import model_geometry
 
-    methods = parse_methods(args.methods)
+    methods = evaluation.parse_methods(args.methods)
     names = load_split(args.split)["validation"]
     subjects = {s.name: s for s in find_subjects(args.data, names)}
-    pairs = select_pairs(names, args.max_pairs, args.pairs, args.seed)
-    geometry = model_geometry(args.dim, args.crop or "paper")
-    model = None
-    if any(m in AGENT_METHODS for m in methods) or args.model:
-        from .bundle import load_bundle
-
-        model = Path(args.model or _shipped_model(args.dim))
-        if not model.is_file():
-            raise FileNotFoundError(f"model bundle not found: {model}. {_how_to_get_a_model(args.dim)}")
-        bundle = load_bundle(model)
-        if bundle.dim != args.dim:
-            raise ValueError(f"{model} is a {bundle.dim}-D model but --dim is {args.dim}: use --dim {bundle.dim} "
-                             f"or a {args.dim}-D model")
-        if args.crop and args.crop != ("organ" if bundle.geometry.localised else "paper"):
-            raise ValueError(f"--crop {args.crop}: {model} was trained on {'organ' if bundle.geometry.localised else 'paper'} "
-                             "crops; leave --crop out to use the model's")
-        geometry = bundle.geometry
-        steps = args.steps or bundle.agent_settings().steps
-    else:
-        steps = args.steps or 200  # not used without ours / nfc
-    methods = parse_methods(args.methods, geometry)
-    settings = EvaluationSettings(steps=steps, seed=args.agent_seed, iterations=args.iterations,
-                                  gt_iterations=args.gt_iterations, batch_size=args.batch_size)
+    pairs = evaluation.select_pairs(names, args.max_pairs, args.pairs, args.seed)
+    model, geometry, steps = evaluation.model_to_evaluate(args.model, args.dim, args.crop, methods, args.steps,
+                                                          model_geometry(args.dim, args.crop or "paper"))
+    methods = evaluation.parse_methods(args.methods, geometry)
+    settings = evaluation.EvaluationSettings(steps=steps, seed=args.agent_seed, iterations=args.iterations,
+                                             gt_iterations=args.gt_iterations, batch_size=args.batch_size)
     device = resolve_device(args.device)
     _torch_threads(args.threads)
-    out = Path(args.out)
     bars: dict[str, Reporter] = {}
 
     def progress(stage, done, total):
@@ -528,58 +374,20 @@ def cmd_evaluate(args) -> int:
         bars[stage].update(done)
 
     start = time.perf_counter()
-    results, failures = evaluate(subjects, pairs, geometry, out, methods, settings, model, device, args.workers, progress,
-                                 localiser=args.localiser or model)
+    results, failures = evaluation.evaluate(subjects, pairs, geometry, Path(args.out), methods, settings, model, device,
+                                            args.workers, progress, localiser=args.localiser or model)
     for bar in bars.values():
         bar.close()
-    summary = summarise(results, methods)
-    report = Path(args.report) if args.report else out / "evaluation.md"
-    csv_path = report.with_suffix(".csv")
-    png_path = report.with_name(report.stem + "_boxplots.png")
-    write_csv(csv_path, results)
-    plot_boxplots(png_path, results, methods, args.dim)
-    prealign_failed = sorted({(r["moving"], r["fixed"]) for r in results if r.get("prealignment", "ok") != "ok"})
-    notes = [
-        f"{len(pairs)} ordered pairs of the {len(names)} validation subjects of `{_shown(args.split)}` ({args.data}), "
-        f"{args.dim}-D" + ((" (the slice nearest each image's prostate centre)" if geometry.localised else
-                            " (the middle slice of the crop box of the 3-D-aligned pair)") if args.dim == 2 else "")
-        + f"; model grid {'x'.join(map(str, geometry.size))} of the fixed image.",
-        ("- Every method starts from the same crops, each centred on its image's prostate and sized to it: the "
-         "moving crop placed by the moving label (the atlas case), the fixed one by the model's localiser (no fixed "
-         "label is used); 'localised' is those crops alone, and its seconds are the localisation's."
-         if geometry.localised else
-         "- Every method starts from the same translation pre-alignment (elastix, on the 3-D volumes); "
-         "T is that pre-alignment alone, and its seconds are the pre-alignment's."),
-        "- none: no registration at all (the moving mask where it lies, on the fixed crop).",
-        f"- e8 / e16: elastix's default B-spline map (Mattes mutual information, adaptive stochastic gradient "
-        f"descent, 3 resolutions, {settings.iterations} iterations each), final grid spacing "
-        f"{'x'.join(f'{s / 2:g}' for s in geometry.control_spacing)} / {'x'.join(f'{s:g}' for s in geometry.control_spacing)} "
-        "model voxels (e16 is the GT/SDM control grid).",
-        f"- our / nfc: the agent, {settings.steps} steps, with / without fuzzy action control "
-        + (f"(model `{_shown(model)}`, device {device}); seconds = agent time of a batch of up to {settings.batch_size} pairs "
-           "divided by its pairs." if model else "(not run)."),
-        f"- GT: the constrained elastix registration with both masks (MI + bending energy + surface points, "
-        f"{settings.gt_iterations} iterations): an upper bound, not a method.",
-        "- Dice of the warped moving mask with the fixed mask and Hausdorff distance in model-grid voxels "
-        "(PROMISE12 spacing is unknown: not mm), both on the model grid; % folding = voxels with det J <= 0.",
-        f"- Failed (pair, method): {len(failures)}" + (": " + "; ".join(
-            f"{f['moving']}->{f['fixed']} {f['method']}: {f['error']}" for f in failures) if failures else "."),
-        f"- Pairs whose translation pre-alignment was rejected (no translation applied): {len(prealign_failed)}.",
-        f"- Wall time of this run (cached results are not recomputed): {time.perf_counter() - start:.0f} s, "
-        f"{args.workers} worker(s).",
-    ]
-    info = {"dim": args.dim, "command": "agentreg " + shlex.join(args.argv), "notes": notes,
-            "csv": csv_path.name, "png": png_path.name}
-    atomic_write(report, lambda tmp: Path(tmp).write_text(report_markdown(summary, methods, info)))
-    atomic_write(report.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(
-        {"summary": summary, "failures": failures, "pairs": pairs, "methods": methods,
-         "model": _shown(model) if model else None, "model_hash": file_hash(model) if model else None}, indent=1)))
-    for m in methods:
-        s = summary[m]
-        print(f"{m:>4}: Dice median {s['dice']['median']:.3f} (mean {s['dice']['mean']:.3f}), Hausdorff median "
-              f"{s['hausdorff']['median']:.1f} voxels, folding {s['folding_percent']['mean']:.3f} %, "
-              f"{s['seconds']['mean']:.2f} s/pair, {s['n']} pairs", file=sys.stderr)
-    print(f"report: {report}; per pair: {csv_path}; box plots: {png_path}", file=sys.stderr)
+    notes = evaluation.report_notes(pairs, names, args.split, args.data, args.dim, geometry, settings, model, device,
+                                    results, failures, time.perf_counter() - start, args.workers)
+    report = Path(args.report) if args.report else Path(args.out) / "evaluation.md"
+    summary = evaluation.write_report(
+        report, results, methods, args.dim, "agentreg " + shlex.join(args.argv), notes,
+        {"failures": failures, "pairs": pairs, "methods": methods, "model": shown(model) if model else None,
+         "model_hash": evaluation.file_hash(model) if model else None})
+    print("\n".join(evaluation.summary_lines(summary, methods)), file=sys.stderr)
+    print(f"report: {report}; per pair: {report.with_suffix('.csv')}; box plots: "
+          f"{report.with_name(report.stem + '_boxplots.png')}", file=sys.stderr)
     if args.progress_json:
         print(json.dumps({"stage": "done", "report": str(report), "summary": summary}), flush=True)
     return 0
@@ -587,19 +395,9 @@ def cmd_evaluate(args) -> int:
 
 def _torch_threads(threads: int) -> None:
     if threads:
-        import torch
+        import torch  # only once a command is past its input checks (torch takes seconds to import)
 
         torch.set_num_threads(threads)
-
-
-def _shipped_model(dim: int) -> Path:
-    return Path(__file__).resolve().parents[2] / "Resources" / "Models" / f"prostate-{dim}d.pt"
-
-
-def _how_to_get_a_model(dim: int) -> str:
-    from .demo import how_to_get_a_model
-
-    return how_to_get_a_model(dim)
 
 
 # ----------------------------------------------------------------------------------------- demo
@@ -658,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT at the same path (a shared file system)")
     p.add_argument("--iterations", type=int, default=250, help="elastix iterations per resolution")
     p.add_argument("--resolutions", type=int, default=3, help="elastix resolutions (image pyramid levels)")
-    p.add_argument("--crop", choices=CROPS, default="paper",
+    p.add_argument("--crop", choices=protocol.CROPS, default="paper",
                    help="crop boxes: 'organ' centres each subject's box on its own mask and sizes it to it; 'paper' is "
                         "the paper's centred box with the subjects translated onto a template (elastix)")
     common(p)
@@ -793,11 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="the paper's Table 1 protocol on every ordered pair of the validation subjects")
     p.add_argument("--data", required=True, help="data folder or CSV (e.g. ../shared/data/promise12/grid128)")
-    p.add_argument("--split", default=str(_repo_file("Resources", "promise12_split.json")),
+    p.add_argument("--split", default=str(repo_file("Resources", "promise12_split.json")),
                    help="split JSON; its 'validation' subjects are evaluated (default: Resources/promise12_split.json)")
     p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="2: middle slice; 3: volumes")
     p.add_argument("--model", help="model bundle for ours/nfc (default: Resources/Models/prostate-<dim>d.pt)")
-    p.add_argument("--crop", choices=CROPS, help="crop boxes of the methods without a model (default: the model's; "
+    p.add_argument("--crop", choices=protocol.CROPS, help="crop boxes of the methods without a model (default: the model's; "
                                                  "without a model, the paper's)")
     p.add_argument("--localiser", help="organ localiser (a file of scripts/train_localiser.py, or a model bundle) that "
                                        "places the fixed crops with --crop organ (default: the model's; without one, "
@@ -822,12 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="register a few real PROMISE12 validation pairs with the shipped 3-D model")
-    p.add_argument("--data", default=str(_repo_file("..", "shared", "data", "promise12", "grid128")),
+    p.add_argument("--data", default=str(repo_file("..", "shared", "data", "promise12", "grid128")),
                    help="PROMISE12 folder of caseNN_image/caseNN_label files (default: ../shared/data/promise12/grid128)")
-    p.add_argument("--model", default=str(_repo_file("Resources", "Models", "prostate-3d.pt")),
+    p.add_argument("--model", default=str(repo_file("Resources", "Models", "prostate-3d.pt")),
                    help="model bundle (default: Resources/Models/prostate-3d.pt)")
     p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
-    p.add_argument("--split", default=str(_repo_file("Resources", "promise12_split.json")),
+    p.add_argument("--split", default=str(repo_file("Resources", "promise12_split.json")),
                    help="split JSON whose validation subjects are paired")
     p.add_argument("--pairs", type=int, default=3, help="number of validation pairs (default 3)")
     p.add_argument("--steps", type=int, help="agent steps (default: the model's own, chosen on its training pairs)")
@@ -842,11 +640,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "goes into the card")
     p.set_defaults(func=cmd_info)
     return parser
-
-
-def _repo_file(*parts: str) -> Path:
-    """A path relative to the repository root (where Resources/ and ../shared are)."""
-    return Path(__file__).resolve().parents[2].joinpath(*parts).resolve()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from .cluster import job_executor
 from .files import atomic_write
 from .geometry import ModelGeometry
 from .metrics import dice
+from .paths import recorded_path
+from .protocol import GT_DICE_COLUMNS
 from .warp import warp
 
 GT_WEIGHTS = {"similarity": 1.0, "bending": 3.0, "points": 0.2}
@@ -85,6 +88,8 @@ def register_constrained(fixed: np.ndarray, moving: np.ndarray, fixed_label: np.
                          resolutions: int = 3) -> np.ndarray:
     """elastix B-spline registration constrained by corresponding surface points; returns the
     coefficient vector on ``geometry``'s control grid (model voxels)."""
+    # itk and SimpleITK: this module is also read where neither is installed (scripts/gpu_session.py), to read a
+    # ground-truth folder; only making one needs them
     from . import elastix
     from .dataset import model_image
 
@@ -109,7 +114,7 @@ def warp_label(label: np.ndarray, coefficients: np.ndarray, grid: ControlGrid, b
 
 def _pair_job(args) -> PairResult:
     moving_name, fixed_name, subject_dir, geometry_dict, settings = args
-    from .elastix import single_threaded_worker
+    from .elastix import single_threaded_worker  # itk (see register_constrained)
 
     single_threaded_worker()
     geometry = ModelGeometry.from_dict(geometry_dict)
@@ -121,6 +126,15 @@ def _pair_job(args) -> PairResult:
     warped = warp_label(moving_label, coefficients, grid, grid.image_bases(geometry.size))
     return PairResult(moving_name, fixed_name, coefficients, dice(moving_label, fixed_label),
                       dice(warped, fixed_label), time.perf_counter() - start)
+
+
+def ordered_pairs(names: list[str], max_pairs: int = 0, seed: int = 0) -> list[tuple[str, str]]:
+    """Every ordered pair ``(moving, fixed)`` of ``names``, or a seeded random subset of at most ``max_pairs``
+    (sorted)."""
+    pairs = [(m, f) for m in names for f in names if m != f]
+    if max_pairs and len(pairs) > max_pairs:
+        pairs = sorted(random.Random(seed).sample(pairs, max_pairs))
+    return pairs
 
 
 def pair_file(out_dir: Path, moving: str, fixed: str) -> Path:
@@ -191,6 +205,89 @@ def run_groundtruth(
     else:  # a rerun that redid an earlier run's failed pairs: no stale list of failures
         (out_dir / "failures.json").unlink(missing_ok=True)
     return results, failures
+
+
+def make_groundtruth(subjects: list, template, geometry: ModelGeometry, out: Path, pairs: list[tuple[str, str]], *,
+                     workers: int, settings: dict, max_pairs: int, seed: int, source: dict[str, str],
+                     max_failed_fraction: float, on_subject: Callable[[int], None] | None = None,
+                     on_pair: Callable[[int, int, PairResult | None, str | None], None] | None = None,
+                     scheduler: str | None = None,
+                     ) -> tuple[GroundTruthSummary, list[PairResult], list[tuple[str, str, str]]]:
+    """The whole ``agentreg groundtruth`` stage: ``subjects`` (:class:`dataset.Subject`) prepared onto the model
+    grid (``out/subjects``; translated onto ``template`` with the paper's geometry), the constrained registration of
+    ``pairs`` (:func:`run_groundtruth`), then ``out/gt_dice.csv`` and ``out/summary.json`` written. ``on_subject(done)``
+    after each subject; ``on_pair`` as :func:`run_groundtruth`'s ``progress``."""
+    # SimpleITK (see register_constrained)
+    from .dataset import prepare_subject
+    from .image_io import read_image
+
+    out = Path(out)
+    subject_dir = out / "subjects"
+    start = time.perf_counter()
+    template_image = read_image(template.image, "template image")
+    for i, s in enumerate(subjects):
+        prepare_subject(s, template_image, geometry, subject_dir)
+        if on_subject:
+            on_subject(i + 1)
+    names = [s.name for s in subjects]
+    results, failures = run_groundtruth(subject_dir, names, geometry, out, pairs, workers, settings, on_pair,
+                                        scheduler)
+    results.sort(key=lambda r: (r.moving, r.fixed))
+    write_dice_csv(out / "gt_dice.csv", results)
+    summary = GroundTruthSummary.of_run(
+        geometry, template.name, names, pairs, results, failures, settings=settings, workers=workers,
+        max_pairs=max_pairs, seed=seed, wall_seconds=time.perf_counter() - start,
+        max_failed_fraction=max_failed_fraction, source=source)
+    summary.save(out)
+    return summary, results, failures
+
+
+def write_dice_csv(path: Path, results: list[PairResult]) -> None:
+    """``gt_dice.csv``: one row per pair (:data:`protocol.GT_DICE_COLUMNS`)."""
+    lines = [",".join(GT_DICE_COLUMNS)] + [
+        f"{r.moving},{r.fixed},{r.dice_before:.4f},{r.dice_after:.4f},{r.seconds:.2f}" for r in results]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+
+
+def data_record(data: str | Path, subjects: str | None = None, split: str | None = None,
+                subset: str | None = None) -> dict[str, str]:
+    """Where the subjects came from (:attr:`GroundTruthSummary.source`, for the model card of a model trained on
+    them): the data folder and the selection (``subjects`` named, a ``split`` file's ``subset``, or ``all``)."""
+    record = {"data": recorded_path(data)}
+    if subjects:
+        record["selection"] = "subjects"
+    elif split:
+        record.update(selection="split", split=recorded_path(split), subset=subset)
+    else:
+        record["selection"] = "all"
+    return record
+
+
+def run_report(summary: GroundTruthSummary, out: Path) -> tuple[list[str], str | None]:
+    """What ``agentreg groundtruth`` says at the end: counts and Dice, then the failures, if any, and what to do;
+    and the error (what to fix) when too many pairs failed to go on (:func:`failure_summary`), else ``None``."""
+    done, requested, failed_count = summary.pairs_done, summary.pairs_requested, summary.failures
+    d = summary.dice_after
+    dice_text = (f"Dice after GT registration median {d['median']:.3f}, mean {d['mean']:.3f}, std {d['std']:.3f} "
+                 f"(before: median {summary.dice_before['median']:.3f})" if done else "no pair succeeded")
+    counted = (f"{done} of {requested} pairs done, {failed_count} failed" if failed_count
+               else f"{done} pairs ({failed_count} failed)")
+    lines = [f"ground truth: {counted}; {dice_text}; written to {out}"]
+    if not failed_count:
+        return lines, None
+    failed = summary.failed
+    lines += failure_lines(failed)
+    if failed["too_many"]:
+        return lines, (
+            f"too many ground-truth pairs failed ({failed_count} of {requested}; at most "
+            f"{100 * failed['max_fraction']:.0f} % may fail, and every subject needs a pair that succeeds): "
+            "check the named subjects' images and masks (a mask must not be empty and must lie on its "
+            "image), then fix them or leave them out (--subjects or another --split) and rerun the same "
+            f"command (finished pairs are kept); the {done} pairs that succeeded are saved in {out}")
+    lines.append(f"warning: {failed_count} of {requested} ground-truth pairs failed (within the "
+                 f"{100 * failed['max_fraction']:.0f} % allowed); the SDM and training use the {done} others; "
+                 f"rerun the same command to retry the failed pairs (listed in {out / 'failures.json'})")
+    return lines, None
 
 
 def dice_summary(values: list[float]) -> dict[str, float]:
