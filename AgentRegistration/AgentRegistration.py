@@ -7,10 +7,7 @@ Slicer) and turns its output folder into nodes through ``AgentRegistrationLib.mr
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Union
@@ -18,7 +15,7 @@ from typing import Annotated, Union
 import qt
 import slicer
 import vtk
-from AgentRegistrationLib import mrml, protocol
+from AgentRegistrationLib import mrml, protocol, slicer_setup
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
     vtkMRMLMarkupsFiducialNode,
@@ -38,8 +35,6 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 MODULE_DIR = Path(__file__).resolve().parent
-REQUIREMENT_IMPORTS = {"torch": "torch", "numpy": "numpy", "scipy": "scipy", "SimpleITK": "SimpleITK",
-                       "itk-elastix": "itk", "matplotlib": "matplotlib", "tqdm": "tqdm"}
 
 
 def resourceFile(*parts: str) -> Path | None:
@@ -49,7 +44,7 @@ def resourceFile(*parts: str) -> Path | None:
 
 def userModelsFolder() -> Path:
     """Where Agent Registration Training installs the models it trains (writable, kept across updates)."""
-    return Path(slicer.app.slicerUserSettingsFilePath).parent / "AgentRegistration" / "Models"
+    return slicer_setup.user_models_folder(slicer.app.slicerUserSettingsFilePath)
 
 
 def modelFolders() -> list[Path]:
@@ -60,142 +55,6 @@ def modelFolders() -> list[Path]:
 def availableModels() -> dict[str, Path]:
     """Models by name, read afresh (a model trained or copied in meanwhile is listed)."""
     return protocol.available_models(modelFolders())
-
-
-def workerPython() -> str:
-    """The Python that runs the worker: PythonSlicer inside Slicer."""
-    return shutil.which("PythonSlicer") or sys.executable
-
-
-def missingRequirements() -> list[str]:
-    """Requirement names whose module cannot be imported yet."""
-    importlib.invalidate_caches()  # a package pip installed meanwhile is found
-    return [name for name, module in REQUIREMENT_IMPORTS.items() if importlib.util.find_spec(module) is None]
-
-
-class DependencyInstall:
-    """Installs the missing requirements with pip in a separate process (``protocol.DependencyInstallJob``).
-
-    A QTimer polls the job; a progress dialog shows pip's latest line and has a Cancel button, so Slicer never
-    freezes. ``onFinished(succeeded)`` is called once the install has ended (a failure has been shown to the user).
-    """
-
-    active: DependencyInstall | None = None  # at most one install at a time
-
-    def __init__(self, requester: str, requirements: list[str], onFinished=None) -> None:
-        self.requester = requester
-        self.onFinished = onFinished
-        # PythonSlicer, as slicer.util.pip_install uses: inside Slicer sys.executable is the application itself
-        command = protocol.dependency_install_command(workerPython(), requirements)
-        logging.info("Installing Python packages: %s", " ".join(command))
-        self.job = protocol.DependencyInstallJob(command, requirements).start()
-        self.dialog = qt.QProgressDialog(
-            _("Installing {packages}...").format(packages=", ".join(requirements)), _("Cancel"), 0, 0,
-            slicer.util.mainWindow())
-        self.dialog.windowTitle = _("{requester}: installing Python packages").format(requester=requester)
-        self.dialog.minimumDuration = 0
-        self.dialog.minimumWidth = 600
-        self.dialog.canceled.connect(self.cancel)
-        self.dialog.show()
-        self.timer = qt.QTimer()
-        self.timer.setInterval(200)
-        self.timer.timeout.connect(self.onTimer)
-        self.timer.start()
-        DependencyInstall.active = self
-
-    def cancel(self) -> None:
-        if not self.job.done():
-            self.dialog.setLabelText(_("Cancelling..."))
-            self.job.cancel()
-
-    def onTimer(self) -> None:
-        for line in self.job.poll():
-            logging.info("pip: %s", line)
-        if self.job.latest_line and not self.job.cancelled:
-            self.dialog.setLabelText(self.job.latest_line[:120])
-        if not self.job.done():
-            return
-        self.timer.stop()
-        self.dialog.hide()
-        self.dialog.deleteLater()
-        DependencyInstall.active = None
-        succeeded = self.job.succeeded and not missingRequirements()
-        if not succeeded and not self.job.cancelled:
-            error = self.job.error or _("pip finished but these packages still cannot be imported: {packages}. "
-                                        "Restart Slicer and try again.").format(packages=", ".join(missingRequirements()))
-            slicer.util.errorDisplay(_("{requester} could not install its Python packages.").format(
-                requester=self.requester), detailedText=error)
-        if self.onFinished is not None:
-            self.onFinished(succeeded)
-
-
-def startDependencyInstall(requester: str = "AgentRegistration", onFinished=None) -> DependencyInstall | None:
-    """Ask the user, then install the missing requirements without blocking Slicer.
-
-    Torch comes from the PyTorch extension (PyTorchUtils, which picks the CUDA build and has its own UI) when
-    available; everything else from ``Resources/requirements.txt`` through a :class:`DependencyInstall`.
-    Returns the running install, or None when nothing is left to install or the user declined (``onFinished``
-    is then called at once with whether everything is installed).
-    """
-    def finish(succeeded: bool) -> None:
-        if onFinished is not None:
-            onFinished(succeeded)
-
-    if DependencyInstall.active is not None:  # already installing: show that one
-        DependencyInstall.active.dialog.show()
-        DependencyInstall.active.dialog.activateWindow()
-        return None
-    missing = missingRequirements()
-    if not missing:
-        finish(True)
-        return None
-    if not slicer.util.confirmOkCancelDisplay(
-            _("{requester} needs these Python packages, which are not installed yet:\n{packages}\n\n"
-              "Install them now? This is needed once and can take several minutes "
-              "(PyTorch is a large download). Slicer stays usable meanwhile.").format(
-                requester=requester, packages=", ".join(missing))):
-        finish(False)
-        return None
-    if "torch" in missing:
-        try:
-            import PyTorchUtils
-
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
-                raise ImportError("PyTorchUtils did not install torch")
-            missing.remove("torch")
-        except ImportError:
-            logging.info("PyTorch extension not available; torch is installed with pip (CPU build on some systems)")
-        except Exception as error:
-            logging.warning("PyTorch extension failed to install torch (%s); trying pip", error)
-    if not missing:
-        finish(not missingRequirements())
-        return None
-    requirementsFile = resourceFile("requirements.txt")
-    requirements = protocol.read_requirements(requirementsFile, missing) if requirementsFile is not None else []
-    return DependencyInstall(requester, requirements or missing, finish)
-
-
-def dependenciesReady(requester: str = "AgentRegistration", then=None) -> bool:
-    """True when every requirement is installed; otherwise start installing them (asking first, never blocking)
-    and return False: ``then()`` is called once the install has succeeded (e.g. to start what needed them)."""
-    if not missingRequirements():
-        return True
-    startDependencyInstall(requester, lambda succeeded: succeeded and then is not None and then())
-    return False
-
-
-def ensureDependencies(requester: str = "AgentRegistration") -> bool:
-    """Install the engine's requirements on first use and wait for it (for scripts and the self-test).
-
-    The install runs in a separate pip process; Slicer keeps processing events while it waits. The GUI uses
-    :func:`dependenciesReady`, which does not wait. A failed install says what to do.
-    """
-    outcome: list[bool] = []
-    install = startDependencyInstall(requester, outcome.append)
-    while install is not None and not outcome:
-        slicer.app.processEvents()
-        time.sleep(0.05)
-    return bool(outcome and outcome[0]) and not missingRequirements()
 
 
 JobState = protocol.JobState
@@ -390,7 +249,7 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._job.job.cancel()
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
-            if not dependenciesReady(then=self.onApplyButton):
+            if not slicer_setup.dependencies_ready("AgentRegistration", then=self.onApplyButton):
                 return  # installing the Python packages in a separate process; Apply goes on once they are in
             p = self._parameterNode
             self._job = self.logic.startRegistration(
@@ -476,7 +335,7 @@ class AgentRegistrationLogic(ScriptedLoadableModuleLogic):
         """
         model = Path(availableModels().get(str(model), model))
         return mrml.start_registration(
-            workerPython(), protocol.engine_dir(__file__), fixedVolume, movingVolume, model,
+            slicer_setup.worker_python(), protocol.engine_dir(__file__), fixedVolume, movingVolume, model,
             fixed_segmentation=fixedSegmentation, moving_segmentation=movingSegmentation, fixed_point=fixedPoint,
             temporary_root=slicer.app.temporaryPath, keep_temporary_files=keepTemporaryFiles, device=device,
             steps=steps, seed=seed, fuzzy_action_control=fuzzyActionControl, fuzzy_k=fuzzyK,
@@ -522,7 +381,7 @@ class AgentRegistrationTest(ScriptedLoadableModuleTest):
         models = availableModels()
         self.assertIn("prostate-3d", models, "the shipped 3-D model is missing: reinstall the extension")
         nodes = AgentRegistrationLogic.loadSampleData()  # raises when the sample data is missing
-        self.assertTrue(ensureDependencies())
+        self.assertTrue(slicer_setup.ensure_dependencies("AgentRegistration"))
         before = slicer.mrmlScene.GetNumberOfNodes()
         result = AgentRegistrationLogic().process(nodes["fixed"], nodes["moving"], "prostate-3d",
                                                   fixedSegmentation=nodes["fixed_label"],

@@ -33,7 +33,7 @@ _SOURCE_ENGINE_DIR = MODULE_DIR.parent / "AgentRegistration"
 if not (MODULE_DIR / "AgentRegistrationLib").is_dir() and str(_SOURCE_ENGINE_DIR) not in sys.path:
     sys.path.append(str(_SOURCE_ENGINE_DIR))
 
-from AgentRegistrationLib import mrml, protocol  # noqa: E402
+from AgentRegistrationLib import mrml, protocol, slicer_setup  # noqa: E402
 
 STAGES = ("groundtruth", "sdm", "train")
 CONFIGURATIONS = list(protocol.TRAINING_CONFIGURATIONS)
@@ -137,9 +137,7 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
             self._pipeline.cancel()
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
-            import AgentRegistration
-
-            if not AgentRegistration.dependenciesReady("AgentRegistrationTraining", then=self.onApplyButton):
+            if not slicer_setup.dependencies_ready("AgentRegistrationTraining", then=self.onApplyButton):
                 return  # installing the Python packages in a separate process; training starts once they are in
             p = self._parameterNode
             volumes = list(self.ui.volumesSelector.checkedNodes())
@@ -183,7 +181,6 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         p.groundTruthTable = self.logic.groundTruthTable(Path(p.outputFolder))
         p.lossChart = self.logic.lossChart(Path(p.outputFolder), p.modelName.strip())
         self.ui.bundleLabel.text = str(installed)
-        self.logic.refreshRegistrationModels()
         self.setState(JobState.SUCCEEDED, _("Done. The model is listed in Agent Registration as '{name}'.")
                       .format(name=p.modelName))
 
@@ -194,18 +191,8 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def userModelsFolder() -> Path:
-        """Where trained bundles go so that AgentRegistration lists them."""
-        import AgentRegistration
-
-        return AgentRegistration.userModelsFolder()
-
-    @staticmethod
-    def refreshRegistrationModels() -> None:
-        """Make the Agent Registration module list the new model now (if its widget exists)."""
-        module = getattr(slicer.modules, "agentregistration", None)
-        widget = module.widgetRepresentation().self() if module is not None else None
-        if widget is not None and hasattr(widget, "refreshModelList"):
-            widget.refreshModelList()
+        """Where trained bundles go so that AgentRegistration lists them (it reads the list on entering it)."""
+        return slicer_setup.user_models_folder(slicer.app.slicerUserSettingsFilePath)
 
     def writeLoadedCases(self, volumes: list, folder: Path) -> None:
         """Write checked volumes with their segmentations as <case>_image/_label.nii.gz."""
@@ -245,10 +232,8 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
             self.writeLoadedCases(volumes, dataFolder)
         elif not Path(dataFolder).is_dir():
             raise ValueError(f"Data folder not found: {dataFolder}. Check loaded volumes or pick a folder.")
-        import AgentRegistration
-
         files = protocol.TrainingFiles(outputFolder, modelName.strip())
-        commands = protocol.training_commands(AgentRegistration.workerPython(), dataFolder, files, dim=dim,
+        commands = protocol.training_commands(slicer_setup.worker_python(), dataFolder, files, dim=dim,
                                           configuration=configuration, device=device, max_minutes=maxMinutes)
         if not resume:
             files.checkpoint.unlink(missing_ok=True)
