@@ -1,13 +1,15 @@
 """Throughput of a cohort: one ``agentreg register-many`` against a loop of single ``agentreg register`` processes.
 
 On ordered pairs of the validation subjects of ``Resources/promise12_split.json`` in the shared PROMISE12 data
-(``native`` by default: the images as a user loads them; or ``grid128``), with both labels given:
+(``native`` by default: the images as a user loads them, which hold 7 of the 9 validation subjects, so 42 ordered
+pairs; or ``grid128``, all 9: 72 pairs), with both labels given:
 
 * **loop**: one ``agentreg register`` process per pair, one after the other, with its defaults (as a script
   of single calls runs them): each process imports torch, loads the model, prepares its pair, runs the agent and
   writes its folder;
 * **batch**: one ``agentreg register-many --pairs CSV`` process for all the pairs (one model load, the agent on
-  batches of ``--batch-size`` pairs, ``--workers`` processes preparing and writing).
+  batches of ``--batch-size`` pairs, ``--workers`` processes reading, preparing and writing: by default one per
+  core).
 
 Both are timed end to end, from the first process start to the last exit, and given as pairs per minute and
 their ratio (batch / loop). Then every pair's outputs are compared: warped image, warped label and displacement
@@ -16,7 +18,8 @@ column; the Q-values, which a batched network computes with other float32 kernel
 largest |Q|: their 5 printed digits may differ in the last). The machine's
 load average is reported: on a shared machine both numbers move with the other jobs.
 
-    python scripts/benchmark_cohort.py [--pairs 72] [--data native|FOLDER] [--workers 1] [--batch-size 16]
+    python scripts/benchmark_cohort.py [--pairs 0 (all)] [--data native|grid128|FOLDER] [--workers 0 (cores)]
+        [--batch-size 16]
         [--device auto] [--model M.pt] [--markdown FILE] [--json FILE] [--keep DIR]
 """
 
@@ -58,6 +61,7 @@ def validation_pairs(data: Path, count: int) -> list[dict]:
     if len(names) < 2:
         sys.exit(f"benchmark: fewer than 2 validation subjects in {data}")
     ordered = list(permutations(names, 2))
+    count = count or len(ordered)
     chosen = [ordered[round(i * len(ordered) / count)] for i in range(min(count, len(ordered)))]
     return [{"name": f"{m}_to_{f}", "fixed": data / f"{f}_image.nii.gz", "moving": data / f"{m}_image.nii.gz",
              "fixed_label": data / f"{f}_label.nii.gz", "moving_label": data / f"{m}_label.nii.gz"}
@@ -130,8 +134,11 @@ def compare(batch: Path, single: Path) -> dict:
             q_gap = max(q_gap, float(np.abs(q - q_other).max() / max(np.abs(q_other).max(), 1e-12)))
         if q_gap > Q_TOLERANCE:
             differ.append(f"trajectory.csv (Q-values by {q_gap:.2g} of the step's largest)")
+    timing = json.loads((batch / "metrics.json").read_text())
     return {"differ": differ, "q_gap": q_gap, "dice_after": metrics[1].get("dice_after"),
-            "dice_after_batch": metrics[0].get("dice_after")}
+            "dice_after_batch": metrics[0].get("dice_after"),
+            "batch_stages": {"preprocessing": timing["seconds_preprocessing"], "outputs": timing["seconds_outputs"],
+                             "agent_share": timing["seconds_agent"] / timing["pairs_in_batch"]}}
 
 
 def cpu_text() -> str:
@@ -149,9 +156,10 @@ def report(result: dict, args) -> str:
     lines = [
         "# Cohort throughput: `agentreg register-many` against a loop of `agentreg register`", "",
         f"Made by `python scripts/benchmark_cohort.py {' '.join(args.argv)}` on {result['machine']}, device "
-        f"{args.device}, {n} ordered pairs of the validation subjects of `Resources/promise12_split.json` in "
-        f"`{result['data']}`, model `{Path(args.model).name}`, both labels given. End to end: from the first process "
-        "start to the last exit.", "",
+        f"{args.device}, **{n} of the {result['available']} ordered pairs** of the validation subjects of "
+        f"`Resources/promise12_split.json` in `{result['data']}` ({result['subjects']} of its validation subjects "
+        f"are in that folder), model `{Path(args.model).name}`, both labels given. End to end: from the first process "
+        "start to the last exit.", ""] + ([args.note, ""] if args.note else []) + [
         "| | processes | seconds | pairs per minute |", "|---|---:|---:|---:|",
         f"| loop of `agentreg register` | {n} | {loop:.1f} | {60 * n / loop:.1f} |",
         f"| `agentreg register-many` (--workers {args.workers}, --batch-size {args.batch_size}) | 1 | {batch:.1f} | "
@@ -171,7 +179,11 @@ def report(result: dict, args) -> str:
               f"{os.cpu_count()} cores" + (": **measured under contention from other jobs; both numbers are slower "
                                            "than on an idle machine, and their ratio less certain**." if contention
                                            else "."),
-              "- Threads: 1 per process (the --threads default of both commands).", ""]
+              "- Threads: 1 per process (the --threads default of both commands).",
+              "- Batch, per pair (mean, the workers' seconds): reading and preparing {:.2f} s, finishing and writing "
+              "{:.2f} s, the agent's share of its batch {:.2f} s.".format(
+                  *(np.mean([p["batch_stages"][k] for p in result["pairs"]]) for k in ("preprocessing", "outputs",
+                                                                                         "agent_share"))), ""]
     return "\n".join(lines)
 
 
@@ -181,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="native",
                    help="'native' or 'grid128' (the shared PROMISE12 folders) or a folder of caseNN_image/_label files")
     p.add_argument("--model", default=str(MODEL), help="model bundle (default: the shipped 3-D model)")
-    p.add_argument("--pairs", type=int, default=72, help="ordered validation pairs (default 72: all of them)")
-    p.add_argument("--workers", type=int, default=1, help="--workers of register-many (default 1)")
+    p.add_argument("--pairs", type=int, default=0,
+                   help="ordered validation pairs, spread over the subjects (default 0: all of them; 42 in native)")
+    p.add_argument("--workers", type=int, default=0, help="--workers of register-many (default 0: one per core)")
     p.add_argument("--batch-size", type=int, default=16, help="--batch-size of register-many (default 16)")
     p.add_argument("--device", default="auto", help="--device of both commands (auto, cpu or cuda)")
     p.add_argument("--order", choices=("loop-first", "batch-first"), default="loop-first",
@@ -190,12 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", help="write the report (markdown) to this file")
     p.add_argument("--json", help="write the measurements as JSON to this file")
     p.add_argument("--keep", help="keep the outputs in this folder (default: a temporary folder, removed)")
+    p.add_argument("--note", help="a paragraph for the report (e.g. what else ran on the machine)")
     args = p.parse_args(argv)
     args.argv = argv
-    if args.pairs < 1:
-        p.error("--pairs must be >= 1")
+    if args.pairs < 0:
+        p.error("--pairs must be >= 0 (0: all)")
+    args.workers = args.workers or os.cpu_count() or 1
     data = DATA / args.data if args.data in ("native", "grid128") else Path(args.data)
     pairs = validation_pairs(data, args.pairs)
+    subjects = [n for n in json.loads(SPLIT.read_text())["validation"] if (data / f"{n}_image.nii.gz").is_file()]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="agentreg-cohort-") as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
@@ -213,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": cpu_text(), "data": f"../{data.relative_to(REPO.parent)}" if data.is_relative_to(REPO.parent)
               else str(data), "loop_seconds": loop_seconds, "batch_seconds": batch_seconds, "pairs": compared,
               "load_average": {"before": load_before, "after": os.getloadavg()}, "device": args.device,
-              "workers": args.workers, "batch_size": args.batch_size}
+              "workers": args.workers, "batch_size": args.batch_size, "command": ["python", "scripts/benchmark_cohort.py",
+                                                                                  *argv],
+              "available": len(subjects) * (len(subjects) - 1), "subjects": len(subjects),
+              "pairs_per_minute": {"loop": 60 * len(pairs) / loop_seconds, "batch": 60 * len(pairs) / batch_seconds},
+              "ratio": loop_seconds / batch_seconds}
     text = report(result, args)
     print(text)
     if args.markdown:
