@@ -68,6 +68,10 @@ class AgentRegistrationTrainingParameterNode:
     device: Annotated[str, Choice(list(protocol.DEVICE_CHOICES))] = "Auto"
     resume: bool = True
     timeLimitMinutes: float = 0.0  # training stage; 0: none
+    geometry: Annotated[str, Choice(list(protocol.GEOMETRY_CHOICES))] = "auto"  # a user's own organ: from the data
+    gridSize: str = ""  # "x,y[,z]" model voxels; empty: the geometry's
+    controlSpacing: str = ""  # "x,y[,z]" model voxels; empty: the geometry's
+    boxSpreads: str = ""  # "x,y[,z]" organ standard deviations; empty: the geometry's
     groundTruthTable: vtkMRMLTableNode
     lossChart: vtkMRMLPlotChartNode
 
@@ -129,6 +133,7 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         self.ui.applyButton.enabled = state != JobState.CANCEL_REQUESTED
         self.ui.progressBar.visible = running
         self.ui.inputsCollapsibleButton.enabled = not running
+        self.ui.geometryCollapsibleButton.enabled = not running
         self.ui.statusLabel.text = message
 
     def onApplyButton(self) -> None:
@@ -144,7 +149,10 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
             self._pipeline = self.logic.startTraining(volumes, p.dataFolder, p.outputFolder, p.modelName,
                                                       p.configuration, p.device, p.resume,
                                                       dim=DIMENSIONS[p.dimension],
-                                                      maxMinutes=p.timeLimitMinutes or None)
+                                                      maxMinutes=p.timeLimitMinutes or None, geometry=p.geometry,
+                                                      geometryOverrides={"grid_size": p.gridSize,
+                                                                         "control_spacing": p.controlSpacing,
+                                                                         "box_spreads": p.boxSpreads})
             self.setState(JobState.RUNNING, _("Starting..."))
             self._timer.start()
 
@@ -211,8 +219,11 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
 
     def startTraining(self, volumes: list, dataFolder: Path, outputFolder: Path, modelName: str,
                       configuration: str = protocol.DEFAULT_TRAINING_CONFIGURATION, device: str = "Auto", resume: bool = True,
-                      dim: int = 3, maxMinutes: float | None = None) -> protocol.WorkerJob:
+                      dim: int = 3, maxMinutes: float | None = None, geometry: str = "auto",
+                      geometryOverrides: dict | None = None) -> protocol.WorkerJob:
         """Check inputs and start ground truth -> SDM -> training.
+
+        ``geometry`` and ``geometryOverrides``: the model geometry (:func:`protocol.training_commands`).
 
         ``maxMinutes`` ends the training stage after that many minutes (checkpointed: Apply again goes on).
 
@@ -234,7 +245,8 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"Data folder not found: {dataFolder}. Check loaded volumes or pick a folder.")
         files = protocol.TrainingFiles(outputFolder, modelName.strip())
         commands = protocol.training_commands(slicer_setup.worker_python(), dataFolder, files, dim=dim,
-                                          configuration=configuration, device=device, max_minutes=maxMinutes)
+                                              configuration=configuration, device=device, max_minutes=maxMinutes,
+                                              geometry=geometry, geometry_overrides=geometryOverrides)
         if not resume:
             files.checkpoint.unlink(missing_ok=True)
             files.loss.unlink(missing_ok=True)

@@ -9,8 +9,8 @@ DATA=${DATA:-../shared/data/promise12/grid128}
 WORK=${WORK:-work}
 SHIP=${SHIP:-0}
 SPLIT=Resources/promise12_split.json
-agentreg groundtruth "$DATA" --split $SPLIT --dim 2 --iterations 200 --out "$WORK/gt2d"
-agentreg groundtruth "$DATA" --split $SPLIT --dim 3 --iterations 100 --resolutions 2 --max-pairs 300 --seed 0 --out "$WORK/gt3d"
+agentreg groundtruth "$DATA" --split $SPLIT --geometry paper --dim 2 --iterations 200 --out "$WORK/gt2d"
+agentreg groundtruth "$DATA" --split $SPLIT --geometry paper --dim 3 --iterations 100 --resolutions 2 --max-pairs 300 --seed 0 --out "$WORK/gt3d"
 agentreg sdm "$WORK/gt2d" --modes 15 --out "$WORK/sdm2d.npz" --report-modes 5,10,15,25,40 --report "$WORK/gt2d/report.md"
 agentreg sdm "$WORK/gt3d" --modes 25 --out "$WORK/sdm3d.npz" --report-modes 5,10,15,25,40 --report "$WORK/gt3d/report.md"
 { echo "# Ground truth and statistical deformation model on PROMISE12 (training split)"; echo;

@@ -82,7 +82,8 @@ class ModelBundle:
             "sdm": sdm,
             "sdm_grid": {"size": list(self.sdm.grid.size), "spacing": list(self.sdm.grid.spacing),
                          "origin": list(self.sdm.grid.origin)},
-            "geometry": {k: (None if v is None else list(v)) for k, v in self.geometry.to_dict().items()},
+            "geometry": {k: (v if v is None or isinstance(v, str) else list(v))
+                         for k, v in self.geometry.to_dict().items()},
             "action_steps": torch.from_numpy(np.asarray(self.action_steps, dtype=np.float64)),
             "agent_defaults": dict(self.agent_defaults),
             "training": self.training,
@@ -256,7 +257,7 @@ def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -
            + (f"for {' and '.join(sorted(bundle.localisers))}-D images" if bundle.localisers else "this model has none")
            + ")." if bundle.geometry.localised else
            f"crop box {list(bundle.geometry.crop_fraction)} of the fixed image's extent, centred, after elastix "
-           "translation pre-alignment."),
+           "translation pre-alignment.") + f" Model {bundle.geometry.description()}.",
         f"- **Data**: {_data_line(t)}",
         f"- **Training configuration** `{config.get('name', '?')}`: " + ", ".join(f"{k}={val}" for k, val in config.items()),
         f"- **Training**: {t.get('iterations', '?')} batches in {t.get('seconds', 0) / 60:.1f} min on {t.get('device', '?')}; "

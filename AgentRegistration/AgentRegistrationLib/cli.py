@@ -84,14 +84,27 @@ def _subject_names(args) -> list[str] | None:
     return None
 
 
+def _numbers(kind: type, option: str):
+    """An argparse type: :func:`protocol.parse_numbers` of ``kind``, naming ``option`` when wrong."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return protocol.parse_numbers(text, kind, option)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
 # ----------------------------------------------------------------------------------------- groundtruth
 def cmd_groundtruth(args) -> int:
     from . import groundtruth
     from .dataset import find_subjects
     from .preprocessing import model_geometry
 
-    geometry = model_geometry(args.dim, args.crop)
     subjects = find_subjects(args.data, _subject_names(args))
+    geometry = model_geometry(args.dim, args.crop, args.geometry, [s.label for s in subjects], args.grid_size,
+                              args.control_spacing, args.box_spreads)
     template = next((s for s in subjects if s.name == args.template), subjects[0]) if args.template else subjects[0]
     pairs = groundtruth.ordered_pairs([s.name for s in subjects], args.max_pairs, args.seed)
     rep = Reporter("preprocess", len(subjects), args.progress_json)
@@ -108,7 +121,8 @@ def cmd_groundtruth(args) -> int:
         subjects, template, geometry, out, pairs, workers=args.workers,
         settings={"iterations": args.iterations, "resolutions": args.resolutions}, max_pairs=args.max_pairs,
         seed=args.seed, source=groundtruth.data_record(args.data, args.subjects, args.split, args.subset),
-        max_failed_fraction=MAX_FAILED_FRACTION, on_subject=rep.update, on_pair=pair_done, scheduler=args.scheduler)
+        max_failed_fraction=MAX_FAILED_FRACTION, on_subject=rep.update, on_pair=pair_done, scheduler=args.scheduler,
+        compare_elastix=args.compare_elastix)
     rep.close()
     lines, error = groundtruth.run_report(summary, out)
     print("\n".join(lines), file=sys.stderr)
@@ -121,13 +135,15 @@ def cmd_groundtruth(args) -> int:
 
 # ----------------------------------------------------------------------------------------- sdm
 def cmd_sdm(args) -> int:
+    from .groundtruth import GroundTruthSummary
     from .sdm_fitting import fit_from_groundtruth, reconstruction_report, write_report
 
     gt = Path(args.groundtruth)
     sdm, coefficients, results = fit_from_groundtruth(gt, args.modes)
     sdm.save(args.out)
     print(f"SDM with {args.modes} modes ({100 * sdm.explained_variance_ratio.sum():.1f} % of the variance) "
-          f"from {len(results)} GT deformations saved to {args.out}", file=sys.stderr)
+          f"from {len(results)} GT deformations saved to {args.out}; model "
+          f"{GroundTruthSummary.load(gt).geometry.description()}", file=sys.stderr)
     modes = sorted({int(m) for m in args.report_modes.split(",")} | {args.modes}) if args.report_modes else [args.modes]
     table = reconstruction_report(gt, coefficients, results, modes)
     for row in table:
@@ -456,9 +472,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT at the same path (a shared file system)")
     p.add_argument("--iterations", type=int, default=250, help="elastix iterations per resolution")
     p.add_argument("--resolutions", type=int, default=3, help="elastix resolutions (image pyramid levels)")
-    p.add_argument("--crop", choices=protocol.CROPS, default="paper",
+    p.add_argument("--geometry", choices=protocol.GEOMETRY_CHOICES, default=protocol.DEFAULT_GEOMETRY,
+                   help="model geometry: 'paper' is the paper's prostate grids (100x100 / 75x75x20, control spacing "
+                        "16x16(x8) grid voxels); 'auto' derives them from the training masks (isotropic voxels on the "
+                        "organ's box, about the paper's voxel and control-point budget; crops on the organ). Default "
+                        f"{protocol.DEFAULT_GEOMETRY}")
+    p.add_argument("--crop", choices=protocol.CROPS,
                    help="crop boxes: 'organ' centres each subject's box on its own mask and sizes it to it; 'paper' is "
-                        "the paper's centred box with the subjects translated onto a template (elastix)")
+                        "the paper's centred box with the subjects translated onto a template (elastix). Default: "
+                        "'paper' with --geometry paper; --geometry auto always crops on the organ")
+    p.add_argument("--grid-size", type=_numbers(int, "--grid-size"), metavar="NX,NY[,NZ]",
+                   help="model grid size in voxels (overrides the geometry's)")
+    p.add_argument("--control-spacing", type=_numbers(float, "--control-spacing"), metavar="SX,SY[,SZ]",
+                   help="B-spline control spacing in model grid voxels (overrides the geometry's)")
+    p.add_argument("--box-spreads", type=_numbers(float, "--box-spreads"), metavar="BX,BY[,BZ]",
+                   help="crop box per axis in standard deviations of the organ (crops on the organ; default "
+                        "10,10(,7))")
+    p.add_argument("--compare-elastix", type=int, default=0, metavar="N",
+                   help="also register a seeded sample of N of the pairs with plain elastix B-spline (e8 and e16 of "
+                        "'agentreg evaluate') and report their Dice beside the ground truth's: the ground truth must "
+                        "beat them")
     common(p)
     p.set_defaults(func=cmd_groundtruth)
 

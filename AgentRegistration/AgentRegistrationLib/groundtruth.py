@@ -31,7 +31,7 @@ from .bspline import ControlGrid, dense_displacement
 from .cluster import job_executor
 from .files import atomic_write
 from .geometry import ModelGeometry
-from .metrics import dice
+from .metrics import dice, label_values, per_label
 from .paths import recorded_path
 from .protocol import GT_DICE_COLUMNS
 from .warp import warp
@@ -73,6 +73,20 @@ def surface_points(mask: np.ndarray, directions: np.ndarray, step: float = 0.25)
     return pts[np.arange(len(directions)), last_inside]
 
 
+def corresponding_points(fixed_label: np.ndarray, moving_label: np.ndarray, directions: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Corresponding surface points of two label maps, ``(fixed_points, moving_points)``: :func:`surface_points` of
+    each label value the two share, matched label to label (the same rays from each label's own centroid); of the
+    union of the labels when either map holds one label value (or they share fewer than two)."""
+    fixed_label, moving_label = np.asarray(fixed_label), np.asarray(moving_label)
+    fixed_values, moving_values = label_values(fixed_label), label_values(moving_label)
+    shared = sorted(set(fixed_values) & set(moving_values))
+    if min(len(fixed_values), len(moving_values)) < 2 or len(shared) < 2:
+        return surface_points(fixed_label, directions), surface_points(moving_label, directions)
+    return (np.concatenate([surface_points(fixed_label == v, directions) for v in shared]),
+            np.concatenate([surface_points(moving_label == v, directions) for v in shared]))
+
+
 @dataclass
 class PairResult:
     moving: str
@@ -81,13 +95,15 @@ class PairResult:
     dice_before: float
     dice_after: float
     seconds: float
+    label_dice: dict[int, tuple[float, float]] = field(default_factory=dict)  # value: (before, after); several labels
 
 
 def register_constrained(fixed: np.ndarray, moving: np.ndarray, fixed_label: np.ndarray, moving_label: np.ndarray,
                          geometry: ModelGeometry, num_points: int | None = None, iterations: int = 300,
                          resolutions: int = 3) -> np.ndarray:
     """elastix B-spline registration constrained by corresponding surface points; returns the
-    coefficient vector on ``geometry``'s control grid (model voxels)."""
+    coefficient vector on ``geometry``'s control grid (model voxels). The points are on each label's surface,
+    label to label (:func:`corresponding_points`): ``num_points`` per label."""
     # itk and SimpleITK: this module is also read where neither is installed (scripts/gpu_session.py), to read a
     # ground-truth folder; only making one needs them
     from . import elastix
@@ -95,8 +111,7 @@ def register_constrained(fixed: np.ndarray, moving: np.ndarray, fixed_label: np.
 
     num_points = num_points or (64 if geometry.dim == 2 else 256)
     directions = ray_directions(geometry.dim, num_points)
-    fixed_points = surface_points(fixed_label, directions)
-    moving_points = surface_points(moving_label, directions)
+    fixed_points, moving_points = corresponding_points(fixed_label, moving_label, directions)
     parameter_map = elastix.bspline_map(geometry.control_spacing, iterations, resolutions,
                                         points_weight=GT_WEIGHTS["points"], bending_weight=GT_WEIGHTS["bending"])
     maps = elastix.register(model_image(fixed), model_image(moving), [parameter_map], fixed_points, moving_points)
@@ -124,8 +139,10 @@ def _pair_job(args) -> PairResult:
     coefficients = register_constrained(fixed, moving, fixed_label, moving_label, geometry, **settings)
     grid = geometry.control_grid()
     warped = warp_label(moving_label, coefficients, grid, grid.image_bases(geometry.size))
+    before, after = per_label(moving_label, fixed_label, hausdorff=False), per_label(warped, fixed_label, hausdorff=False)
     return PairResult(moving_name, fixed_name, coefficients, dice(moving_label, fixed_label),
-                      dice(warped, fixed_label), time.perf_counter() - start)
+                      dice(warped, fixed_label), time.perf_counter() - start,
+                      {v: (before[v]["dice"], after[v]["dice"]) for v in before})
 
 
 def ordered_pairs(names: list[str], max_pairs: int = 0, seed: int = 0) -> list[tuple[str, str]]:
@@ -141,10 +158,21 @@ def pair_file(out_dir: Path, moving: str, fixed: str) -> Path:
     return out_dir / "pairs" / f"{moving}__to__{fixed}.npz"
 
 
+def save_pair(path: Path, r: PairResult) -> None:
+    """Write one pair's result (atomically); ``label_dice`` only when the labels hold several values."""
+    per_label_rows = {"label_dice": np.array([(v, b, a) for v, (b, a) in sorted(r.label_dice.items())])} \
+        if r.label_dice else {}
+    atomic_write(path, lambda tmp: np.savez(
+        tmp, moving=r.moving, fixed=r.fixed, coefficients=r.coefficients, dice_before=r.dice_before,
+        dice_after=r.dice_after, seconds=r.seconds, **per_label_rows))
+
+
 def load_pair(path: Path) -> PairResult:
     with np.load(path) as z:
+        label_dice = ({int(v): (float(b), float(a)) for v, b, a in z["label_dice"]} if "label_dice" in z.files
+                      else {})  # absent: one label (and in folders made before labels were kept apart)
         return PairResult(str(z["moving"]), str(z["fixed"]), z["coefficients"], float(z["dice_before"]),
-                          float(z["dice_after"]), float(z["seconds"]))
+                          float(z["dice_after"]), float(z["seconds"]), label_dice)
 
 
 def run_groundtruth(
@@ -194,9 +222,7 @@ def run_groundtruth(
                 if progress:
                     progress(done, len(pairs), None, f"{m} -> {f} failed: {err}")
                 continue
-            atomic_write(pair_file(out_dir, m, f), lambda tmp, r=r: np.savez(
-                tmp, moving=r.moving, fixed=r.fixed, coefficients=r.coefficients, dice_before=r.dice_before,
-                dice_after=r.dice_after, seconds=r.seconds))
+            save_pair(pair_file(out_dir, m, f), r)
             results.append(r)
             if progress:
                 progress(done, len(pairs), r, None)
@@ -211,12 +237,13 @@ def make_groundtruth(subjects: list, template, geometry: ModelGeometry, out: Pat
                      workers: int, settings: dict, max_pairs: int, seed: int, source: dict[str, str],
                      max_failed_fraction: float, on_subject: Callable[[int], None] | None = None,
                      on_pair: Callable[[int, int, PairResult | None, str | None], None] | None = None,
-                     scheduler: str | None = None,
+                     scheduler: str | None = None, compare_elastix: int = 0,
                      ) -> tuple[GroundTruthSummary, list[PairResult], list[tuple[str, str, str]]]:
     """The whole ``agentreg groundtruth`` stage: ``subjects`` (:class:`dataset.Subject`) prepared onto the model
     grid (``out/subjects``; translated onto ``template`` with the paper's geometry), the constrained registration of
     ``pairs`` (:func:`run_groundtruth`), then ``out/gt_dice.csv`` and ``out/summary.json`` written. ``on_subject(done)``
-    after each subject; ``on_pair`` as :func:`run_groundtruth`'s ``progress``."""
+    after each subject; ``on_pair`` as :func:`run_groundtruth`'s ``progress``. ``compare_elastix``: also register that
+    many of the pairs (a seeded sample) with plain elastix (:func:`elastix_comparison`), for the summary."""
     # SimpleITK (see register_constrained)
     from .dataset import prepare_subject
     from .image_io import read_image
@@ -238,8 +265,48 @@ def make_groundtruth(subjects: list, template, geometry: ModelGeometry, out: Pat
         geometry, template.name, names, pairs, results, failures, settings=settings, workers=workers,
         max_pairs=max_pairs, seed=seed, wall_seconds=time.perf_counter() - start,
         max_failed_fraction=max_failed_fraction, source=source)
+    if compare_elastix:
+        summary.elastix = elastix_comparison(subject_dir, results, geometry, compare_elastix, seed, settings)
     summary.save(out)
     return summary, results, failures
+
+
+ELASTIX_BASELINES = ("e8", "e16")  # plain elastix B-spline at half the model's control spacing, and at it
+
+
+def elastix_comparison(subject_dir: Path, results: list[PairResult], geometry: ModelGeometry, count: int, seed: int,
+                       settings: dict) -> dict:
+    """Is the ground truth better than plain elastix? A seeded sample of ``count`` of the registered pairs, each
+    also registered with plain elastix B-spline (Mattes MI, no points, no bending energy; :data:`ELASTIX_BASELINES`,
+    as ``agentreg evaluate``'s e8 / e16, with the GT's iterations): Dice on the model grid of each, and of the
+    ground truth on the same pairs."""
+    from .evaluation import EvaluationSettings, run_elastix_method  # itk (see register_constrained)
+
+    sample = sorted(random.Random(seed).sample(results, min(count, len(results))), key=lambda r: (r.moving, r.fixed))
+    evaluation = EvaluationSettings(iterations=settings.get("iterations") or EvaluationSettings.iterations)
+    dices: dict[str, list[float]] = {m: [] for m in ELASTIX_BASELINES}
+    start = time.perf_counter()
+    for r in sample:
+        with np.load(Path(subject_dir) / f"{r.moving}.npz") as zm, np.load(Path(subject_dir) / f"{r.fixed}.npz") as zf:
+            pair = {"moving": zm["image"], "moving_label": zm["label"], "fixed": zf["image"], "fixed_label": zf["label"]}
+        for method in ELASTIX_BASELINES:
+            dices[method].append(run_elastix_method(method, pair, geometry, evaluation)["dice"])
+    return {"pairs": [[r.moving, r.fixed] for r in sample], "iterations": evaluation.iterations,
+            "groundtruth": dice_summary([r.dice_after for r in sample]),
+            **{m: dice_summary(v) for m, v in dices.items()}, "seconds": time.perf_counter() - start}
+
+
+def elastix_lines(comparison: dict) -> list[str]:
+    """What the report says of :func:`elastix_comparison`: both Dice medians, and whether the GT is good enough."""
+    gt = comparison["groundtruth"]["median"]
+    best = max(ELASTIX_BASELINES, key=lambda m: comparison[m]["median"])
+    lines = [f"plain elastix B-spline on {len(comparison['pairs'])} of the same pairs: Dice median "
+             + ", ".join(f"{m} {comparison[m]['median']:.3f}" for m in ELASTIX_BASELINES)
+             + f"; the ground truth on those pairs {gt:.3f}"]
+    if gt <= comparison[best]["median"]:
+        lines.append(f"warning: the ground truth does not beat plain elastix ({best}) on these pairs: an agent trained "
+                     "on it will not either; try another --geometry, --control-spacing or more --iterations")
+    return lines
 
 
 def write_dice_csv(path: Path, results: list[PairResult]) -> None:
@@ -272,7 +339,13 @@ def run_report(summary: GroundTruthSummary, out: Path) -> tuple[list[str], str |
                  f"(before: median {summary.dice_before['median']:.3f})" if done else "no pair succeeded")
     counted = (f"{done} of {requested} pairs done, {failed_count} failed" if failed_count
                else f"{done} pairs ({failed_count} failed)")
-    lines = [f"ground truth: {counted}; {dice_text}; written to {out}"]
+    lines = [f"ground truth: {counted}; {dice_text}; written to {out}", f"model {summary.geometry.description()}"]
+    if summary.label_dice:
+        lines.append("Dice per label after GT registration (median): " + ", ".join(
+            f"label {v} {d['after']['median']:.3f} (before {d['before']['median']:.3f})"
+            for v, d in summary.label_dice.items()))
+    if summary.elastix:
+        lines += elastix_lines(summary.elastix)
     if not failed_count:
         return lines, None
     failed = summary.failed
@@ -295,6 +368,16 @@ def dice_summary(values: list[float]) -> dict[str, float]:
     if v.size == 0:
         return {"median": float("nan"), "mean": float("nan"), "std": float("nan"), "n": 0}
     return {"median": float(np.median(v)), "mean": float(v.mean()), "std": float(v.std()), "n": int(v.size)}
+
+
+def label_dice_summary(results: list[PairResult]) -> dict | None:
+    """Dice of each label value apart over the pairs, ``{"<value>": {"before": ..., "after": ...}}``
+    (:func:`dice_summary`), or ``None`` when no pair's labels hold several values."""
+    values = sorted({v for r in results for v in r.label_dice})
+    if not values:
+        return None
+    return {str(v): {when: dice_summary([r.label_dice[v][i] for r in results if v in r.label_dice])
+                     for i, when in enumerate(("before", "after"))} for v in values}
 
 
 def failure_summary(pairs: list[tuple[str, str]], failures: list[tuple[str, str, str]], max_fraction: float) -> dict:
@@ -368,6 +451,8 @@ class GroundTruthSummary:
     resolutions: int | None = None  # absent in the earliest folders
     source: dict[str, str] = field(default_factory=dict)
     failed: dict | None = None
+    elastix: dict | None = None  # elastix_comparison, when asked for
+    label_dice: dict | None = None  # labels with several values: {value: {"before": ..., "after": ...}} (dice_summary)
 
     @classmethod
     def of_run(cls, geometry: ModelGeometry, template: str, subjects: list[str], pairs: list[tuple[str, str]],
@@ -384,7 +469,8 @@ class GroundTruthSummary:
             pair_seconds_sum=float(sum(r.seconds for r in results)), wall_seconds_this_run=wall_seconds,
             workers=workers, iterations=settings.get("iterations"), resolutions=settings.get("resolutions"),
             max_pairs=max_pairs, seed=seed, source=dict(source or {}),
-            failed=failure_summary(pairs, failures, max_failed_fraction) if failures else None)
+            failed=failure_summary(pairs, failures, max_failed_fraction) if failures else None,
+            label_dice=label_dice_summary(results))
 
     def to_dict(self) -> dict:
         """The JSON of ``summary.json`` (keys in their usual order; ``resolutions`` and ``failed`` only when known)."""
@@ -399,6 +485,10 @@ class GroundTruthSummary:
         d.update(max_pairs=self.max_pairs, seed=self.seed)
         if self.failed is not None:
             d["failed"] = self.failed
+        if self.elastix is not None:
+            d["elastix"] = self.elastix
+        if self.label_dice is not None:
+            d["label_dice"] = self.label_dice
         return d
 
     @classmethod
@@ -408,7 +498,8 @@ class GroundTruthSummary:
                                     "dice_before", "dice_after", "pair_seconds_sum", "wall_seconds_this_run",
                                     "workers", "iterations", "max_pairs", "seed")}
         return cls(geometry=ModelGeometry.from_dict(d["geometry"]), resolutions=d.get("resolutions"),
-                   source={k: d[k] for k in SOURCE_KEYS if k in d}, failed=d.get("failed"), **fields)
+                   source={k: d[k] for k in SOURCE_KEYS if k in d}, failed=d.get("failed"),
+                   elastix=d.get("elastix"), label_dice=d.get("label_dice"), **fields)
 
     @classmethod
     def path(cls, folder: str | Path) -> Path:

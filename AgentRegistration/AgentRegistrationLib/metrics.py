@@ -17,6 +17,29 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
 
 
+def label_values(*labels: np.ndarray) -> list[int]:
+    """The non-zero values found in any of ``labels`` (label maps), sorted."""
+    return sorted({int(v) for label in labels for v in np.unique(np.asarray(label)) if v != 0})
+
+
+def per_label(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...] | None = None,
+              hausdorff: bool = True) -> dict[int, dict[str, float]]:
+    """Dice (and Hausdorff distance, when both are non-empty) of each label value of label maps ``a`` and ``b``
+    apart, ``{value: {"dice": ..., "hausdorff": ...}}``; empty when they hold fewer than two label values (the union
+    is then the one label: :func:`dice`)."""
+    a, b = np.asarray(a), np.asarray(b)
+    values = label_values(a, b)
+    if len(values) < 2:
+        return {}
+    out = {}
+    for v in values:
+        in_a, in_b = a == v, b == v
+        out[v] = {"dice": dice(in_a, in_b)}
+        if hausdorff and in_a.any() and in_b.any():
+            out[v]["hausdorff"] = surface_distances(in_a, in_b, spacing)["hausdorff"]
+    return out
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 

@@ -236,10 +236,10 @@ class SlicePlane:
 
 def segmentation_to_labelmap_sitk(segmentation_node: slicer.vtkMRMLNode,
                                   reference_volume_node: slicer.vtkMRMLVolumeNode) -> sitk.Image:
-    """A binary uint8 label image (LPS) on the reference volume's grid.
+    """A uint8 label image (LPS) on the reference volume's grid, its label values kept apart.
 
-    ``segmentation_node`` is a segmentation node (its visible segments are merged) or a
-    labelmap volume node (non-zero voxels; resampled with nearest neighbour when its grid
+    ``segmentation_node`` is a segmentation node (its visible segments, segment i as value i + 1) or a
+    labelmap volume node (its values 1..255; resampled with nearest neighbour when its grid
     differs from the reference).
     """
     reference = sitk_from_volume_node(reference_volume_node)
@@ -265,11 +265,14 @@ def segmentation_to_labelmap_sitk(segmentation_node: slicer.vtkMRMLNode,
                          "select a segmentation or a labelmap volume")
     if not _same_geometry(label, reference):
         label = sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    binary = sitk.Cast(sitk.NotEqual(label, 0), sitk.sitkUInt8)
-    if not np.any(sitk.GetArrayViewFromImage(binary)):
+    values = sitk.GetArrayViewFromImage(label)
+    if not np.any(values):
         raise ValueError(f"segmentation {segmentation_node.GetName()!r} is empty inside "
                          f"volume {reference_volume_node.GetName()!r}; they may not overlap")
-    return binary
+    if values.min() < 0 or values.max() > 255:
+        raise ValueError(f"labelmap {segmentation_node.GetName()!r} holds values outside 0..255: relabel it "
+                         "(at most 255 labels)")
+    return sitk.Cast(label, sitk.sitkUInt8)
 
 
 def segmentation_node_from_labelmap_sitk(label: sitk.Image, scene: slicer.vtkMRMLScene, name: str,
@@ -486,16 +489,30 @@ SINGLE_METRIC_ROWS = (
 """Rows with one value (in the After column); keys of :data:`protocol.METRICS_SCHEMA`."""
 
 
+def per_label_rows(metrics: dict) -> list[tuple[str, str]]:
+    """``(row name, metrics.json key after registration)`` of each per-label metric, by label value then metric."""
+    found = [protocol.METRICS_PER_LABEL_KEY.match(k) for k in metrics]
+    after = sorted((int(m[3]), m[1]) for m in found if m and m[2] == "after")
+    names = {"dice": "Dice", "hausdorff": "Hausdorff (mm)"}
+    return [(f"{names[metric]} label {value}", f"{metric}_after_label_{value}") for value, metric in after]
+
+
 def metrics_table_node(metrics: dict, scene: slicer.vtkMRMLScene, name: str,
                        node: slicer.vtkMRMLTableNode | None = None) -> slicer.vtkMRMLTableNode:
-    """Table of metrics.json (checked against the schema): Dice and distances before/after, then single values."""
+    """Table of metrics.json (checked against the schema): Dice and distances before/after (of the union of the
+    labels), then Dice and Hausdorff of each label value apart when the labels hold several
+    (:data:`protocol.METRICS_PER_LABEL`), then single values."""
     protocol.check_metrics(metrics)
     names, before, after = [], [], []
     for label, key in METRIC_ROWS:
         if f"{key}_after" in metrics:
-            names.append(label)
+            names.append(label + (" (all labels)" if per_label_rows(metrics) else ""))
             before.append(float(metrics.get(f"{key}_before", math.nan)))
             after.append(float(metrics[f"{key}_after"]))
+    for label, key in per_label_rows(metrics):
+        names.append(label)
+        before.append(float(metrics.get(key.replace("_after_", "_before_"), math.nan)))
+        after.append(float(metrics[key]))
     for label, key in SINGLE_METRIC_ROWS:
         if key in metrics:
             names.append(label)
@@ -675,7 +692,8 @@ class RegistrationJob:
 def write_volume_inputs(folder: Path, fixed_node, moving_node, fixed_segmentation=None,
                         moving_segmentation=None, model_dim: int | None = None,
                         ) -> tuple[dict[str, Path], SlicePlane | None]:
-    """Write the nodes as the worker's input files (NIfTI, LPS); segmentations as binary labels on their volume's grid.
+    """Write the nodes as the worker's input files (NIfTI, LPS); segmentations as label maps on their volume's grid
+    (a value per segment).
 
     With a 2-D model (``model_dim`` 2) a single-slice fixed volume and a parallel single-slice moving volume are
     written as 2-D images in the fixed slice's frame (returned, to bring the results back); a thicker volume is

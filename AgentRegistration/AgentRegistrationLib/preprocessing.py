@@ -22,13 +22,46 @@ import torch
 from . import elastix
 from .bspline import ControlGrid, dense_displacement
 from .geometry import ModelGeometry
-from .localisation import BOX_SPREADS, Localisation
+from .localisation import BOX_SPREADS, Localisation, localisation_from_label
+from .protocol import GEOMETRY_CHOICES
 
 
-def model_geometry(dim: int, crop: str) -> ModelGeometry:
-    """The model geometry of a crop choice (:data:`protocol.CROPS`): boxes on the organ (``organ``: sized by
-    :data:`localisation.BOX_SPREADS`) or the paper's centred box (``paper``), on the paper's grids."""
-    return ModelGeometry.localised_grid(dim, BOX_SPREADS[dim]) if crop == "organ" else ModelGeometry.paper(dim)
+def model_geometry(dim: int, crop: str | None = None, choice: str = "paper", labels: list | None = None,
+                   size: tuple[int, ...] | None = None, control_spacing: tuple[float, ...] | None = None,
+                   box_spreads: tuple[float, ...] | None = None) -> ModelGeometry:
+    """The model geometry of a choice (:data:`protocol.GEOMETRY_CHOICES`) and a crop (:data:`protocol.CROPS`), with
+    the numbers the user set.
+
+    ``paper``: the paper's grids, with boxes on the organ (``crop='organ'``, sized by ``box_spreads``, default
+    :data:`localisation.BOX_SPREADS`) or the paper's centred box (``crop='paper'``, the default). ``auto``: derived
+    from the training masks ``labels`` (files or SimpleITK images; :func:`auto_geometry`), always on the organ.
+    """
+    if choice not in GEOMETRY_CHOICES:
+        raise ValueError(f"model geometry {choice!r}: choose one of {', '.join(GEOMETRY_CHOICES)}")
+    spreads = tuple(box_spreads) if box_spreads is not None else BOX_SPREADS[dim]
+    if choice == "auto":
+        if crop == "paper":
+            raise ValueError("--geometry auto sizes the grid to the organ, so it crops on the organ: leave out "
+                             "--crop paper, or use --geometry paper")
+        if not labels:
+            raise ValueError("--geometry auto derives the model grid from the training masks: give the subjects")
+        geometry = auto_geometry(labels, dim, spreads)
+    else:
+        geometry = ModelGeometry.localised_grid(dim, spreads) if crop == "organ" else ModelGeometry.paper(dim)
+    if box_spreads is not None and choice == "paper" and crop != "organ":
+        geometry = ModelGeometry.localised_grid(dim, spreads)  # box spreads place the crops on the organ
+    return geometry.with_overrides(size, control_spacing, box_spreads)
+
+
+def auto_geometry(labels: list, dim: int, box_spreads: tuple[float, ...]) -> ModelGeometry:
+    """The ``auto`` model geometry (:meth:`ModelGeometry.from_organ_spread`) of the training masks ``labels`` (files
+    or SimpleITK label images): the organ's median spread over them (per axis, the files' physical units)."""
+    from .image_io import read_label
+
+    spreads = [localisation_from_label(read_label(lab) if not isinstance(lab, sitk.Image) else lab,
+                                       f"training mask {lab if not isinstance(lab, sitk.Image) else i}").spread[:dim]
+               for i, lab in enumerate(labels)]
+    return ModelGeometry.from_organ_spread(tuple(np.median(np.array(spreads), axis=0)), box_spreads)
 
 
 @dataclass
@@ -142,14 +175,17 @@ def normalise_intensity(array: np.ndarray, low: float = 1.0, high: float = 99.0)
 
 def resample_to_frame(image: sitk.Image, frame: ModelFrame, translation: np.ndarray | None = None,
                       label: bool = False) -> np.ndarray:
-    """Sample ``image`` at the model grid points (shifted by ``translation``)."""
+    """Sample ``image`` at the model grid points (shifted by ``translation``); a ``label`` map by nearest neighbour,
+    keeping its values (uint8: at most 255 labels)."""
     if translation is not None:
         frame = frame.translated(translation)
     interp = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
     out = sitk.Resample(image, frame.reference(), sitk.Transform(), interp, 0.0,
-                        sitk.sitkUInt8 if label else sitk.sitkFloat32)
+                        sitk.sitkUInt16 if label else sitk.sitkFloat32)
     arr = sitk.GetArrayFromImage(out)
-    return (arr > 0).astype(np.uint8) if label else arr
+    if label and arr.max(initial=0) > 255:
+        raise ValueError(f"a label map holds the value {int(arr.max())}: at most 255 labels (values 1..255) are kept")
+    return arr.astype(np.uint8) if label else arr
 
 
 def _inside_fraction(image: sitk.Image, frame: ModelFrame) -> float:

@@ -26,6 +26,7 @@ import math
 import os
 import pickle
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -222,7 +223,16 @@ METRICS_SCHEMA = {
     "average_surface_distance_before": "average symmetric surface distance",
     "average_surface_distance_after": "average symmetric surface distance after registration",
 }
-"""Every key of metrics.json (a flat object of numbers, text and one list), with what it means."""
+"""Every key of metrics.json (a flat object of numbers, text and one list), with what it means; and, when the labels
+hold several values, the keys of :data:`METRICS_PER_LABEL`."""
+METRICS_PER_LABEL = {
+    "dice_<when>_label_<n>": "Dice of label value n alone (when: none, before, after); dice_<when> is of the union "
+                             "of the labels",
+    "hausdorff_<when>_label_<n>": "Hausdorff distance of label value n alone, fixed image's physical units",
+}
+"""Per-label keys of metrics.json (present when the fixed or moving label holds several values), by pattern."""
+METRICS_PER_LABEL_KEY = re.compile(r"^(dice|hausdorff)_(none|before|after)_label_([1-9][0-9]*)$")
+"""The keys of :data:`METRICS_PER_LABEL`: groups (metric, when, label value)."""
 METRICS_REQUIRED = ("steps", "jacobian_folding_percent", "log_jacobian_std", "seconds_total", "seconds_agent")
 METRICS_WITH_LABELS = ("dice_before", "dice_after")
 """Present when both labels were given (the distances too, unless a mask is empty)."""
@@ -232,7 +242,7 @@ def check_metrics(metrics: dict[str, Any], source: str = "metrics") -> dict[str,
     """``metrics`` if it follows :data:`METRICS_SCHEMA`; otherwise a ``ValueError`` naming what is wrong."""
     if not isinstance(metrics, dict):
         raise ValueError(f"{source} is not a JSON object")
-    unknown = sorted(set(metrics) - set(METRICS_SCHEMA))
+    unknown = sorted(k for k in set(metrics) - set(METRICS_SCHEMA) if not METRICS_PER_LABEL_KEY.match(k))
     missing = [k for k in METRICS_REQUIRED if k not in metrics]
     nested = sorted(k for k, v in metrics.items() if isinstance(v, dict))
     if unknown or missing or nested:
@@ -254,6 +264,26 @@ DEFAULT_TRAINING_CONFIGURATION = "converge"
 CROPS = ("organ", "paper")
 """Crop boxes by name (``--crop``): ``organ`` centres each image's box on its organ and sizes it to it, ``paper`` is
 the paper's centred box after translation pre-alignment (:func:`preprocessing.model_geometry`)."""
+GEOMETRY_CHOICES = ("paper", "auto")
+"""Model geometries by name (``agentreg groundtruth --geometry``): the paper's prostate grids, or grids derived from
+the training masks (:meth:`geometry.ModelGeometry.from_organ_spread`)."""
+DEFAULT_GEOMETRY = "paper"
+"""The geometry ``agentreg groundtruth`` uses unless told otherwise (chosen by measurement: README, "Train a model
+for your own organ")."""
+GEOMETRY_OVERRIDES = ("grid_size", "control_spacing", "box_spreads")
+"""The numbers of a model geometry a user may set (``agentreg groundtruth --grid-size`` ...), 2 or 3 per option."""
+
+
+def parse_numbers(text: str | Sequence[float], kind: type, option: str) -> tuple:
+    """``"64,64"`` (or a sequence) -> 2 or 3 positive numbers of ``kind``; ``ValueError`` naming ``option`` and the
+    value otherwise."""
+    try:
+        values = tuple(kind(v) for v in (text.split(",") if isinstance(text, str) else text))
+    except (TypeError, ValueError):
+        raise ValueError(f"{option} {text!r}: give 2 or 3 comma-separated numbers") from None
+    if len(values) not in (2, 3) or min(values) <= 0:
+        raise ValueError(f"{option} {text!r}: give 2 or 3 comma-separated positive numbers")
+    return values
 PAPER_MODES = {2: 15, 3: 25}
 """The paper's number of SDM modes d per dimension."""
 GT_DICE_COLUMNS = ("moving", "fixed", "dice_before", "dice_after", "seconds")
@@ -426,6 +456,7 @@ def model_header(path: str | Path) -> dict[str, Any]:
 def training_commands(python: str, data: str | Path, files: TrainingFiles, *, dim: int = 3,
                       configuration: str = DEFAULT_TRAINING_CONFIGURATION, device: str = "Auto", modes: int | None = None,
                       split: str | Path | None = None, max_minutes: float | None = None,
+                      geometry: str | None = None, geometry_overrides: dict[str, Any] | None = None,
                       stage_options: dict[str, dict[str, Any]] | None = None) -> list[list[str]]:
     """Worker command lines of the three stages: ``agentreg groundtruth``, ``sdm`` and ``train``.
 
@@ -433,6 +464,9 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
     after that long (it checkpoints; a rerun goes on). A rerun of the same commands resumes: the ground
     truth from its per-pair cache, training from ``files.checkpoint``. ``stage_options``: further options
     per stage, e.g. ``{"groundtruth": {"iterations": 50}, "train": {"set": ["iterations=100"]}}``.
+    ``geometry``: the model geometry (:data:`GEOMETRY_CHOICES`; ``None``: the command line's default);
+    ``geometry_overrides``: numbers of it to set (:data:`GEOMETRY_OVERRIDES`, text like ``"64,64"`` or sequences;
+    empty ones are left out), checked here.
     """
     extra = {stage: dict(options) for stage, options in (stage_options or {}).items()}
     unknown = set(extra) - {"groundtruth", "sdm", "train"}
@@ -444,9 +478,19 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
         raise ValueError(f"training configuration must be one of {TRAINING_CONFIGURATIONS}, got {configuration!r}")
     engine_device = _device(device)
     modes = modes or PAPER_MODES[dim]
+    if geometry is not None and geometry not in GEOMETRY_CHOICES:
+        raise ValueError(f"model geometry must be one of {GEOMETRY_CHOICES}, got {geometry!r}")
+    overrides = {k: v for k, v in (geometry_overrides or {}).items() if v is not None and v != ""}
+    if set(overrides) - set(GEOMETRY_OVERRIDES):
+        raise ValueError(f"geometry_overrides names {sorted(set(overrides) - set(GEOMETRY_OVERRIDES))}; use "
+                         f"{', '.join(GEOMETRY_OVERRIDES)}")
+    overrides = {k: ",".join(str(n) for n in parse_numbers(v, int if k == "grid_size" else float,
+                                                           "--" + k.replace("_", "-")))
+                 for k, v in overrides.items()}
     return [
         cli_command(python, "groundtruth", {"out": files.groundtruth, "dim": dim, "split": split,
-                                            **extra.get("groundtruth", {})}, positional=[data]),
+                                            "geometry": geometry, **overrides, **extra.get("groundtruth", {})},
+                    positional=[data]),
         cli_command(python, "sdm", {"modes": modes, "out": files.sdm, **extra.get("sdm", {})},
                     positional=[files.groundtruth]),
         cli_command(python, "train", {"groundtruth": files.groundtruth, "sdm": files.sdm, "out": files.bundle,

@@ -16,7 +16,7 @@ from .agent import AgentSettings
 from .bundle import ModelBundle
 from .localisation import Localisation, localisation_at_point, localisation_from_label
 from .localiser import localise, localiser_from_payload
-from .metrics import dice, jacobian_statistics, surface_distances
+from .metrics import dice, jacobian_statistics, per_label, surface_distances
 from .preprocessing import PreparedPair, displacement_in_fixed_geometry, prepare_pair, warp_to_fixed
 
 
@@ -182,12 +182,19 @@ def label_metrics(fixed_label: sitk.Image, moving_label: sitk.Image, warped_labe
                   start_label: sitk.Image) -> dict:
     """Dice and surface distances in the fixed geometry: with no registration (``none``: the moving label
     where it lies in physical space), at the agent's start (``before``: the crops alone, i.e. the translation
-    pre-alignment or the boxes on the organ) and ``after``; distances in the fixed image's physical units."""
-    fixed_arr = sitk.GetArrayFromImage(fixed_label) > 0
+    pre-alignment or the boxes on the organ) and ``after``; distances in the fixed image's physical units.
+
+    Of the union of the labels (every non-zero voxel) and, when the labels hold several values, of each value apart
+    (:func:`metrics.per_label`: ``dice_<when>_label_<value>``, ``hausdorff_<when>_label_<value>``)."""
+    fixed_values = sitk.GetArrayFromImage(fixed_label)
+    fixed_arr = fixed_values > 0
     unregistered = sitk.Resample(moving_label, fixed_label, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     out = {}
-    for when, arr in (("none", sitk.GetArrayFromImage(unregistered) > 0), ("before", sitk.GetArrayFromImage(start_label) > 0),
-                      ("after", sitk.GetArrayFromImage(warped_label) > 0)):
+    for when, image in (("none", unregistered), ("before", start_label), ("after", warped_label)):
+        values = sitk.GetArrayFromImage(image)
+        arr = values > 0
+        for value, figures in per_label(values, fixed_values, fixed_label.GetSpacing()).items():
+            out.update({f"{name}_{when}_label_{value}": x for name, x in figures.items()})
         out[f"dice_{when}"] = dice(arr, fixed_arr)
         if arr.any() and fixed_arr.any():
             d = surface_distances(arr, fixed_arr, fixed_label.GetSpacing())

@@ -8,7 +8,7 @@ import numpy as np
 
 from .files import atomic_write
 from .geometry import ModelGeometry
-from .groundtruth import GroundTruthSummary, PairResult, load_pair, warp_label
+from .groundtruth import ELASTIX_BASELINES, GroundTruthSummary, PairResult, load_pair, warp_label
 from .metrics import dice
 from .sdm import StatisticalDeformationModel
 
@@ -70,6 +70,16 @@ def translation_share(sdm: StatisticalDeformationModel, geometry: ModelGeometry)
     return (mean**2).sum(axis=(1, 2)) * u.shape[2] / (u**2).sum(axis=(1, 2))
 
 
+def elastix_rows(comparison: dict | None) -> list[str]:
+    """Rows of the report's Dice table for ``agentreg groundtruth --compare-elastix`` (none without it)."""
+    if not comparison:
+        return []
+    n = len(comparison["pairs"])
+    rows = [("the ground truth on the elastix sample", comparison["groundtruth"])]
+    rows += [(f"plain elastix {m} on the same {n} pairs", comparison[m]) for m in ELASTIX_BASELINES]
+    return [f"| {what} | {d['median']:.3f} | {d['mean']:.3f} | {d['std']:.3f} |" for what, d in rows]
+
+
 def write_report(path: Path, gt_dir: Path, table: list[dict], command: str,
                  sdm: StatisticalDeformationModel | None = None) -> None:
     summary = GroundTruthSummary.load(gt_dir)
@@ -83,7 +93,8 @@ def write_report(path: Path, gt_dir: Path, table: list[dict], command: str,
         f"- Subjects: {len(summary.subjects)} training subjects (template {summary.template}); "
         f"ordered pairs: {summary.pairs_done} of {summary.pairs_requested} requested, {summary.failures} failed"
         + (f" (random subset, seed {summary.seed})" if summary.max_pairs else " (all ordered pairs)") + ".",
-        f"- Model grid {list(geometry.size)}, B-spline control spacing {list(geometry.control_spacing)} voxels; "
+        f"- Model grid {list(geometry.size)}, B-spline control spacing {list(geometry.control_spacing)} voxels"
+        + ("" if geometry.choice == "paper" else f" (geometry '{geometry.choice}')") + "; "
         f"elastix {summary.iterations} iterations per resolution, {summary.workers} parallel workers.",
         f"- Time: {summary.pair_seconds_sum / 60:.1f} CPU-minutes of registration in total "
         f"({summary.pair_seconds_sum / max(summary.pairs_done, 1):.1f} s per pair, one thread each); "
@@ -93,6 +104,7 @@ def write_report(path: Path, gt_dir: Path, table: list[dict], command: str,
         "|---|---|---|---|",
         f"| {start} | {before['median']:.3f} | {before['mean']:.3f} | {before['std']:.3f} |",
         f"| after constrained GT registration | {after['median']:.3f} | {after['mean']:.3f} | {after['std']:.3f} |",
+        *elastix_rows(summary.elastix),
         "",
         "Reconstruction error of the SDM: loss of Dice (to the fixed mask) between each pair's full GT "
         "deformation and its d-mode reconstruction.",

@@ -1,0 +1,151 @@
+"""The model geometry as a choice (issue 15): ``auto`` derived from real training masks, and the pipeline through
+``agentreg`` on a second geometry (PROMISE12 middle slices on a 64x64 grid with control spacing 8), tiny: the chosen
+geometry reaches the ground-truth summary, the SDM, the bundle, the model card and what ``register`` finds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from AgentRegistrationLib import cli, protocol
+from AgentRegistrationLib.bundle import load_bundle
+from AgentRegistrationLib.geometry import ModelGeometry
+from AgentRegistrationLib.groundtruth import GroundTruthSummary
+from AgentRegistrationLib.localisation import BOX_SPREADS
+from AgentRegistrationLib.preprocessing import model_geometry
+from AgentRegistrationLib.sdm import StatisticalDeformationModel
+
+TRAIN = ["case00", "case04", "case06"]
+CHOSEN = ModelGeometry((64, 64), (8.0, 8.0), box_spreads=BOX_SPREADS[2], choice="auto+overrides")
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_auto_geometry_of_real_masks(grid128, dim):
+    labels = [grid128 / f"case{i:02d}_label.nii.gz" for i in (0, 2, 4, 6, 9, 13, 26)]
+    geometry = model_geometry(dim, None, "auto", labels)
+    assert geometry.choice == "auto" and geometry.localised and geometry.box_spreads == BOX_SPREADS[dim]
+    paper = ModelGeometry.paper(dim)
+    # about the paper's voxel budget, isotropic voxels (up to rounding the size to whole voxels)
+    assert 0.85 < math.prod(geometry.size) / math.prod(paper.size) < 1.15
+    spreads = np.median([_spread(path)[:dim] for path in labels], axis=0)
+    voxel = np.array(BOX_SPREADS[dim]) * spreads / (np.array(geometry.size) - 1)
+    assert voxel.max() / voxel.min() < 1.1
+    # at least two control intervals per axis, and about the paper's number of them over the box
+    intervals = (np.array(geometry.size) - 1) / np.array(geometry.control_spacing)
+    assert intervals.min() >= 2 - 1e-6
+    paper_intervals = np.prod((np.array(paper.size) - 1) / np.array(paper.control_spacing))
+    assert 0.6 < np.prod(intervals) / paper_intervals < 1.6
+
+
+def _spread(path) -> np.ndarray:
+    from AgentRegistrationLib.localisation import localisation_from_label
+
+    return localisation_from_label(sitk.ReadImage(str(path))).spread
+
+
+def test_paper_geometry_and_its_crops_are_unchanged():
+    assert model_geometry(3) == ModelGeometry.paper(3)
+    assert model_geometry(3, "organ") == ModelGeometry.localised_grid(3, BOX_SPREADS[3])
+    assert model_geometry(2).to_dict() == ModelGeometry.paper(2).to_dict()  # no 'choice' key: records read the same
+    assert ModelGeometry.from_dict(CHOSEN.to_dict()).choice == "auto+overrides"
+
+
+def test_auto_geometry_crops_on_the_organ(grid128):
+    with pytest.raises(ValueError, match="--geometry auto sizes the grid to the organ"):
+        model_geometry(2, "paper", "auto", [grid128 / "case00_label.nii.gz"])
+
+
+@pytest.mark.parametrize("option, text", [("--grid-size", "64"), ("--control-spacing", "8,x"),
+                                          ("--box-spreads", "10,-1")])
+def test_a_wrong_override_names_the_option_and_value(option, text, capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["groundtruth", "data", "--out", "o", option, text])
+    assert f"{option} '{text}'" in capsys.readouterr().err
+
+
+def test_the_training_module_commands_carry_the_geometry(tmp_path):
+    files = protocol.TrainingFiles(tmp_path, "m")
+    groundtruth = protocol.training_commands("python", tmp_path / "data", files, dim=2, geometry="auto",
+                                             geometry_overrides={"grid_size": "64, 64", "control_spacing": "",
+                                                                 "box_spreads": (8, 8)})[0]
+    assert groundtruth[groundtruth.index("--geometry") + 1] == "auto"
+    assert groundtruth[groundtruth.index("--grid-size") + 1] == "64,64"
+    assert groundtruth[groundtruth.index("--box-spreads") + 1] == "8.0,8.0"
+    assert "--control-spacing" not in groundtruth
+    parsed = cli.build_parser().parse_args(groundtruth[3:-1])
+    assert parsed.grid_size == (64, 64) and parsed.box_spreads == (8.0, 8.0) and parsed.geometry == "auto"
+    with pytest.raises(ValueError, match="--grid-size '64'"):
+        protocol.training_commands("python", tmp_path, files, geometry_overrides={"grid_size": "64"})
+
+
+@pytest.fixture(scope="module")
+def pipeline(grid128, tmp_path_factory):
+    """groundtruth (auto, 64x64, control spacing 8, 3 pairs, 2 of them compared with plain elastix) -> sdm ->
+    train (a few batches) -> info, through ``agentreg``."""
+    root = tmp_path_factory.mktemp("second_geometry")
+    gt, sdm, model, card = root / "gt", root / "sdm.npz", root / "model.pt", root / "card.md"
+    runs = {
+        "groundtruth": ["groundtruth", grid128, "--subjects", ",".join(TRAIN), "--dim", "2", "--geometry", "auto",
+                        "--grid-size", "64,64", "--control-spacing", "8,8", "--iterations", "20", "--resolutions",
+                        "1", "--workers", "1", "--max-pairs", "3", "--compare-elastix", "2", "--out", gt],
+        "sdm": ["sdm", gt, "--modes", "2", "--out", sdm, "--report", root / "report.md"],
+        "train": ["train", "--groundtruth", gt, "--sdm", sdm, "--out", model, "--device", "cpu", "--threads", "1",
+                  "--set", "iterations=4", "--set", "batch_size=4", "--step-pairs", "0", "--data", grid128],
+        "info": ["info", model, "--card", card],
+    }
+    import contextlib
+    import io
+
+    err = {}
+    for stage, argv in runs.items():
+        stream = io.StringIO()
+        with contextlib.redirect_stderr(stream), contextlib.redirect_stdout(io.StringIO()):
+            assert cli.main([str(a) for a in argv]) == 0, stream.getvalue()
+        err[stage] = stream.getvalue()
+    return {"gt": gt, "sdm": sdm, "model": model, "card": card, "report": root / "report.md", "err": err}
+
+
+def test_the_chosen_geometry_reaches_summary_sdm_bundle_and_card(pipeline):
+    summary = GroundTruthSummary.load(pipeline["gt"])
+    assert summary.geometry == CHOSEN and summary.geometry.choice == "auto+overrides"
+    assert StatisticalDeformationModel.load(pipeline["sdm"]).grid == CHOSEN.control_grid()
+    bundle = load_bundle(pipeline["model"])
+    assert bundle.geometry == CHOSEN and bundle.geometry.choice == "auto+overrides"
+    assert tuple(bundle.network.config.input_size) == (64, 64)
+    description = CHOSEN.description()
+    assert description in pipeline["card"].read_text()
+    assert description in pipeline["err"]["groundtruth"] and description in pipeline["err"]["sdm"]
+    assert "(geometry 'auto+overrides')" in pipeline["report"].read_text()
+
+
+def test_groundtruth_compares_with_plain_elastix(pipeline):
+    comparison = GroundTruthSummary.load(pipeline["gt"]).elastix
+    assert len(comparison["pairs"]) == 2 and comparison["e8"]["n"] == comparison["e16"]["n"] == 2
+    assert 0 < comparison["e8"]["median"] <= 1 and 0 < comparison["e16"]["median"] <= 1
+    line = next(x for x in pipeline["err"]["groundtruth"].splitlines() if x.startswith("plain elastix B-spline"))
+    assert f"e16 {comparison['e16']['median']:.3f}" in line
+    assert f"the ground truth on those pairs {comparison['groundtruth']['median']:.3f}" in line
+    assert "plain elastix e16 on the same 2 pairs" in pipeline["report"].read_text()
+
+
+def test_register_works_on_the_chosen_grid(pipeline, grid128):
+    import torch
+    from AgentRegistrationLib.registration import Registrar
+
+    bundle = load_bundle(pipeline["model"])
+    fixed, moving, fixed_label, moving_label = (
+        sitk.ReadImage(str(grid128 / f"{case}_{kind}.nii.gz"))[:, :, 16]
+        for case, kind in (("case02", "image"), ("case09", "image"), ("case02", "label"), ("case09", "label")))
+    registrar = Registrar(bundle, torch.device("cpu"))
+    settings = bundle.agent_settings(steps=3)
+    # a model without a localiser: the fixed crop on a point (the fixed prostate's centre, with the training
+    # subjects' median spread), the moving crop on its label
+    centre = registrar.localise(fixed, label=fixed_label).centre
+    (result,) = registrar.register(fixed, [moving], settings, fixed_label, [moving_label], fixed_point=centre)
+    assert result.pair.fixed.shape == result.pair.moving.shape == CHOSEN.array_shape
+    assert result.coefficients.shape == (CHOSEN.control_grid().num_coefficients,)
+    assert result.displacement.GetSize() == fixed.GetSize()
+    protocol.check_metrics(result.metrics)
+    assert 0 <= result.metrics["dice_after"] <= 1

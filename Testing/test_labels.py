@@ -1,0 +1,207 @@
+"""Labels kept apart (issue 15): a PROMISE12 prostate mask split in two at its centroid row (value 1 above, 2 below)
+gives a real two-label map. Corresponding points are placed label to label, the ground truth and ``agentreg register``
+report Dice (and Hausdorff) per label beside the union's, the Slicer table shows them, and propagation keeps every
+label value."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from AgentRegistrationLib import cli, protocol
+from AgentRegistrationLib.groundtruth import (
+    GroundTruthSummary,
+    corresponding_points,
+    load_pair,
+    ray_directions,
+    surface_points,
+    warp_label,
+)
+from AgentRegistrationLib.metrics import dice, label_values, per_label, surface_distances
+from AgentRegistrationLib.paths import repo_file
+
+SLICE = 16  # the middle slice of the grid128 volumes (32 slices)
+
+
+def two_labels(label: sitk.Image) -> sitk.Image:
+    """``label`` with its mask split at the mask's centroid row: 1 above, 2 from that row on (same geometry)."""
+    arr = sitk.GetArrayFromImage(label).astype(np.uint8)
+    cut = int(round(np.nonzero(arr)[-2].mean()))
+    lower = arr[..., cut:, :]
+    lower[lower > 0] = 2
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(label)
+    return out
+
+
+@pytest.fixture(scope="module")
+def slices(grid128, tmp_path_factory):
+    """Middle slices of four subjects, each with its two-label mask, as a user's 2-D data folder."""
+    folder = tmp_path_factory.mktemp("two_labels")
+    for case in ("case00", "case04", "case06", "case02"):
+        image = sitk.ReadImage(str(grid128 / f"{case}_image.nii.gz"))[:, :, SLICE]
+        label = sitk.ReadImage(str(grid128 / f"{case}_label.nii.gz"))[:, :, SLICE]
+        sitk.WriteImage(image, str(folder / f"{case}_image.nii.gz"))
+        sitk.WriteImage(two_labels(label), str(folder / f"{case}_label.nii.gz"))
+    return folder
+
+
+def _read(path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_two_labels_split_a_real_mask():
+    mask = np.zeros((1, 40, 40), np.uint8)
+    mask[0, 10:30, 12:28] = 1
+    split = sitk.GetArrayFromImage(two_labels(sitk.GetImageFromArray(mask)))
+    assert label_values(split) == [1, 2]
+    assert np.array_equal(split > 0, mask > 0)
+
+
+def test_corresponding_points_of_one_label_are_the_union_as_before(slices):
+    fixed, moving = (_read(slices / f"{c}_label.nii.gz") for c in ("case00", "case04"))
+    directions = ray_directions(2, 64)
+    union = corresponding_points(fixed > 0, moving > 0, directions)
+    assert np.array_equal(union[0], surface_points(fixed > 0, directions))
+    assert np.array_equal(union[1], surface_points(moving > 0, directions))
+
+
+def test_corresponding_points_are_matched_label_to_label(slices):
+    fixed, moving = (_read(slices / f"{c}_label.nii.gz") for c in ("case00", "case04"))
+    fixed_points, moving_points = corresponding_points(fixed, moving, ray_directions(2, 64))
+    assert fixed_points.shape == moving_points.shape == (128, 2)  # 64 rays per label
+    for label, points in ((fixed, fixed_points), (moving, moving_points)):
+        voxels = np.rint(points).astype(int)  # ITK order (x, y): the last sample inside each label
+        values = label[voxels[:, 1], voxels[:, 0]]
+        assert np.array_equal(values, np.repeat([1, 2], 64))
+
+
+def test_per_label_metrics_of_one_label_are_none():
+    mask = np.zeros((20, 20), np.uint8)
+    mask[5:15, 5:15] = 1
+    assert per_label(mask, np.roll(mask, 2, axis=0)) == {}
+
+
+def test_check_metrics_accepts_per_label_keys_only_by_their_pattern():
+    good = {"steps": 3, "jacobian_folding_percent": 0.0, "log_jacobian_std": 0.1, "seconds_total": 1.0,
+            "seconds_agent": 0.5, "dice_after": 0.8, "dice_after_label_2": 0.7, "hausdorff_none_label_12": 3.0}
+    assert protocol.check_metrics(good) is good
+    for wrong in ("dice_later_label_1", "dice_after_label_0", "hausdorff95_after_label_1", "dice_after_label_x"):
+        with pytest.raises(ValueError, match="unknown keys"):
+            protocol.check_metrics({**good, wrong: 0.5})
+
+
+@pytest.fixture(scope="module")
+def two_label_groundtruth(slices, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gt") / "gt"
+    code = cli.main(["groundtruth", str(slices), "--subjects", "case00,case04,case06", "--dim", "2", "--max-pairs", "3",
+                     "--geometry", "paper", "--crop", "organ", "--iterations", "20", "--resolutions", "1",
+                     "--workers", "1", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_groundtruth_keeps_the_labels_of_the_subjects_apart(two_label_groundtruth):
+    for case in ("case00", "case04", "case06"):
+        with np.load(two_label_groundtruth / "subjects" / f"{case}.npz") as z:
+            assert label_values(z["label"]) == [1, 2]
+
+
+def test_groundtruth_reports_dice_per_label(two_label_groundtruth):
+    summary = GroundTruthSummary.load(two_label_groundtruth)
+    assert set(summary.label_dice) == {"1", "2"}
+    geometry = summary.geometry
+    grid = geometry.control_grid()
+    bases = grid.image_bases(geometry.size)
+    labels = {}
+    for case in summary.subjects:
+        with np.load(two_label_groundtruth / "subjects" / f"{case}.npz") as z:
+            labels[case] = z["label"]
+    after = {1: [], 2: []}
+    for path in sorted((two_label_groundtruth / "pairs").glob("*.npz")):
+        r = load_pair(path)
+        warped = warp_label(labels[r.moving], r.coefficients, grid, bases)
+        assert label_values(warped) == [1, 2]  # nearest neighbour on the label values
+        for v in (1, 2):
+            by_hand = (dice(labels[r.moving] == v, labels[r.fixed] == v), dice(warped == v, labels[r.fixed] == v))
+            assert r.label_dice[v] == pytest.approx(by_hand)
+            after[v].append(by_hand[1])
+        assert r.dice_after == pytest.approx(dice(warped > 0, labels[r.fixed] > 0))
+    for v in (1, 2):
+        assert summary.label_dice[str(v)]["after"]["median"] == pytest.approx(float(np.median(after[v])))
+
+
+@pytest.fixture(scope="module")
+def registered(slices, tmp_path_factory):
+    """``agentreg register`` with the shipped 2-D model, both two-label masks given, a few steps."""
+    out = tmp_path_factory.mktemp("register") / "out"
+    code = cli.main(["register", "--fixed", str(slices / "case02_image.nii.gz"),
+                     "--moving", str(slices / "case04_image.nii.gz"),
+                     "--fixed-label", str(slices / "case02_label.nii.gz"),
+                     "--moving-label", str(slices / "case04_label.nii.gz"),
+                     "--model", str(repo_file("Resources", "Models", "prostate-2d.pt")), "--output-dir", str(out),
+                     "--steps", "5", "--device", "cpu"])
+    assert code == 0
+    return {"out": out, "fixed_label": slices / "case02_label.nii.gz"}
+
+
+def test_register_metrics_hold_dice_and_hausdorff_per_label_and_of_the_union(registered):
+    metrics = protocol.read_metrics(registered["out"] / protocol.METRICS_JSON)
+    warped = _read(registered["out"] / protocol.WARPED_LABEL)
+    fixed = _read(registered["fixed_label"])
+    assert label_values(warped) == [1, 2]  # propagation keeps every label value
+    assert metrics["dice_after"] == pytest.approx(dice(warped > 0, fixed > 0))
+    for v in (1, 2):
+        assert metrics[f"dice_after_label_{v}"] == pytest.approx(dice(warped == v, fixed == v))
+        assert metrics[f"hausdorff_after_label_{v}"] == pytest.approx(
+            surface_distances(warped == v, fixed == v)["hausdorff"])
+        assert f"dice_before_label_{v}" in metrics and f"dice_none_label_{v}" in metrics
+    assert json.loads((registered["out"] / protocol.METRICS_JSON).read_text()) == metrics
+
+
+def test_the_slicer_table_shows_each_label(registered):
+    slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is needed for the table")
+    from AgentRegistrationLib import mrml
+
+    metrics = protocol.read_metrics(registered["out"] / protocol.METRICS_JSON)
+    scene = slicer.vtkMRMLScene()
+    table = mrml.metrics_table_node(metrics, scene, "metrics").GetTable()
+    rows = {table.GetValue(i, 0).ToString(): i for i in range(table.GetNumberOfRows())}
+    assert "Dice (all labels)" in rows
+    for v in (1, 2):
+        row = rows[f"Dice label {v}"]
+        assert table.GetValue(row, 2).ToDouble() == pytest.approx(metrics[f"dice_after_label_{v}"])
+        assert table.GetValue(row, 1).ToDouble() == pytest.approx(metrics[f"dice_before_label_{v}"])
+        assert f"Hausdorff (mm) label {v}" in rows
+
+
+def test_a_segmentation_with_two_segments_comes_back_as_two(slices):
+    slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is needed for segmentations")
+    from AgentRegistrationLib import mrml
+
+    scene = slicer.vtkMRMLScene()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    previous = getattr(slicer, "mrmlScene", None)
+    slicer.mrmlScene = scene
+    try:
+        image = sitk.ReadImage(str(slices / "case04_image.nii.gz"))
+        label = sitk.ReadImage(str(slices / "case04_label.nii.gz"))
+        image3, label3 = (sitk.JoinSeries(x) for x in (image, label))  # one-slice volumes, as Slicer holds them
+        volume = mrml.volume_node_from_sitk(image3, scene, "moving")
+        segmentation = mrml.segmentation_node_from_labelmap_sitk(label3, scene, "two labels", volume)
+        assert segmentation.GetSegmentation().GetNumberOfSegments() == 2
+        displacement = sitk.Image(image3.GetSize(), sitk.sitkVectorFloat64, 3)
+        displacement.CopyInformation(image3)
+        transform = mrml.grid_transform_node_from_displacement(displacement, scene, "identity")
+        propagated = mrml.propagate_segmentation(segmentation, transform, volume, "propagated")
+        assert propagated.GetSegmentation().GetNumberOfSegments() == 2
+        back = sitk.GetArrayFromImage(mrml.segmentation_to_labelmap_sitk(propagated, volume))
+        assert label_values(back) == [1, 2]
+        assert dice(back == 2, sitk.GetArrayFromImage(label3) == 2) > 0.99
+    finally:
+        logic.SetMRMLScene(None)
+        scene.Clear(True)
+        slicer.mrmlScene = previous
