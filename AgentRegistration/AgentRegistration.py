@@ -109,6 +109,7 @@ class AgentRegistrationParameterNode:
     outputTransform: vtkMRMLTransformNode
     propagatedSegmentation: vtkMRMLSegmentationNode
     metricsTable: vtkMRMLTableNode
+    cohortPatientsFolder: Path  # several patients: a folder of images (used when no patient volume is checked)
 
 
 #
@@ -130,6 +131,11 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.timeout.connect(self.onTimer)
+        self._cohort: mrml.CohortJob | None = None  # several patients: one register-many worker
+        self._cohortState = JobState.IDLE
+        self._cohortTimer = qt.QTimer()
+        self._cohortTimer.setInterval(200)
+        self._cohortTimer.timeout.connect(self.onCohortTimer)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -148,13 +154,18 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.propagateButton.connect("clicked(bool)", self.onPropagateButton)
         self.ui.loadSampleDataButton.connect("clicked(bool)", self.onLoadSampleData)
+        self.ui.cohortPatientsFolderLineEdit.filters = self.ui.cohortPatientsFolderLineEdit.Dirs
+        self.ui.cohortFixedVolumesSelector.connect("checkedNodesChanged()", self._checkCanApply)
+        self.ui.cohortApplyButton.connect("clicked(bool)", self.onCohortApplyButton)
         self.initializeParameterNode()
         self.setState(JobState.IDLE)
+        self.setCohortState(JobState.IDLE)
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.job.cancel()
-            self._job.job.cleanup()
+        for running in (self._job, self._cohort):
+            if running is not None:
+                running.job.cancel()
+                running.job.cleanup()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -221,9 +232,16 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
         ready = bool(p and p.fixedVolume and p.movingVolume and p.modelPath.is_file())
+        if self._cohortState not in (JobState.RUNNING, JobState.CANCEL_REQUESTED):
+            patients = bool(self.ui.cohortFixedVolumesSelector.checkedNodes()) or self._cohortFolder() is not None
+            cohortReady = bool(p and p.movingVolume and p.modelPath.is_file() and patients)
+            self.ui.cohortApplyButton.enabled = cohortReady and self._state not in (JobState.RUNNING,
+                                                                                      JobState.CANCEL_REQUESTED)
+            self.ui.cohortApplyButton.toolTip = _("Register the atlas (moving volume) to every patient") \
+                if cohortReady else _("Select the moving volume (atlas), a model, and patient volumes or a folder")
         if self._state in (JobState.RUNNING, JobState.CANCEL_REQUESTED):
             return
-        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.enabled = ready and self._cohortState not in (JobState.RUNNING, JobState.CANCEL_REQUESTED)
         self.ui.applyButton.toolTip = _("Register the moving volume to the fixed volume") if ready else \
             _("Select fixed and moving volumes and a model bundle (.pt)")
         self.ui.propagateButton.enabled = bool(p and p.outputTransform and p.movingSegmentation and p.fixedVolume)
@@ -240,6 +258,8 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.advancedCollapsibleButton.enabled = not running
         self.ui.loadSampleDataButton.enabled = not running
         self.ui.statusLabel.text = message
+        if running:
+            self.ui.cohortApplyButton.enabled = False  # one worker at a time
         if not running:
             self._checkCanApply()
 
@@ -304,6 +324,81 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if result.step_browser is not None:
             slicer.modules.sequences.showSequenceBrowser(result.step_browser)
 
+    def _cohortFolder(self) -> Path | None:
+        p = self._parameterNode
+        folder = str(p.cohortPatientsFolder) if p else ""
+        return Path(folder) if folder not in ("", ".") and Path(folder).is_dir() else None
+
+    def setCohortState(self, state: JobState, message: str = "") -> None:
+        """The several-patients job's state mapped to its button, progress bar and the inputs."""
+        self._cohortState = state
+        running = state in (JobState.RUNNING, JobState.CANCEL_REQUESTED)
+        self.ui.cohortApplyButton.text = {JobState.RUNNING: _("Cancel"),
+                                          JobState.CANCEL_REQUESTED: _("Cancelling...")}.get(
+                                              state, _("Register all patients"))
+        self.ui.cohortApplyButton.enabled = state != JobState.CANCEL_REQUESTED
+        self.ui.cohortProgressBar.visible = running
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton,
+                       self.ui.cohortFixedVolumesSelector, self.ui.cohortPatientsFolderLineEdit):
+            widget.enabled = not running
+        self.ui.cohortStatusLabel.text = message
+        self._checkCanApply()  # the single-pair Apply waits while this job runs
+
+    def onCohortApplyButton(self) -> None:
+        if self._cohortState == JobState.RUNNING:
+            self.setCohortState(JobState.CANCEL_REQUESTED, _("Cancelling..."))
+            self._cohort.job.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the registration of the patients."), waitCursor=True):
+            if not slicer_setup.dependencies_ready("AgentRegistration", then=self.onCohortApplyButton):
+                return
+            p = self._parameterNode
+            checked = list(self.ui.cohortFixedVolumesSelector.checkedNodes())
+            self._cohort = self.logic.startCohortRegistration(
+                p.movingVolume, p.modelPath, p.movingSegmentation, fixedVolumes=checked,
+                patientsFolder=None if checked else self._cohortFolder(), device=p.device, steps=p.steps,
+                fuzzyActionControl=p.fuzzyActionControl, fuzzyK=p.fuzzyK, seed=p.seed,
+                keepTemporaryFiles=p.keepTemporaryFiles)
+            self.ui.cohortProgressBar.setRange(0, 0)
+            self.setCohortState(JobState.RUNNING, _("Starting the worker..."))
+            self._cohortTimer.start()
+
+    def onCohortTimer(self) -> None:
+        """Drain the register-many worker's messages (one per patient); import its results when it has ended."""
+        job = self._cohort.job
+        for message in job.poll():
+            if message.get("stage") == protocol.STAGE_LOG:
+                logging.info(message.get("message", ""))
+                continue
+            bar = protocol.progress_range(message)
+            if bar is not None:
+                self.ui.cohortProgressBar.setRange(bar[0], bar[1])
+                self.ui.cohortProgressBar.value = bar[2]
+            if self._cohortState == JobState.RUNNING:
+                self.ui.cohortStatusLabel.text = protocol.progress_text(message)
+        if not job.done():
+            return
+        self._cohortTimer.stop()
+        cohort, self._cohort = self._cohort, None
+        if self._cohortState == JobState.CANCEL_REQUESTED:
+            job.cleanup()
+            self.setCohortState(JobState.IDLE, _("Cancelled; the scene was not changed."))
+            return
+        try:
+            result = mrml.finish_cohort_registration(cohort)
+        except Exception as error:
+            self.setCohortState(JobState.FAILED, _("Failed: {error}").format(error=error))
+            slicer.util.errorDisplay(_("Registration of the patients failed."), detailedText=str(error))
+            return
+        first = next(iter(result.segmentations), None)
+        if first is not None:
+            volume = result.volumes.get(first) or cohort.patients.get(first)
+            slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.summary_table.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+        self.setCohortState(JobState.SUCCEEDED, mrml.cohort_summary_text(result))
+
     def onPropagateButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to propagate the segmentation."), waitCursor=True):
             p = self._parameterNode
@@ -341,6 +436,20 @@ class AgentRegistrationLogic(ScriptedLoadableModuleLogic):
             steps=steps, seed=seed, fuzzy_action_control=fuzzyActionControl, fuzzy_k=fuzzyK,
             save_steps=saveStepsEvery)
 
+    def startCohortRegistration(self, atlasVolume, model, atlasSegmentation=None, fixedVolumes=(),
+                                patientsFolder=None, device: str = "Auto", steps: int | None = None,
+                                fuzzyActionControl: bool = True, fuzzyK: float | None = None, seed: int = 0,
+                                keepTemporaryFiles: bool = False) -> mrml.CohortJob:
+        """Register the atlas (``atlasVolume``, its ``atlasSegmentation`` propagated) to each of ``fixedVolumes``, or
+        to every image of ``patientsFolder``, in one ``agentreg register-many`` worker; finish with
+        ``mrml.finish_cohort_registration`` (a segmentation per patient and the summary table)."""
+        model = Path(availableModels().get(str(model), model))
+        return mrml.start_cohort_registration(
+            slicer_setup.worker_python(), protocol.engine_dir(__file__), atlasVolume, model,
+            atlas_segmentation=atlasSegmentation, fixed_nodes=list(fixedVolumes), patients_folder=patientsFolder,
+            temporary_root=slicer.app.temporaryPath, keep_temporary_files=keepTemporaryFiles, device=device,
+            steps=steps, seed=seed, fuzzy_action_control=fuzzyActionControl, fuzzy_k=fuzzyK)
+
     def process(self, fixedVolume, movingVolume, model, timeout: float | None = None,
                 **kwargs) -> mrml.RegistrationResultNodes:
         """Register and wait (for scripts and the self-test); the GUI uses ``startRegistration``."""
@@ -376,6 +485,7 @@ class AgentRegistrationTest(ScriptedLoadableModuleTest):
     def runTest(self) -> None:
         self.setUp()
         self.test_register_sample_pair()
+        self.test_propagate_atlas_to_patients()
 
     def test_register_sample_pair(self) -> None:
         models = availableModels()
@@ -393,3 +503,23 @@ class AgentRegistrationTest(ScriptedLoadableModuleTest):
         propagated = mrml.propagate_segmentation(nodes["moving_label"], result.transform, nodes["fixed"], "propagated")
         self.assertEqual(propagated.GetSegmentation().GetNumberOfSegments(), 1)
         self.delayDisplay("Registration test passed")
+
+    def test_propagate_atlas_to_patients(self) -> None:
+        """The moving sample volume as an atlas onto the fixed one (as a patient volume), through register-many."""
+        self.setUp()
+        nodes = AgentRegistrationLogic.loadSampleData()
+        self.assertTrue(slicer_setup.ensure_dependencies("AgentRegistration"))
+        cohort = AgentRegistrationLogic().startCohortRegistration(nodes["moving"], "prostate-3d", nodes["moving_label"],
+                                                                  fixedVolumes=[nodes["fixed"]])
+        deadline = time.monotonic() + 600
+        while not cohort.job.done():
+            cohort.job.poll()
+            slicer.app.processEvents()
+            if time.monotonic() > deadline:
+                cohort.job.cancel()
+            time.sleep(0.05)
+        cohort.job.poll()
+        result = mrml.finish_cohort_registration(cohort)
+        self.assertEqual(len(result.segmentations), 1)
+        self.assertEqual(result.summary_table.GetTable().GetNumberOfRows(), 1)
+        self.delayDisplay("Atlas propagation test passed")

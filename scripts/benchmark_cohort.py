@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from itertools import permutations
 from pathlib import Path
@@ -66,6 +67,31 @@ def validation_pairs(data: Path, count: int) -> list[dict]:
     return [{"name": f"{m}_to_{f}", "fixed": data / f"{f}_image.nii.gz", "moving": data / f"{m}_image.nii.gz",
              "fixed_label": data / f"{f}_label.nii.gz", "moving_label": data / f"{m}_label.nii.gz"}
             for f, m in chosen]
+
+
+class LoadSampler:
+    """The 1-minute load average every ``period`` seconds while a run goes on (``with``): its mean and maximum."""
+
+    def __init__(self, period: float = 5.0):
+        self.period, self.samples, self._stop = period, [], threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.period):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadSampler:
+        self.samples.append(os.getloadavg()[0])
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    def summary(self) -> dict:
+        return {"mean": float(np.mean(self.samples)), "max": float(np.max(self.samples)), "samples": len(self.samples)}
 
 
 def run(command: list[str]) -> float:
@@ -152,7 +178,8 @@ def report(result: dict, args) -> str:
     n = len(result["pairs"])
     identical = [p for p in result["pairs"] if not p["differ"]]
     load = result["load_average"]
-    contention = max(load["before"][0], load["after"][0]) > (os.cpu_count() or 1)
+    contention = max(load["before"][0], load["after"][0], *(load[f"during_{k}"]["max"] for k in ("loop", "batch")
+                                                            if f"during_{k}" in load)) > (os.cpu_count() or 1)
     lines = [
         "# Cohort throughput: `agentreg register-many` against a loop of `agentreg register`", "",
         f"Made by `python scripts/benchmark_cohort.py {' '.join(args.argv)}` on {result['machine']}, device "
@@ -175,7 +202,9 @@ def report(result: dict, args) -> str:
         dice = "" if p["dice_after"] is None else f"{p['dice_after']:.3f}"
         lines.append(f"| {p['name']} | {p['loop_seconds']:.1f} | {dice} | "
                      f"{'yes' if not p['differ'] else 'no: ' + ', '.join(p['differ'])} |")
-    lines += ["", f"- Load average (1 min) before / after: {load['before'][0]:.1f} / {load['after'][0]:.1f} on "
+    during = "".join(f"; during the {k} mean {load[f'during_{k}']['mean']:.1f}, max {load[f'during_{k}']['max']:.1f}"
+                     for k in ("loop", "batch") if f"during_{k}" in load)
+    lines += ["", f"- Load average (1 min) before / after: {load['before'][0]:.1f} / {load['after'][0]:.1f}{during} on "
               f"{os.cpu_count()} cores" + (": **measured under contention from other jobs; both numbers are slower "
                                            "than on an idle machine, and their ratio less certain**." if contention
                                            else "."),
@@ -218,8 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         root.mkdir(parents=True, exist_ok=True)
         for sub in ("loop", "batch"):
             shutil.rmtree(root / sub, ignore_errors=True)
-        steps = [lambda: run_loop(pairs, args, root / "loop"),
-                 lambda: run_batch(pairs, args, root / "batch", root / "pairs.csv")]
+        loads = {"loop": LoadSampler(), "batch": LoadSampler()}
+
+        def sampled(what: str, job):
+            with loads[what]:
+                return job()
+
+        steps = [lambda: sampled("loop", lambda: run_loop(pairs, args, root / "loop")),
+                 lambda: sampled("batch", lambda: run_batch(pairs, args, root / "batch", root / "pairs.csv"))]
         first, second = (steps if args.order == "loop-first" else steps[::-1])
         measured = [first(), second()]
         (loop_seconds, per_pair), batch_seconds = measured if args.order == "loop-first" else measured[::-1]
@@ -228,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                     for pair, s in zip(pairs, per_pair, strict=True)]
     result = {"machine": cpu_text(), "data": f"../{data.relative_to(REPO.parent)}" if data.is_relative_to(REPO.parent)
               else str(data), "loop_seconds": loop_seconds, "batch_seconds": batch_seconds, "pairs": compared,
-              "load_average": {"before": load_before, "after": os.getloadavg()}, "device": args.device,
+              "load_average": {"before": load_before, "after": os.getloadavg(),
+                               **{f"during_{k}": v.summary() for k, v in loads.items()}},
+              "device": args.device,
               "workers": args.workers, "batch_size": args.batch_size, "command": ["python", "scripts/benchmark_cohort.py",
                                                                                   *argv],
               "available": len(subjects) * (len(subjects) - 1), "subjects": len(subjects),

@@ -75,17 +75,36 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...] |
 
 def jacobian_determinant(displacement: np.ndarray, spacing: tuple[float, ...] | None = None) -> np.ndarray:
     """det(I + grad u) of a displacement ``(dim, *spatial)`` (channel order x, y[, z], physical
-    units of ``spacing``)."""
-    u = np.asarray(displacement, dtype=np.float64)
+    units of ``spacing``), in float64: central differences inside, one-sided at the border
+    (``np.gradient``), and the 2x2 or 3x3 determinant in closed form (the same values as a
+    general determinant to float64 rounding, without a (dim, dim, *spatial) matrix per voxel)."""
+    u = np.asarray(displacement)
     dim = u.shape[0]
     spacing = tuple(spacing) if spacing is not None else (1.0,) * dim
-    jac = np.empty((dim, dim) + u.shape[1:])
+    # j[c][a] = d u_c / d x_a + (c == a); array axis (dim-1-a) is ITK axis a
+    j = []
     for c in range(dim):
-        # array axis (dim-1-a) is ITK axis a
-        grads = np.gradient(u[c], *spacing[::-1])
-        for a in range(dim):
-            jac[c, a] = grads[dim - 1 - a] + (1.0 if a == c else 0.0)
-    return np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
+        grads = np.gradient(np.asarray(u[c], dtype=np.float64), *spacing[::-1])
+        grads = [grads] if dim == 1 else grads
+        row = [grads[dim - 1 - a] for a in range(dim)]
+        row[c] += 1.0
+        j.append(row)
+    if dim == 2:
+        return j[0][0] * j[1][1] - j[0][1] * j[1][0]
+    if dim == 3:
+        det = j[1][1] * j[2][2]
+        det -= j[1][2] * j[2][1]
+        det *= j[0][0]
+        minor = j[1][0] * j[2][2]
+        minor -= j[1][2] * j[2][0]
+        minor *= j[0][1]
+        det -= minor
+        minor = j[1][0] * j[2][1]
+        minor -= j[1][1] * j[2][0]
+        minor *= j[0][2]
+        det += minor
+        return det
+    return np.linalg.det(np.moveaxis(np.array(j), (0, 1), (-2, -1)))
 
 
 def jacobian_statistics(displacement: np.ndarray, spacing: tuple[float, ...] | None = None) -> dict[str, float]:

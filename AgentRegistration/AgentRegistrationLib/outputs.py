@@ -6,6 +6,7 @@ only when all files are complete, so a failed or cancelled run leaves no half-wr
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -53,6 +54,7 @@ def trajectory_figure(trajectory: dict[str, np.ndarray], metrics: dict | None = 
     """The figure of trajectory.png: Dice on the model grid (or the best Q-value) and the SDM parameters over the
     agent's integer steps, the step where the agent stopped marked, and the Dice of metrics.json (in the fixed
     image's geometry) before and after in the legend. Returns a matplotlib ``Figure`` (no window)."""
+    from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -60,6 +62,8 @@ def trajectory_figure(trajectory: dict[str, np.ndarray], metrics: dict | None = 
     steps = np.arange(1, len(trajectory["actions"]) + 1)
     last = int(steps[-1]) if len(steps) else 0
     fig = Figure(figsize=(7.5, 6))
+    # fixed margins that fit the labels: a layout engine would draw the figure once more (half its time)
+    fig.subplots_adjust(left=0.11, right=0.98, top=0.95, bottom=0.08, hspace=0.06)
     top, bottom = fig.subplots(2, 1, sharex=True)
     if "dice" in trajectory:
         top.plot(steps, trajectory["dice"], color="tab:green", label="Dice on the model grid (crop), each step")
@@ -79,13 +83,16 @@ def trajectory_figure(trajectory: dict[str, np.ndarray], metrics: dict | None = 
     top.legend(loc="best", fontsize="small")
     top.set_title(title or "agent trajectory", fontsize="medium")
     theta = np.asarray(trajectory["theta"])
-    bottom.plot(steps, theta, linewidth=0.8)
-    bottom.set_ylabel(f"SDM parameters ({theta.shape[1] if theta.ndim == 2 else 0} modes, one line each)")
+    if theta.ndim == 2 and theta.shape[1] and len(steps):  # one line per mode, drawn as one artist (fast)
+        colors = [f"C{m % 10}" for m in range(theta.shape[1])]
+        bottom.add_collection(LineCollection([np.column_stack([steps, theta[:, m]]) for m in range(theta.shape[1])],
+                                             colors=colors, linewidths=0.8))
+        bottom.autoscale_view()
+    bottom.set_ylabel(f"SDM parameters\n({theta.shape[1] if theta.ndim == 2 else 0} modes, one line each)")
     bottom.set_xlabel("agent step")
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     if last:
         bottom.set_xlim(0.5, last + 0.5)
-    fig.tight_layout()
     return fig
 
 
@@ -93,6 +100,21 @@ def plot_trajectory(trajectory: dict[str, np.ndarray], path: Path, title: str = 
                     step_limit: int | None = None) -> None:
     """Write :func:`trajectory_figure` as a PNG."""
     trajectory_figure(trajectory, metrics, title, step_limit).savefig(path, dpi=100)
+
+
+def write_displacement(displacement: sitk.Image, path: Path) -> None:
+    """``displacement`` as float32 ITK displacement field at ``path`` (a ``.nii.gz``): the NIfTI file ITK writes,
+    in a gzip container whose blocks are stored, not deflated. A displacement field's float32 values hardly
+    compress (to about 85 %, with most of a pair's writing time), so the file is about 20 % larger and written
+    and read several times faster; any gzip and NIfTI reader (ITK, Slicer, nibabel) reads it as before."""
+    path = Path(path)
+    raw = path.with_name(f".{path.name.split('.')[0]}-uncompressed.nii")
+    try:
+        sitk.WriteImage(sitk.Cast(displacement, sitk.sitkVectorFloat32), str(raw), False)
+        with raw.open("rb") as src, gzip.open(path, "wb", compresslevel=0) as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+    finally:
+        raw.unlink(missing_ok=True)
 
 
 def write_registration_outputs(result: RegistrationResult, out_dir: Path, moving: sitk.Image, sdm, geometry,
@@ -112,7 +134,7 @@ def write_registration_outputs(result: RegistrationResult, out_dir: Path, moving
         sitk.WriteImage(result.warped, str(tmp / WARPED), True)
         if result.warped_label is not None:
             sitk.WriteImage(result.warped_label, str(tmp / WARPED_LABEL), True)
-        sitk.WriteImage(sitk.Cast(result.displacement, sitk.sitkVectorFloat32), str(tmp / DISPLACEMENT), True)
+        write_displacement(result.displacement, tmp / DISPLACEMENT)
         header, rows = trajectory_rows(result.trajectory)
         (tmp / TRAJECTORY_CSV).write_text("\n".join(",".join(map(str, r)) for r in [header, *rows]) + "\n")
         plot_trajectory(result.trajectory, tmp / TRAJECTORY_PNG, title, result.metrics, step_limit)

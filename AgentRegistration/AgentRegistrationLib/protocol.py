@@ -584,6 +584,43 @@ def install_model(bundle: str | Path, folder: str | Path) -> Path:
 
 
 # ====================================================================================== worker job
+def register_many_command(python: str, model: Path, output_dir: Path, *, pairs: Path | None = None,
+                          atlas: Path | None = None, atlas_label: Path | None = None, patients: Path | None = None,
+                          device: str = "Auto", steps: int | None = None, seed: int = 0,
+                          fuzzy_action_control: bool = True, fuzzy_k: float | None = None, workers: int = 1,
+                          batch_size: int | None = None) -> list[str]:
+    """The worker command line of ``agentreg register-many``: a CSV of pairs (``pairs``), or an ``atlas`` (image, and
+    ``atlas_label`` to propagate) against the folder ``patients``. One progress line per pair (stage ``register``);
+    the run's results are ``output_dir``/summary.csv (:data:`COHORT_SUMMARY_CSV`) and a folder per pair.
+
+    ``steps`` and ``fuzzy_k`` ``None`` (or 0): the model bundle's defaults; ``workers``: processes that read and
+    write the pairs (0: one per core); ``batch_size`` ``None``: the engine's default."""
+    if (pairs is None) == (atlas is None):
+        raise ValueError("give either a CSV of pairs or an atlas image with a folder of patients")
+    if atlas is not None and patients is None:
+        raise ValueError("an atlas needs the folder of patients it is propagated onto")
+    if steps is not None and steps < 0:
+        raise ValueError(f"steps must be at least 1 (or 0 for the model's default), got {steps}")
+    if fuzzy_k is not None and fuzzy_k < 0:
+        raise ValueError(f"fuzzy k must be positive (or 0 for the model's default), got {fuzzy_k}")
+    if workers < 0 or (batch_size is not None and batch_size < 1):
+        raise ValueError(f"workers must be 0 (one per core) or more and the batch size 1 or more, got {workers} and "
+                         f"{batch_size}")
+    return cli_command(python, "register-many", {
+        "model": model, "output_dir": output_dir, "pairs": pairs, "atlas": atlas, "atlas_label": atlas_label,
+        "patients": patients, "device": _device(device), "seed": int(seed), "steps": int(steps) if steps else None,
+        "no_fuzzy": not fuzzy_action_control,
+        "fuzzy_k": repr(float(fuzzy_k)) if fuzzy_k and fuzzy_action_control else None,
+        "workers": int(workers), "batch_size": int(batch_size) if batch_size else None})
+
+
+COHORT_SUMMARY_CSV = "summary.csv"
+"""The table of a ``register-many`` run: one row per pair (``pair``, ``status``, Dice and Hausdorff distance before
+and after, ...: ``cohort.SUMMARY_COLUMNS``); each pair's files are in the folder named by its ``pair``."""
+COHORT_DONE = ("registered", "skipped")
+"""Statuses of a pair of a ``register-many`` run whose folder holds its results (the others: ``failed``)."""
+
+
 class JobState(enum.Enum):
     """State of a worker job; it drives the Apply/Cancel button and the progress bar of both modules."""
 
