@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,21 @@ DATA = REPO.parent / "shared" / "data" / "promise12"
 # up to 40x slower (an agent run of 3 pairs: 5 ms/step with one thread, 30-400 ms/step with two). Set before torch is
 # imported (no test module is imported before this file).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# -- pytest-xdist (``-n 2 --dist loadfile``, the project's addopts): which files start first ---------------------
+# Each file runs on one worker (its module fixtures are built once). The files in ``FIRST`` start first, longest
+# first, so that neither worker waits alone at the end; the first two need no 2-D pipeline, which the worker that is
+# free first builds meanwhile. The other files follow in their own order. Without xdist the order is the files' own.
+# (Groups finer than a file, xdist_group with --dist loadgroup, are not read by pytest-xdist 3.8 under pytest 9.2.)
+FIRST = ["test_mrml.py", "test_protocol.py", "test_cohort.py", "test_own_data.py", "test_training.py",
+         "test_evaluation.py", "test_agent.py", "test_inputs.py", "test_crops_on_the_organ.py", "test_register_cli.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: i for i, name in enumerate(FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))
 
 
 def _need(path: Path) -> Path:
@@ -72,13 +88,64 @@ def load_case(grid128):
 TINY_SUBJECTS = ["case00", "case04", "case06", "case07"]
 
 
+def _shared_folder(tmp_path_factory) -> Path:
+    """A folder every process of this pytest run sees: under pytest-xdist, beside the workers' own base folders
+    (each worker has its own ``popen-gwN`` base under the run's), so that an expensive fixture is built once per run
+    rather than once per worker; without xdist, the run's base folder."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def _built_once(folder: Path, build) -> Path:
+    """``folder`` made by ``build(folder)`` once per run, whichever process asks first; the others wait for it (a lock
+    file) and find it complete (a marker file written last). A build that failed leaves no marker: the next caller
+    builds again, from an emptied folder."""
+    from filelock import FileLock
+
+    done = folder / ".complete"
+    with FileLock(str(folder) + ".lock"):
+        if not done.is_file():
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir()
+            build(folder)
+            done.write_text("")
+    return folder
+
+
+def _each_once(keys: list[str], folder: Path, compute) -> None:
+    """``compute(key, path)`` writes ``folder/key.npy`` once per run for each key. Processes that ask together share
+    the work: each takes a key nobody holds, and waits only when every missing key is held by another."""
+    from filelock import FileLock, Timeout
+
+    folder.mkdir(exist_ok=True)
+    missing = [k for k in keys if not (folder / f"{k}.npy").is_file()]
+    while missing:
+        for k in missing:
+            lock = FileLock(str(folder / f"{k}.lock"))
+            try:
+                lock.acquire(timeout=0 if k != missing[-1] else -1)  # block only on the last one
+            except Timeout:
+                continue
+            try:
+                if not (folder / f"{k}.npy").is_file():
+                    compute(k, folder / f"{k}.npy")
+            finally:
+                lock.release()
+        missing = [k for k in missing if not (folder / f"{k}.npy").is_file()]
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(grid128, tmp_path_factory):
     """``tiny_pipeline(dim[, crop])`` -> dict(gt=folder, sdm=path, bundle=path, subjects=names): constrained GT on
     4 real training subjects (12 pairs, few elastix iterations), a 4-mode SDM, and a compact network trained
     for a few batches. Real parts end to end; small so that the suite stays fast. Built once per dimension and
-    crop: ``crop="paper"`` (translation onto a template, the paper's box) or ``"organ"`` (each subject's box on
-    its own prostate; trained with the ``converge`` configuration)."""
+    crop, and once per run (under pytest-xdist the workers share it): ``crop="paper"`` (translation onto a
+    template, the paper's box) or ``"organ"`` (each subject's box on its own prostate; trained with the
+    ``converge`` configuration). Tests must not write into its folders (copy them first)."""
+    import numpy as np
     import torch
     from AgentRegistrationLib.dataset import find_subjects, prepare_subject
     from AgentRegistrationLib.groundtruth import GroundTruthSummary, run_groundtruth
@@ -87,26 +154,30 @@ def tiny_pipeline(grid128, tmp_path_factory):
     from AgentRegistrationLib.sdm_fitting import fit_from_groundtruth
     from AgentRegistrationLib.training import TrainingSet, config_by_name, train
 
+    shared = _shared_folder(tmp_path_factory)
     built: dict[tuple[int, str], dict] = {}
-    # each subject's elastix translation onto the template's box, computed once: the 2-D and 3-D paper crops share
-    # the template and the crop fraction, so the same 3-D registration (the costliest part of the build)
-    translations: dict[tuple[str, tuple[float, ...]], object] = {}
 
-    def build(dim: int, crop: str = "paper") -> dict:
-        if (dim, crop) in built:
-            return built[(dim, crop)]
-        root = tmp_path_factory.mktemp(f"tiny{dim}d{crop}")
+    def translations(subjects, template, geometry) -> dict[str, np.ndarray]:
+        """Each subject's elastix translation onto the template's box, computed once per run: the 2-D and 3-D paper
+        crops share the template and the crop fraction, so the same 3-D registration (the costliest part of the
+        build), which workers building both dimensions at once share out."""
+        folder = shared / ("translations_" + "_".join(f"{f:g}" for f in geometry.crop_fraction))
+        by_name = {s.name: s for s in subjects}
+
+        def compute(name: str, path: Path) -> None:
+            translation, _ = prealign_translation(template, read_image(by_name[name].image), geometry)
+            np.save(path, translation)
+
+        _each_once(list(by_name), folder, compute)
+        return {name: np.load(folder / f"{name}.npy") for name in by_name}
+
+    def make(root: Path, dim: int, crop: str) -> None:
         geometry = model_geometry(dim, crop)
         subjects = find_subjects(grid128, TINY_SUBJECTS)
         template = read_image(subjects[0].image)
+        moves = {} if geometry.localised else translations(subjects, template, geometry)
         for s in subjects:
-            translation = None
-            if not geometry.localised:
-                key = (s.name, tuple(geometry.crop_fraction))
-                if key not in translations:
-                    translations[key], _ = prealign_translation(template, read_image(s.image), geometry)
-                translation = translations[key]
-            prepare_subject(s, template, geometry, root / "gt" / "subjects", translation)
+            prepare_subject(s, template, geometry, root / "gt" / "subjects", moves.get(s.name))
         names = [s.name for s in subjects]
         settings = {"iterations": 60 if dim == 2 else 25, "resolutions": 2}
         results, failures = run_groundtruth(root / "gt" / "subjects", names, geometry, root / "gt", workers=2,
@@ -121,8 +192,12 @@ def tiny_pipeline(grid128, tmp_path_factory):
             ["iterations=30", "batch_size=8", "checkpoint_every=1000", "validate_every=1000"])
         torch.manual_seed(0)
         train(config, TrainingSet.from_groundtruth(root / "gt"), sdm, geometry, root / "bundle.pt", torch.device("cpu"))
-        built[(dim, crop)] = {"gt": root / "gt", "sdm": root / "sdm.npz", "bundle": root / "bundle.pt",
-                              "subjects": names, "geometry": geometry}
+
+    def build(dim: int, crop: str = "paper") -> dict:
+        if (dim, crop) not in built:
+            root = _built_once(shared / f"tiny{dim}d{crop}", lambda folder: make(folder, dim, crop))
+            built[(dim, crop)] = {"gt": root / "gt", "sdm": root / "sdm.npz", "bundle": root / "bundle.pt",
+                                  "subjects": list(TINY_SUBJECTS), "geometry": model_geometry(dim, crop)}
         return built[(dim, crop)]
 
     return build

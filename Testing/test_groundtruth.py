@@ -67,8 +67,8 @@ def test_cache_resume_and_failures(tiny_pipeline, tmp_path):
     (out / "pairs").mkdir(parents=True)
     kept = pair_file(tiny["gt"], names[0], names[1])
     (out / "pairs" / kept.name).write_bytes(kept.read_bytes())
-    empty = subject_dir.parent / "empty_subject"
-    empty.mkdir(exist_ok=True)
+    empty = tmp_path / "empty_subject"  # not in the shared pipeline's folder
+    empty.mkdir()
     with np.load(subject_dir / f"{names[2]}.npz") as z:
         np.savez(empty / "blank.npz", image=z["image"], label=np.zeros_like(z["label"]))
     for n in names[:2]:
