@@ -231,7 +231,7 @@ def training_run(grid128, tmp_path_factory):
     commands = protocol.training_commands(
         sys.executable, data, files, dim=2, device="CPU", modes=2,
         stage_options={"groundtruth": {"iterations": 20, "resolutions": 1, "max_pairs": 4, "workers": 1},
-                       "train": {"set": ["iterations=10", "batch_size=4", "validate_every=1000"]}})
+                       "train": {"set": ["iterations=10", "batch_size=4", "validate_every=1000"], "step_pairs": 2}})
     files.checkpoint.parent.mkdir(parents=True)
     job = protocol.WorkerJob(commands, env=protocol.worker_environment(protocol.engine_dir(TRAINING_MODULE_FILE)))
     messages = job.start().wait(timeout=900)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -285,15 +286,18 @@ def test_resuming_with_another_configuration_is_refused(tiny, tmp_path):
 
 
 def test_distributed_training_writes_one_bundle(tiny, tmp_path):
-    """``torchrun --nproc_per_node 2`` (gloo on CPU), with validation on real pairs: one bundle, rank 0 writes."""
+    """``torchrun --nproc_per_node 2`` (gloo on CPU), with validation on real pairs and the step choice on two of
+    them: one bundle, rank 0 writes. On a copy of the tiny ground truth (validation subjects are cached in it)."""
+    gt = tmp_path / "gt"
+    shutil.copytree(tiny.gt, gt)
     split = tmp_path / "split.json"
     split.write_text('{"train": ["case00", "case04", "case06", "case07"], "validation": ["case02", "case09"]}')
     out = tmp_path / "ddp" / "bundle.pt"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ENGINE_DIR), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "AgentRegistrationLib.cli", "train", "--groundtruth", str(tiny.gt), "--sdm",
-               str(tiny.gt.parent / "sdm.npz"), "--out", str(out), "--device", "cpu", "--progress-json",
+               "-m", "AgentRegistrationLib.cli", "train", "--groundtruth", str(gt), "--sdm",
+               str(tiny.gt.parent / "sdm.npz"), "--out", str(out), "--device", "cpu", "--progress-json", "--step-pairs", "2",
                "--data", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "promise12" / "grid128"),
                "--split", str(split), "--set", "iterations=4", "--set", "batch_size=4", "--set", "validation_pairs=2",
                "--set", "validation_steps=3"]
@@ -304,6 +308,7 @@ def test_distributed_training_writes_one_bundle(tiny, tmp_path):
     assert bundle.training["device"].startswith("cpu (") and bundle.training["device"].endswith(" x2")
     assert bundle.training["iterations"] == 4
     assert bundle.validation["pairs"] and np.isfinite(bundle.validation["dice_median"])
+    assert bundle.training["step_choice"]["pairs"] == 2
     rows = (out.parent / "loss.csv").read_text().splitlines()
     assert rows[0] == "iteration,loss,held_out_accuracy,validation_dice,held_out_near_gt_accuracy"
     assert rows[-1].startswith("4,")
