@@ -7,7 +7,7 @@ Runs the real 2-D tiny bundle on real pairs of validation subjects (middle slice
 import numpy as np
 import pytest
 import torch
-from AgentRegistrationLib.agent import AgentSettings, choose_stop_margin, dice_by_margin, stop_steps
+from AgentRegistrationLib.agent import Agent, AgentSettings, choose_stop_margin, dice_by_margin, stop_steps
 from AgentRegistrationLib.bundle import load_bundle
 from AgentRegistrationLib.preprocessing import middle_slice, prepare_pair
 
@@ -77,3 +77,32 @@ def test_a_run_every_pair_stopped_early_still_reports_its_end(bundle, pairs):
                                                             stop_margin=1e9), callback=lambda *a: calls.append(a))
     assert result.steps_taken.max() == 0  # no Q-value is above the margin: every pair stops before its first step
     assert calls == [(1, STEPS), (STEPS, STEPS)]  # the step that found it, then the end of the run
+
+
+class _CountingNetwork(torch.nn.Module):
+    """The real network, recording how many pairs each call was given."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network, self.sizes = network, []
+
+    def forward(self, fixed, moving):
+        self.sizes.append(fixed.shape[0])
+        return self.network(fixed, moving)
+
+
+def test_stopped_pairs_leave_the_batch_and_each_pair_ends_as_it_would_alone(bundle, pairs):
+    free = bundle.agent("cpu").run(*pairs, AgentSettings(steps=STEPS, seed=3))
+    margin = float(np.quantile(free.trajectory.best_allowed_q().numpy(), 0.5))
+    settings = AgentSettings(steps=STEPS, seed=3, stop_when_no_action_helps=True, stop_margin=margin)
+    counting = _CountingNetwork(bundle.network)
+    agent = Agent(counting, bundle.sdm, bundle.geometry.size, bundle.action_steps, "cpu")
+    batch = agent.run(*pairs, settings)
+    assert batch.steps_taken.min() < batch.steps_taken.max()  # pairs stop at different steps
+    # the network sees only the pairs still moving: one fewer row per call for every pair that has stopped
+    assert counting.sizes == [int((batch.steps_taken >= step).sum()) for step in range(len(counting.sizes))]
+    for i in range(len(PAIRS)):
+        alone = agent.run(pairs[0][i:i + 1], pairs[1][i:i + 1], settings)
+        assert alone.steps_taken[0] == batch.steps_taken[i]
+        np.testing.assert_allclose(alone.theta[0], batch.theta[i], atol=1e-5)
+        assert torch.allclose(alone.displacement[0], batch.displacement[i], atol=1e-4)

@@ -170,6 +170,26 @@ class Agent:
         start = self.displacement(self.theta_start[None].expand(moving_label.shape[0], -1))
         return dice_batch(warp(moving_label.to(self.device), start, mode="nearest"), fixed_label.to(self.device))
 
+    def q_values(self, fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """``(B, 2d)`` Q-values of the current states; once some pairs have stopped, the network runs on the others
+        only (a stopped pair's row is 0: it takes no more steps, and its trajectory ends where it stopped)."""
+        if bool(active.all()):
+            return self.network(fixed, warp(moving, u))
+        rows = active.nonzero()[:, 0]
+        q = torch.zeros(fixed.shape[0], self.deltas.numel(), device=self.device)
+        q[rows] = self.network(fixed[rows], warp(moving[rows], u[rows]))
+        return q
+
+    def step_dice(self, moving_label: torch.Tensor, fixed_label: torch.Tensor, u: torch.Tensor, active: torch.Tensor,
+                  previous: list[torch.Tensor]) -> torch.Tensor:
+        """``(B,)`` Dice after a step: recomputed for the pairs that moved, kept for those that have stopped."""
+        if bool(active.all()) or not previous:
+            return dice_batch(warp(moving_label, u, mode="nearest"), fixed_label)
+        rows = active.nonzero()[:, 0]
+        dice = previous[-1].clone()
+        dice[rows] = dice_batch(warp(moving_label[rows], u[rows], mode="nearest"), fixed_label[rows])
+        return dice
+
     @torch.no_grad()
     def run(self, fixed: torch.Tensor, moving: torch.Tensor, settings: AgentSettings,
             moving_label: torch.Tensor | None = None, fixed_label: torch.Tensor | None = None,
@@ -201,7 +221,7 @@ class Agent:
         trajectory = Trajectory()
         rows = torch.arange(batch, device=self.device)
         for step in range(settings.steps):
-            q = self.network(fixed, warp(moving, u))
+            q = self.q_values(fixed, moving, u, active)
             uniform = draws[step].expand(batch, -1)
             if settings.fuzzy_action_control:
                 p = fuzzy_acceptance(theta, self.deltas, self.mu, self.sigma, settings.fuzzy_k)
@@ -228,7 +248,7 @@ class Agent:
             trajectory.rejected.append(rejected)
             trajectory.theta.append(theta.clone())
             if labels:
-                trajectory.dice.append(dice_batch(warp(moving_label, u, mode="nearest"), fixed_label))
+                trajectory.dice.append(self.step_dice(moving_label, fixed_label, u, active, trajectory.dice))
             if settings.stop_on_convergence and step + 1 >= settings.convergence_window:
                 past = trajectory.theta[-settings.convergence_window]
                 # converged: no mode moved by more than one step over the window (the agent oscillates)
