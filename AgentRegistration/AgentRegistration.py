@@ -15,7 +15,8 @@ from typing import Annotated, Union
 import qt
 import slicer
 import vtk
-from AgentRegistrationLib import mrml, protocol, slicer_setup
+from AgentRegistrationGUILib import slicer_setup
+from AgentRegistrationLib import mrml, protocol
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
     vtkMRMLMarkupsFiducialNode,

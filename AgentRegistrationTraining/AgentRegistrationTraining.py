@@ -33,7 +33,8 @@ _SOURCE_ENGINE_DIR = MODULE_DIR.parent / "AgentRegistration"
 if not (MODULE_DIR / "AgentRegistrationLib").is_dir() and str(_SOURCE_ENGINE_DIR) not in sys.path:
     sys.path.append(str(_SOURCE_ENGINE_DIR))
 
-from AgentRegistrationLib import mrml, protocol, slicer_setup  # noqa: E402
+from AgentRegistrationGUILib import slicer_setup  # noqa: E402
+from AgentRegistrationLib import mrml, protocol  # noqa: E402
 
 STAGES = ("groundtruth", "sdm", "train")
 CONFIGURATIONS = list(protocol.TRAINING_CONFIGURATIONS)

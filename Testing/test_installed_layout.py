@@ -79,6 +79,9 @@ def installed(tmp_path_factory) -> Path:
 def test_every_engine_file_and_resource_is_installed(installed):
     engine = {p.name for p in (REPO / "AgentRegistration" / "AgentRegistrationLib").glob("*.py")}
     assert {p.name for p in (installed / "AgentRegistrationLib").glob("*.py")} == engine
+    gui = {p.name for p in (REPO / "AgentRegistration" / "AgentRegistrationGUILib").glob("*.py")}
+    assert "slicer_setup.py" in gui  # the Slicer-side code both modules import
+    assert {p.name for p in (installed / "AgentRegistrationGUILib").glob("*.py")} == gui
     for relative in ("AgentRegistration.py", "AgentRegistrationTraining.py", "Resources/UI/AgentRegistration.ui",
                      "Resources/UI/AgentRegistrationTraining.ui", "Resources/requirements.txt",
                      "Resources/Models/prostate-3d.pt", "Resources/SampleData/README.md"):

@@ -154,12 +154,15 @@ def test_module_resources_exist(module):
     assert "slicerMacroBuildScriptedModule" in cmake and "slicer_add_python_unittest" in cmake
 
 
-def test_module_code_imports_no_qt_in_the_glue():
-    source = (ROOT / "AgentRegistration" / "AgentRegistrationLib" / "mrml.py").read_text()
-    imports = {a.name.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import) for a in n.names}
-    imports |= {n.module.split(".")[0] for n in ast.walk(ast.parse(source))
-                if isinstance(n, ast.ImportFrom) and n.module}
+@pytest.mark.parametrize("path", sorted((ROOT / "AgentRegistration" / "AgentRegistrationLib").glob("*.py")),
+                         ids=lambda p: p.name)
+def test_the_engine_imports_no_qt_and_uses_no_slicer_app(path):
+    """Every engine module (the MRML glue included), imports inside functions too: Qt and ``slicer.app`` belong to
+    the module files and the Slicer-side ``AgentRegistrationGUILib``."""
+    tree = ast.parse(path.read_text())
+    imports = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imports |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not imports & {"qt", "ctk", "PythonQt"}
-    uses_app = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Attribute) and n.attr == "app"
+    uses_app = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "app"
                 and isinstance(n.value, ast.Name) and n.value.id == "slicer"]
-    assert not uses_app, "the glue must not use slicer.app"
+    assert not uses_app, f"{path.name} must not use slicer.app"

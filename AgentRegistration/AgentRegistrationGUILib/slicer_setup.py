@@ -2,9 +2,9 @@
 process with a progress dialog, never freezing Slicer), the Python that runs the workers, and where trained
 models go. Neither module imports the other; each calls this.
 
-The one module of the package that touches Slicer's GUI: the dialog functions import ``qt`` and ``slicer`` when
-they are called (only inside Slicer), so the engine itself still imports without them. Names are snake_case, as
-in the rest of the engine.
+Slicer-side code, outside the engine package (which imports no Qt): the dialog functions import ``qt`` and
+``slicer`` when they are called, so this module also imports in plain Python. Names are snake_case, as in the
+engine.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import protocol
+from AgentRegistrationLib import protocol
 
 REQUIREMENT_IMPORTS = {"torch": "torch", "numpy": "numpy", "scipy": "scipy", "SimpleITK": "SimpleITK",
                        "itk-elastix": "itk", "matplotlib": "matplotlib", "tqdm": "tqdm"}
