@@ -1,6 +1,7 @@
 """The model geometry as a choice (issue 15): ``auto`` derived from real training masks, and the pipeline through
-``agentreg`` on a second geometry (PROMISE12 middle slices on a 64x64 grid with control spacing 8), tiny: the chosen
-geometry reaches the ground-truth summary, the SDM, the bundle, the model card and what ``register`` finds."""
+``agentreg`` on a second geometry (PROMISE12 middle slices on a 64x64 grid with control spacing 8.5, not a whole
+number of voxels, as auto's are), tiny: the chosen geometry reaches the ground-truth summary, the SDM, the bundle,
+the model card and what ``register`` finds."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from AgentRegistrationLib.preprocessing import model_geometry
 from AgentRegistrationLib.sdm import StatisticalDeformationModel
 
 TRAIN = ["case00", "case04", "case06"]
-CHOSEN = ModelGeometry((64, 64), (8.0, 8.0), box_spreads=BOX_SPREADS[2], choice="auto+overrides")
+CHOSEN = ModelGeometry((64, 64), (8.5, 8.5), box_spreads=BOX_SPREADS[2], choice="auto+overrides")
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -82,13 +83,13 @@ def test_the_training_module_commands_carry_the_geometry(tmp_path):
 
 @pytest.fixture(scope="module")
 def pipeline(grid128, tmp_path_factory):
-    """groundtruth (auto, 64x64, control spacing 8, 3 pairs, 2 of them compared with plain elastix) -> sdm ->
+    """groundtruth (auto, 64x64, control spacing 8.5, 3 pairs, 2 of them compared with plain elastix) -> sdm ->
     train (a few batches) -> info, through ``agentreg``."""
     root = tmp_path_factory.mktemp("second_geometry")
     gt, sdm, model, card = root / "gt", root / "sdm.npz", root / "model.pt", root / "card.md"
     runs = {
         "groundtruth": ["groundtruth", grid128, "--subjects", ",".join(TRAIN), "--dim", "2", "--geometry", "auto",
-                        "--grid-size", "64,64", "--control-spacing", "8,8", "--iterations", "20", "--resolutions",
+                        "--grid-size", "64,64", "--control-spacing", "8.5,8.5", "--iterations", "20", "--resolutions",
                         "1", "--workers", "1", "--max-pairs", "3", "--compare-elastix", "2", "--out", gt],
         "sdm": ["sdm", gt, "--modes", "2", "--out", sdm, "--report", root / "report.md"],
         "train": ["train", "--groundtruth", gt, "--sdm", sdm, "--out", model, "--device", "cpu", "--threads", "1",
@@ -149,3 +150,21 @@ def test_register_works_on_the_chosen_grid(pipeline, grid128):
     assert result.displacement.GetSize() == fixed.GetSize()
     protocol.check_metrics(result.metrics)
     assert 0 <= result.metrics["dice_after"] <= 1
+
+
+def test_a_control_spacing_that_divides_the_grid_exactly_is_refused():
+    """elastix lays out one more control cell there than ``ControlGrid.for_image``: the GT would fail every pair."""
+    with pytest.raises(ValueError, match="divides grid size"):
+        ModelGeometry.paper(2).with_overrides(size=(65, 65), control_spacing=(8.0, 8.0))
+    spreads = [(4.0, 3.0, 1.7)]
+    geometry = ModelGeometry.from_organ_spread(spreads[0], BOX_SPREADS[3])
+    cells = (np.array(geometry.size) - 1) / np.array(geometry.control_spacing)
+    assert np.all(np.abs(cells - np.round(cells)) > 1e-6)
+
+
+def test_without_a_geometry_groundtruth_takes_the_default_unless_a_crop_is_given(grid128):
+    labels = [grid128 / "case00_label.nii.gz", grid128 / "case04_label.nii.gz"]
+    assert model_geometry(2, None, None, labels).choice == protocol.DEFAULT_GEOMETRY
+    assert model_geometry(2, "organ", None, labels) == ModelGeometry.localised_grid(2, BOX_SPREADS[2])
+    assert model_geometry(2, "paper", None, labels) == ModelGeometry.paper(2)
+    assert cli.build_parser().parse_args(["groundtruth", "data", "--out", "o"]).geometry is None

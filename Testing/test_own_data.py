@@ -51,7 +51,7 @@ def own_data(grid128, tmp_path_factory):
 
 def _groundtruth(own_data, subjects, *extra):
     return ["groundtruth", own_data["data"], "--subjects", ",".join(subjects), "--dim", "2", "--iterations", "20",
-            "--resolutions", "1", "--workers", "1", "--out", own_data["gt"], *extra]
+            "--resolutions", "1", "--workers", "1", "--geometry", "paper", "--out", own_data["gt"], *extra]
 
 
 @pytest.fixture(scope="module")

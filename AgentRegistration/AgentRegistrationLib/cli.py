@@ -472,15 +472,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT at the same path (a shared file system)")
     p.add_argument("--iterations", type=int, default=250, help="elastix iterations per resolution")
     p.add_argument("--resolutions", type=int, default=3, help="elastix resolutions (image pyramid levels)")
-    p.add_argument("--geometry", choices=protocol.GEOMETRY_CHOICES, default=protocol.DEFAULT_GEOMETRY,
+    p.add_argument("--geometry", choices=protocol.GEOMETRY_CHOICES,
                    help="model geometry: 'paper' is the paper's prostate grids (100x100 / 75x75x20, control spacing "
                         "16x16(x8) grid voxels); 'auto' derives them from the training masks (isotropic voxels on the "
                         "organ's box, about the paper's voxel and control-point budget; crops on the organ). Default "
-                        f"{protocol.DEFAULT_GEOMETRY}")
+                        f"{protocol.DEFAULT_GEOMETRY}, or 'paper' when --crop is given")
     p.add_argument("--crop", choices=protocol.CROPS,
-                   help="crop boxes: 'organ' centres each subject's box on its own mask and sizes it to it; 'paper' is "
-                        "the paper's centred box with the subjects translated onto a template (elastix). Default: "
-                        "'paper' with --geometry paper; --geometry auto always crops on the organ")
+                   help="crop boxes of the paper's geometry: 'organ' centres each subject's box on its own mask and "
+                        "sizes it to it; 'paper' is the paper's centred box with the subjects translated onto a "
+                        "template (elastix). Default with --geometry paper: 'paper'; --geometry auto always crops on "
+                        "the organ")
     p.add_argument("--grid-size", type=_numbers(int, "--grid-size"), metavar="NX,NY[,NZ]",
                    help="model grid size in voxels (overrides the geometry's)")
     p.add_argument("--control-spacing", type=_numbers(float, "--control-spacing"), metavar="SX,SY[,SZ]",

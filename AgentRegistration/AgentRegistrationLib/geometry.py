@@ -11,6 +11,12 @@ from dataclasses import asdict, dataclass, field, replace
 from .bspline import ControlGrid
 
 
+def _divides(spacing: float, size: int) -> bool:
+    """Whether control ``spacing`` divides the grid's extent (``size - 1`` voxels) exactly."""
+    cells = (size - 1) / spacing
+    return abs(cells - round(cells)) < 1e-6
+
+
 @dataclass(frozen=True)
 class ModelGeometry:
     """Size of the model grid and of its B-spline control grid, and the crop box.
@@ -84,9 +90,11 @@ class ModelGeometry:
         voxel_per_axis = [e / (n - 1) for e, n in zip(extent, size, strict=True)]
         intervals = math.prod((n - 1) / c for n, c in zip(paper.size, paper.control_spacing, strict=True))
         control = (volume / intervals) ** (1 / dim)  # physical
-        spacing = tuple(round(min(control / v, (n - 1) / min_intervals), 1)
-                        for v, n in zip(voxel_per_axis, size, strict=True))
-        return cls(size, spacing, paper.crop_fraction, tuple(float(b) for b in box_spreads), "auto")
+        spacing = []
+        for v, n in zip(voxel_per_axis, size, strict=True):
+            c = round(min(control / v, (n - 1) / min_intervals), 1)
+            spacing.append(c - 0.1 if _divides(c, n) else c)
+        return cls(size, tuple(spacing), paper.crop_fraction, tuple(float(b) for b in box_spreads), "auto")
 
     def with_overrides(self, size: tuple[int, ...] | None = None, control_spacing: tuple[float, ...] | None = None,
                        box_spreads: tuple[float, ...] | None = None) -> ModelGeometry:
@@ -100,6 +108,10 @@ class ModelGeometry:
         if min(changed.size) < 2 or min(changed.control_spacing) <= 0:
             raise ValueError(f"grid size {list(changed.size)} needs at least 2 voxels per axis and control spacing "
                              f"{list(changed.control_spacing)} positive numbers (model voxels)")
+        if any(_divides(c, n) for c, n in zip(changed.control_spacing, changed.size, strict=True)):
+            raise ValueError(f"control spacing {list(changed.control_spacing)} divides grid size {list(changed.size)} "
+                             "minus 1 exactly on some axis, where elastix lays out one more control cell than this "
+                             "model: choose a spacing a little smaller or larger (e.g. 0.1 voxel)")
         return changed
 
     def description(self) -> str:

@@ -23,10 +23,10 @@ from . import elastix
 from .bspline import ControlGrid, dense_displacement
 from .geometry import ModelGeometry
 from .localisation import BOX_SPREADS, Localisation, localisation_from_label
-from .protocol import GEOMETRY_CHOICES
+from .protocol import DEFAULT_GEOMETRY, GEOMETRY_CHOICES
 
 
-def model_geometry(dim: int, crop: str | None = None, choice: str = "paper", labels: list | None = None,
+def model_geometry(dim: int, crop: str | None = None, choice: str | None = "paper", labels: list | None = None,
                    size: tuple[int, ...] | None = None, control_spacing: tuple[float, ...] | None = None,
                    box_spreads: tuple[float, ...] | None = None) -> ModelGeometry:
     """The model geometry of a choice (:data:`protocol.GEOMETRY_CHOICES`) and a crop (:data:`protocol.CROPS`), with
@@ -35,7 +35,11 @@ def model_geometry(dim: int, crop: str | None = None, choice: str = "paper", lab
     ``paper``: the paper's grids, with boxes on the organ (``crop='organ'``, sized by ``box_spreads``, default
     :data:`localisation.BOX_SPREADS`) or the paper's centred box (``crop='paper'``, the default). ``auto``: derived
     from the training masks ``labels`` (files or SimpleITK images; :func:`auto_geometry`), always on the organ.
+    ``None`` (``agentreg groundtruth`` without ``--geometry``): ``paper`` when a ``crop`` is given (an option of the
+    paper's geometry), else :data:`protocol.DEFAULT_GEOMETRY`.
     """
+    if choice is None:
+        choice = "paper" if crop else DEFAULT_GEOMETRY
     if choice not in GEOMETRY_CHOICES:
         raise ValueError(f"model geometry {choice!r}: choose one of {', '.join(GEOMETRY_CHOICES)}")
     spreads = tuple(box_spreads) if box_spreads is not None else BOX_SPREADS[dim]

@@ -267,9 +267,9 @@ the paper's centred box after translation pre-alignment (:func:`preprocessing.mo
 GEOMETRY_CHOICES = ("paper", "auto")
 """Model geometries by name (``agentreg groundtruth --geometry``): the paper's prostate grids, or grids derived from
 the training masks (:meth:`geometry.ModelGeometry.from_organ_spread`)."""
-DEFAULT_GEOMETRY = "paper"
-"""The geometry ``agentreg groundtruth`` uses unless told otherwise (chosen by measurement: README, "Train a model
-for your own organ")."""
+DEFAULT_GEOMETRY = "auto"
+"""The geometry ``agentreg groundtruth`` uses unless told otherwise (or given ``--crop``, an option of the paper's
+geometry), chosen by measurement: README, "Train a model for your own organ"."""
 GEOMETRY_OVERRIDES = ("grid_size", "control_spacing", "box_spreads")
 """The numbers of a model geometry a user may set (``agentreg groundtruth --grid-size`` ...), 2 or 3 per option."""
 
