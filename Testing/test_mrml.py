@@ -3,7 +3,7 @@
 Geometry and transform conversions use a real PROMISE12 volume with a non-identity direction and a
 non-zero origin (so that every RAS/LPS mistake shows) and a smooth known displacement field built here,
 a known warp that must be reproduced exactly. The results section runs the real ``agentreg register``
-worker (the tiny 3-D model of ``tiny_pipeline``) through the module Logic's route
+worker (the shipped models, their stop rule off so a run takes every step) through the module Logic's route
 (``mrml.start_registration`` / ``finish_registration``) and imports the folder it really wrote.
 """
 
@@ -28,6 +28,7 @@ from AgentRegistrationLib import mrml, protocol  # noqa: E402
 
 CASE = "case00"
 MODULE_FILE = Path(__file__).resolve().parents[1] / "AgentRegistration" / "AgentRegistration.py"
+REPO_MODELS = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 
 
 def _rotation(angles_deg: tuple[float, float, float]) -> np.ndarray:
@@ -266,13 +267,30 @@ def _oblique(image: sitk.Image, direction: np.ndarray, origin) -> sitk.Image:
     return _with_geometry(image, direction, origin, (0.7, 0.7, 2.2))
 
 
+def _every_step_copy(dim: int, folder: Path) -> Path:
+    """A copy of the shipped model of ``dim`` (organ crops: a label, a point or its localiser places each crop; no
+    elastix) with its stop rule off, so that a run takes every step it is given."""
+    import torch
+
+    payload = torch.load(REPO_MODELS / f"prostate-{dim}d.pt", weights_only=True)
+    payload["agent_defaults"]["stop_when_no_action_helps"] = False
+    path = folder / f"prostate-{dim}d-every-step.pt"
+    torch.save(payload, path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def real_run(tiny_pipeline, grid128, tmp_path_factory):
+def shipped_3d_every_step(tmp_path_factory):
+    return _every_step_copy(3, tmp_path_factory.mktemp("shipped"))
+
+
+@pytest.fixture(scope="module")
+def real_run(shipped_3d_every_step, grid128, tmp_path_factory):
     """One real ``agentreg register`` worker started from scene nodes the way the module's Logic starts it
     (grid128 subjects 13 -> 17, oblique fixed geometry, both segmentations, a few steps, step volumes), its
     folder imported into the scene. Yields the scene, the input nodes, the result nodes, the messages the
     worker printed and its output folder (kept for comparison)."""
-    bundle = tiny_pipeline(3)["bundle"]
+    bundle = shipped_3d_every_step
     images = {f"{role}{kind}": sitk.ReadImage(str(grid128 / f"case{case}_{name}.nii.gz"))
               for role, case in (("fixed", "13"), ("moving", "17")) for kind, name in (("", "image"), ("_label", "label"))}
     fixed_direction, fixed_origin = _rotation((3.0, -4.0, 15.0)), (-40.0, 25.5, -12.0)
@@ -419,10 +437,10 @@ def test_a_file_that_is_no_model_is_refused_before_a_worker_starts(real_run, tmp
     assert not (tmp_path / "tmp").exists()  # refused before any folder was made
 
 
-def test_a_failing_worker_reports_its_error_and_leaves_nothing(real_run, tiny_pipeline, tmp_path):
+def test_a_failing_worker_reports_its_error_and_leaves_nothing(real_run, shipped_3d_every_step, tmp_path):
     import torch
 
-    payload = torch.load(tiny_pipeline(3)["bundle"], weights_only=True)
+    payload = torch.load(shipped_3d_every_step, weights_only=True)
     payload["network"]["state"] = {}  # the module reads its header; the worker finds no weights
     bad = tmp_path / "model.pt"
     torch.save(payload, bad)
@@ -438,13 +456,13 @@ def test_a_failing_worker_reports_its_error_and_leaves_nothing(real_run, tiny_pi
     assert not registration.folder.exists()
 
 
-def test_cancelling_the_real_worker_removes_its_folder(slice_run, tiny_pipeline, tmp_path):
-    """Cancel while the agent runs (5000 steps asked): the single-slice volumes and the 2-D model of the slice run,
-    as a 3-D worker would first spend its time pre-aligning in 3-D; the cancel does not depend on the dimension."""
+def test_cancelling_the_real_worker_removes_its_folder(slice_run, tmp_path):
+    """Cancel while the agent runs (5000 steps asked): the single-slice volumes of the slice run with the shipped 2-D
+    model, its stop rule off (its localiser places the moving crop, the markups point the fixed one)."""
     nodes = slice_run["nodes"]
     registration = mrml.start_registration(sys.executable, protocol.engine_dir(MODULE_FILE), nodes["fixed"],
-                                           nodes["moving"], tiny_pipeline(2)["bundle"], fixed_point=slice_run["markups"],
-                                           temporary_root=tmp_path, device="CPU", steps=5000)
+                                           nodes["moving"], _every_step_copy(2, tmp_path), fixed_point=slice_run["markups"],
+                                           temporary_root=tmp_path / "worker", device="CPU", steps=5000)
     job = registration.job
     deadline = time.monotonic() + 300
     while not any(m["stage"] == "register" for m in job.poll()):
@@ -524,15 +542,15 @@ def test_a_single_slice_with_a_3d_model_asks_for_a_2d_model(scene, promise_pair,
     assert list(tmp_path.iterdir()) == []
 
 
-REPO_MODELS = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 SLICE_STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def slice_run(tiny_pipeline, grid128, tmp_path_factory):
-    """The real worker with the tiny 2-D model on two single-slice volumes as Slicer holds them (128x128x1,
-    oblique, parallel planes at different positions), both segmentations and a markups point on the fixed one."""
-    bundle = tiny_pipeline(2)["bundle"]
+def slice_run(grid128, tmp_path_factory):
+    """The real worker with the shipped 2-D model (stop rule off) on two single-slice volumes as Slicer holds them
+    (128x128x1, oblique, parallel planes at different positions), both segmentations and a markups point on the
+    fixed one, which places the fixed crop."""
+    bundle = _every_step_copy(2, tmp_path_factory.mktemp("shipped_2d"))
     direction = _rotation((8.0, -6.0, 20.0))
     with _mrml_scene() as mrml_scene:
         nodes = {}
