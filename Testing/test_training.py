@@ -34,6 +34,7 @@ from AgentRegistrationLib.training import (
     config_by_name,
     held_out_accuracy,
     train,
+    validation_pairs_from_split,
 )
 from AgentRegistrationLib.warp import compose, warp
 
@@ -292,15 +293,17 @@ def test_distributed_training_writes_one_bundle(tiny, tmp_path):
     shutil.copytree(tiny.gt, gt)
     split = tmp_path / "split.json"
     split.write_text('{"train": ["case00", "case04", "case06", "case07"], "validation": ["case02", "case09"]}')
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "promise12" / "grid128"
+    # prepared here once into the copy's cache (as a first training run would), so that neither rank loads elastix
+    validation_pairs_from_split(gt, data, split, tiny.geometry, 2)
     out = tmp_path / "ddp" / "bundle.pt"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ENGINE_DIR), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "AgentRegistrationLib.cli", "train", "--groundtruth", str(gt), "--sdm",
                str(tiny.gt.parent / "sdm.npz"), "--out", str(out), "--device", "cpu", "--progress-json", "--step-pairs", "2",
-               "--data", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "promise12" / "grid128"),
-               "--split", str(split), "--set", "iterations=4", "--set", "batch_size=4", "--set", "validation_pairs=2",
-               "--set", "validation_steps=3"]
+               "--data", str(data), "--split", str(split), "--set", "iterations=4", "--set", "batch_size=4",
+               "--set", "validation_pairs=2", "--set", "validation_steps=3"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count('"stage": "done"') == 1, done.stdout  # only rank 0 reports
