@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -201,3 +202,28 @@ def tiny_pipeline(grid128, tmp_path_factory):
         return built[(dim, crop)]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def mrml_scene():
+    """``with mrml_scene() as scene``: a real MRML scene (slicer-core) with the module logics Slicer would have
+    registered (segmentations: converter rules; sequences: browser node class), also set as ``slicer.mrmlScene``."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is needed for the MRML glue")
+
+    @contextlib.contextmanager
+    def make():
+        scene = slicer.vtkMRMLScene()
+        logics = [slicer.vtkSlicerSegmentationsModuleLogic(), slicer.vtkSlicerSequencesLogic()]
+        for logic in logics:
+            logic.SetMRMLScene(scene)
+        previous = getattr(slicer, "mrmlScene", None)
+        slicer.mrmlScene = scene
+        try:
+            yield scene
+        finally:
+            for logic in logics:
+                logic.SetMRMLScene(None)
+            scene.Clear(True)
+            slicer.mrmlScene = previous
+
+    return make

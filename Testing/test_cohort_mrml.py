@@ -10,7 +10,6 @@ summary.csv. These tests check the glue, not accuracy.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import shutil
 import sys
@@ -31,22 +30,6 @@ STEPS = 3
 ATLAS, PATIENT_LABELLED, PATIENT_UNLABELLED = "13", "19", "22"
 
 pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason="the shipped 2-D model is missing")
-
-
-@contextlib.contextmanager
-def _mrml_scene():
-    """A real MRML scene with the segmentations logic registered, also set as ``slicer.mrmlScene``."""
-    scene = slicer.vtkMRMLScene()
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
-    previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = scene
-    try:
-        yield scene
-    finally:
-        logic.SetMRMLScene(None)
-        scene.Clear(True)
-        slicer.mrmlScene = previous
 
 
 def _slices(native_slice) -> dict[str, tuple[sitk.Image, sitk.Image]]:
@@ -74,10 +57,10 @@ def _run(cohort: mrml.CohortJob) -> dict:
 
 
 @pytest.fixture(scope="module")
-def node_run(native_slice, tmp_path_factory):
+def node_run(native_slice, tmp_path_factory, mrml_scene):
     """The atlas onto two patient volume nodes (one with a segmentation), as the module starts it."""
     slices = _slices(native_slice)
-    with _mrml_scene() as scene:
+    with mrml_scene() as scene:
         atlas, atlas_segmentation = _atlas_nodes(scene, slices)
         patients = {case: mrml.volume_node_from_sitk(slices[case][0], scene, f"patient {case}")
                     for case in (PATIENT_LABELLED, PATIENT_UNLABELLED)}
@@ -95,7 +78,7 @@ def node_run(native_slice, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def folder_run(native_slice, tmp_path_factory):
+def folder_run(native_slice, tmp_path_factory, mrml_scene):
     """The atlas onto a folder of two patient files (NIfTI with a label, NRRD without)."""
     slices = _slices(native_slice)
     folder = tmp_path_factory.mktemp("patients")
@@ -104,7 +87,7 @@ def folder_run(native_slice, tmp_path_factory):
     for case, path in files.items():
         sitk.WriteImage(slices[case][0], str(path))
     sitk.WriteImage(slices[PATIENT_LABELLED][1], str(folder / f"case{PATIENT_LABELLED}_label.nii.gz"))
-    with _mrml_scene() as scene:
+    with mrml_scene() as scene:
         atlas, atlas_segmentation = _atlas_nodes(scene, slices)
         cohort = mrml.start_cohort_registration(
             sys.executable, protocol.engine_dir(MODULE_FILE), atlas, MODEL, atlas_segmentation=atlas_segmentation,
@@ -215,9 +198,9 @@ def test_a_broken_output_folder_leaves_the_scene_as_it_was(node_run, tmp_path):
     assert scene.GetNumberOfNodes() == before
 
 
-def test_a_3d_model_refuses_single_slice_patients_before_a_worker_starts(native_slice, tmp_path):
+def test_a_3d_model_refuses_single_slice_patients_before_a_worker_starts(native_slice, tmp_path, mrml_scene):
     slices = _slices(native_slice)
-    with _mrml_scene() as scene:
+    with mrml_scene() as scene:
         atlas, segmentation = _atlas_nodes(scene, slices)
         patient = mrml.volume_node_from_sitk(slices[PATIENT_LABELLED][0], scene, "patient")
         with pytest.raises(ValueError, match="single slice"):

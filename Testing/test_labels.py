@@ -177,16 +177,10 @@ def test_the_slicer_table_shows_each_label(registered):
         assert f"Hausdorff (mm) label {v}" in rows
 
 
-def test_a_segmentation_with_two_segments_comes_back_as_two(slices):
-    slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is needed for segmentations")
+def test_a_segmentation_with_two_segments_comes_back_as_two(slices, mrml_scene):
     from AgentRegistrationLib import mrml
 
-    scene = slicer.vtkMRMLScene()
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
-    previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = scene
-    try:
+    with mrml_scene() as scene:
         image = sitk.ReadImage(str(slices / "case04_image.nii.gz"))
         label = sitk.ReadImage(str(slices / "case04_label.nii.gz"))
         image3, label3 = (sitk.JoinSeries(x) for x in (image, label))  # one-slice volumes, as Slicer holds them
@@ -201,7 +195,3 @@ def test_a_segmentation_with_two_segments_comes_back_as_two(slices):
         back = sitk.GetArrayFromImage(mrml.segmentation_to_labelmap_sitk(propagated, volume))
         assert label_values(back) == [1, 2]
         assert dice(back == 2, sitk.GetArrayFromImage(label3) == 2) > 0.99
-    finally:
-        logic.SetMRMLScene(None)
-        scene.Clear(True)
-        slicer.mrmlScene = previous

@@ -9,7 +9,6 @@ worker (the shipped models, their stop rule off so a run takes every step) throu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -80,29 +79,10 @@ def displacement(promise_pair) -> sitk.Image:
     return out
 
 
-@contextlib.contextmanager
-def _mrml_scene():
-    """A real MRML scene with the module logics Slicer would have registered (segmentations:
-    converter rules; sequences: browser node class), also set as ``slicer.mrmlScene``."""
-    mrml_scene = slicer.vtkMRMLScene()
-    logics = [slicer.vtkSlicerSegmentationsModuleLogic(), slicer.vtkSlicerSequencesLogic()]
-    for logic in logics:
-        logic.SetMRMLScene(mrml_scene)
-    previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = mrml_scene
-    try:
-        yield mrml_scene
-    finally:
-        for logic in logics:
-            logic.SetMRMLScene(None)
-        mrml_scene.Clear(True)
-        slicer.mrmlScene = previous
-
-
 @pytest.fixture()
-def scene():
-    with _mrml_scene() as mrml_scene:
-        yield mrml_scene
+def scene(mrml_scene):
+    with mrml_scene() as made:
+        yield made
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -285,7 +265,7 @@ def shipped_3d_every_step(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def real_run(shipped_3d_every_step, grid128, tmp_path_factory):
+def real_run(shipped_3d_every_step, grid128, tmp_path_factory, mrml_scene):
     """One real ``agentreg register`` worker started from scene nodes the way the module's Logic starts it
     (grid128 subjects 13 -> 17, oblique fixed geometry, both segmentations, a few steps, step volumes), its
     folder imported into the scene. Yields the scene, the input nodes, the result nodes, the messages the
@@ -295,13 +275,13 @@ def real_run(shipped_3d_every_step, grid128, tmp_path_factory):
               for role, case in (("fixed", "13"), ("moving", "17")) for kind, name in (("", "image"), ("_label", "label"))}
     fixed_direction, fixed_origin = _rotation((3.0, -4.0, 15.0)), (-40.0, 25.5, -12.0)
     moving_direction, moving_origin = _rotation((0.0, 2.0, 9.0)), (-37.0, 22.0, -10.0)
-    with _mrml_scene() as mrml_scene:
+    with mrml_scene() as scene:
         nodes = {}
         for role, direction, origin in (("fixed", fixed_direction, fixed_origin),
                                          ("moving", moving_direction, moving_origin)):
-            nodes[role] = mrml.volume_node_from_sitk(_oblique(images[role], direction, origin), mrml_scene, role)
+            nodes[role] = mrml.volume_node_from_sitk(_oblique(images[role], direction, origin), scene, role)
             nodes[f"{role}_label"] = mrml.segmentation_node_from_labelmap_sitk(
-                _oblique(images[f"{role}_label"], direction, origin), mrml_scene, f"{role} prostate", nodes[role])
+                _oblique(images[f"{role}_label"], direction, origin), scene, f"{role} prostate", nodes[role])
         registration = mrml.start_registration(
             sys.executable, protocol.engine_dir(MODULE_FILE), nodes["fixed"], nodes["moving"], bundle,
             fixed_segmentation=nodes["fixed_label"], moving_segmentation=nodes["moving_label"],
@@ -310,7 +290,7 @@ def real_run(shipped_3d_every_step, grid128, tmp_path_factory):
         messages = registration.job.wait(timeout=600)
         assert registration.job.succeeded, registration.job.error
         result = mrml.finish_registration(registration)
-        yield {"scene": mrml_scene, "nodes": nodes, "result": result, "messages": messages,
+        yield {"scene": scene, "nodes": nodes, "result": result, "messages": messages,
                "output": registration.output_dir, "folder": registration.folder}
 
 
@@ -546,22 +526,22 @@ SLICE_STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def slice_run(grid128, tmp_path_factory):
+def slice_run(grid128, tmp_path_factory, mrml_scene):
     """The real worker with the shipped 2-D model (stop rule off) on two single-slice volumes as Slicer holds them
     (128x128x1, oblique, parallel planes at different positions), both segmentations and a markups point on the
     fixed one, which places the fixed crop."""
     bundle = _every_step_copy(2, tmp_path_factory.mktemp("shipped_2d"))
     direction = _rotation((8.0, -6.0, 20.0))
-    with _mrml_scene() as mrml_scene:
+    with mrml_scene() as scene:
         nodes = {}
         for role, case, index, origin in (("fixed", "13", 16, (-40.0, 25.5, -12.0)), ("moving", "17", 21, (-36.0, 22.0, -9.0))):
             image, label = (sitk.ReadImage(str(grid128 / f"case{case}_{kind}.nii.gz"))[:, :, index:index + 1]
                             for kind in ("image", "label"))
-            nodes[role] = mrml.volume_node_from_sitk(_oblique(image, direction, origin), mrml_scene, role)
+            nodes[role] = mrml.volume_node_from_sitk(_oblique(image, direction, origin), scene, role)
             nodes[f"{role}_label"] = mrml.segmentation_node_from_labelmap_sitk(
-                _oblique(label, direction, origin), mrml_scene, f"{role} prostate", nodes[role])
+                _oblique(label, direction, origin), scene, f"{role} prostate", nodes[role])
         fixed_image = mrml.sitk_from_volume_node(nodes["fixed"])
-        markups = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "prostate centre")
+        markups = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "prostate centre")
         markups.AddControlPoint(*mrml.ras_from_lps(fixed_image.TransformContinuousIndexToPhysicalPoint((64, 60, 0))))
         registration = mrml.start_registration(
             sys.executable, protocol.engine_dir(MODULE_FILE), nodes["fixed"], nodes["moving"], bundle,
@@ -571,7 +551,7 @@ def slice_run(grid128, tmp_path_factory):
         messages = registration.job.wait(timeout=600)
         assert registration.job.succeeded, registration.job.error
         result = mrml.finish_registration(registration)
-        yield {"scene": mrml_scene, "nodes": nodes, "result": result, "messages": messages, "markups": markups,
+        yield {"scene": scene, "nodes": nodes, "result": result, "messages": messages, "markups": markups,
                "output": registration.output_dir, "command": registration.job.commands[0]}
 
 
