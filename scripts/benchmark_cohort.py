@@ -178,8 +178,10 @@ def report(result: dict, args) -> str:
     n = len(result["pairs"])
     identical = [p for p in result["pairs"] if not p["differ"]]
     load = result["load_average"]
-    contention = max(load["before"][0], load["after"][0], *(load[f"during_{k}"]["max"] for k in ("loop", "batch")
-                                                            if f"during_{k}" in load)) > (os.cpu_count() or 1)
+    # the benchmark's own load: one register process at a time during the loop; register-many and its workers
+    own = {"loop": 1, "batch": result["workers"] + 1}
+    contention = load["before"][0] > 1.5 or any(load[f"during_{k}"]["max"] > own[k] + 0.5 for k in own
+                                                if f"during_{k}" in load)
     lines = [
         "# Cohort throughput: `agentreg register-many` against a loop of `agentreg register`", "",
         f"Made by `python scripts/benchmark_cohort.py {' '.join(args.argv)}` on {result['machine']}, device "
@@ -205,9 +207,10 @@ def report(result: dict, args) -> str:
     during = "".join(f"; during the {k} mean {load[f'during_{k}']['mean']:.1f}, max {load[f'during_{k}']['max']:.1f}"
                      for k in ("loop", "batch") if f"during_{k}" in load)
     lines += ["", f"- Load average (1 min) before / after: {load['before'][0]:.1f} / {load['after'][0]:.1f}{during} on "
-              f"{os.cpu_count()} cores" + (": **measured under contention from other jobs; both numbers are slower "
-                                           "than on an idle machine, and their ratio less certain**." if contention
-                                           else "."),
+              f"{os.cpu_count()} cores (the benchmark's own processes: 1 during the loop, register-many and its "
+              f"{result['workers']} workers during the batch)" + (
+                  ": **measured under contention from other jobs; both numbers are slower than on an idle machine, "
+                  "and their ratio less certain**." if contention else "; no other job ran."),
               "- Threads: 1 per process (the --threads default of both commands).",
               "- Batch, per pair (mean, the workers' seconds): reading and preparing {:.2f} s, finishing and writing "
               "{:.2f} s, the agent's share of its batch {:.2f} s.".format(
@@ -233,7 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the measurements as JSON to this file")
     p.add_argument("--keep", help="keep the outputs in this folder (default: a temporary folder, removed)")
     p.add_argument("--note", help="a paragraph for the report (e.g. what else ran on the machine)")
+    p.add_argument("--from-json", help="write the report again from the measurements of an earlier run (its JSON; "
+                                       "the run's own command gives the settings) to --markdown, running nothing")
     args = p.parse_args(argv)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        markdown = args.markdown
+        args = p.parse_args(result["command"][2:])
+        args.argv, args.workers = result["command"][2:], result["workers"]
+        text = report(result, args)
+        print(text)
+        if markdown:
+            Path(markdown).write_text(text)
+        return 0
     args.argv = argv
     if args.pairs < 0:
         p.error("--pairs must be >= 0 (0: all)")
