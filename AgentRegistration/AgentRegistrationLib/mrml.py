@@ -690,6 +690,20 @@ class RegistrationJob:
         return self.folder / "output"
 
 
+def _model_slice_plane(image: sitk.Image, model_dim: int | None, what: str, several_slices_advice: str,
+                       ) -> SlicePlane | None:
+    """The slice plane of ``image`` for a 2-D model (it must be a single slice), ``None`` otherwise (a 3-D model
+    refuses a single slice); the message names ``what`` (e.g. "volume 'fixed'")."""
+    plane = SlicePlane.of(image)
+    if model_dim == 2 and plane is None:
+        raise ValueError(f"The model is a 2-D model but {what} has {image.GetSize()[2]} slices: choose a 3-D model, "
+                         f"or {several_slices_advice}")
+    if model_dim == 3 and plane is not None:
+        raise ValueError(f"The model is a 3-D model but {what} is a single slice: choose a 2-D model "
+                         "(e.g. prostate-2d).")
+    return plane if model_dim == 2 else None
+
+
 def write_volume_inputs(folder: Path, fixed_node, moving_node, fixed_segmentation=None,
                         moving_segmentation=None, model_dim: int | None = None,
                         ) -> tuple[dict[str, Path], SlicePlane | None]:
@@ -711,23 +725,15 @@ def write_volume_inputs(folder: Path, fixed_node, moving_node, fixed_segmentatio
                                          ("moving_label", moving_segmentation, moving_node)):
         if segmentation is not None:
             images[key] = segmentation_to_labelmap_sitk(segmentation, reference)
-    plane = SlicePlane.of(images["fixed"])
-    name = fixed_node.GetName()
-    if model_dim == 2:
-        if plane is None:
-            size = images["fixed"].GetSize()
-            raise ValueError(f"The model is a 2-D model but volume {name!r} has {size[2]} slices: choose a 3-D model, "
-                             f"or register one slice: make a single-slice volume of it (e.g. slice {size[2] // 2}, "
-                             "its middle one, with the Crop Volume module) and of the moving volume.")
+    middle = images["fixed"].GetSize()[-1] // 2
+    plane = _model_slice_plane(images["fixed"], model_dim, f"volume {fixed_node.GetName()!r}",
+                               f"register one slice: make a single-slice volume of it (e.g. slice {middle}, its middle "
+                               "one, with the Crop Volume module) and of the moving volume.")
+    if plane is not None:
         nodes = {"fixed": fixed_node, "moving": moving_node, "fixed_label": fixed_segmentation,
                  "moving_label": moving_segmentation}
         images = {key: plane.to_2d(image, f"volume {nodes[key].GetName()!r}") for key, image in images.items()}
         plane = plane.with_moving(sitk_from_volume_node(moving_node))
-    elif model_dim == 3 and plane is not None:
-        raise ValueError(f"The model is a 3-D model but volume {name!r} is a single slice: choose a 2-D model "
-                         "(e.g. prostate-2d).")
-    else:
-        plane = None
     for key in ("fixed", "moving"):
         check_image(images[key], f"{key} volume", repr((fixed_node if key == "fixed" else moving_node).GetName()))
     folder.mkdir(parents=True, exist_ok=True)
@@ -890,10 +896,8 @@ def write_cohort_inputs(folder: Path, atlas_node, atlas_segmentation, fixed_node
     atlas = sitk_from_volume_node(atlas_node)
     atlas_label = segmentation_to_labelmap_sitk(atlas_segmentation, atlas_node) if atlas_segmentation else None
     shared: dict[str, Path] = {}
-    if model_dim == 3 and SlicePlane.of(atlas) is not None:
-        raise ValueError(f"The model is a 3-D model but the atlas {atlas_node.GetName()!r} is a single slice: choose a "
-                         "2-D model (e.g. prostate-2d).")
-    if model_dim != 2:
+    if model_dim != 2:  # a 2-D model: the atlas is written in each patient's slice frame below
+        _model_slice_plane(atlas, model_dim, f"the atlas {atlas_node.GetName()!r}", "")
         check_image(atlas, "atlas volume", repr(atlas_node.GetName()))
         shared["moving"] = folder / "atlas.nii.gz"
         sitk.WriteImage(atlas, str(shared["moving"]))
@@ -906,20 +910,14 @@ def write_cohort_inputs(folder: Path, atlas_node, atlas_segmentation, fixed_node
         images = {"fixed": sitk_from_volume_node(node)}
         if segmentation is not None:
             images["fixed_label"] = segmentation_to_labelmap_sitk(segmentation, node)
-        plane = SlicePlane.of(images["fixed"])
-        if model_dim == 2:
-            if plane is None:
-                raise ValueError(f"The model is a 2-D model but volume {node.GetName()!r} has "
-                                 f"{images['fixed'].GetSize()[2]} slices: choose a 3-D model, or single-slice volumes.")
+        plane = _model_slice_plane(images["fixed"], model_dim, f"volume {node.GetName()!r}", "single-slice volumes.")
+        if plane is not None:
             images["moving"] = atlas
             if atlas_label is not None:
                 images["moving_label"] = atlas_label
             images = {key: plane.to_2d(image, f"volume {(atlas_node if 'moving' in key else node).GetName()!r}")
                       for key, image in images.items()}
             planes[name] = plane.with_moving(atlas)
-        elif model_dim == 3 and plane is not None:
-            raise ValueError(f"The model is a 3-D model but volume {node.GetName()!r} is a single slice: choose a "
-                             "2-D model (e.g. prostate-2d).")
         check_image(images["fixed"], "fixed volume", repr(node.GetName()))
         row = {"name": name, **shared}
         for key, image in images.items():
@@ -946,15 +944,10 @@ def write_atlas(folder: Path, atlas_node, atlas_segmentation, model_dim: int | N
     images = {"atlas": sitk_from_volume_node(atlas_node)}
     if atlas_segmentation is not None:
         images["atlas_label"] = segmentation_to_labelmap_sitk(atlas_segmentation, atlas_node)
-    plane = SlicePlane.of(images["atlas"])
-    if model_dim == 2:
-        if plane is None:
-            raise ValueError(f"The model is a 2-D model but the atlas {atlas_node.GetName()!r} has several slices: "
-                             "choose a 3-D model, or a single-slice atlas.")
+    plane = _model_slice_plane(images["atlas"], model_dim, f"the atlas {atlas_node.GetName()!r}",
+                               "a single-slice atlas.")
+    if plane is not None:
         images = {key: plane.to_2d(image, f"atlas {atlas_node.GetName()!r}") for key, image in images.items()}
-    elif model_dim == 3 and plane is not None:
-        raise ValueError(f"The model is a 3-D model but the atlas {atlas_node.GetName()!r} is a single slice: "
-                         "choose a 2-D model (e.g. prostate-2d).")
     check_image(images["atlas"], "atlas volume", repr(atlas_node.GetName()))
     folder.mkdir(parents=True, exist_ok=True)
     paths = {key: folder / f"{key}.nii.gz" for key in images}
