@@ -116,28 +116,6 @@ def _built_once(folder: Path, build) -> Path:
     return folder
 
 
-def _each_once(keys: list[str], folder: Path, compute) -> None:
-    """``compute(key, path)`` writes ``folder/key.npy`` once per run for each key. Processes that ask together share
-    the work: each takes a key nobody holds, and waits only when every missing key is held by another."""
-    from filelock import FileLock, Timeout
-
-    folder.mkdir(exist_ok=True)
-    missing = [k for k in keys if not (folder / f"{k}.npy").is_file()]
-    while missing:
-        for k in missing:
-            lock = FileLock(str(folder / f"{k}.lock"))
-            try:
-                lock.acquire(timeout=0 if k != missing[-1] else -1)  # block only on the last one
-            except Timeout:
-                continue
-            try:
-                if not (folder / f"{k}.npy").is_file():
-                    compute(k, folder / f"{k}.npy")
-            finally:
-                lock.release()
-        missing = [k for k in missing if not (folder / f"{k}.npy").is_file()]
-
-
 @pytest.fixture(scope="session")
 def tiny_pipeline(grid128, tmp_path_factory):
     """``tiny_pipeline(dim[, crop])`` -> dict(gt=folder, sdm=path, bundle=path, subjects=names): constrained GT on
@@ -146,39 +124,23 @@ def tiny_pipeline(grid128, tmp_path_factory):
     crop, and once per run (under pytest-xdist the workers share it): ``crop="paper"`` (translation onto a
     template, the paper's box) or ``"organ"`` (each subject's box on its own prostate; trained with the
     ``converge`` configuration). Tests must not write into its folders (copy them first)."""
-    import numpy as np
     import torch
     from AgentRegistrationLib.dataset import find_subjects, prepare_subject
     from AgentRegistrationLib.groundtruth import GroundTruthSummary, run_groundtruth
     from AgentRegistrationLib.image_io import read_image
-    from AgentRegistrationLib.preprocessing import model_geometry, prealign_translation
+    from AgentRegistrationLib.preprocessing import model_geometry
     from AgentRegistrationLib.sdm_fitting import fit_from_groundtruth
     from AgentRegistrationLib.training import TrainingSet, config_by_name, train
 
     shared = _shared_folder(tmp_path_factory)
     built: dict[tuple[int, str], dict] = {}
 
-    def translations(subjects, template, geometry) -> dict[str, np.ndarray]:
-        """Each subject's elastix translation onto the template's box, computed once per run: the 2-D and 3-D paper
-        crops share the template and the crop fraction, so the same 3-D registration (the costliest part of the
-        build), which workers building both dimensions at once share out."""
-        folder = shared / ("translations_" + "_".join(f"{f:g}" for f in geometry.crop_fraction))
-        by_name = {s.name: s for s in subjects}
-
-        def compute(name: str, path: Path) -> None:
-            translation, _ = prealign_translation(template, read_image(by_name[name].image), geometry)
-            np.save(path, translation)
-
-        _each_once(list(by_name), folder, compute)
-        return {name: np.load(folder / f"{name}.npy") for name in by_name}
-
     def make(root: Path, dim: int, crop: str) -> None:
         geometry = model_geometry(dim, crop)
         subjects = find_subjects(grid128, TINY_SUBJECTS)
         template = read_image(subjects[0].image)
-        moves = {} if geometry.localised else translations(subjects, template, geometry)
-        for s in subjects:
-            prepare_subject(s, template, geometry, root / "gt" / "subjects", moves.get(s.name))
+        for s in subjects:  # the paper's crop: each subject's elastix translation onto the template's box
+            prepare_subject(s, template, geometry, root / "gt" / "subjects")
         names = [s.name for s in subjects]
         settings = {"iterations": 60 if dim == 2 else 25, "resolutions": 2}
         results, failures = run_groundtruth(root / "gt" / "subjects", names, geometry, root / "gt", workers=2,
