@@ -5,12 +5,13 @@ label value."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AgentRegistrationLib import cli, protocol
+from AgentRegistrationLib import cli, evaluation, protocol
 from AgentRegistrationLib.groundtruth import (
     GroundTruthSummary,
     corresponding_points,
@@ -195,3 +196,75 @@ def test_a_segmentation_with_two_segments_comes_back_as_two(slices, mrml_scene):
         back = sitk.GetArrayFromImage(mrml.segmentation_to_labelmap_sitk(propagated, volume))
         assert label_values(back) == [1, 2]
         assert dice(back == 2, sitk.GetArrayFromImage(label3) == 2) > 0.99
+
+
+@pytest.fixture(scope="module")
+def volumes(grid128, tmp_path_factory):
+    """Three subjects' volumes with two-label masks and a split naming them as the validation subjects."""
+    folder = tmp_path_factory.mktemp("two_label_volumes")
+    cases = ("case02", "case09", "case13")
+    for case in cases:
+        sitk.WriteImage(sitk.ReadImage(str(grid128 / f"{case}_image.nii.gz")), str(folder / f"{case}_image.nii.gz"))
+        label = two_labels(sitk.ReadImage(str(grid128 / f"{case}_label.nii.gz")))
+        sitk.WriteImage(label, str(folder / f"{case}_label.nii.gz"))
+    split = folder / "split.json"
+    split.write_text(json.dumps({"train": [], "validation": list(cases)}))
+    return folder, split
+
+
+def test_evaluate_reports_dice_and_hausdorff_per_label(volumes, tmp_path):
+    data, split = volumes
+    out = tmp_path / "eval"
+    code = cli.main(["evaluate", "--data", str(data), "--split", str(split), "--dim", "2", "--methods",
+                     "none,localised,ours", "--steps", "2", "--workers", "1", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    with (out / "evaluation.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 * 3
+    for row in rows:
+        with np.load(evaluation.pair_dir(out, row["moving"], row["fixed"]) / "prepared.npz") as z:
+            fixed, moving = z["fixed_label"], z["unregistered_label" if row["method"] == "none" else "moving_label"]
+        assert label_values(fixed) == [1, 2]
+        if row["method"] == "ours":
+            continue  # its warped label is not kept; its figures come from the same function
+        for v in (1, 2):
+            assert float(row[f"dice_label_{v}"]) == pytest.approx(dice(moving == v, fixed == v), abs=1e-6)
+            if (moving == v).any():
+                assert float(row[f"hausdorff_label_{v}"]) == pytest.approx(
+                    surface_distances(moving == v, fixed == v)["hausdorff"], rel=1e-5)
+        assert float(row["dice"]) == pytest.approx(dice(moving > 0, fixed > 0), abs=1e-6)
+    report = (out / "evaluation.md").read_text()
+    localised = [float(r["dice_label_2"]) for r in rows if r["method"] == "localised"]
+    line = next(line for line in report.splitlines() if line.startswith("| label 2 alone: DICE Med."))
+    assert line.split("|")[3].strip() == f"{np.median(localised):.3f}"  # columns: none, localised, ours
+
+
+def test_register_many_summary_and_fused_rows_hold_each_label(slices, tmp_path):
+    patients = tmp_path / "patients"
+    patients.mkdir()
+    for case in ("case00", "case02"):
+        for kind in ("image", "label"):
+            (patients / f"{case}_{kind}.nii.gz").write_bytes((slices / f"{case}_{kind}.nii.gz").read_bytes())
+    out = tmp_path / "cohort"
+    atlases = [arg for case in ("case04", "case06") for arg in
+               ("--atlas", str(slices / f"{case}_image.nii.gz"), "--atlas-label", str(slices / f"{case}_label.nii.gz"))]
+    code = cli.main(["register-many", "--model", str(repo_file("Resources", "Models", "prostate-2d.pt")),
+                     "--patients", str(patients), *atlases, "--output-dir", str(out), "--steps", "3",
+                     "--device", "cpu", "--workers", "1"])
+    assert code == 0
+    with (out / protocol.COHORT_SUMMARY_CSV).open(newline="") as f:
+        rows = {row["pair"]: row for row in csv.DictReader(f)}
+    assert len(rows) == 2 * 2 + 2
+    for name, row in rows.items():
+        truth = _read(patients / f"{name.split('/')[0]}_label.nii.gz")
+        if row["status"] == "fused":
+            warped = _read(out / name.split("/")[0] / "fused_label.nii.gz")
+        else:
+            assert row["status"] == "registered"
+            metrics = protocol.read_metrics(out / name / protocol.METRICS_JSON)
+            warped = _read(out / name / protocol.WARPED_LABEL)
+            for key in ("dice_before_label_1", "hausdorff_before_label_2", "hausdorff_after_label_1"):
+                assert float(row[key]) == pytest.approx(metrics[key], rel=1e-3)
+        for v in (1, 2):
+            assert float(row[f"dice_after_label_{v}"]) == pytest.approx(dice(warped == v, truth == v), abs=1e-4)
+        assert float(row["dice_after"]) == pytest.approx(dice(warped > 0, truth > 0), abs=1e-4)

@@ -45,6 +45,7 @@ from .protocol import (
     COHORT_SUMMARY_CSV,
     DISPLACEMENT,
     METRICS_JSON,
+    METRICS_PER_LABEL_KEY,
     STEPS_DIR,
     TRAJECTORY_CSV,
     TRAJECTORY_PNG,
@@ -59,7 +60,8 @@ SUMMARY_COLUMNS = ("pair", "status", "fixed", "moving", "dice_before", "dice_aft
                    "hausdorff_after", "steps", "seconds", "warnings", "message")
 """Columns of summary.csv: Dice and Hausdorff distance (fixed image's physical units) at the agent's start and
 after it, where both labels exist (as in metrics.json); ``seconds`` the pair's share of the run; ``warnings``
-what was accepted on purpose (e.g. a resampled label), separated by `` | ``; ``message`` why a pair failed."""
+what was accepted on purpose (e.g. a resampled label), separated by `` | ``; ``message`` why a pair failed.
+When the labels hold several values, the per-label columns of :func:`summary_columns` follow ``hausdorff_after``."""
 (REGISTERED, SKIPPED), FAILED = COHORT_DONE, "failed"
 """A pair's status: registered in this run, skipped (its folder was complete from an earlier run), failed."""
 CSV_COLUMNS = ("fixed", "moving", "fixed_label", "moving_label", "fixed_point", "name")
@@ -119,12 +121,26 @@ class PairReport:
     def row(self) -> dict[str, str]:
         m = self.metrics
         number = lambda key, fmt: format(m[key], fmt) if m.get(key) is not None else ""  # noqa: E731
+        per_label = {key: number(key, ".4f" if key.startswith("dice") else ".4g") for key in m
+                     if (found := METRICS_PER_LABEL_KEY.match(key)) and found.group(2) != "none"}
         return {"pair": self.pair.name, "status": self.status, "fixed": str(self.pair.fixed),
                 "moving": str(self.pair.moving), "dice_before": number("dice_before", ".4f"),
                 "dice_after": number("dice_after", ".4f"), "hausdorff_before": number("hausdorff_before", ".4g"),
-                "hausdorff_after": number("hausdorff_after", ".4g"), "steps": number("steps", "d"),
+                "hausdorff_after": number("hausdorff_after", ".4g"), **per_label, "steps": number("steps", "d"),
                 "seconds": "" if self.seconds is None else f"{self.seconds:.2f}",
                 "warnings": " | ".join(self.warnings), "message": self.message}
+
+
+def summary_columns(reports: list[PairReport]) -> list[str]:
+    """The columns of summary.csv for ``reports``: :data:`SUMMARY_COLUMNS`, with, after ``hausdorff_after``, the
+    Dice and Hausdorff distance before and after of each label value alone (``dice_after_label_<n>``, ...; the keys
+    of metrics.json) when some pair's labels hold several values."""
+    values = sorted({int(found.group(3)) for r in reports for key in r.metrics
+                     if (found := METRICS_PER_LABEL_KEY.match(key)) and found.group(2) != "none"})
+    per_label = [f"{metric}_{when}_label_{v}" for v in values for metric in ("dice", "hausdorff")
+                 for when in ("before", "after")]
+    at = SUMMARY_COLUMNS.index("hausdorff_after") + 1
+    return [*SUMMARY_COLUMNS[:at], *per_label, *SUMMARY_COLUMNS[at:]]
 
 
 # ----------------------------------------------------------------------------------------- the pairs
@@ -287,7 +303,7 @@ def fuse_patients(pairs: list[CohortPair], reports: list[PairReport], output_dir
     import SimpleITK as sitk
 
     from .image_io import read_label, write_image
-    from .metrics import dice, surface_distances
+    from .metrics import dice, per_label, surface_distances
 
     by_patient: dict[str, list[PairReport]] = {}
     for pair, report in zip(pairs, reports, strict=True):
@@ -311,11 +327,14 @@ def fuse_patients(pairs: list[CohortPair], reports: list[PairReport], output_dir
             write_image(vote, output_dir / patient / FUSED_LABEL)
             metrics = {"atlases": len(done)}
             if first.fixed_label is not None:
-                truth = sitk.GetArrayFromImage(read_label(first.fixed_label, "patient label")) > 0
-                voted = sitk.GetArrayFromImage(vote) > 0
+                truth = sitk.GetArrayFromImage(read_label(first.fixed_label, "patient label"))
+                voted = sitk.GetArrayFromImage(vote)
                 metrics["dice_after"] = dice(voted, truth)
                 if voted.any() and truth.any():
-                    metrics["hausdorff_after"] = surface_distances(voted, truth, vote.GetSpacing())["hausdorff"]
+                    metrics["hausdorff_after"] = surface_distances(voted > 0, truth > 0,
+                                                                   vote.GetSpacing())["hausdorff"]
+                for value, figures in per_label(voted, truth, vote.GetSpacing()).items():
+                    metrics.update({f"{key}_after_label_{value}": v for key, v in figures.items()})
         except Exception as err:  # noqa: BLE001 - one patient's fusion failing stops no other
             fused.append(PairReport(pair, FAILED, seconds=time.perf_counter() - start, message=_message(err),
                                     warnings=warnings))
@@ -353,7 +372,7 @@ def read_summary(path: Path) -> dict[str, dict[str, str]]:
 def write_summary(path: Path, reports: list[PairReport]) -> Path:
     """summary.csv, one row per reported pair."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, SUMMARY_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(text, summary_columns(reports), lineterminator="\n")
     writer.writeheader()
     writer.writerows(r.row() for r in reports)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text.getvalue()))
@@ -664,6 +683,9 @@ def summary_text(reports: list[PairReport]) -> str:
         before = [r.metrics["dice_before"] for r in reports if r.status != FAILED and "dice_after" in r.metrics]
         text += (f"; Dice median {np.median(before):.3f} -> {np.median(dice):.3f} "
                  f"(mean {np.mean(before):.3f} -> {np.mean(dice):.3f}) on the {len(dice)} pairs with both labels")
+        columns = [c for c in summary_columns(reports) if c.startswith("dice_after_label_")]
+        text += "".join(f"; label {c.rsplit('_', 1)[1]} alone: median {np.median(v):.3f}" for c in columns
+                        if (v := [r.metrics[c] for r in reports if r.status != FAILED and c in r.metrics]))
     if fusions:
         fused = [r.metrics["dice_after"] for r in fusions if "dice_after" in r.metrics]
         text += (f"; {sum(r.status == FUSED for r in fusions)} of {len(fusions)} patients fused (majority vote)"

@@ -45,7 +45,7 @@ from .bundle import load_bundle
 from .files import atomic_write
 from .geometry import ModelGeometry
 from .groundtruth import ordered_pairs, register_constrained
-from .metrics import dice, jacobian_statistics, surface_distances
+from .metrics import dice, jacobian_statistics, per_label, surface_distances
 from .paths import how_to_get_a_model, shipped_model, shown
 from .warp import warp
 
@@ -226,14 +226,24 @@ def _save_prepared(path: Path, pair: dict) -> None:
 
 # ----------------------------------------------------------------------------------------- figures
 def figures(warped_label: np.ndarray, fixed_label: np.ndarray, displacement: np.ndarray | None) -> dict:
-    """Dice, Hausdorff (model-grid voxels; NaN if a mask is empty) and % folding of ``displacement``
-    ``(dim, *spatial)`` in model voxels (0 for none)."""
+    """Dice, Hausdorff (model-grid voxels; NaN if a mask is empty) of the union of the labels and % folding of
+    ``displacement`` ``(dim, *spatial)`` in model voxels (0 for none); when the labels hold several values, also
+    Dice and Hausdorff of each value alone (``dice_label_<n>``, ``hausdorff_label_<n>``)."""
     out = {"dice": dice(warped_label, fixed_label), "hausdorff": float("nan"), "folding_percent": 0.0}
     if np.any(warped_label) and np.any(fixed_label):
-        out["hausdorff"] = surface_distances(warped_label, fixed_label)["hausdorff"]
+        out["hausdorff"] = surface_distances(np.asarray(warped_label) > 0, np.asarray(fixed_label) > 0)["hausdorff"]
+    for value, figs in per_label(warped_label, fixed_label).items():
+        out[f"dice_label_{value}"] = figs["dice"]
+        out[f"hausdorff_label_{value}"] = figs.get("hausdorff", float("nan"))
     if displacement is not None:
         out["folding_percent"] = jacobian_statistics(np.asarray(displacement, dtype=np.float64))["folding_percent"]
     return out
+
+
+def label_figures(results: list[dict]) -> list[str]:
+    """The per-label figures (:func:`figures`) found in ``results``, by label value."""
+    keys = {k for r in results for k in r if k.startswith(("dice_label_", "hausdorff_label_"))}
+    return sorted(keys, key=lambda k: (int(k.rsplit("_", 1)[1]), k))
 
 
 def bspline_field(coefficients: np.ndarray, grid, size: tuple[int, ...]) -> torch.Tensor:
@@ -576,21 +586,27 @@ def write_report(report: Path, results: list[dict], methods: list[str], dim: int
 
 
 def summary_lines(summary: dict[str, dict], methods: list[str]) -> list[str]:
-    """One line per method: Dice, Hausdorff, folding, seconds, pairs (what ``agentreg evaluate`` prints)."""
-    return [f"{m:>4}: Dice median {s['dice']['median']:.3f} (mean {s['dice']['mean']:.3f}), Hausdorff median "
-            f"{s['hausdorff']['median']:.1f} voxels, folding {s['folding_percent']['mean']:.3f} %, "
+    """One line per method: Dice (and per label value, where the labels hold several), Hausdorff, folding, seconds,
+    pairs (what ``agentreg evaluate`` prints)."""
+    def labels(s: dict) -> str:
+        return "".join(f"; label {k.rsplit('_', 1)[1]} {v['median']:.3f}" for k, v in s.items()
+                       if k.startswith("dice_label_"))
+
+    return [f"{m:>4}: Dice median {s['dice']['median']:.3f} (mean {s['dice']['mean']:.3f}{labels(s)}), Hausdorff "
+            f"median {s['hausdorff']['median']:.1f} voxels, folding {s['folding_percent']['mean']:.3f} %, "
             f"{s['seconds']['mean']:.2f} s/pair, {s['n']} pairs" for m, s in ((m, summary[m]) for m in methods)]
 
 
 # ----------------------------------------------------------------------------------------- summary and report
 def summarise(results: list[dict], methods: list[str]) -> dict[str, dict]:
-    """Per method: mean / median / std of Dice and Hausdorff, mean folding % and seconds, n."""
+    """Per method: mean / median / std of Dice and Hausdorff (also per label value, where the labels hold several),
+    mean folding % and seconds, n."""
     summary = {}
     for method in methods:
         rows = [r for r in results if r["method"] == method]
         s = {"n": len(rows)}
-        for key in FIGURES:
-            v = np.array([r[key] for r in rows], dtype=float)
+        for key in (*FIGURES, *label_figures(rows)):
+            v = np.array([r[key] for r in rows if key in r], dtype=float)
             v = v[np.isfinite(v)]
             s[key] = ({"mean": float(v.mean()), "median": float(np.median(v)), "std": float(v.std()), "n": int(v.size)}
                       if v.size else {"mean": math.nan, "median": math.nan, "std": math.nan, "n": 0})
@@ -612,17 +628,24 @@ def report_markdown(summary: dict, methods: list[str], info: dict) -> str:
              "Command:", "", "```", info["command"], "```", "",
              "| | " + " | ".join(METHOD_TITLES[m] for m in methods) + " |",
              "|---|" + "---:|" * len(methods)]
+    labels = sorted({int(k.rsplit("_", 1)[1]) for m in methods for k in summary[m] if k.startswith("dice_label_")})
+    rows[6:6] = [row for value in labels for row in ((f"label {value} alone: DICE Med.", f"dice_label_{value}",
+                                                       "median", ".3f"),
+                                                      (f"label {value} alone: HD Med.", f"hausdorff_label_{value}",
+                                                       "median", ".1f"))]
+    missing = {"median": math.nan}
     for title, key, stat, fmt in rows:
-        cells = [format(summary[m]["n"], fmt) if key is None else format(summary[m][key][stat], fmt) for m in methods]
+        cells = [format(summary[m]["n"], fmt) if key is None else format(summary[m].get(key, missing)[stat], fmt)
+                 for m in methods]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     lines += ["", *info["notes"], "", f"Per pair: [{info['csv']}]({info['csv']}); box plots: ![box plots]({info['png']})", ""]
     return "\n".join(lines)
 
 
 def write_csv(path: Path, results: list[dict]) -> None:
-    header = ["moving", "fixed", "method", *FIGURES, "prealignment"]
+    header = ["moving", "fixed", "method", *FIGURES, "prealignment", *label_figures(results)]
     lines = [",".join(header)] + [",".join(str(r.get(k, "")) if k in ("moving", "fixed", "method", "prealignment")
-                                           else f"{r[k]:.6g}" for k in header) for r in results]
+                                           else f"{r[k]:.6g}" if k in r else "" for k in header) for r in results]
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 
