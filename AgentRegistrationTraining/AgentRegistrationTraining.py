@@ -72,6 +72,7 @@ class AgentRegistrationTrainingParameterNode:
     geometry: Annotated[str, Choice(list(protocol.GEOMETRY_CHOICES))] = "auto"  # a user's own organ: from the data
     gridSize: str = ""  # "x,y[,z]" model voxels; empty: the geometry's
     controlSpacing: str = ""  # "x,y[,z]" model voxels; empty: the geometry's
+    controlSpacingMm: str = ""  # "s" or "x,y[,z]" in the images' physical units (mm); instead of controlSpacing
     boxSpreads: str = ""  # "x,y[,z]" organ standard deviations; empty: the geometry's
     groundTruthTable: vtkMRMLTableNode
     lossChart: vtkMRMLPlotChartNode
@@ -153,6 +154,7 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
                                                       maxMinutes=p.timeLimitMinutes or None, geometry=p.geometry,
                                                       geometryOverrides={"grid_size": p.gridSize,
                                                                          "control_spacing": p.controlSpacing,
+                                                                         "control_spacing_mm": p.controlSpacingMm,
                                                                          "box_spreads": p.boxSpreads})
             self.setState(JobState.RUNNING, _("Starting..."))
             self._timer.start()

@@ -6,6 +6,7 @@ the model card and what ``register`` finds."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +169,48 @@ def test_without_a_geometry_groundtruth_takes_the_default_unless_a_crop_is_given
     assert model_geometry(2, "organ", None, labels) == ModelGeometry.localised_grid(2, BOX_SPREADS[2])
     assert model_geometry(2, "paper", None, labels) == ModelGeometry.paper(2)
     assert cli.build_parser().parse_args(["groundtruth", "data", "--out", "o"]).geometry is None
+
+
+def _box_label(spacing: tuple[float, float, float], half: tuple[int, int, int]) -> sitk.Image:
+    """A 41x41x21 label holding a box of ``2 * half + 1`` voxels per axis, voxels of ``spacing`` mm."""
+    arr = np.zeros((21, 41, 41), np.uint8)
+    arr[10 - half[2]:11 + half[2], 20 - half[1]:21 + half[1], 20 - half[0]:21 + half[0]] = 1
+    label = sitk.GetImageFromArray(arr)
+    label.SetSpacing(spacing)
+    return label
+
+
+def test_a_control_spacing_in_mm_becomes_grid_voxels_of_the_median_organ():
+    """On the organ, a model voxel spans box_spreads x the organ's spread / (size - 1); the median over the masks."""
+    from AgentRegistrationLib.localisation import localisation_from_label
+    from AgentRegistrationLib.preprocessing import model_voxel_size
+
+    labels = [_box_label((0.5, 0.5, 2.0), (8, 6, 3)), _box_label((0.7, 0.7, 3.0), (8, 6, 3)),
+              _box_label((1.0, 1.0, 2.5), (8, 6, 3))]
+    paper_grid = model_geometry(3, "organ", "paper", labels)
+    spread = localisation_from_label(labels[0]).spread  # the median per axis: 0.7 mm in-plane, 2.5 mm in z
+    spread = spread * np.array([0.7 / 0.5, 0.7 / 0.5, 2.5 / 2.0])
+    voxel = np.array(BOX_SPREADS[3]) * spread / (np.array(paper_grid.size) - 1)
+    assert model_voxel_size(paper_grid, labels) == pytest.approx(tuple(voxel), rel=1e-6)
+    chosen = model_geometry(3, "organ", "paper", labels, control_spacing_mm=(10.0,))
+    assert chosen.control_spacing == pytest.approx(tuple(np.round(10.0 / voxel, 1)))
+    assert chosen.size == paper_grid.size and chosen.choice == "paper+overrides"
+    per_axis = model_geometry(3, "organ", "paper", labels, control_spacing_mm=(8.0, 8.0, 20.0))
+    assert per_axis.control_spacing[2] == pytest.approx(round(20.0 / voxel[2], 1))
+    with pytest.raises(ValueError, match="not both"):
+        model_geometry(3, "organ", "paper", labels, control_spacing=(8.0, 8.0, 4.0), control_spacing_mm=(10.0,))
+
+
+def test_a_control_spacing_in_mm_on_the_paper_crop_uses_the_image_extent():
+    from AgentRegistrationLib.preprocessing import model_voxel_size
+
+    labels = [_box_label((0.5, 0.5, 2.0), (8, 6, 3))] * 2
+    paper = ModelGeometry.paper(3)
+    extent = np.array([40 * 0.5, 40 * 0.5, 20 * 2.0]) * np.array(paper.crop_fraction)
+    assert model_voxel_size(paper, labels) == pytest.approx(tuple(extent / (np.array(paper.size) - 1)))
+    parsed = cli.build_parser().parse_args(["groundtruth", "data", "--out", "o", "--control-spacing-mm", "12"])
+    assert parsed.control_spacing_mm == (12.0,)
+    files = protocol.TrainingFiles(Path("."), "m")
+    command = protocol.training_commands("python", "data", files, geometry="paper",
+                                         geometry_overrides={"control_spacing_mm": "12"})[0]
+    assert command[command.index("--control-spacing-mm") + 1] == "12.0"

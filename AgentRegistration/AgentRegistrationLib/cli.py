@@ -84,27 +84,36 @@ def _subject_names(args) -> list[str] | None:
     return None
 
 
-def _numbers(kind: type, option: str):
+def _numbers(kind: type, option: str, counts: tuple[int, ...] = (2, 3)):
     """An argparse type: :func:`protocol.parse_numbers` of ``kind``, naming ``option`` when wrong."""
 
     def parse(text: str) -> tuple:
         try:
-            return protocol.parse_numbers(text, kind, option)
+            return protocol.parse_numbers(text, kind, option, counts)
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
 
     return parse
 
 
+def _listed(values) -> str:
+    return "x".join(f"{v:.3g}" for v in values)
+
+
 # ----------------------------------------------------------------------------------------- groundtruth
 def cmd_groundtruth(args) -> int:
     from . import groundtruth
     from .dataset import find_subjects
-    from .preprocessing import model_geometry
+    from .preprocessing import model_geometry, model_voxel_size
 
     subjects = find_subjects(args.data, _subject_names(args))
-    geometry = model_geometry(args.dim, args.crop, args.geometry, [s.label for s in subjects], args.grid_size,
-                              args.control_spacing, args.box_spreads)
+    labels = [s.label for s in subjects]
+    geometry = model_geometry(args.dim, args.crop, args.geometry, labels, args.grid_size, args.control_spacing,
+                              args.box_spreads, args.control_spacing_mm)
+    voxel = model_voxel_size(geometry, labels)
+    print(f"model {geometry.description()}; a model voxel spans {_listed(voxel)} and the control spacing "
+          f"{_listed(np.multiply(voxel, geometry.control_spacing))} in the images' physical units (median over the "
+          f"{len(labels)} training masks)", file=sys.stderr)
     template = next((s for s in subjects if s.name == args.template), subjects[0]) if args.template else subjects[0]
     pairs = groundtruth.ordered_pairs([s.name for s in subjects], args.max_pairs, args.seed)
     rep = Reporter("preprocess", len(subjects), args.progress_json)
@@ -486,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model grid size in voxels (overrides the geometry's)")
     p.add_argument("--control-spacing", type=_numbers(float, "--control-spacing"), metavar="SX,SY[,SZ]",
                    help="B-spline control spacing in model grid voxels (overrides the geometry's)")
+    p.add_argument("--control-spacing-mm", type=_numbers(float, "--control-spacing-mm", (1, 2, 3)),
+                   metavar="S[,SY[,SZ]]",
+                   help="B-spline control spacing in the images' physical units (mm), one number for every axis or "
+                        "one per axis; converted to grid voxels at the training masks' median model voxel (with crops "
+                        "on the organ: the median organ's); instead of --control-spacing")
     p.add_argument("--box-spreads", type=_numbers(float, "--box-spreads"), metavar="BX,BY[,BZ]",
                    help="crop box per axis in standard deviations of the organ (crops on the organ; default "
                         "10,10(,7))")

@@ -21,14 +21,15 @@ import torch
 
 from . import elastix
 from .bspline import ControlGrid, dense_displacement
-from .geometry import ModelGeometry
+from .geometry import ModelGeometry, spacing_divides_grid
 from .localisation import BOX_SPREADS, Localisation, localisation_from_label
 from .protocol import DEFAULT_GEOMETRY, GEOMETRY_CHOICES
 
 
 def model_geometry(dim: int, crop: str | None = None, choice: str | None = "paper", labels: list | None = None,
                    size: tuple[int, ...] | None = None, control_spacing: tuple[float, ...] | None = None,
-                   box_spreads: tuple[float, ...] | None = None) -> ModelGeometry:
+                   box_spreads: tuple[float, ...] | None = None,
+                   control_spacing_mm: tuple[float, ...] | None = None) -> ModelGeometry:
     """The model geometry of a choice (:data:`protocol.GEOMETRY_CHOICES`) and a crop (:data:`protocol.CROPS`), with
     the numbers the user set.
 
@@ -36,12 +37,17 @@ def model_geometry(dim: int, crop: str | None = None, choice: str | None = "pape
     :data:`localisation.BOX_SPREADS`) or the paper's centred box (``crop='paper'``, the default). ``auto``: derived
     from the training masks ``labels`` (files or SimpleITK images; :func:`auto_geometry`), always on the organ.
     ``None`` (``agentreg groundtruth`` without ``--geometry``): ``paper`` when a ``crop`` is given (an option of the
-    paper's geometry), else :data:`protocol.DEFAULT_GEOMETRY`.
+    paper's geometry), else :data:`protocol.DEFAULT_GEOMETRY`. ``control_spacing_mm`` (instead of
+    ``control_spacing``, in grid voxels) sets the control spacing in the files' physical units, converted with the
+    model voxel's median physical size over ``labels`` (:func:`model_voxel_size`).
     """
     if choice is None:
         choice = "paper" if crop else DEFAULT_GEOMETRY
     if choice not in GEOMETRY_CHOICES:
         raise ValueError(f"model geometry {choice!r}: choose one of {', '.join(GEOMETRY_CHOICES)}")
+    if control_spacing is not None and control_spacing_mm is not None:
+        raise ValueError("give the control spacing once: in grid voxels (--control-spacing) or in the images' "
+                         "physical units (--control-spacing-mm), not both")
     spreads = tuple(box_spreads) if box_spreads is not None else BOX_SPREADS[dim]
     if choice == "auto":
         if crop == "paper":
@@ -54,7 +60,45 @@ def model_geometry(dim: int, crop: str | None = None, choice: str | None = "pape
         geometry = ModelGeometry.localised_grid(dim, spreads) if crop == "organ" else ModelGeometry.paper(dim)
     if box_spreads is not None and choice == "paper" and crop != "organ":
         geometry = ModelGeometry.localised_grid(dim, spreads)  # box spreads place the crops on the organ
-    return geometry.with_overrides(size, control_spacing, box_spreads)
+    geometry = geometry.with_overrides(size, control_spacing, box_spreads)
+    if control_spacing_mm is not None:
+        if not labels:
+            raise ValueError("a control spacing in physical units is converted with the training masks' voxel size: "
+                             "give the subjects")
+        spacing = spacing_in_voxels(control_spacing_mm, model_voxel_size(geometry, labels))
+        geometry = geometry.with_overrides(control_spacing=tuple(  # a spacing dividing the grid: 0.1 voxel less
+            c - 0.1 if spacing_divides_grid(c, n) else c for c, n in zip(spacing, geometry.size, strict=True)))
+    return geometry
+
+
+def model_voxel_size(geometry: ModelGeometry, labels: list) -> tuple[float, ...]:
+    """The physical size (the files' units, e.g. mm) of a model voxel per axis: the median over the masks ``labels``
+    (files or SimpleITK label images) of their crop box of ``geometry`` divided by the grid's intervals; on the
+    organ, the box spans ``box_spreads`` of each mask's own organ spread, so this is the voxel of the median organ."""
+    from .image_io import read_label
+
+    dim, size = geometry.dim, np.maximum(np.array(geometry.size) - 1, 1)
+    voxels = []
+    for i, lab in enumerate(labels):
+        label = lab if isinstance(lab, sitk.Image) else read_label(lab)
+        if geometry.localised:
+            spread = localisation_from_label(label, f"training mask {lab if not isinstance(lab, sitk.Image) else i}")
+            extent = np.array(geometry.box_spreads[:dim]) * np.asarray(spread.spread[:dim])
+        else:
+            extent = ((np.array(label.GetSize()) - 1) * np.array(label.GetSpacing()))[:dim] \
+                * np.array(geometry.crop_fraction[:dim])
+        voxels.append(extent / size)
+    return tuple(float(v) for v in np.median(np.array(voxels), axis=0))
+
+
+def spacing_in_voxels(spacing_mm: tuple[float, ...], voxel: tuple[float, ...]) -> tuple[float, ...]:
+    """A control spacing in physical units (one number: the same on every axis) as model grid voxels of physical
+    size ``voxel``, to 0.1 voxel (at least 2 voxels)."""
+    given = tuple(spacing_mm) * len(voxel) if len(spacing_mm) == 1 else tuple(spacing_mm)
+    if len(given) != len(voxel) or min(given) <= 0:
+        raise ValueError(f"control spacing {list(spacing_mm)} (physical units): give one positive number or "
+                         f"{len(voxel)}, one per axis")
+    return tuple(max(round(s / v, 1), 2.0) for s, v in zip(given, voxel, strict=True))
 
 
 def auto_geometry(labels: list, dim: int, box_spreads: tuple[float, ...]) -> ModelGeometry:

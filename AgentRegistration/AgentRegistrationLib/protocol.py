@@ -270,19 +270,21 @@ the training masks (:meth:`geometry.ModelGeometry.from_organ_spread`)."""
 DEFAULT_GEOMETRY = "auto"
 """The geometry ``agentreg groundtruth`` uses unless told otherwise (or given ``--crop``, an option of the paper's
 geometry), chosen by measurement: README, "Train a model for your own organ"."""
-GEOMETRY_OVERRIDES = ("grid_size", "control_spacing", "box_spreads")
-"""The numbers of a model geometry a user may set (``agentreg groundtruth --grid-size`` ...), 2 or 3 per option."""
+GEOMETRY_OVERRIDES = ("grid_size", "control_spacing", "control_spacing_mm", "box_spreads")
+"""The numbers of a model geometry a user may set (``agentreg groundtruth --grid-size`` ...), 2 or 3 per option
+(``control_spacing_mm``, in the images' physical units, also 1: the same on every axis)."""
 
 
-def parse_numbers(text: str | Sequence[float], kind: type, option: str) -> tuple:
-    """``"64,64"`` (or a sequence) -> 2 or 3 positive numbers of ``kind``; ``ValueError`` naming ``option`` and the
-    value otherwise."""
+def parse_numbers(text: str | Sequence[float], kind: type, option: str, counts: tuple[int, ...] = (2, 3)) -> tuple:
+    """``"64,64"`` (or a sequence) -> ``counts`` (2 or 3) positive numbers of ``kind``; ``ValueError`` naming
+    ``option`` and the value otherwise."""
+    how_many = ", ".join(str(n) for n in counts[:-1]) + f" or {counts[-1]}" if len(counts) > 1 else str(counts[0])
     try:
         values = tuple(kind(v) for v in (text.split(",") if isinstance(text, str) else text))
     except (TypeError, ValueError):
-        raise ValueError(f"{option} {text!r}: give 2 or 3 comma-separated numbers") from None
-    if len(values) not in (2, 3) or min(values) <= 0:
-        raise ValueError(f"{option} {text!r}: give 2 or 3 comma-separated positive numbers")
+        raise ValueError(f"{option} {text!r}: give {how_many} comma-separated numbers") from None
+    if len(values) not in counts or min(values) <= 0:
+        raise ValueError(f"{option} {text!r}: give {how_many} comma-separated positive numbers")
     return values
 PAPER_MODES = {2: 15, 3: 25}
 """The paper's number of SDM modes d per dimension."""
@@ -485,7 +487,8 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
         raise ValueError(f"geometry_overrides names {sorted(set(overrides) - set(GEOMETRY_OVERRIDES))}; use "
                          f"{', '.join(GEOMETRY_OVERRIDES)}")
     overrides = {k: ",".join(str(n) for n in parse_numbers(v, int if k == "grid_size" else float,
-                                                           "--" + k.replace("_", "-")))
+                                                           "--" + k.replace("_", "-"),
+                                                           (1, 2, 3) if k == "control_spacing_mm" else (2, 3)))
                  for k, v in overrides.items()}
     return [
         cli_command(python, "groundtruth", {"out": files.groundtruth, "dim": dim, "split": split,
