@@ -153,14 +153,25 @@ def test_register_works_on_the_chosen_grid(pipeline, grid128):
     assert 0 <= result.metrics["dice_after"] <= 1
 
 
-def test_a_control_spacing_that_divides_the_grid_exactly_is_refused():
-    """elastix lays out one more control cell there than ``ControlGrid.for_image``: the GT would fail every pair."""
-    with pytest.raises(ValueError, match="divides grid size"):
-        ModelGeometry.paper(2).with_overrides(size=(65, 65), control_spacing=(8.0, 8.0))
-    spreads = [(4.0, 3.0, 1.7)]
-    geometry = ModelGeometry.from_organ_spread(spreads[0], BOX_SPREADS[3])
-    cells = (np.array(geometry.size) - 1) / np.array(geometry.control_spacing)
-    assert np.all(np.abs(cells - np.round(cells)) > 1e-6)
+@pytest.mark.parametrize("size, spacing", [
+    ((53, 41, 21), (13.1, 10.2, 5.2)),  # n x spacing needs one more cell than (n - 1) x spacing: auto made these
+    ((65, 33, 17), (8.0, 8.0, 4.0)),  # exact multiples of the voxel centres' extent
+    ((100, 75, 20), (16.0, 16.0, 8.0)),  # the paper's
+])
+def test_the_control_grid_is_the_one_elastix_lays_out(size, spacing):
+    """``ControlGrid.for_image`` (and so every model geometry's basis) must be elastix's grid, else the ground truth
+    of that geometry fails every pair ('elastix used control grid ...'): one elastix iteration on a smooth image."""
+    from AgentRegistrationLib import elastix
+    from AgentRegistrationLib.bspline import ControlGrid
+    from AgentRegistrationLib.dataset import model_image
+    from scipy.ndimage import gaussian_filter
+
+    image = gaussian_filter(np.random.default_rng(0).random(size[::-1]).astype(np.float32), 1.5)
+    maps = elastix.register(model_image(image), model_image(image), [elastix.bspline_map(spacing, 1, 1)])
+    _, grid = elastix.bspline_coefficients(maps[-1])
+    ours = ControlGrid.for_image(size, spacing)
+    assert grid.size == ours.size
+    assert np.allclose(grid.origin, ours.origin, atol=1e-6)
 
 
 def test_without_a_geometry_groundtruth_takes_the_default_unless_a_crop_is_given(grid128):

@@ -11,12 +11,6 @@ from dataclasses import asdict, dataclass, field, replace
 from .bspline import ControlGrid
 
 
-def spacing_divides_grid(spacing: float, size: int) -> bool:
-    """Whether control ``spacing`` divides the grid's extent (``size - 1`` voxels) exactly."""
-    cells = (size - 1) / spacing
-    return abs(cells - round(cells)) < 1e-6
-
-
 @dataclass(frozen=True)
 class ModelGeometry:
     """Size of the model grid and of its B-spline control grid, and the crop box.
@@ -92,8 +86,7 @@ class ModelGeometry:
         control = (volume / intervals) ** (1 / dim)  # physical
         spacing = []
         for v, n in zip(voxel_per_axis, size, strict=True):
-            c = round(min(control / v, (n - 1) / min_intervals), 1)
-            spacing.append(c - 0.1 if spacing_divides_grid(c, n) else c)
+            spacing.append(round(min(control / v, (n - 1) / min_intervals), 1))
         return cls(size, tuple(spacing), paper.crop_fraction, tuple(float(b) for b in box_spreads), "auto")
 
     def with_overrides(self, size: tuple[int, ...] | None = None, control_spacing: tuple[float, ...] | None = None,
@@ -108,10 +101,6 @@ class ModelGeometry:
         if min(changed.size) < 2 or min(changed.control_spacing) <= 0:
             raise ValueError(f"grid size {list(changed.size)} needs at least 2 voxels per axis and control spacing "
                              f"{list(changed.control_spacing)} positive numbers (model voxels)")
-        if any(spacing_divides_grid(c, n) for c, n in zip(changed.control_spacing, changed.size, strict=True)):
-            raise ValueError(f"control spacing {list(changed.control_spacing)} divides grid size {list(changed.size)} "
-                             "minus 1 exactly on some axis, where elastix lays out one more control cell than this "
-                             "model: choose a spacing a little smaller or larger (e.g. 0.1 voxel)")
         return changed
 
     def description(self) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from . import elastix
 from .bspline import ControlGrid, dense_displacement
-from .geometry import ModelGeometry, spacing_divides_grid
+from .geometry import ModelGeometry
 from .localisation import BOX_SPREADS, Localisation, localisation_from_label
 from .protocol import DEFAULT_GEOMETRY, GEOMETRY_CHOICES
 
@@ -65,9 +65,8 @@ def model_geometry(dim: int, crop: str | None = None, choice: str | None = "pape
         if not labels:
             raise ValueError("a control spacing in physical units is converted with the training masks' voxel size: "
                              "give the subjects")
-        spacing = spacing_in_voxels(control_spacing_mm, model_voxel_size(geometry, labels))
-        geometry = geometry.with_overrides(control_spacing=tuple(  # a spacing dividing the grid: 0.1 voxel less
-            c - 0.1 if spacing_divides_grid(c, n) else c for c, n in zip(spacing, geometry.size, strict=True)))
+        geometry = geometry.with_overrides(control_spacing=spacing_in_voxels(control_spacing_mm,
+                                                                             model_voxel_size(geometry, labels)))
     return geometry
 
 
