@@ -15,6 +15,7 @@ from AgentRegistrationLib.groundtruth import (
     pair_file,
     ray_directions,
     run_groundtruth,
+    run_report,
     surface_points,
 )
 from AgentRegistrationLib.sdm import StatisticalDeformationModel
@@ -108,6 +109,25 @@ def test_failure_summary_names_the_subjects_and_says_when_to_stop():
     assert "s07 (38 of its 38), s00 (2 of its 38)" in text and "and 12 more" in text
     assert text.endswith("every pair failed for: s07")
 
+
+
+
+def test_when_every_pair_fails_alike_the_error_points_at_the_settings(tmp_path):
+    """Every pair failing with one message (as every pair of a geometry whose control grid elastix lays out otherwise
+    did) is no fault of the subjects: the error says to change the settings, not to check named subjects."""
+    from AgentRegistrationLib.geometry import ModelGeometry
+
+    pairs = [("a", "b"), ("b", "a"), ("a", "c"), ("c", "a")]
+    same = [(m, f, "RuntimeError: elastix used control grid ...") for m, f in pairs]
+    alike = GroundTruthSummary.of_run(ModelGeometry.paper(2), "a", ["a", "b", "c"], pairs, [], same, settings={},
+                                      workers=1, max_pairs=0, seed=0, wall_seconds=1.0, max_failed_fraction=0.1)
+    _, error = run_report(alike, tmp_path)
+    assert error.startswith("every ground-truth pair failed (4 of 4), all with the same error")
+    assert "--geometry" in error and "check the named subjects" not in error
+    mixed = [*same[:3], ("c", "a", "ValueError: cannot place surface points on an empty mask")]
+    varied = GroundTruthSummary.of_run(ModelGeometry.paper(2), "a", ["a", "b", "c"], pairs, [], mixed, settings={},
+                                       workers=1, max_pairs=0, seed=0, wall_seconds=1.0, max_failed_fraction=0.1)
+    assert "check the named subjects" in run_report(varied, tmp_path)[1]
 
 
 # written by 'agentreg groundtruth' before the summary recorded the subjects' source and the elastix resolutions

@@ -353,6 +353,11 @@ def run_report(summary: GroundTruthSummary, out: Path) -> tuple[list[str], str |
         return lines, None
     failed = summary.failed
     lines += failure_lines(failed)
+    if failed["too_many"] and not done and len(failed["groups"]) == 1 and failed_count > 1:
+        return lines, (
+            f"every ground-truth pair failed ({failed_count} of {requested}), all with the same error, so the cause is "
+            "more likely the settings than the subjects: try another model geometry (--geometry, --grid-size, "
+            f"--control-spacing) or fewer --resolutions, and if it persists report the error with {out / 'failures.json'}")
     if failed["too_many"]:
         return lines, (
             f"too many ground-truth pairs failed ({failed_count} of {requested}; at most "
