@@ -629,10 +629,9 @@ def report_markdown(summary: dict, methods: list[str], info: dict) -> str:
              "| | " + " | ".join(METHOD_TITLES[m] for m in methods) + " |",
              "|---|" + "---:|" * len(methods)]
     labels = sorted({int(k.rsplit("_", 1)[1]) for m in methods for k in summary[m] if k.startswith("dice_label_")})
-    rows[6:6] = [row for value in labels for row in ((f"label {value} alone: DICE Med.", f"dice_label_{value}",
-                                                       "median", ".3f"),
-                                                      (f"label {value} alone: HD Med.", f"hausdorff_label_{value}",
-                                                       "median", ".1f"))]
+    per_label = [(f"label {v} alone: {title}", f"{key}_label_{v}", "median", fmt) for v in labels
+                 for title, key, fmt in (("DICE Med.", "dice", ".3f"), ("HD Med.", "hausdorff", ".1f"))]
+    rows = rows[:6] + per_label + rows[6:]  # after the union's Dice and Hausdorff
     missing = {"median": math.nan}
     for title, key, stat, fmt in rows:
         cells = [format(summary[m]["n"], fmt) if key is None else format(summary[m].get(key, missing)[stat], fmt)
