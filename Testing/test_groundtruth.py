@@ -202,3 +202,34 @@ def test_subjects_from_a_csv(grid128, tmp_path):
     bad.write_text("img,seg\na,b\n")
     with pytest.raises(ValueError, match="columns 'image' and 'label'"):
         find_subjects(bad)
+
+
+def test_signed_distance_is_negative_inside_and_clipped():
+    from AgentRegistrationLib.groundtruth import signed_distance
+
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:30, 10:30] = 2  # any label value is organ
+    d = signed_distance(mask, clip=5.0)
+    assert d[20, 20] == -5.0 and d[0, 0] == 5.0  # deep inside / far outside: clipped
+    assert d[10, 20] == -1.0 and d[9, 20] == 1.0  # the surface lies between the first voxel inside and outside
+
+
+def test_distance_ground_truth_through_the_cli(grid128, tmp_path, capsys):
+    """``--metric distance`` on real 3-D crops on the organ: recorded in the summary, Dice after above before on
+    every pair, and a rerun into the folder with the other metric is refused (its pairs would be mixed)."""
+    from AgentRegistrationLib import cli
+
+    out = tmp_path / "gt"
+    argv = ["groundtruth", str(grid128), "--subjects", "case00,case04,case06", "--dim", "3", "--geometry", "paper",
+            "--crop", "organ", "--iterations", "30", "--resolutions", "1", "--workers", "1", "--max-pairs", "3",
+            "--out", str(out)]
+    assert cli.main([*argv, "--metric", "distance"]) == 0
+    summary = GroundTruthSummary.load(out)
+    assert summary.metric == "distance" and summary.pairs_done == 3
+    for path in sorted((out / "pairs").glob("*.npz")):
+        r = load_pair(path)
+        assert r.dice_after > r.dice_before
+    assert json.loads(GroundTruthSummary.path(out).read_text())["metric"] == "distance"
+    capsys.readouterr()
+    assert cli.main([*argv, "--metric", "points"]) != 0
+    assert "holds a ground truth of metric 'distance'; this run asks for metric 'points'" in capsys.readouterr().err

@@ -288,6 +288,10 @@ def parse_numbers(text: str | Sequence[float], kind: type, option: str, counts: 
     return values
 PAPER_MODES = {2: 15, 3: 25}
 """The paper's number of SDM modes d per dimension."""
+GT_METRICS = ("points", "distance")
+"""What drives the ground-truth registration (``agentreg groundtruth --metric``): ``points``, the paper's (mutual
+information of the images and corresponding points on the mask surfaces), or ``distance`` (the masks' signed distance
+maps): :func:`groundtruth.register_constrained`."""
 GT_DICE_COLUMNS = ("moving", "fixed", "dice_before", "dice_after", "seconds")
 """Columns of ``groundtruth/gt_dice.csv`` (one row per ordered pair)."""
 LOSS_COLUMNS = ("iteration", "loss", "held_out_accuracy", "validation_dice", "held_out_near_gt_accuracy")
