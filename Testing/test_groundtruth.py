@@ -18,6 +18,7 @@ from AgentRegistrationLib.groundtruth import (
     run_report,
     surface_points,
 )
+from AgentRegistrationLib.paths import repo_file
 from AgentRegistrationLib.sdm import StatisticalDeformationModel
 
 
@@ -233,3 +234,15 @@ def test_distance_ground_truth_through_the_cli(grid128, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main([*argv, "--metric", "points"]) != 0
     assert "holds a ground truth of metric 'distance'; this run asks for metric 'points'" in capsys.readouterr().err
+    # the paper's metric on the same pairs, in its own folder, and the two compared pair by pair
+    points = tmp_path / "gt_points"
+    assert cli.main([*argv[:-1], str(points), "--metric", "points"]) == 0
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_groundtruth", repo_file("scripts", "compare_groundtruth.py"))
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    table = compare.compare([points, out], ["points", "distance"])
+    assert table.startswith("3 ordered pairs in both folders")
+    after = [float(load_pair(path).dice_after) for path in sorted((out / "pairs").glob("*.npz"))]
+    assert f"| distance | distance, 30 iterations x 1 resolutions | {np.median(after):.3f} |" in table
