@@ -225,3 +225,20 @@ def test_a_control_spacing_in_mm_on_the_paper_crop_uses_the_image_extent():
     command = protocol.training_commands("python", "data", files, geometry="paper",
                                          geometry_overrides={"control_spacing_mm": "12"})[0]
     assert command[command.index("--control-spacing-mm") + 1] == "12.0"
+
+
+def test_evaluate_takes_a_model_without_a_localiser_with_the_fixed_labels_placing_the_crops(pipeline, grid128,
+                                                                                            tmp_path, capsys):
+    """A model on organ crops trained as the guide trains it has no localiser: ``agentreg evaluate`` places the fixed
+    crops by the fixed labels then, and says so on stderr and in the report (it refused before)."""
+    out = tmp_path / "eval"
+    capsys.readouterr()
+    code = cli.main(["evaluate", "--model", str(pipeline["model"]), "--data", str(grid128), "--dim", "2",
+                     "--pairs", "case02:case09,case09:case02", "--methods", "none,localised,ours", "--steps", "2",
+                     "--workers", "1", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    assert "has no organ localiser for volumes" in capsys.readouterr().err
+    report = (out / "evaluation.md").read_text()
+    assert "the fixed one by the fixed label (an oracle start" in report
+    assert "translation pre-alignment was rejected" not in report  # no pre-alignment on organ crops
+    assert "| pairs | 2 | 2 | 2 |" in report

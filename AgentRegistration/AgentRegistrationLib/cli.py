@@ -399,9 +399,18 @@ def cmd_evaluate(args) -> int:
             bars[stage] = Reporter(stage, total, args.progress_json)
         bars[stage].update(done)
 
+    localiser = args.localiser
+    if not localiser and model and geometry.localised:
+        if evaluation.has_localiser(model):
+            localiser = model
+        else:
+            print(f"{model} has no organ localiser for volumes: the fixed crops are placed by the fixed labels (an "
+                  "oracle start, noted in the report); to evaluate as a user meets it, train one with "
+                  "scripts/train_localiser.py and give it with --localiser (or to agentreg train --localiser)",
+                  file=sys.stderr)
     start = time.perf_counter()
     results, failures = evaluation.evaluate(subjects, pairs, geometry, Path(args.out), methods, settings, model, device,
-                                            args.workers, progress, localiser=args.localiser or model)
+                                            args.workers, progress, localiser=localiser)
     for bar in bars.values():
         bar.close()
     notes = evaluation.report_notes(pairs, names, args.split, args.data, args.dim, geometry, settings, model, device,

@@ -181,6 +181,13 @@ def _localiser(path: str, dim: int):
     return load_localiser(path)
 
 
+def has_localiser(model: str | Path, dim: int = 3) -> bool:
+    """Whether the model bundle ``model`` holds an organ localiser for ``dim``-D images (the evaluation reads
+    volumes)."""
+    payload = torch.load(model, map_location="cpu", weights_only=True)
+    return str(dim) in payload.get("localisers", {})
+
+
 def localiser_hash(path: str | None, dim: int) -> str:
     """What identifies the localiser that placed the fixed crops of ``dim``-D images (``""`` for none)."""
     if not path:
@@ -537,14 +544,18 @@ def report_notes(pairs: list[tuple[str, str]], names: list[str], split: str | Pa
     """The notes under an ``agentreg evaluate`` report's table: the pairs, what each method is, the figures, the
     failures and the run's wall time (``seconds``)."""
     prealign_failed = sorted({(r["moving"], r["fixed"]) for r in results if r.get("prealignment", "ok") != "ok"})
+    by_label = {(r["moving"], r["fixed"]) for r in results if "fixed label (oracle)" in str(r.get("prealignment", ""))}
+    placed = ("by the fixed label (an oracle start: the model has no localiser for these images; train one with "
+              "scripts/train_localiser.py and give it to agentreg train --localiser)" if by_label
+              else "by the model's localiser (no fixed label is used)")
     return [
         f"{len(pairs)} ordered pairs of the {len(names)} validation subjects of `{shown(split)}` ({data}), "
-        f"{dim}-D" + ((" (the slice nearest each image's prostate centre)" if geometry.localised else
+        f"{dim}-D" + ((" (the slice nearest each image's organ centre)" if geometry.localised else
                        " (the middle slice of the crop box of the 3-D-aligned pair)") if dim == 2 else "")
         + f"; model grid {'x'.join(map(str, geometry.size))} of the fixed image.",
-        ("- Every method starts from the same crops, each centred on its image's prostate and sized to it: the "
-         "moving crop placed by the moving label (the atlas case), the fixed one by the model's localiser (no fixed "
-         "label is used); 'localised' is those crops alone, and its seconds are the localisation's."
+        (f"- Every method starts from the same crops, each centred on its image's organ and sized to it: the "
+         f"moving crop placed by the moving label (the atlas case), the fixed one {placed}; 'localised' is those "
+         "crops alone, and its seconds are the localisation's."
          if geometry.localised else
          "- Every method starts from the same translation pre-alignment (elastix, on the 3-D volumes); "
          "T is that pre-alignment alone, and its seconds are the pre-alignment's."),
@@ -558,11 +569,12 @@ def report_notes(pairs: list[tuple[str, str]], names: list[str], split: str | Pa
            "divided by its pairs." if model else "(not run)."),
         f"- GT: the constrained elastix registration with both masks (MI + bending energy + surface points, "
         f"{settings.gt_iterations} iterations): an upper bound, not a method.",
-        "- Dice of the warped moving mask with the fixed mask and Hausdorff distance in model-grid voxels "
-        "(PROMISE12 spacing is unknown: not mm), both on the model grid; % folding = voxels with det J <= 0.",
+        "- Dice of the warped moving mask with the fixed mask and Hausdorff distance in model-grid voxels (not mm), "
+        "both on the model grid; % folding = voxels with det J <= 0.",
         f"- Failed (pair, method): {len(failures)}" + (": " + "; ".join(
             f"{f['moving']}->{f['fixed']} {f['method']}: {f['error']}" for f in failures) if failures else "."),
-        f"- Pairs whose translation pre-alignment was rejected (no translation applied): {len(prealign_failed)}.",
+        *([] if geometry.localised else
+          [f"- Pairs whose translation pre-alignment was rejected (no translation applied): {len(prealign_failed)}."]),
         f"- Wall time of this run (cached results are not recomputed): {seconds:.0f} s, {workers} worker(s).",
     ]
 

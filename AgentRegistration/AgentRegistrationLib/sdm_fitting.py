@@ -85,7 +85,7 @@ def write_report(path: Path, gt_dir: Path, table: list[dict], command: str,
     summary = GroundTruthSummary.load(gt_dir)
     before, after = summary.dice_before, summary.dice_after
     geometry = summary.geometry
-    start = ("with each subject's box on its own prostate (no registration)" if geometry.localised
+    start = ("with each subject's box on its own organ (no registration)" if geometry.localised
              else "after translation only")
     lines = [
         f"### {summary.dim}-D ground truth and SDM",
