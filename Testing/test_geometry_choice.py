@@ -112,6 +112,7 @@ def pipeline(grid128, tmp_path_factory):
 def test_the_chosen_geometry_reaches_summary_sdm_bundle_and_card(pipeline):
     summary = GroundTruthSummary.load(pipeline["gt"])
     assert summary.geometry == CHOSEN and summary.geometry.choice == "auto+overrides"
+    assert summary.metric == "distance"  # the default with a geometry derived from the data
     assert StatisticalDeformationModel.load(pipeline["sdm"]).grid == CHOSEN.control_grid()
     bundle = load_bundle(pipeline["model"])
     assert bundle.geometry == CHOSEN and bundle.geometry.choice == "auto+overrides"

@@ -112,6 +112,7 @@ def test_groundtruth_keeps_the_labels_of_the_subjects_apart(two_label_groundtrut
 
 def test_groundtruth_reports_dice_per_label(two_label_groundtruth):
     summary = GroundTruthSummary.load(two_label_groundtruth)
+    assert summary.metric == "points"  # the paper's, with the paper's geometry
     assert set(summary.label_dice) == {"1", "2"}
     geometry = summary.geometry
     grid = geometry.control_grid()

@@ -128,7 +128,8 @@ def cmd_groundtruth(args) -> int:
     out = Path(args.out)
     summary, _, _ = groundtruth.make_groundtruth(
         subjects, template, geometry, out, pairs, workers=args.workers,
-        settings={"iterations": args.iterations, "resolutions": args.resolutions, "metric": args.metric},
+        settings={"iterations": args.iterations, "resolutions": args.resolutions,
+                  "metric": args.metric or protocol.default_gt_metric(geometry.choice)},
         max_pairs=args.max_pairs,
         seed=args.seed, source=groundtruth.data_record(args.data, args.subjects, args.split, args.subset),
         max_failed_fraction=MAX_FAILED_FRACTION, on_subject=rep.update, on_pair=pair_done, scheduler=args.scheduler,
@@ -491,11 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT at the same path (a shared file system)")
     p.add_argument("--iterations", type=int, default=250, help="elastix iterations per resolution")
     p.add_argument("--resolutions", type=int, default=3, help="elastix resolutions (image pyramid levels)")
-    p.add_argument("--metric", choices=protocol.GT_METRICS, default="points",
+    p.add_argument("--metric", choices=protocol.GT_METRICS,
                    help="what drives the constrained registration: 'points', the paper's (mutual information of the "
                         "images, bending energy and corresponding points on the mask surfaces), or 'distance' (mean "
-                        "squares of the masks' signed distance maps and bending energy: more Dice on 3-D crops on "
-                        "the organ, see the README)")
+                        "squares of the masks' signed distance maps and bending energy: more Dice, see the README). "
+                        "Default: 'distance' with --geometry auto, 'points' with the paper's geometry")
     p.add_argument("--geometry", choices=protocol.GEOMETRY_CHOICES,
                    help="model geometry: 'paper' is the paper's prostate grids (100x100 / 75x75x20, control spacing "
                         "16x16(x8) grid voxels); 'auto' derives them from the training masks (isotropic voxels on the "

@@ -292,6 +292,15 @@ GT_METRICS = ("points", "distance")
 """What drives the ground-truth registration (``agentreg groundtruth --metric``): ``points``, the paper's (mutual
 information of the images and corresponding points on the mask surfaces), or ``distance`` (the masks' signed distance
 maps): :func:`groundtruth.register_constrained`."""
+
+
+def default_gt_metric(geometry_choice: str) -> str:
+    """The ground-truth metric ``agentreg groundtruth`` uses unless told: the paper's (``points``) with the paper's
+    geometry, ``distance`` with a geometry derived from the data (``auto``; README, "Ground truth": more Dice on every
+    one of 94 ordered 3-D PROMISE12 pairs and 4 pairs of the second-organ proxy)."""
+    return "distance" if geometry_choice.startswith("auto") else "points"
+
+
 GT_DICE_COLUMNS = ("moving", "fixed", "dice_before", "dice_after", "seconds")
 """Columns of ``groundtruth/gt_dice.csv`` (one row per ordered pair)."""
 LOSS_COLUMNS = ("iteration", "loss", "held_out_accuracy", "validation_dice", "held_out_near_gt_accuracy")
