@@ -6,16 +6,10 @@
 # the SDM report, the model card and the evaluation table. With SHIP=1 it also replaces the generated part of results/second_organ.md
 # (below its marker line; the hand-written findings above it are kept).
 #
-# Deviations from the guide's commands, each on purpose:
-#   - groundtruth: --max-pairs $PAIRS --workers 2 --iterations 100 --resolutions 2 (time box; the guide: 300 pairs,
-#     elastix defaults), and --control-spacing $CONTROL: the 'auto' geometry derived on these data (grid 53x60x38,
-#     control spacing 13.1x13.1x13.0) fails on every pair ("elastix used control grid ... size=(8, 8, 6) ... expected
-#     (7, 8, 6)"; results/second_organ.md), so the x spacing is overridden to 13.3 (52/13.3 and 53/13.3 both < 4);
-#   - train: --max-minutes $MINUTES --threads 2 (time box);
-#   - a localiser (scripts/train_localiser.py, $LOC_MINUTES min) given to 'agentreg evaluate --localiser' (the guide's
-#     evaluate command without it is also run, and its outcome recorded);
-#   - evaluate: --workers 2 --iterations 100 --gt-iterations 100 (time box; as the ground truth and --compare-elastix).
-# Reruns resume (the ground truth and evaluation caches, the training checkpoint). About 75 min on 2 cores.
+# Deviations from the guide's commands: time boxes only (2 cores): groundtruth --max-pairs $PAIRS --workers 2
+# --iterations 100 --resolutions 2; the localiser $LOC_MINUTES min; train --max-minutes $MINUTES --threads 2;
+# evaluate --workers 2 --iterations 100 --gt-iterations 100 --methods $METHODS (without gt, the upper bound, by default).
+# Reruns resume (the ground truth and evaluation caches, the training checkpoint). About 60 min on 2 cores.
 # REPORT_ONLY=1 writes the report from an earlier run's $WORK only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +20,7 @@ SHIP=${SHIP:-0}
 PAIRS=${PAIRS:-120}
 MINUTES=${MINUTES:-25}
 LOC_MINUTES=${LOC_MINUTES:-8}
-CONTROL=${CONTROL:-13.3,13.1,13.0}
+METHODS=${METHODS:-none,localised,e8,e16,ours,nfc}
 PY=${PY:-python}
 AGENTREG=${AGENTREG:-agentreg}
 mkdir -p "$WORK"
@@ -51,22 +45,16 @@ GT=$WORK/GT
 if [ "$REPORT_ONLY" != 1 ]; then
 step make_data $PY "$REPO/scripts/make_second_organ.py" --src "$SRC" --out "$DATA" --split Resources/promise12_split.json \
   --split-out "$SPLIT"
-# the guide's geometry as derived (recorded: it fails on these data), in its own folder, on 4 pairs
-step groundtruth_as_written $AGENTREG groundtruth "$DATA" --split "$SPLIT" --dim 3 --geometry auto --max-pairs 4 \
-  --workers 2 --iterations 100 --resolutions 2 --out "$WORK/GT_as_written"
-step groundtruth $AGENTREG groundtruth "$DATA" --split "$SPLIT" --dim 3 --geometry auto --control-spacing "$CONTROL" \
-  --compare-elastix 8 --max-pairs "$PAIRS" --workers 2 --iterations 100 --resolutions 2 --out "$GT"
+step groundtruth $AGENTREG groundtruth "$DATA" --split "$SPLIT" --dim 3 --geometry auto --compare-elastix 8 \
+  --max-pairs "$PAIRS" --workers 2 --iterations 100 --resolutions 2 --out "$GT"
 step sdm $AGENTREG sdm "$GT" --modes 25 --out "$WORK/SDM.npz" --report-modes 5,10,15,25,40 --report "$GT/report.md"
-step train $AGENTREG train --groundtruth "$GT" --sdm "$WORK/SDM.npz" --out "$WORK/MODEL.pt" --config converge \
-  --data "$DATA" --split "$SPLIT" --max-minutes "$MINUTES" --threads 2
-step info $AGENTREG info "$WORK/MODEL.pt" --card "$WORK/MODEL.md"
 step localiser $PY "$REPO/scripts/train_localiser.py" --dim 3 --data "$DATA" --split "$SPLIT" --out "$WORK/localiser-3d.pt" \
   --report "$WORK/localiser.md" --minutes "$LOC_MINUTES" --threads 2
-# the guide's evaluate command as written (no localiser anywhere), on 2 pairs: recorded, whatever it does
-step evaluate_as_written $AGENTREG evaluate --model "$WORK/MODEL.pt" --data "$DATA" --split "$SPLIT" --dim 3 \
-  --out "$WORK/EVAL_as_written" --max-pairs 2 --workers 2
-step evaluate $AGENTREG evaluate --model "$WORK/MODEL.pt" --data "$DATA" --split "$SPLIT" --dim 3 \
-  --localiser "$WORK/localiser-3d.pt" --out "$WORK/EVAL" --workers 2 --iterations 100 --gt-iterations 100
+step train $AGENTREG train --groundtruth "$GT" --sdm "$WORK/SDM.npz" --out "$WORK/MODEL.pt" --config converge \
+  --data "$DATA" --split "$SPLIT" --localiser "$WORK/localiser-3d.pt" --max-minutes "$MINUTES" --threads 2
+step info $AGENTREG info "$WORK/MODEL.pt" --card "$WORK/MODEL.md"
+step evaluate $AGENTREG evaluate --model "$WORK/MODEL.pt" --data "$DATA" --split "$SPLIT" --dim 3 --out "$WORK/EVAL" \
+  --workers 2 --iterations 100 --gt-iterations 100 --methods "$METHODS"
 fi
 
 $PY - "$WORK" "$SRC" <<'EOF'
@@ -95,12 +83,12 @@ def tail(name, n=6, keys=("error", "failed", "geometry", "Error")):
     return ["```", *[x[:600] for x in picked[-n:]], "```"]
 
 
-out += ["", "## Ground truth as the guide derives it (`--geometry auto`, no override)", "", *tail("groundtruth_as_written", 4)]
 summary_path = work / "GT" / "summary.json"
 if summary_path.exists():
     s = json.loads(summary_path.read_text())
     out += ["", "## Ground truth (training split)", "",
-            f"{s['pairs_done']} pairs ({s['failures']} failed), geometry `{json.dumps(s['geometry'])}`; "
+            f"{s['pairs_done']} pairs ({s['failures']} failed), metric `{s.get('metric', 'points')}`, geometry "
+            f"`{json.dumps(s['geometry'])}`; "
             f"sum of per-pair seconds {s['pair_seconds_sum']:.0f} ({s['pair_seconds_sum'] / max(s['pairs_done'], 1):.1f} "
             f"s per pair and worker), {s['workers']} workers.", "",
             "| | Dice median | mean | std | n |", "| --- | ---: | ---: | ---: | ---: |"]
@@ -122,7 +110,6 @@ for title, path in [("SDM report", work / "GT" / "report.md"), ("Model card", wo
     if path.exists():
         text = path.read_text().replace("\n# ", "\n### ").replace("\n## ", "\n### ")
         out += ["", f"## {title}", "", text.lstrip("# ").strip() if text.startswith("# ") else text.strip()]
-out += ["", "## `agentreg evaluate` as the guide writes it (no localiser)", "", *tail("evaluate_as_written", 8)]
 path = work / "EVAL" / "evaluation.md"
 out += ["", "## Evaluation (validation subjects, fixed crop placed by the localiser)", ""]
 if path.exists():
