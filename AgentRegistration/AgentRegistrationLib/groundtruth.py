@@ -41,8 +41,8 @@ GT_WEIGHTS = {"similarity": 1.0, "bending": 3.0, "points": 0.2}
 DISTANCE_WEIGHTS = {"similarity": 1.0, "bending": 1.0, "points": 0.02}
 """The ``distance`` ground truth: mean squares of the masks' signed distance maps, bending energy, and the
 corresponding points only where the labels hold several values (to keep them apart). Chosen on 8 ordered 3-D pairs
-of training subjects, organ crops, 75x75x20 / 16x16x8 (README, "Ground truth"): Dice 0.842 -> 0.908 without points,
-0.902 with points at 0.02, 0.890 at 0.2, against 0.843 for ``points``."""
+of training subjects, organ crops, 75x75x20 / 16x16x8: Dice 0.842 -> 0.908 without points, 0.902 with points at
+0.02, 0.890 at 0.2, against 0.843 for ``points`` (``results/groundtruth_metric.md``)."""
 DISTANCE_CLIP = 10.0
 """Signed distances are clipped to +-this many model voxels: far from the surface only the sign matters."""
 

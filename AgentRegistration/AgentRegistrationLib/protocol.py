@@ -296,8 +296,8 @@ maps): :func:`groundtruth.register_constrained`."""
 
 def default_gt_metric(geometry_choice: str) -> str:
     """The ground-truth metric ``agentreg groundtruth`` uses unless told: the paper's (``points``) with the paper's
-    geometry, ``distance`` with a geometry derived from the data (``auto``; README, "Ground truth": more Dice on every
-    one of 94 ordered 3-D PROMISE12 pairs and 4 pairs of the second-organ proxy)."""
+    geometry, ``distance`` with a geometry derived from the data (``auto``; more Dice on all 120 ordered 3-D PROMISE12
+    pairs compared and on 4 of 4 pairs of the second-organ proxy: ``results/groundtruth_metric.md``)."""
     return "distance" if geometry_choice.startswith("auto") else "points"
 
 
