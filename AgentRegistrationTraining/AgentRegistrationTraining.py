@@ -39,6 +39,7 @@ from AgentRegistrationLib import mrml, protocol  # noqa: E402
 STAGES = ("groundtruth", "sdm", "train")
 CONFIGURATIONS = list(protocol.TRAINING_CONFIGURATIONS)
 DIMENSIONS = {"3-D": 3, "2-D": 2}
+GEOMETRY_DEFAULT = "as the geometry"  # the ground-truth metric of the chosen geometry (protocol.default_gt_metric)
 """Model dimension choices: 3-D volumes, or 2-D (one axial slice of each volume)."""
 
 
@@ -74,6 +75,7 @@ class AgentRegistrationTrainingParameterNode:
     controlSpacing: str = ""  # "x,y[,z]" model voxels; empty: the geometry's
     controlSpacingMm: str = ""  # "s" or "x,y[,z]" in the images' physical units (mm); instead of controlSpacing
     boxSpreads: str = ""  # "x,y[,z]" organ standard deviations; empty: the geometry's
+    groundTruthMetric: Annotated[str, Choice([GEOMETRY_DEFAULT, *protocol.GT_METRICS])] = GEOMETRY_DEFAULT
     groundTruthTable: vtkMRMLTableNode
     lossChart: vtkMRMLPlotChartNode
 
@@ -155,7 +157,9 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
                                                       geometryOverrides={"grid_size": p.gridSize,
                                                                          "control_spacing": p.controlSpacing,
                                                                          "control_spacing_mm": p.controlSpacingMm,
-                                                                         "box_spreads": p.boxSpreads})
+                                                                         "box_spreads": p.boxSpreads},
+                                                      metric=None if p.groundTruthMetric == GEOMETRY_DEFAULT
+                                                      else p.groundTruthMetric)
             self.setState(JobState.RUNNING, _("Starting..."))
             self._timer.start()
 
@@ -223,10 +227,11 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
     def startTraining(self, volumes: list, dataFolder: Path, outputFolder: Path, modelName: str,
                       configuration: str = protocol.DEFAULT_TRAINING_CONFIGURATION, device: str = "Auto", resume: bool = True,
                       dim: int = 3, maxMinutes: float | None = None, geometry: str = "auto",
-                      geometryOverrides: dict | None = None) -> protocol.WorkerJob:
+                      geometryOverrides: dict | None = None, metric: str | None = None) -> protocol.WorkerJob:
         """Check inputs and start ground truth -> SDM -> training.
 
-        ``geometry`` and ``geometryOverrides``: the model geometry (:func:`protocol.training_commands`).
+        ``geometry``, ``geometryOverrides`` and the ground-truth ``metric``: the model geometry and what drives the
+        ground truth (:func:`protocol.training_commands`).
 
         ``maxMinutes`` ends the training stage after that many minutes (checkpointed: Apply again goes on).
 
@@ -249,7 +254,7 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
         files = protocol.TrainingFiles(outputFolder, modelName.strip())
         commands = protocol.training_commands(slicer_setup.worker_python(), dataFolder, files, dim=dim,
                                               configuration=configuration, device=device, max_minutes=maxMinutes,
-                                              geometry=geometry, geometry_overrides=geometryOverrides)
+                                              geometry=geometry, geometry_overrides=geometryOverrides, metric=metric)
         if not resume:
             files.checkpoint.unlink(missing_ok=True)
             files.loss.unlink(missing_ok=True)

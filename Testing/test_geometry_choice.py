@@ -80,6 +80,11 @@ def test_the_training_module_commands_carry_the_geometry(tmp_path):
     assert parsed.grid_size == (64, 64) and parsed.box_spreads == (8.0, 8.0) and parsed.geometry == "auto"
     with pytest.raises(ValueError, match="--grid-size '64'"):
         protocol.training_commands("python", tmp_path, files, geometry_overrides={"grid_size": "64"})
+    assert "--metric" not in groundtruth  # the geometry's default (distance with auto)
+    chosen = protocol.training_commands("python", tmp_path / "data", files, geometry="auto", metric="points")[0]
+    assert cli.build_parser().parse_args(chosen[3:-1]).metric == "points"
+    with pytest.raises(ValueError, match="ground-truth metric"):
+        protocol.training_commands("python", tmp_path, files, metric="surface")
 
 
 @pytest.fixture(scope="module")

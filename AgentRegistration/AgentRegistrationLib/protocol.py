@@ -472,6 +472,7 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
                       configuration: str = DEFAULT_TRAINING_CONFIGURATION, device: str = "Auto", modes: int | None = None,
                       split: str | Path | None = None, max_minutes: float | None = None,
                       geometry: str | None = None, geometry_overrides: dict[str, Any] | None = None,
+                      metric: str | None = None,
                       stage_options: dict[str, dict[str, Any]] | None = None) -> list[list[str]]:
     """Worker command lines of the three stages: ``agentreg groundtruth``, ``sdm`` and ``train``.
 
@@ -481,7 +482,8 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
     per stage, e.g. ``{"groundtruth": {"iterations": 50}, "train": {"set": ["iterations=100"]}}``.
     ``geometry``: the model geometry (:data:`GEOMETRY_CHOICES`; ``None``: the command line's default);
     ``geometry_overrides``: numbers of it to set (:data:`GEOMETRY_OVERRIDES`, text like ``"64,64"`` or sequences;
-    empty ones are left out), checked here.
+    empty ones are left out), checked here. ``metric``: the ground-truth metric (:data:`GT_METRICS`; ``None``: the
+    geometry's default, :func:`default_gt_metric`).
     """
     extra = {stage: dict(options) for stage, options in (stage_options or {}).items()}
     unknown = set(extra) - {"groundtruth", "sdm", "train"}
@@ -495,6 +497,8 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
     modes = modes or PAPER_MODES[dim]
     if geometry is not None and geometry not in GEOMETRY_CHOICES:
         raise ValueError(f"model geometry must be one of {GEOMETRY_CHOICES}, got {geometry!r}")
+    if metric is not None and metric not in GT_METRICS:
+        raise ValueError(f"ground-truth metric must be one of {GT_METRICS}, got {metric!r}")
     overrides = {k: v for k, v in (geometry_overrides or {}).items() if v is not None and v != ""}
     if set(overrides) - set(GEOMETRY_OVERRIDES):
         raise ValueError(f"geometry_overrides names {sorted(set(overrides) - set(GEOMETRY_OVERRIDES))}; use "
@@ -505,7 +509,8 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
                  for k, v in overrides.items()}
     return [
         cli_command(python, "groundtruth", {"out": files.groundtruth, "dim": dim, "split": split,
-                                            "geometry": geometry, **overrides, **extra.get("groundtruth", {})},
+                                            "geometry": geometry, "metric": metric, **overrides,
+                                            **extra.get("groundtruth", {})},
                     positional=[data]),
         cli_command(python, "sdm", {"modes": modes, "out": files.sdm, **extra.get("sdm", {})},
                     positional=[files.groundtruth]),
