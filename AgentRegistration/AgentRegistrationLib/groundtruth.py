@@ -133,22 +133,21 @@ def register_constrained(fixed: np.ndarray, moving: np.ndarray, fixed_label: np.
 
     if metric not in GT_METRICS:
         raise ValueError(f"ground-truth metric {metric!r}: choose one of {', '.join(GT_METRICS)}")
-    num_points = num_points or (64 if geometry.dim == 2 else 256)
-    directions = ray_directions(geometry.dim, num_points)
-    fixed_points, moving_points = corresponding_points(fixed_label, moving_label, directions)
+    several = min(len(label_values(fixed_label)), len(label_values(moving_label))) > 1
+    fixed_points = moving_points = None
+    if metric == "points" or several:  # the distance maps alone need no points for one label
+        directions = ray_directions(geometry.dim, num_points or (64 if geometry.dim == 2 else 256))
+        fixed_points, moving_points = corresponding_points(fixed_label, moving_label, directions)
     if metric == "points":
         parameter_map = elastix.bspline_map(geometry.control_spacing, iterations, resolutions,
                                             points_weight=GT_WEIGHTS["points"], bending_weight=GT_WEIGHTS["bending"])
         images = model_image(fixed), model_image(moving)
     else:
-        several = min(len(label_values(fixed_label)), len(label_values(moving_label))) > 1
         parameter_map = elastix.bspline_map(geometry.control_spacing, iterations, resolutions,
                                             points_weight=DISTANCE_WEIGHTS["points"] if several else None,
                                             bending_weight=DISTANCE_WEIGHTS["bending"])
         parameter_map["Metric"] = ["AdvancedMeanSquares", *parameter_map["Metric"][1:]]
         images = model_image(signed_distance(fixed_label)), model_image(signed_distance(moving_label))
-        if not several:
-            fixed_points = moving_points = None
     maps = elastix.register(*images, [parameter_map], fixed_points, moving_points)
     coefficients, grid = elastix.bspline_coefficients(maps[-1])
     expected = geometry.control_grid()
