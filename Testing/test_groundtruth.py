@@ -246,3 +246,16 @@ def test_distance_ground_truth_through_the_cli(grid128, tmp_path, capsys):
     assert table.startswith("3 ordered pairs in both folders")
     after = [float(load_pair(path).dice_after) for path in sorted((out / "pairs").glob("*.npz"))]
     assert f"| distance | distance, 30 iterations x 1 resolutions | {np.median(after):.3f} |" in table
+
+
+def test_groundtruth_names_a_subject_whose_label_is_empty(grid128, tmp_path, capsys):
+    """The masks are read once, before the geometry is derived: an empty one is named before any work starts."""
+    from AgentRegistrationLib import cli
+
+    for case in ("case00", "case04"):
+        (tmp_path / f"{case}_image.nii.gz").write_bytes((grid128 / f"{case}_image.nii.gz").read_bytes())
+        label = sitk.ReadImage(str(grid128 / f"{case}_label.nii.gz"))
+        sitk.WriteImage(label * 0 if case == "case04" else label, str(tmp_path / f"{case}_label.nii.gz"))
+    assert cli.main(["groundtruth", str(tmp_path), "--dim", "2", "--out", str(tmp_path / "gt")]) != 0
+    assert "the label of case04 is empty: fix it or leave the subject out" in capsys.readouterr().err
+    assert not (tmp_path / "gt").exists()

@@ -104,11 +104,15 @@ def _listed(values) -> str:
 def cmd_groundtruth(args) -> int:
     from . import groundtruth
     from .dataset import find_subjects
-    from .image_io import read_label
+    from .image_io import label_voxels, read_label
     from .preprocessing import model_geometry, model_voxel_size
 
     subjects = find_subjects(args.data, _subject_names(args))
     labels = [read_label(s.label, f"label of {s.name}") for s in subjects]  # read once: geometry, voxel size
+    empty = [s.name for s, label in zip(subjects, labels, strict=True) if not label_voxels(label)]
+    if empty:
+        raise ValueError(f"the label of {', '.join(empty)} is empty: fix it or leave the subject out (--subjects or "
+                         "another --split)")
     geometry = model_geometry(args.dim, args.crop, args.geometry, labels, args.grid_size, args.control_spacing,
                               args.box_spreads, args.control_spacing_mm)
     voxel = model_voxel_size(geometry, labels)

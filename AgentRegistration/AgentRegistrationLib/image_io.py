@@ -41,6 +41,11 @@ def read_label(path: str | Path, what: str = "label") -> sitk.Image:
     return image
 
 
+def label_voxels(label: sitk.Image) -> int:
+    """How many voxels of a label map are non-zero (labelled)."""
+    return int(np.count_nonzero(sitk.GetArrayViewFromImage(label)))
+
+
 def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
     """Write an image atomically; the format follows the file name."""
     return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, compress))
