@@ -93,6 +93,7 @@ def test_model_card_shows_the_evaluation_of_its_own_model(evaluation, tiny_pipel
     assert main(["info", str(bundle), "--card", str(card), "--evaluation", str(summary)]) == 0
     text = card.read_text()
     assert "Table 1 protocol on 2 ordered pairs" in text
+    assert "metric `points`)" in text  # the ground truth the model was trained on
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
     assert set(METHODS) <= set(rows)
     doc = json.loads(summary.read_text())
@@ -120,6 +121,31 @@ def test_the_agent_runs_the_models_default_number_of_steps_unless_told(evaluatio
         summary = json.loads((tmp_path / "seven.json").read_text())
         assert summary["model"] == str(model)
         assert f"the agent, {steps} steps" in (tmp_path / "seven.md").read_text()
+
+
+def test_the_gt_reference_uses_the_metric_of_the_models_ground_truth(evaluation, tiny_pipeline, tmp_path):
+    trained = load_bundle(tiny_pipeline(2)["bundle"])
+    assert trained.training["data"]["groundtruth_metric"] == "points"  # as the training recorded it
+    model = tmp_path / "distance.pt"
+    trained.training["data"]["groundtruth_metric"] = "distance"  # as a model trained on a distance ground truth
+    trained.save(model)
+    argv = evaluation["argv"][:]
+    argv[argv.index("--model") + 1] = str(model)
+    argv[argv.index("--methods") + 1] = "gt"
+    argv[argv.index("--max-pairs") + 1] = "1"
+    argv[argv.index("--report") + 1] = str(tmp_path / "gt.md")
+    assert main(argv) == 0
+    assert "the `distance` ground truth" in (tmp_path / "gt.md").read_text()
+    assert _gt_metrics(evaluation) == ["distance", "points"]  # the first pair's gt was rerun; not the cached one
+    assert main(argv + ["--gt-metric", "points"]) == 0  # told
+    assert "the `points` ground truth" in (tmp_path / "gt.md").read_text()
+    assert _gt_metrics(evaluation) == ["points", "points"]
+
+
+def _gt_metrics(evaluation) -> list[str]:
+    """The ground-truth metric of each cached gt result."""
+    results = [json.loads(p.read_text()) for p in (evaluation["out"] / "cache" / "pairs").rglob("gt.json")]
+    return sorted(r["signature"].get("metric", "points") for r in results)
 
 
 def test_demo_registers_a_pair_and_writes_its_outputs(grid128, tiny_pipeline, tmp_path, capsys):

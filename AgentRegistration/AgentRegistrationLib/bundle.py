@@ -52,6 +52,11 @@ class ModelBundle:
     def dim(self) -> int:
         return self.geometry.dim
 
+    @property
+    def groundtruth_metric(self) -> str:
+        """The metric of the ground truth the model was trained on (``points``, the paper's, where not recorded)."""
+        return (self.training.get("data") or {}).get("groundtruth_metric", "points")
+
     def agent(self, device: torch.device | str = "cpu") -> Agent:
         """The agent of this bundle on ``device``."""
         return Agent(self.network, self.sdm, self.geometry.size, self.action_steps, device)
@@ -221,7 +226,9 @@ def _data_line(t: dict) -> str:
     text = ("PROMISE12: " if data.get("split") == PROJECT_SPLIT else "") + f"training subjects {', '.join(subjects)} {counted}"
     text += f", {chosen}" if chosen else ""
     text += f", from `{data['data']}`" if data.get("data") else ""
-    text += f" (ground truth `{data['groundtruth']}`)" if data.get("groundtruth") else ""
+    if data.get("groundtruth"):
+        metric = f", metric `{data['groundtruth_metric']}`" if data.get("groundtruth_metric") else ""
+        text += f" (ground truth `{data['groundtruth']}`{metric})"
     missing = [what for what, known in (("the data folder", data.get("data")), ("how the subjects were chosen", chosen))
                if not known]
     return text + "." + (f" Not recorded in this model: {' and '.join(missing)}." if missing else "")

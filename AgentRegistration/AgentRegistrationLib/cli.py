@@ -389,11 +389,14 @@ def cmd_evaluate(args) -> int:
     names = load_split(args.split)["validation"]
     subjects = {s.name: s for s in find_subjects(args.data, names)}
     pairs = evaluation.select_pairs(names, args.max_pairs, args.pairs, args.seed)
-    model, geometry, steps = evaluation.model_to_evaluate(args.model, args.dim, args.crop, methods, args.steps,
-                                                          model_geometry(args.dim, args.crop or "paper"))
+    model, bundle = evaluation.model_to_evaluate(args.model, args.dim, args.crop, methods)
+    geometry = bundle.geometry if bundle else model_geometry(args.dim, args.crop or "paper")
     methods = evaluation.parse_methods(args.methods, geometry)
+    steps = args.steps or (bundle.agent_settings().steps if bundle else 200)  # without ours / nfc: not used
+    gt_metric = args.gt_metric or (bundle.groundtruth_metric if bundle else "points")
     settings = evaluation.EvaluationSettings(steps=steps, seed=args.agent_seed, iterations=args.iterations,
-                                             gt_iterations=args.gt_iterations, batch_size=args.batch_size)
+                                             gt_iterations=args.gt_iterations, gt_metric=gt_metric,
+                                             batch_size=args.batch_size)
     device = resolve_device(args.device)
     _torch_threads(args.threads)
     bars: dict[str, Reporter] = {}
@@ -407,7 +410,7 @@ def cmd_evaluate(args) -> int:
 
     localiser = args.localiser
     if not localiser and model and geometry.localised:
-        if evaluation.has_localiser(model):
+        if "3" in bundle.localisers:  # the evaluation reads volumes
             localiser = model
         else:
             print(f"{model} has no organ localiser for volumes: the fixed crops are placed by the fixed labels (an "
@@ -685,6 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the agent's torch (default: torch's choice)")
     p.add_argument("--iterations", type=int, default=500, help="elastix iterations per resolution for e8/e16")
     p.add_argument("--gt-iterations", type=int, default=300, help="elastix iterations per resolution for gt")
+    p.add_argument("--gt-metric", choices=protocol.GT_METRICS,
+                   help="metric of the gt reference (default: that of the model's ground truth; points without a model)")
     common(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .bspline import dense_displacement
-from .bundle import load_bundle
+from .bundle import ModelBundle, load_bundle
 from .files import atomic_write
 from .geometry import ModelGeometry
 from .groundtruth import ordered_pairs, register_constrained
@@ -69,6 +69,7 @@ class EvaluationSettings:
     seed: int = 0  # agent seed
     iterations: int = 500  # elastix iterations per resolution for e8 / e16
     gt_iterations: int = 300  # for gt (as the training GT)
+    gt_metric: str = "points"  # for gt: the metric of the model's ground truth (GT_METRICS)
     batch_size: int = 16  # pairs per agent batch
 
 
@@ -181,13 +182,6 @@ def _localiser(path: str, dim: int):
     return load_localiser(path)
 
 
-def has_localiser(model: str | Path, dim: int = 3) -> bool:
-    """Whether the model bundle ``model`` holds an organ localiser for ``dim``-D images (the evaluation reads
-    volumes)."""
-    payload = torch.load(model, map_location="cpu", weights_only=True)
-    return str(dim) in payload.get("localisers", {})
-
-
 def localiser_hash(path: str | None, dim: int) -> str:
     """What identifies the localiser that placed the fixed crops of ``dim``-D images (``""`` for none)."""
     if not path:
@@ -278,7 +272,7 @@ def run_elastix_method(method: str, pair: dict, geometry: ModelGeometry, setting
     start = time.perf_counter()
     if method == "gt":
         coefficients = register_constrained(pair["fixed"], pair["moving"], pair["fixed_label"], pair["moving_label"],
-                                            geometry, iterations=settings.gt_iterations)
+                                            geometry, iterations=settings.gt_iterations, metric=settings.gt_metric)
         grid = geometry.control_grid()
     else:
         parameter_map = elastix.bspline_map(elastix_spacing(method, geometry), settings.iterations)
@@ -299,6 +293,8 @@ def method_signature(method: str, geometry: ModelGeometry, settings: EvaluationS
         sig.update(spacing=list(elastix_spacing(method, geometry)), iterations=settings.iterations)
     elif method == "gt":
         sig.update(iterations=settings.gt_iterations)
+        if settings.gt_metric != "points":  # results cached before the choice are the paper's metric's
+            sig.update(metric=settings.gt_metric)
     elif method in AGENT_METHODS:
         sig.update(model=model_hash, steps=settings.steps, seed=settings.seed)
     return json.loads(json.dumps(sig))
@@ -518,13 +514,12 @@ def run_agent_methods(todo: list[tuple[str, tuple[str, str]]], prepared_path: di
             progress("agent", done, len(todo))
 
 
-def model_to_evaluate(model: str | Path | None, dim: int, crop: str | None, methods: list[str], steps: int | None,
-                      geometry: ModelGeometry) -> tuple[Path | None, ModelGeometry, int]:
+def model_to_evaluate(model: str | Path | None, dim: int, crop: str | None, methods: list[str],
+                      ) -> tuple[Path | None, ModelBundle | None]:
     """The model of ours / nfc (``model``, default the shipped one of ``dim``; none when no method needs one and none
-    is given), checked against ``dim`` and ``crop``; the model geometry of every method (the model's, else
-    ``geometry``); and the agent steps (``steps``, default the model's)."""
+    is given) and its bundle, checked against ``dim`` and ``crop``."""
     if not (any(m in AGENT_METHODS for m in methods) or model):
-        return None, geometry, steps or 200  # steps: not used without ours / nfc
+        return None, None
     model = Path(model or shipped_model(dim))
     if not model.is_file():
         raise FileNotFoundError(f"model bundle not found: {model}. {how_to_get_a_model(dim)}")
@@ -535,7 +530,7 @@ def model_to_evaluate(model: str | Path | None, dim: int, crop: str | None, meth
     model_crop = "organ" if bundle.geometry.localised else "paper"
     if crop and crop != model_crop:
         raise ValueError(f"--crop {crop}: {model} was trained on {model_crop} crops; leave --crop out to use the model's")
-    return model, bundle.geometry, steps or bundle.agent_settings().steps
+    return model, bundle
 
 
 def report_notes(pairs: list[tuple[str, str]], names: list[str], split: str | Path, data: str | Path, dim: int,
@@ -567,8 +562,10 @@ def report_notes(pairs: list[tuple[str, str]], names: list[str], split: str | Pa
         f"- our / nfc: the agent, {settings.steps} steps, with / without fuzzy action control "
         + (f"(model `{shown(model)}`, device {device}); seconds = agent time of a batch of up to {settings.batch_size} pairs "
            "divided by its pairs." if model else "(not run)."),
-        f"- GT: the constrained elastix registration with both masks (MI + bending energy + surface points, "
-        f"{settings.gt_iterations} iterations): an upper bound, not a method.",
+        "- GT: the constrained elastix registration with both masks ("
+        + ("MI + bending energy + surface points" if settings.gt_metric == "points" else
+           "mean squares of the masks' signed distance maps + bending energy")
+        + f", the `{settings.gt_metric}` ground truth, {settings.gt_iterations} iterations): an upper bound, not a method.",
         "- Dice of the warped moving mask with the fixed mask and Hausdorff distance in model-grid voxels (not mm), "
         "both on the model grid; % folding = voxels with det J <= 0.",
         f"- Failed (pair, method): {len(failures)}" + (": " + "; ".join(

@@ -107,7 +107,8 @@ class TrainingSet:
     @classmethod
     def from_groundtruth(cls, gt_dir: Path) -> TrainingSet:
         _, results = load_groundtruth(gt_dir)
-        source = {"groundtruth": str(Path(gt_dir).resolve()), **GroundTruthSummary.load(gt_dir).source}
+        summary = GroundTruthSummary.load(gt_dir)
+        source = {"groundtruth": str(Path(gt_dir).resolve()), "groundtruth_metric": summary.metric, **summary.source}
         names = sorted({r.moving for r in results} | {r.fixed for r in results})
         images, labels = [], []
         for n in names:
