@@ -47,7 +47,7 @@ from .geometry import ModelGeometry
 from .groundtruth import ordered_pairs, register_constrained
 from .metrics import dice, jacobian_statistics, per_label, surface_distances
 from .paths import how_to_get_a_model, shipped_model, shown
-from .warp import warp
+from .warp import warp_label
 
 # SimpleITK and itk are imported where images are read or elastix runs, never at the top: scripts/gpu_session.py
 # evaluates already prepared pairs on a machine that has neither.
@@ -253,11 +253,6 @@ def bspline_field(coefficients: np.ndarray, grid, size: tuple[int, ...]) -> torc
     return dense_displacement(torch.as_tensor(coefficients, dtype=torch.float64)[None], grid, bases)[0]
 
 
-def warp_label_with(label: np.ndarray, displacement: torch.Tensor) -> np.ndarray:
-    """Warp a model-space label with a dense displacement ``(dim, *spatial)`` (nearest neighbour)."""
-    return warp(torch.as_tensor(label)[None, None], displacement[None].float(), mode="nearest")[0, 0].numpy()
-
-
 def elastix_spacing(method: str, geometry: ModelGeometry) -> tuple[float, ...]:
     """e16: the GT/SDM control grid (16x16 / 16x16x8 model voxels); e8: half of it."""
     return tuple(s / 2 if method == "e8" else s for s in geometry.control_spacing)
@@ -280,7 +275,7 @@ def run_elastix_method(method: str, pair: dict, geometry: ModelGeometry, setting
         coefficients, grid = elastix.bspline_coefficients(maps[-1])
     seconds = time.perf_counter() - start
     u = bspline_field(coefficients, grid, geometry.size)
-    return {**figures(warp_label_with(pair["moving_label"], u), pair["fixed_label"], u.numpy()), "seconds": seconds}
+    return {**figures(warp_label(pair["moving_label"], u), pair["fixed_label"], u.numpy()), "seconds": seconds}
 
 
 def method_signature(method: str, geometry: ModelGeometry, settings: EvaluationSettings, model_hash: str | None,
@@ -507,7 +502,7 @@ def run_agent_methods(todo: list[tuple[str, tuple[str, str]]], prepared_path: di
             seconds = (time.perf_counter() - t0) / len(batch)
             u = result.displacement.double().cpu()
             for i, ((m, f), pair) in enumerate(zip(batch, pairs, strict=True)):
-                figs = figures(warp_label_with(pair["moving_label"], u[i]), pair["fixed_label"], u[i].numpy())
+                figs = figures(warp_label(pair["moving_label"], u[i]), pair["fixed_label"], u[i].numpy())
                 store(m, f, method, {**figs, "seconds": seconds},
                       {"batch_size": len(batch), "device": str(device), "steps": int(result.steps_taken[i])})
             done += len(batch)

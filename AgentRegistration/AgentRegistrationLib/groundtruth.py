@@ -34,7 +34,7 @@ from .geometry import ModelGeometry
 from .metrics import dice, label_values, per_label
 from .paths import recorded_path
 from .protocol import GT_DICE_COLUMNS, GT_METRICS
-from .warp import warp
+from .warp import warp_label as warp_dense
 
 GT_WEIGHTS = {"similarity": 1.0, "bending": 3.0, "points": 0.2}
 """The paper's ground truth (``points``): Mattes MI of the images, bending energy, corresponding surface points."""
@@ -160,8 +160,7 @@ def register_constrained(fixed: np.ndarray, moving: np.ndarray, fixed_label: np.
 
 def warp_label(label: np.ndarray, coefficients: np.ndarray, grid: ControlGrid, bases: list[torch.Tensor]) -> np.ndarray:
     """Warp a model-space label with a coefficient vector (nearest neighbour)."""
-    u = dense_displacement(torch.as_tensor(coefficients, dtype=torch.float64)[None], grid, bases)
-    return warp(torch.as_tensor(label)[None, None], u.float(), mode="nearest")[0, 0].numpy()
+    return warp_dense(label, dense_displacement(torch.as_tensor(coefficients, dtype=torch.float64)[None], grid, bases)[0])
 
 
 def _pair_job(args) -> PairResult:

@@ -7,6 +7,7 @@ the resampling convention of ITK. Outside the image, values are taken from the b
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +50,11 @@ def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear"
         src = src.expand(grid.shape[0], *src.shape[1:])
     out = F.grid_sample(src, grid, mode=mode, padding_mode="border", align_corners=True)
     return out.to(image.dtype) if not image.is_floating_point() else out
+
+
+def warp_label(label: np.ndarray, displacement: torch.Tensor) -> np.ndarray:
+    """A model-space label array warped by a dense displacement ``(dim, *spatial)`` (nearest neighbour)."""
+    return warp(torch.as_tensor(label)[None, None], displacement[None].float(), mode="nearest")[0, 0].numpy()
 
 
 def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
