@@ -516,3 +516,30 @@ def test_near_ground_truth_states_lie_within_half_a_step_where_no_action_helps(t
     converge = config_by_name("converge")
     assert converge.target_units == "steps" and converge.near_gt_sampling > 0 and converge.stop_rule == 1
     assert config_by_name("paper").target_units == "paper" and config_by_name("paper").near_gt_sampling == 0.0
+
+
+def test_states_off_the_way_spread_wider_than_the_way_and_leave_converge_unchanged(tiny):
+    from AgentRegistrationLib.training import states_along_the_way
+
+    agent = _agent(tiny)
+    gen = _generator(tiny, agent, 5)
+    fixed, moving, theta_gt, _ = gen.sample(64)
+    start = agent.theta_start.expand(64, -1)
+    seed = gen.gen.get_state()
+    on_way, _ = states_along_the_way(agent, gen.gen, start, theta_gt, moving, 1.0)
+    gen.gen.set_state(seed)
+    unchanged, _ = states_along_the_way(agent, gen.gen, start, theta_gt, moving, 1.0, wander=0.0)
+    assert torch.equal(on_way, unchanged)  # no wandering: the same draws, so converge trains as before
+    theta, state = states_along_the_way(agent, gen.gen, start, theta_gt, moving, 0.0, wander=1.0, wander_steps=4.0)
+    assert torch.allclose(state, warp(moving, agent.displacement(theta)))
+
+    def off_the_line(t):  # distance from the line start -> GT, in action steps
+        way, rel = (theta_gt - start) / agent.action_steps, (t - start) / agent.action_steps
+        along = (rel * way).sum(1, keepdim=True) / (way * way).sum(1, keepdim=True)
+        return (rel - along * way).norm(dim=1)
+
+    assert off_the_line(theta).median() > 1.5 * off_the_line(on_way).median()
+    recover, converge = config_by_name("recover"), config_by_name("converge")
+    assert recover.wander_sampling > 0 and converge.wander_sampling == 0
+    assert dataclasses.replace(recover, name="converge", wander_sampling=0.0) == converge
+

@@ -557,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model bundle to write (.pt)")
     p.add_argument("--config", default=protocol.DEFAULT_TRAINING_CONFIGURATION,
                    help="training configuration by name: converge (the default and the shipped models'; stop rule "
-                        "on), compact (no stop rule) or paper (the paper's network; no stop rule)")
+                        "on), recover (converge, plus training states off the way to the answer), compact (no stop rule) or "
+                        "paper (the paper's network; no stop rule)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a configuration field (repeatable)")
     p.add_argument("--checkpoint", help="checkpoint file (default: OUT with .checkpoint.pt); an existing one is resumed")
     p.add_argument("--data", help="data folder or CSV, for validation on real pairs (with --split)")

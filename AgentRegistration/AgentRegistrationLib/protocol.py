@@ -257,7 +257,7 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
 
 
 # ====================================================================================== training output folder
-TRAINING_CONFIGURATIONS = ("compact", "paper", "converge")
+TRAINING_CONFIGURATIONS = ("compact", "paper", "converge", "recover")
 """Training configurations by name (``agentreg train --config``); a test keeps them equal to ``training.CONFIGS``."""
 DEFAULT_TRAINING_CONFIGURATION = "converge"
 """The configuration ``agentreg train`` and the training module use unless told otherwise (the shipped models')."""

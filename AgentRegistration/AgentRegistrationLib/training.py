@@ -51,6 +51,8 @@ class TrainingConfig:
     step_fraction: float = 0.25  # action step of mode m = step_fraction * mean |theta_m| of the real pairs
     state_sampling: float = 0.0  # fraction of a batch in states along the way to theta_gt (0: all at the start)
     near_gt_sampling: float = 0.0  # fraction of a batch in states within half a step of theta_gt in every mode
+    wander_sampling: float = 0.0  # fraction of a batch in states off the way, where a drifting agent goes
+    wander_steps: float = 4.0  # the most noise of a state off the way, in action steps per mode
     target_units: str = "paper"  # Eq. 1 as written ("paper") or per mode in units of its action step ("steps")
     stop_rule: int = 0  # 1: the bundle's agent stops a pair when no action is predicted to help (steps = a cap)
     validate_every: int = 1000
@@ -84,6 +86,10 @@ CONFIGS = {
     # compact, plus what teaches convergence: targets per mode in step units, states near the GT, a stop rule
     "converge": TrainingConfig(name="converge", architecture="compact", state_sampling=0.4, near_gt_sampling=0.25,
                                target_units="steps", stop_rule=1),
+    # converge, plus states off the way to the GT, from which the targets teach the way back (the agents of
+    # converge drift away from the answer on pairs they were trained on, into states they never saw)
+    "recover": TrainingConfig(name="recover", architecture="compact", state_sampling=0.4, near_gt_sampling=0.25,
+                              wander_sampling=0.3, target_units="steps", stop_rule=1),
 }
 
 
@@ -274,9 +280,10 @@ class _TrainingRun:
         with torch.no_grad():
             fixed, moving, theta_gt, _ = self.generator.sample(batch)
             theta = agent.theta_start.expand(batch, -1)
-            if config.state_sampling > 0 or config.near_gt_sampling > 0:
+            if config.state_sampling > 0 or config.near_gt_sampling > 0 or config.wander_sampling > 0:
                 theta, moving = states_along_the_way(agent, self.generator.gen, theta, theta_gt, moving,
-                                                     config.state_sampling, config.near_gt_sampling)
+                                                     config.state_sampling, config.near_gt_sampling,
+                                                     config.wander_sampling, config.wander_steps)
             target = self.targets(theta_gt, theta)
         prediction = self.model(fixed, moving)
         loss = ((prediction - target) ** 2).sum(dim=1).mean()
@@ -349,11 +356,14 @@ class _TrainingRun:
 
 
 def states_along_the_way(agent: Agent, gen: torch.Generator, theta_start: torch.Tensor, theta_gt: torch.Tensor,
-                         moving: torch.Tensor, fraction: float, near_gt: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                         moving: torch.Tensor, fraction: float, near_gt: float = 0.0, wander: float = 0.0,
+                         wander_steps: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Training states other than the start: a ``fraction`` of the pairs in a random state between the start
-    and the GT (plus about one action step of noise per mode), as the agent meets them after some steps, and
-    a ``near_gt`` fraction (drawn independently, taking precedence) within half an action step of the GT in
-    every mode, where no action brings the parameters closer: the state the agent should recognise as the
+    and the GT (plus about one action step of noise per mode), as the agent meets them after some steps; a
+    ``wander`` fraction (drawn independently, taking precedence) off the way, with noise of a random scale up to
+    ``wander_steps`` action steps per mode, where an agent that has made wrong moves finds itself; and a
+    ``near_gt`` fraction (drawn independently, taking precedence over both) within half an action step of the
+    GT in every mode, where no action brings the parameters closer: the state the agent should recognise as the
     answer. The state's moving image is the moving image warped by that state's deformation, and Eq. 1 is
     taken from that state."""
     batch = theta_gt.shape[0]
@@ -362,6 +372,13 @@ def states_along_the_way(agent: Agent, gen: torch.Generator, theta_start: torch.
     lam = torch.rand(batch, 1, generator=gen, device=device)
     noise = torch.randn(theta_gt.shape, generator=gen, device=device) * agent.action_steps
     theta = theta_start + on_path * (lam * (theta_gt - theta_start) + noise)
+    if wander > 0:  # no draws without it: the other configurations' training is unchanged
+        off = torch.rand(batch, 1, generator=gen, device=device) < wander
+        scale = torch.rand(batch, 1, generator=gen, device=device) * wander_steps
+        lam = torch.rand(batch, 1, generator=gen, device=device)
+        away = theta_start + lam * (theta_gt - theta_start) + scale * torch.randn(
+            theta_gt.shape, generator=gen, device=device) * agent.action_steps
+        theta = torch.where(off, away, theta)
     if near_gt > 0:
         near = torch.rand(batch, 1, generator=gen, device=device) < near_gt
         offset = (torch.rand(theta_gt.shape, generator=gen, device=device) - 0.5) * agent.action_steps
