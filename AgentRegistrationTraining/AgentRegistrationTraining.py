@@ -36,7 +36,6 @@ if not (MODULE_DIR / "AgentRegistrationLib").is_dir() and str(_SOURCE_ENGINE_DIR
 from AgentRegistrationGUILib import slicer_setup  # noqa: E402
 from AgentRegistrationLib import mrml, protocol  # noqa: E402
 
-STAGES = ("groundtruth", "sdm", "train")
 CONFIGURATIONS = list(protocol.TRAINING_CONFIGURATIONS)
 DIMENSIONS = {"3-D": 3, "2-D": 2}
 GEOMETRY_DEFAULT = "as the geometry"  # the ground-truth metric of the chosen geometry (protocol.default_gt_metric)
@@ -169,7 +168,7 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
             if message.get("stage") == protocol.STAGE_LOG:
                 logging.info(message.get("message", ""))
                 continue
-            self.ui.stageLabel.text = f"{pipeline.stage_number}/{len(STAGES)}: {STAGES[pipeline.stage_number - 1]}"
+            self.ui.stageLabel.text = pipeline.stage_text()
             fraction = protocol.progress_fraction(message)
             if fraction is not None:
                 self.ui.progressBar.value = int(100 * fraction)
@@ -228,7 +227,7 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
                       configuration: str = protocol.DEFAULT_TRAINING_CONFIGURATION, device: str = "Auto", resume: bool = True,
                       dim: int = 3, maxMinutes: float | None = None, geometry: str = "auto",
                       geometryOverrides: dict | None = None, metric: str | None = None) -> protocol.WorkerJob:
-        """Check inputs and start ground truth -> SDM -> training.
+        """Check inputs and start ground truth -> SDM -> organ localiser (crops on the organ) -> training.
 
         ``geometry``, ``geometryOverrides`` and the ground-truth ``metric``: the model geometry and what drives the
         ground truth (:func:`protocol.training_commands`).

@@ -173,6 +173,44 @@ def test_short_real_training_returns_a_finite_localisation(grid128):
     assert localiser.config.spread_scale != (1.0, 1.0, 1.0)  # calibrated on the training images
 
 
+def test_agentreg_localiser_trains_on_the_organ_slices_of_the_named_subjects(grid128, tmp_path, capsys):
+    from AgentRegistrationLib.cli import main
+    from AgentRegistrationLib.localiser import organ_slices
+
+    out = tmp_path / "localiser.pt"
+    argv = ["localiser", str(grid128), "--dim", "2", "--subjects", "case00,case04", "--iterations", "4", "--out", str(out)]
+    assert main(argv) == 0
+    assert "agentreg train --localiser" in capsys.readouterr().err
+    localiser = load_localiser(out)
+    assert localiser.config.dim == 2 and localiser.config.spread_scale != (1.0, 1.0)  # calibrated
+    record = torch.load(out, weights_only=True)["training"]
+    assert record["subjects"] == ["case00", "case04"] and record["iterations"] == 4
+    label = sitk.ReadImage(str(grid128 / "case00_label.nii.gz"))
+    slices = organ_slices(sitk.ReadImage(str(grid128 / "case00_image.nii.gz")), label)
+    centre = int(round(float(np.argwhere(sitk.GetArrayFromImage(label) > 0)[:, 0].mean())))
+    assert 1 <= len(slices) <= 5 and all(s[1].GetDimension() == 2 for s in slices)
+    assert any(np.array_equal(sitk.GetArrayFromImage(s[1]), sitk.GetArrayFromImage(label)[centre]) for s in slices)
+
+
+def test_agentreg_localiser_names_a_subject_it_cannot_learn_from(grid128, tmp_path, capsys):
+    from AgentRegistrationLib.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    image = sitk.ReadImage(str(grid128 / "case00_image.nii.gz"))
+    sitk.WriteImage(image, str(data / "a_image.nii.gz"))
+    sitk.WriteImage(sitk.ReadImage(str(grid128 / "case00_label.nii.gz")), str(data / "a_label.nii.gz"))
+    empty = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(image)
+    sitk.WriteImage(empty, str(data / "b_image.nii.gz"))
+    sitk.WriteImage(empty, str(data / "b_label.nii.gz"))
+    out = tmp_path / "localiser.pt"
+    assert main(["localiser", str(data), "--out", str(out), "--iterations", "2"]) == 1
+    assert "the label of b is empty" in capsys.readouterr().err and not out.exists()
+    assert main(["localiser", str(data), "--subjects", "a", "--out", str(out), "--minutes", "0"]) == 1
+    assert "--minutes and --iterations must be positive" in capsys.readouterr().err and not out.exists()
+
+
 def _model_voxel_error(loc, true, dim):
     model_size = np.array({2: (100, 100), 3: (75, 75, 20)}[dim])
     return np.linalg.norm((loc.centre - true.centre) / (np.array(BOX_SPREADS[dim]) * true.spread / (model_size - 1)))

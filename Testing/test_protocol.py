@@ -107,7 +107,7 @@ def test_training_commands_parse_with_the_engine_parser(tmp_path):
     files = protocol.TrainingFiles(tmp_path, "mine")
     commands = protocol.training_commands("python", tmp_path / "data", files, dim=2, configuration="paper",
                                           max_minutes=5, stage_options={"train": {"set": ["iterations=10", "seed=1"]}})
-    gt, sdm, train = (cli.build_parser().parse_args(c[3:]) for c in commands)
+    gt, sdm, _, train = (cli.build_parser().parse_args(c[3:]) for c in commands)
     assert (gt.command, gt.dim, gt.out) == ("groundtruth", 2, str(files.groundtruth))
     assert (sdm.modes, sdm.out) == (protocol.PAPER_MODES[2], str(files.sdm))
     assert (train.config, train.out, train.checkpoint, train.max_minutes) == ("paper", str(files.bundle),
@@ -231,6 +231,7 @@ def training_run(grid128, tmp_path_factory):
     commands = protocol.training_commands(
         sys.executable, data, files, dim=2, device="CPU", modes=2,
         stage_options={"groundtruth": {"iterations": 20, "resolutions": 1, "max_pairs": 4, "workers": 1},
+                       "localiser": {"iterations": 20, "threads": 1},
                        "train": {"set": ["iterations=10", "batch_size=4", "validate_every=1000"], "step_pairs": 2}})
     files.checkpoint.parent.mkdir(parents=True)
     job = protocol.WorkerJob(commands, env=protocol.worker_environment(protocol.engine_dir(TRAINING_MODULE_FILE)))
@@ -242,7 +243,8 @@ def training_run(grid128, tmp_path_factory):
 def test_every_progress_line_of_the_training_stages_renders(training_run):
     messages = [m for m in training_run["messages"] if m["stage"] != protocol.STAGE_LOG]
     stages = [m["stage"] for m in messages]
-    assert {"preprocess", "groundtruth", "train"} <= set(stages) and stages.count(protocol.STAGE_DONE) == 3
+    assert {"preprocess", "groundtruth", "localiser", "train"} <= set(stages) and stages.count(protocol.STAGE_DONE) == 4
+    assert training_run["job"].stage_text() == "4/4: train"
     for message in messages:
         text = protocol.progress_text(message)
         assert text and not text.startswith("Error")
@@ -263,6 +265,9 @@ def test_training_outputs_are_read_with_the_protocol_columns(training_run):
     loss = protocol.read_training_loss(files.loss)
     assert loss["iteration"][-1] == 10.0
     assert files.sdm.is_file() and files.bundle.is_file()
+    from AgentRegistrationLib.bundle import load_bundle
+
+    assert set(load_bundle(files.bundle).localisers) == {"2"}  # the localiser stage's file, put into the model
 
 
 # -- installing the dependencies (real pip, offline) -----------------------------------------------------------

@@ -444,14 +444,19 @@ def test_training_module_commands_parse_with_the_real_cli(tmp_path):
 
     files = protocol.TrainingFiles(tmp_path, "my-model")
     commands = protocol.training_commands("python", tmp_path / "data", files, dim=2, configuration="paper", device="CPU")
-    assert [c[:4] for c in commands] == [["python", "-m", "AgentRegistrationLib.cli", s] for s in ("groundtruth", "sdm", "train")]
-    gt, sdm, training = (cli.build_parser().parse_args(c[3:]) for c in commands)
+    stages = ("groundtruth", "sdm", "localiser", "train")  # the default geometry crops on the organ: a localiser
+    assert [c[:4] for c in commands] == [["python", "-m", "AgentRegistrationLib.cli", s] for s in stages]
+    gt, sdm, localiser, training = (cli.build_parser().parse_args(c[3:]) for c in commands)
     assert (gt.data, gt.out, gt.dim, gt.progress_json) == (str(tmp_path / "data"), str(files.groundtruth), 2, True)
     assert (sdm.groundtruth, sdm.modes, sdm.out) == (str(files.groundtruth), 15, str(files.sdm))
+    assert (localiser.data, localiser.out, localiser.dim) == (str(tmp_path / "data"), str(files.localiser), 2)
     assert (training.groundtruth, training.sdm, training.out, training.checkpoint, training.config, training.device) == (
         str(files.groundtruth), str(files.sdm), str(files.bundle), str(files.checkpoint), "paper", "cpu")
-    assert training.max_minutes is None
-    limited = protocol.training_commands("python", tmp_path / "data", files, dim=2, max_minutes=1.5)[2]
+    assert training.localiser == [str(files.localiser)] and training.max_minutes is None
+    paper = protocol.training_commands("python", tmp_path / "data", files, dim=2, geometry="paper")
+    assert [c[3] for c in paper] == ["groundtruth", "sdm", "train"]  # the paper's crops need no localiser
+    assert cli.build_parser().parse_args(paper[-1][3:]).localiser is None
+    limited = protocol.training_commands("python", tmp_path / "data", files, dim=2, max_minutes=1.5)[-1]
     assert cli.build_parser().parse_args(limited[3:]).max_minutes == 1.5
     assert files.gt_dice.name == "gt_dice.csv" and files.loss == files.checkpoint.with_name("loss.csv")
 

@@ -37,8 +37,10 @@ from AgentRegistrationLib.localiser import (
     OrganLocaliser,
     TrainingLog,
     calibrate_spread,
+    centroid_slice,
     load_localiser,
     localise,
+    organ_slices,
     save_localiser,
     train_localiser,
 )
@@ -55,23 +57,6 @@ def load_subject(folder: Path, name: str) -> tuple[sitk.Image, sitk.Image] | Non
     return sitk.ReadImage(str(image), sitk.sitkFloat32), sitk.ReadImage(str(label), sitk.sitkUInt8)
 
 
-def centroid_slice(label: sitk.Image) -> int:
-    mask = sitk.GetArrayViewFromImage(label) > 0
-    return int(round(float(np.argwhere(mask)[:, 0].mean())))
-
-
-def training_slices(image: sitk.Image, label: sitk.Image) -> list[tuple[sitk.Image, sitk.Image]]:
-    """The axial slice through the prostate centroid and neighbours (within 2) with at least half its area."""
-    mask = sitk.GetArrayViewFromImage(label) > 0
-    z0 = centroid_slice(label)
-    area0 = mask[z0].sum()
-    out = []
-    for z in range(max(0, z0 - 2), min(mask.shape[0], z0 + 3)):
-        if mask[z].sum() >= 0.5 * area0 and mask[z].any():
-            out.append((image[:, :, z], label[:, :, z]))
-    return out
-
-
 def subjects_of(folder: Path, names: list[str], dim: int, training: bool) -> list[tuple[str, sitk.Image, sitk.Image]]:
     out = []
     for name in names:
@@ -82,7 +67,7 @@ def subjects_of(folder: Path, names: list[str], dim: int, training: bool) -> lis
         if dim == 3:
             out.append((name, image, label))
         elif training:
-            out.extend((name, im, lab) for im, lab in training_slices(image, label))
+            out.extend((name, im, lab) for im, lab in organ_slices(image, label))
         else:
             z = centroid_slice(label)
             out.append((name, image[:, :, z], label[:, :, z]))

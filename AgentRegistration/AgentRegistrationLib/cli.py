@@ -172,6 +172,47 @@ def cmd_sdm(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- localiser
+def cmd_localiser(args) -> int:
+    """Train the organ localiser that places the fixed crop of a model that crops on the organ."""
+    from .dataset import find_subjects
+    from .image_io import label_voxels, read_image, read_label
+    from .localiser import LocaliserConfig, TrainingLog, organ_slices, save_localiser, train_localiser
+
+    if args.minutes <= 0 or args.iterations <= 0:
+        raise ValueError(f"--minutes and --iterations must be positive, not {args.minutes:g} and {args.iterations}")
+    subjects = find_subjects(args.data, _subject_names(args))
+    images, labels = [], []
+    for s in subjects:
+        image, label = read_image(s.image, f"image of {s.name}"), read_label(s.label, f"label of {s.name}")
+        if not label_voxels(label):
+            raise ValueError(f"the label of {s.name} is empty: fix it or leave the subject out (--subjects or another "
+                             "--split)")
+        if image.GetDimension() < args.dim:
+            raise ValueError(f"{s.name} is a {image.GetDimension()}-D image: a {args.dim}-D localiser needs "
+                             f"{args.dim}-D images (use --dim {image.GetDimension()})")
+        cases = organ_slices(image, label) if image.GetDimension() > args.dim else [(image, label)]
+        images += [c[0] for c in cases]
+        labels += [c[1] for c in cases]
+    if args.threads:
+        _torch_threads(args.threads)
+    rep = Reporter("localiser", args.iterations, args.progress_json)
+    log = TrainingLog()
+    localiser = train_localiser(images, labels, LocaliserConfig.default(args.dim), iterations=args.iterations,
+                                time_limit=60.0 * args.minutes, seed=args.seed, log=log,
+                                progress=lambda it, loss, seconds: rep.update(it, loss=loss))
+    rep.close()
+    record = {"subjects": [s.name for s in subjects], "data": recorded_path(args.data), "iterations": log.iterations,
+              "seconds": round(log.seconds, 1), "seed": args.seed}
+    save_localiser(localiser, args.out, {"training": record})
+    print(f"organ localiser ({args.dim}-D) trained on {len(images)} {'slices' if args.dim == 2 else 'volumes'} of "
+          f"{len(subjects)} subjects: {log.iterations} batches in {log.seconds / 60:.1f} min; saved to {args.out}. "
+          f"Give it to 'agentreg train --localiser {args.out}'.", file=sys.stderr)
+    if args.progress_json:
+        print(json.dumps({"stage": "done", "localiser": str(args.out)}), flush=True)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------- train
 def cmd_train(args) -> int:
     from . import training
@@ -415,7 +456,7 @@ def cmd_evaluate(args) -> int:
         else:
             print(f"{model} has no organ localiser for volumes: the fixed crops are placed by the fixed labels (an "
                   "oracle start, noted in the report); to evaluate as a user meets it, train one with "
-                  "scripts/train_localiser.py and give it with --localiser (or to agentreg train --localiser)",
+                  "'agentreg localiser' and give it with --localiser (or to agentreg train --localiser)",
                   file=sys.stderr)
     start = time.perf_counter()
     results, failures = evaluation.evaluate(subjects, pairs, geometry, Path(args.out), methods, settings, model, device,
@@ -534,6 +575,25 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_groundtruth)
 
+    p = sub.add_parser(
+        "localiser", help="train the organ localiser of a model that crops on the organ",
+        description="Train the learned organ localiser (a small U-Net) on labelled images: it places the fixed crop "
+                    "of a model that crops on the organ, so that users need no label or point on the fixed image. "
+                    "A 2-D localiser trains on the axial slices through each volume's organ. Give the result to "
+                    "'agentreg train --localiser'.")
+    p.add_argument("data", help="folder of <name>_image/<name>_label files, or a CSV with columns image,label[,name]")
+    p.add_argument("--out", required=True, help="localiser file to write (.pt)")
+    p.add_argument("--dim", type=int, choices=(2, 3), default=3)
+    p.add_argument("--split", help="subject split JSON (its --subset subjects are used)")
+    p.add_argument("--subset", default="train", choices=("train", "validation"))
+    p.add_argument("--subjects", help="comma-separated subject names (instead of --split)")
+    p.add_argument("--minutes", type=float, default=8.0, help="time limit of the training (default 8)")
+    p.add_argument("--iterations", type=int, default=100_000, help="batches at most (default: the time limit ends it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    common(p)
+    p.set_defaults(func=cmd_localiser)
+
     p = sub.add_parser("sdm", help="fit the statistical deformation model (PCA) to GT deformations")
     p.add_argument("groundtruth", help="output folder of 'agentreg groundtruth'")
     p.add_argument("--modes", type=int, required=True, help="d: 15 in 2-D, 25 in 3-D in the paper")
@@ -571,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes (checkpointed; run again to go on)")
     p.add_argument("--localiser", action="append",
-                   help="organ localiser file (scripts/train_localiser.py) to put in the model, one per image dimension "
+                   help="organ localiser file (agentreg localiser) to put in the model, one per image dimension "
                         "(repeatable); for ground truth made with --crop organ, it places the fixed crop of a new image")
     common(p)
     p.set_defaults(func=cmd_train)
@@ -670,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model bundle for ours/nfc (default: Resources/Models/prostate-<dim>d.pt)")
     p.add_argument("--crop", choices=protocol.CROPS, help="crop boxes of the methods without a model (default: the model's; "
                                                  "without a model, the paper's)")
-    p.add_argument("--localiser", help="organ localiser (a file of scripts/train_localiser.py, or a model bundle) that "
+    p.add_argument("--localiser", help="organ localiser (a file of agentreg localiser, or a model bundle) that "
                                        "places the fixed crops with --crop organ (default: the model's; without one, "
                                        "the fixed label places them: an oracle start)")
     p.add_argument("--out", required=True, help="output folder (per pair and method cache; a rerun resumes)")

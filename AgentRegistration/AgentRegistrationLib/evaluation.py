@@ -176,7 +176,7 @@ def _localiser(path: str, dim: int):
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(payload, dict) and payload.get("format") is not None:  # a model bundle
         if str(dim) not in payload.get("localisers", {}):
-            raise ValueError(f"{path} has no organ localiser for {dim}-D images: train one (scripts/train_localiser.py) "
+            raise ValueError(f"{path} has no organ localiser for {dim}-D images: train one (agentreg localiser) "
                              "and add it to the model (agentreg train --localiser)")
         return localiser_from_payload(payload["localisers"][str(dim)])
     return load_localiser(path)
@@ -536,7 +536,7 @@ def report_notes(pairs: list[tuple[str, str]], names: list[str], split: str | Pa
     prealign_failed = sorted({(r["moving"], r["fixed"]) for r in results if r.get("prealignment", "ok") != "ok"})
     by_label = {(r["moving"], r["fixed"]) for r in results if "fixed label (oracle)" in str(r.get("prealignment", ""))}
     placed = ("by the fixed label (an oracle start: the model has no localiser for these images; train one with "
-              "scripts/train_localiser.py and give it to agentreg train --localiser)" if by_label
+              "'agentreg localiser' and give it to agentreg train --localiser)" if by_label
               else "by the model's localiser (no fixed label is used)")
     return [
         f"{len(pairs)} ordered pairs of the {len(names)} validation subjects of `{shown(split)}` ({data}), "

@@ -361,6 +361,22 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + (1 - dice).mean()
 
 
+def centroid_slice(label: sitk.Image) -> int:
+    """The axial slice (index along z) through the centroid of a 3-D label's organ."""
+    mask = sitk.GetArrayViewFromImage(label) > 0
+    return int(round(float(np.argwhere(mask)[:, 0].mean())))
+
+
+def organ_slices(image: sitk.Image, label: sitk.Image) -> list[tuple[sitk.Image, sitk.Image]]:
+    """The training slices of a 2-D localiser from a volume: the axial slice through the organ's centroid and its
+    neighbours (within 2) whose organ area is at least half the centroid slice's."""
+    mask = sitk.GetArrayViewFromImage(label) > 0
+    z0 = centroid_slice(label)
+    area0 = mask[z0].sum()
+    return [(image[:, :, z], label[:, :, z]) for z in range(max(0, z0 - 2), min(mask.shape[0], z0 + 3))
+            if mask[z].any() and mask[z].sum() >= 0.5 * area0]
+
+
 def train_localiser(
     images: Sequence[sitk.Image],
     labels: Sequence[sitk.Image],

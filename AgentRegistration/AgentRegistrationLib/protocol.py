@@ -65,6 +65,7 @@ STAGE_TITLES = {
     "preprocess": "Preparing the subjects",
     "groundtruth": "Ground-truth deformations",
     "sdm": "Statistical deformation model",
+    "localiser": "Training the organ localiser",
     "train": "Training",
     "elastix": "Elastix",
     "agent": "Agent",
@@ -333,6 +334,10 @@ class TrainingFiles:
         return Path(self.output_folder) / f"{self.model_name}{MODEL_SUFFIX}"
 
     @property
+    def localiser(self) -> Path:
+        return Path(self.output_folder) / "localiser.pt"
+
+    @property
     def checkpoint(self) -> Path:
         return Path(self.output_folder) / "checkpoints" / f"{self.model_name}.checkpoint.pt"
 
@@ -474,7 +479,9 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
                       geometry: str | None = None, geometry_overrides: dict[str, Any] | None = None,
                       metric: str | None = None,
                       stage_options: dict[str, dict[str, Any]] | None = None) -> list[list[str]]:
-    """Worker command lines of the three stages: ``agentreg groundtruth``, ``sdm`` and ``train``.
+    """Worker command lines of the stages: ``agentreg groundtruth``, ``sdm``, ``localiser`` (a model that crops on
+    the organ: the ``auto`` geometry) and ``train`` (given that localiser, so that its users need no point on the
+    fixed image).
 
     ``modes`` defaults to the paper's d (:data:`PAPER_MODES`). ``max_minutes`` stops the training stage
     after that long (it checkpoints; a rerun goes on). A rerun of the same commands resumes: the ground
@@ -486,9 +493,10 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
     geometry's default, :func:`default_gt_metric`).
     """
     extra = {stage: dict(options) for stage, options in (stage_options or {}).items()}
-    unknown = set(extra) - {"groundtruth", "sdm", "train"}
+    unknown = set(extra) - {"groundtruth", "sdm", "localiser", "train"}
     if unknown:
-        raise ValueError(f"stage_options names unknown stages {sorted(unknown)}; use groundtruth, sdm or train")
+        raise ValueError(f"stage_options names unknown stages {sorted(unknown)}; use groundtruth, sdm, localiser or "
+                         "train")
     if dim not in PAPER_MODES:
         raise ValueError(f"dimension must be 2 or 3, got {dim}")
     if configuration not in TRAINING_CONFIGURATIONS:
@@ -507,6 +515,9 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
                                                            "--" + k.replace("_", "-"),
                                                            (1, 2, 3) if k == "control_spacing_mm" else (2, 3)))
                  for k, v in overrides.items()}
+    on_the_organ = (geometry or DEFAULT_GEOMETRY) == "auto"  # the paper's geometry crops as the paper did
+    localiser = [cli_command(python, "localiser", {"out": files.localiser, "dim": dim, "split": split,
+                                                   **extra.get("localiser", {})}, positional=[data])]
     return [
         cli_command(python, "groundtruth", {"out": files.groundtruth, "dim": dim, "split": split,
                                             "geometry": geometry, "metric": metric, **overrides,
@@ -514,9 +525,11 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
                     positional=[data]),
         cli_command(python, "sdm", {"modes": modes, "out": files.sdm, **extra.get("sdm", {})},
                     positional=[files.groundtruth]),
+        *(localiser if on_the_organ else []),
         cli_command(python, "train", {"groundtruth": files.groundtruth, "sdm": files.sdm, "out": files.bundle,
                                       "config": configuration, "checkpoint": files.checkpoint,
                                       "device": engine_device, "max_minutes": max_minutes or None,
+                                      "localiser": files.localiser if on_the_organ else None,
                                       **extra.get("train", {})}),
     ]
 
@@ -771,6 +784,12 @@ class WorkerJob:
     def start(self) -> WorkerJob:
         self._start_next()
         return self
+
+    def stage_text(self) -> str:
+        """``"2/4: sdm"``: the number of the command running, of how many, and its engine subcommand."""
+        command = self.commands[max(self.stage_number, 1) - 1]
+        name = command[command.index("-m") + 2] if "-m" in command else Path(command[0]).name
+        return f"{self.stage_number}/{len(self.commands)}: {name}"
 
     def _start_next(self) -> None:
         self.worker = WorkerProcess(self.commands[self.stage_number], env=self.env)

@@ -481,7 +481,7 @@ def training_text(config: TrainingConfig, bundle: ModelBundle, out: str | Path) 
 def add_localisation(bundle: ModelBundle, out: Path, localisers: list[str] | None, data: str | None,
                      names: list[str]) -> str | None:
     """Give a model that crops on the organ what it needs to place the fixed crop: organ localisers (files of
-    scripts/train_localiser.py, one per image dimension) and the training subjects' median organ spread (for a
+    ``agentreg localiser``, one per image dimension) and the training subjects' median organ spread (for a
     point placed by hand); save it to ``out``. Returns a note for the user when it has no localiser."""
     # SimpleITK (the training labels are read again): only for models that crop on the organ
     from .dataset import find_subjects
