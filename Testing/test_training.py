@@ -214,6 +214,21 @@ def test_resumed_training_continues_where_it_stopped(tiny, tmp_path):
         torch.testing.assert_close(resumed.network.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_a_checkpoint_older_than_a_configuration_field_resumes_with_its_default(tiny, tmp_path):
+    checkpoint = tmp_path / "c.pt"
+    run = lambda config: train(config, tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "b.pt",  # noqa: E731
+                               torch.device("cpu"), checkpoint=checkpoint)
+    run(_config(iterations=4))
+    state = torch.load(checkpoint, weights_only=True)
+    for newer in ("wander_sampling", "wander_steps"):  # as a checkpoint made before these fields
+        del state["config"][newer]
+    torch.save(state, checkpoint)
+    run(_config(iterations=6))
+    assert torch.load(checkpoint, weights_only=True)["iteration"] == 6
+    with pytest.raises(ValueError, match="wander_sampling differ"):  # a real change is still refused
+        run(_config(iterations=8, wander_sampling=0.5))
+
+
 def test_time_limited_training_stops_saves_and_resumes(tiny, tmp_path):
     checkpoint = tmp_path / "c.pt"
     config = _config(iterations=100_000, checkpoint_every=100_000)

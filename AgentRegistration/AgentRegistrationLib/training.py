@@ -243,8 +243,9 @@ class _TrainingRun:
             return
         config, generator = self.config, self.generator
         state = torch.load(checkpoint, map_location=self.device, weights_only=True)
-        changed = sorted(k for k, v in dataclasses.asdict(config).items()
-                         if k != "iterations" and state["config"].get(k) != v)  # a resumed run may be made longer
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainingConfig)}  # fields newer than the checkpoint
+        changed = sorted(k for k, v in dataclasses.asdict(config).items()  # a resumed run may be made longer
+                         if k != "iterations" and state["config"].get(k, defaults[k]) != v)
         if changed:
             raise ValueError(f"checkpoint {checkpoint} was made with another training configuration ({', '.join(changed)} "
                              "differ); use the same configuration to resume, or another checkpoint path to start over")
