@@ -196,11 +196,14 @@ def cmd_localiser(args) -> int:
         labels += [c[1] for c in cases]
     if args.threads:
         _torch_threads(args.threads)
-    rep = Reporter("localiser", args.iterations, args.progress_json)
+    rep = Reporter("localiser", 100, args.progress_json)  # per cent of the iterations or of the time, what ends first
     log = TrainingLog()
+
+    def progress(iteration: int, loss: float, seconds: float) -> None:
+        rep.update(min(100, int(100 * max(iteration / args.iterations, seconds / (60.0 * args.minutes)))), loss=loss)
+
     localiser = train_localiser(images, labels, LocaliserConfig.default(args.dim), iterations=args.iterations,
-                                time_limit=60.0 * args.minutes, seed=args.seed, log=log,
-                                progress=lambda it, loss, seconds: rep.update(it, loss=loss))
+                                time_limit=60.0 * args.minutes, seed=args.seed, log=log, progress=progress)
     rep.close()
     record = {"subjects": [s.name for s in subjects], "data": recorded_path(args.data), "iterations": log.iterations,
               "seconds": round(log.seconds, 1), "seed": args.seed}
