@@ -520,6 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p):
         p.add_argument("--progress-json", action="store_true", help="one JSON progress line per step on stdout")
 
+    def subject_options(p):  # the labelled subjects a command learns from
+        p.add_argument("data", help="folder of <name>_image/<name>_label files, or a CSV with columns image,label[,name]")
+        p.add_argument("--dim", type=int, choices=(2, 3), default=3)
+        p.add_argument("--split", help="subject split JSON, whose --subset subjects are used (e.g. "
+                                       "Resources/promise12_split.json)")
+        p.add_argument("--subset", default="train", choices=("train", "validation"))
+        p.add_argument("--subjects", help="comma-separated subject names (instead of --split)")
+
     p = sub.add_parser(
         "groundtruth", help="constrained elastix GT deformations for every ordered pair",
         description="Constrained elastix ground-truth deformations for every ordered pair of the subjects. A pair "
@@ -528,12 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
                     f"when a few pairs failed), 1 when more than {100 * MAX_FAILED_FRACTION:.0f} % of the pairs "
                     "failed or some subject lost all its pairs (fix or leave out the named subjects and rerun the "
                     "same command: finished pairs are kept), or for an input to correct.")
-    p.add_argument("data", help="folder of <name>_image/<name>_label files, or a CSV with columns image,label[,name]")
+    subject_options(p)
     p.add_argument("--out", required=True, help="output folder (per-pair cache; a rerun resumes)")
-    p.add_argument("--dim", type=int, choices=(2, 3), default=3)
-    p.add_argument("--split", help="subject split JSON (e.g. Resources/promise12_split.json)")
-    p.add_argument("--subset", default="train", choices=("train", "validation"))
-    p.add_argument("--subjects", help="comma-separated subject names (instead of --split)")
     p.add_argument("--template", help="template subject (default: the first)")
     p.add_argument("--max-pairs", type=int, default=0, help="random subset of at most this many ordered pairs")
     p.add_argument("--seed", type=int, default=0, help="seed of the pair subset")
@@ -584,12 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "of a model that crops on the organ, so that users need no label or point on the fixed image. "
                     "A 2-D localiser trains on the axial slices through each volume's organ. Give the result to "
                     "'agentreg train --localiser'.")
-    p.add_argument("data", help="folder of <name>_image/<name>_label files, or a CSV with columns image,label[,name]")
+    subject_options(p)
     p.add_argument("--out", required=True, help="localiser file to write (.pt)")
-    p.add_argument("--dim", type=int, choices=(2, 3), default=3)
-    p.add_argument("--split", help="subject split JSON (its --subset subjects are used)")
-    p.add_argument("--subset", default="train", choices=("train", "validation"))
-    p.add_argument("--subjects", help="comma-separated subject names (instead of --split)")
     p.add_argument("--minutes", type=float, default=8.0, help="time limit of the training (default 8)")
     p.add_argument("--iterations", type=int, default=100_000, help="batches at most (default: the time limit ends it)")
     p.add_argument("--seed", type=int, default=0)
