@@ -38,8 +38,8 @@ from AgentRegistrationLib import mrml, protocol  # noqa: E402
 
 CONFIGURATIONS = list(protocol.TRAINING_CONFIGURATIONS)
 DIMENSIONS = {"3-D": 3, "2-D": 2}
-GEOMETRY_DEFAULT = "as the geometry"  # the ground-truth metric of the chosen geometry (protocol.default_gt_metric)
 """Model dimension choices: 3-D volumes, or 2-D (one axial slice of each volume)."""
+GEOMETRY_DEFAULT = "as the geometry"  # the ground-truth metric of the chosen geometry (protocol.default_gt_metric)
 
 
 JobState = protocol.JobState

@@ -84,6 +84,18 @@ def _subject_names(args) -> list[str] | None:
     return None
 
 
+def _labels_of(subjects) -> list:
+    """The subjects' label maps, read once; an error naming every subject whose label is empty."""
+    from .image_io import label_voxels, read_label
+
+    labels = [read_label(s.label, f"label of {s.name}") for s in subjects]
+    empty = [s.name for s, label in zip(subjects, labels, strict=True) if not label_voxels(label)]
+    if empty:
+        raise ValueError(f"the label of {', '.join(empty)} is empty: fix it or leave the subject out (--subjects or "
+                         "another --split)")
+    return labels
+
+
 def _numbers(kind: type, option: str, counts: tuple[int, ...] = (2, 3)):
     """An argparse type: :func:`protocol.parse_numbers` of ``kind``, naming ``option`` when wrong."""
 
@@ -104,15 +116,10 @@ def _listed(values) -> str:
 def cmd_groundtruth(args) -> int:
     from . import groundtruth
     from .dataset import find_subjects
-    from .image_io import label_voxels, read_label
     from .preprocessing import model_geometry, model_voxel_size
 
     subjects = find_subjects(args.data, _subject_names(args))
-    labels = [read_label(s.label, f"label of {s.name}") for s in subjects]  # read once: geometry, voxel size
-    empty = [s.name for s, label in zip(subjects, labels, strict=True) if not label_voxels(label)]
-    if empty:
-        raise ValueError(f"the label of {', '.join(empty)} is empty: fix it or leave the subject out (--subjects or "
-                         "another --split)")
+    labels = _labels_of(subjects)  # read once: geometry, voxel size
     geometry = model_geometry(args.dim, args.crop, args.geometry, labels, args.grid_size, args.control_spacing,
                               args.box_spreads, args.control_spacing_mm)
     voxel = model_voxel_size(geometry, labels)
@@ -176,18 +183,15 @@ def cmd_sdm(args) -> int:
 def cmd_localiser(args) -> int:
     """Train the organ localiser that places the fixed crop of a model that crops on the organ."""
     from .dataset import find_subjects
-    from .image_io import label_voxels, read_image, read_label
+    from .image_io import read_image
     from .localiser import LocaliserConfig, TrainingLog, organ_slices, save_localiser, train_localiser
 
     if args.minutes <= 0 or args.iterations <= 0:
         raise ValueError(f"--minutes and --iterations must be positive, not {args.minutes:g} and {args.iterations}")
     subjects = find_subjects(args.data, _subject_names(args))
     images, labels = [], []
-    for s in subjects:
-        image, label = read_image(s.image, f"image of {s.name}"), read_label(s.label, f"label of {s.name}")
-        if not label_voxels(label):
-            raise ValueError(f"the label of {s.name} is empty: fix it or leave the subject out (--subjects or another "
-                             "--split)")
+    for s, label in zip(subjects, _labels_of(subjects), strict=True):
+        image = read_image(s.image, f"image of {s.name}")
         if image.GetDimension() < args.dim:
             raise ValueError(f"{s.name} is a {image.GetDimension()}-D image: a {args.dim}-D localiser needs "
                              f"{args.dim}-D images (use --dim {image.GetDimension()})")
