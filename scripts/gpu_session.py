@@ -20,7 +20,18 @@ Stages, each logged; a failing stage is logged and the next one runs:
    (``evaluation.evaluate``), in a background process while the next model trains: paper and compact on the
    same pairs in the same run.
 
-``OUT`` receives ``log.txt``, ``session.json`` and one ``<run>.tar`` per training run (loss.csv, the model bundle
+Or, to train the shipped model's candidate configurations side by side on one ground truth (copied into an ignored
+folder of the repository, e.g. ``work/gpu_train``: its ``pairs``, ``subjects`` and ``summary.json``, and the SDM)::
+
+    python scripts/gpu_session.py configs --groundtruth work/gpu_train/gt --sdm work/gpu_train/sdm.npz \
+        --configs converge,recover --out "$OUT" --budget 520
+
+Each configuration trains from scratch in its own process to its planned number of batches (``--iterations``;
+``OUT/<config>-<batches>.pt``, its checkpoint), then on until the budget (a second checkpoint). Back here, ``agentreg
+train`` with the same ground truth, SDM and configuration, ``--checkpoint`` that file and ``--set iterations=<batches>``
+makes the model bundle without training further (its validation, steps and localiser as for any model).
+
+``OUT`` of ``run`` receives ``log.txt``, ``session.json`` and one ``<run>.tar`` per training run (loss.csv, the model bundle
 and checkpoint where they fit the 16 MB a file the machine gives back, the evaluation report, CSV and box plots).
 
 Back here, with the returned files unpacked into a folder (``results/gpu_session``: ``session.json`` and
@@ -296,6 +307,71 @@ def run(args) -> int:
     return 0
 
 
+def train_configs(args) -> int:
+    """``configs``: one process per configuration (``config``), side by side on the GPU, until the budget."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    session = Session(out, args.budget)
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        session.log("no CUDA GPU visible to torch: nothing to do here")
+        return 1
+    session.stage("environment", environment)
+    processes = {}
+    for name in args.configs.split(","):
+        command = [sys.executable, __file__, "config", "--config", name, "--groundtruth", args.groundtruth, "--sdm",
+                   args.sdm, "--iterations", str(args.iterations), "--long-iterations", str(args.long_iterations),
+                   "--seconds", f"{session.left() - 15.0:.0f}", "--threads", str(args.threads), "--work", args.work,
+                   "--out", str(out)]
+        processes[name] = subprocess.Popen(command, stdout=(out / f"{name}.log").open("w"), stderr=subprocess.STDOUT)
+        session.log(f"started {name}: {' '.join(command)}")
+    for name, process in processes.items():
+        try:
+            code = process.wait(timeout=max(session.left(), 1.0))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = "killed at the deadline"
+        session.doc["stages"][f"train {name}"] = {"exit": code}
+        session.log(f"{name}: exit {code}")
+    session.save()
+    session.log("session done")
+    return 0
+
+
+def train_config(args) -> None:
+    """``config`` (one process of ``configs``): ``--iterations`` batches, then on to ``--long-iterations`` or the
+    time limit; each stage's checkpoint copied to ``OUT/<config>-<batches>.pt``."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True
+    gt = Path(args.groundtruth)
+    geometry = GroundTruthSummary.load(gt).geometry
+    sdm = StatisticalDeformationModel.load(args.sdm)
+    training_set = TrainingSet.from_groundtruth(gt)
+    run_dir = Path(args.work) / args.config
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = run_dir / "checkpoint.pt"
+
+    def progress(i: int, n: int, info: dict) -> None:
+        if i % 1000 == 0:
+            print(f"[{time.perf_counter() - t0:6.1f} s] {args.config} {i}/{n} " + " ".join(
+                f"{k} {v:.4g}" for k, v in info.items()), flush=True)
+
+    for iterations in (args.iterations, args.long_iterations):
+        left = args.seconds - (time.perf_counter() - t0) - 10.0  # the last checkpoint's copy
+        if left < 20.0:
+            break
+        config = config_by_name(args.config).with_overrides([f"iterations={iterations}"])
+        bundle = train(config, training_set, sdm, geometry, run_dir / "model.pt", torch.device(DEVICE), checkpoint,
+                       validation=None, progress=progress, time_limit=left)
+        reached = int(bundle.training["iterations"])
+        shutil.copy(checkpoint, Path(args.out) / f"{args.config}-{reached}.pt")
+        print(f"[{time.perf_counter() - t0:6.1f} s] {args.config}: {reached} batches, checkpoint "
+              f"{args.config}-{reached}.pt; held-out best-action accuracy {bundle.training['held_out_accuracy']:.3f}",
+              flush=True)
+        if reached < iterations:
+            break
+
+
 # ----------------------------------------------------------------------------------------- report (here)
 def report(returned: Path, out: Path) -> None:
     """The paper's architecture against the compact one, trained and evaluated in the same session."""
@@ -356,6 +432,23 @@ def main(argv=None) -> int:
     a.add_argument("--bench-steps", type=int, default=200, help="benchmark: agent steps")
     a.add_argument("--elastix-reference", default=str(REPO / "results" / "benchmark_cpu.json"),
                    help="benchmark: --json of the CPU benchmark on the same prepared pairs")
+    a = sub.add_parser("configs", help="train configurations side by side on one ground truth (on the GPU machine)")
+    a.add_argument("--groundtruth", required=True, help="a ground-truth folder (pairs, subjects, summary.json)")
+    a.add_argument("--sdm", required=True)
+    a.add_argument("--configs", default="converge,recover", help="comma-separated training configurations")
+    a.add_argument("--iterations", type=int, default=20000, help="the planned batches: the first checkpoint")
+    a.add_argument("--long-iterations", type=int, default=200000, help="then on to these, or the budget")
+    a.add_argument("--out", required=True)
+    a.add_argument("--work", default="/tmp/gpu_configs")
+    a.add_argument("--budget", type=float, default=520.0, help="seconds for the whole session")
+    a.add_argument("--threads", type=int, default=4, help="CPU threads per process")
+    a.add_argument("--allow-cpu", action="store_true", help="rehearse on a machine without a GPU")
+    a = sub.add_parser("config", help="(internal) one process of configs")
+    for name in ("--config", "--groundtruth", "--sdm", "--out", "--work"):
+        a.add_argument(name, required=True)
+    for name in ("--iterations", "--long-iterations", "--threads"):
+        a.add_argument(name, type=int, required=True)
+    a.add_argument("--seconds", type=float, required=True)
     a = sub.add_parser("evaluate", help="(internal) evaluate one trained model")
     a.add_argument("--model", required=True)
     a.add_argument("--prepared", required=True)
@@ -371,6 +464,11 @@ def main(argv=None) -> int:
         return 0
     if args.command == "pack":
         pack(Path(args.into), Path(args.work))
+        return 0
+    if args.command == "configs":
+        return train_configs(args)
+    if args.command == "config":
+        train_config(args)
         return 0
     if args.command == "evaluate":
         evaluate_model(Path(args.model), Path(args.prepared), Path(args.out), args.title, args.max_pairs)
