@@ -30,6 +30,7 @@ Each configuration trains from scratch in its own process to its planned number 
 ``OUT/<config>-<batches>.pt``, its checkpoint), then on until the budget (a second checkpoint). Back here, ``agentreg
 train`` with the same ground truth, SDM and configuration, ``--checkpoint`` that file and ``--set iterations=<batches>``
 makes the model bundle without training further (its validation, steps and localiser as for any model).
+``--resume-from FOLDER`` goes on from ``FOLDER/<config>.pt`` (a checkpoint brought back from an earlier session).
 
 ``OUT`` of ``run`` receives ``log.txt``, ``session.json`` and one ``<run>.tar`` per training run (loss.csv, the model bundle
 and checkpoint where they fit the 16 MB a file the machine gives back, the evaluation report, CSV and box plots).
@@ -322,6 +323,8 @@ def train_configs(args) -> int:
                    args.sdm, "--iterations", str(args.iterations), "--long-iterations", str(args.long_iterations),
                    "--seconds", f"{session.left() - 15.0:.0f}", "--threads", str(args.threads), "--work", args.work,
                    "--out", str(out)]
+        if args.resume_from:
+            command += ["--resume-from", args.resume_from]
         processes[name] = subprocess.Popen(command, stdout=(out / f"{name}.log").open("w"), stderr=subprocess.STDOUT)
         session.log(f"started {name}: {' '.join(command)}")
     for name, process in processes.items():
@@ -350,6 +353,10 @@ def train_config(args) -> None:
     run_dir = Path(args.work) / args.config
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = run_dir / "checkpoint.pt"
+    start = 0
+    if args.resume_from:  # going on from an earlier session's checkpoint of this configuration
+        shutil.copy(Path(args.resume_from) / f"{args.config}.pt", checkpoint)
+        start = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["iteration"])
 
     def progress(i: int, n: int, info: dict) -> None:
         if i % 1000 == 0:
@@ -357,6 +364,8 @@ def train_config(args) -> None:
                 f"{k} {v:.4g}" for k, v in info.items()), flush=True)
 
     for iterations in (args.iterations, args.long_iterations):
+        if iterations <= start:
+            continue
         left = args.seconds - (time.perf_counter() - t0) - 10.0  # the last checkpoint's copy
         if left < 20.0:
             break
@@ -443,12 +452,14 @@ def main(argv=None) -> int:
     a.add_argument("--budget", type=float, default=520.0, help="seconds for the whole session")
     a.add_argument("--threads", type=int, default=4, help="CPU threads per process")
     a.add_argument("--allow-cpu", action="store_true", help="rehearse on a machine without a GPU")
+    a.add_argument("--resume-from", help="folder with <config>.pt checkpoints of an earlier session: go on from there")
     a = sub.add_parser("config", help="(internal) one process of configs")
     for name in ("--config", "--groundtruth", "--sdm", "--out", "--work"):
         a.add_argument(name, required=True)
     for name in ("--iterations", "--long-iterations", "--threads"):
         a.add_argument(name, type=int, required=True)
     a.add_argument("--seconds", type=float, required=True)
+    a.add_argument("--resume-from")
     a = sub.add_parser("evaluate", help="(internal) evaluate one trained model")
     a.add_argument("--model", required=True)
     a.add_argument("--prepared", required=True)
