@@ -139,11 +139,18 @@ def test_composed_inter_subject_gt_against_sequential_warps(tiny):
     assert composed.mean() > before.mean() + 0.1, figure
 
 
-def test_intra_pair_gt_reproduces_the_fixed_image(tiny):
+@pytest.mark.parametrize("new_subjects", [0.0, 1.0])
+def test_intra_pair_gt_reproduces_the_fixed_image(tiny, new_subjects):
     """Intra-subject pairs: the moving image warped by the displacement of theta_gt (what the agent applies at
-    theta_gt) reproduces the fixed image up to the negated-inverse approximation."""
+    theta_gt) reproduces the fixed image up to the negated-inverse approximation; also for pairs of virtual
+    subjects (mirrored and deformed), whose images are none of the training subjects'."""
     agent = _agent(tiny)
-    gen = _generator(tiny, agent, seed=4, intra_probability=1.0)
+    gen = _generator(tiny, agent, seed=4, intra_probability=1.0, new_subjects=new_subjects)
+    if new_subjects:
+        plain = _generator(tiny, agent, seed=4, intra_probability=1.0).sample(96)
+        virtual = gen.sample(96)
+        assert torch.equal(plain[2], virtual[2])  # the same pairs' parameters; other subjects' images
+        assert (plain[0] - virtual[0]).abs().mean() > 0.02
     fixed, moving, theta_gt, intra, fixed_label, moving_label = gen.sample(96, with_labels=True)
     assert bool(intra.all())
     u = agent.displacement(theta_gt)
@@ -227,6 +234,21 @@ def test_a_checkpoint_older_than_a_configuration_field_resumes_with_its_default(
     assert torch.load(checkpoint, weights_only=True)["iteration"] == 6
     with pytest.raises(ValueError, match="wander_sampling differ"):  # a real change is still refused
         run(_config(iterations=8, wander_sampling=0.5))
+
+
+def test_the_training_record_names_the_device_its_batches_ran_on(tiny, tmp_path):
+    checkpoint = tmp_path / "c.pt"
+    run = lambda iterations: train(_config(iterations=iterations), tiny.training_set, tiny.sdm,  # noqa: E731
+                                   tiny.geometry, tmp_path / "b.pt", torch.device("cpu"), checkpoint=checkpoint)
+    here = run(4).training["device"]
+    assert here.startswith("cpu (") and torch.load(checkpoint, weights_only=True)["device"] == here
+    state = torch.load(checkpoint, weights_only=True)
+    state["device"] = "cuda (NVIDIA H200)"  # as a checkpoint trained on a GPU machine and brought back
+    torch.save(state, checkpoint)
+    (tmp_path / "loss.csv").unlink()  # brought back without its loss.csv
+    assert run(4).training["device"] == "cuda (NVIDIA H200)"  # a bundle made from it, no batch more: the GPU's
+    assert (tmp_path / "loss.csv").read_text().count("\n") == 1 + len(state["history"])  # loss.csv written again
+    assert run(6).training["device"] == f"cuda (NVIDIA H200), then {here}"  # resumed here
 
 
 def test_time_limited_training_stops_saves_and_resumes(tiny, tmp_path):
@@ -563,3 +585,41 @@ def test_states_off_the_way_spread_wider_than_the_way_and_leave_converge_unchang
     assert recover.wander_sampling > 0 and converge.wander_sampling == 0
     assert dataclasses.replace(recover, name="converge", wander_sampling=0.0) == converge
 
+
+
+def test_intensity_augmentation_changes_contrast_not_geometry_and_is_off_by_default(tiny):
+    from AgentRegistrationLib.synthetic import augment_intensity
+
+    images = torch.as_tensor(tiny.training_set.images)[:, None].float()
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(augment_intensity(images, gen, 0.0), images)  # fraction 0: untouched
+    changed = augment_intensity(images, gen, 1.0)
+    assert changed.shape == images.shape and changed.min() >= 0 and changed.max() <= 1
+    assert all(not torch.equal(c, i) for c, i in zip(changed, images, strict=True))  # fraction 1: every image
+    for c, i in zip(changed, images, strict=True):  # the anatomy stays where it was: intensities still correlate
+        assert np.corrcoef(c.flatten().numpy(), i.flatten().numpy())[0, 1] > 0.8
+    again = augment_intensity(images, torch.Generator().manual_seed(0), 0.0)
+    assert torch.equal(again, images)
+    volumes = torch.rand(2, 1, 12, 10, 6, generator=torch.Generator().manual_seed(1))
+    assert augment_intensity(volumes, gen, 1.0).shape == volumes.shape  # 3-D
+    assert all(config_by_name(name).augment == 0 for name in ("paper", "compact", "converge", "recover"))
+
+
+def test_fine_tuning_starts_from_the_given_model_and_refuses_another_sdm(tiny, tmp_path):
+    start = train(_config(iterations=4), tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "start.pt",
+                  torch.device("cpu"))
+    # learning rate 0: the fine-tuned weights must be exactly those it started from (batch-norm statistics move on)
+    tuned = train(_config(iterations=2, learning_rate=0.0, augment=0.5), tiny.training_set, tiny.sdm, tiny.geometry,
+                  tmp_path / "tuned.pt", torch.device("cpu"), checkpoint=tmp_path / "c.pt", init=tmp_path / "start.pt")
+    tuned_weights = dict(tuned.network.named_parameters())
+    for name, value in start.network.named_parameters():
+        assert torch.equal(tuned_weights[name], value), name
+    record = load_bundle(tmp_path / "tuned.pt").training["initialised_from"]
+    assert record == {"model": str(tmp_path / "start.pt"), "iterations": 4, "config": "compact"}
+    resumed = train(_config(iterations=3, learning_rate=0.0, augment=0.5), tiny.training_set, tiny.sdm, tiny.geometry,
+                    tmp_path / "tuned.pt", torch.device("cpu"), checkpoint=tmp_path / "c.pt")
+    assert resumed.training["initialised_from"] == record  # kept in the checkpoint
+    fewer = StatisticalDeformationModel.fit(tiny.training_set.coefficients, tiny.sdm.num_modes - 1, tiny.sdm.grid)
+    with pytest.raises(ValueError, match="fine-tuning needs the same architecture"):
+        train(_config(iterations=1), tiny.training_set, fewer, tiny.geometry, tmp_path / "x.pt", torch.device("cpu"),
+              init=tmp_path / "start.pt")

@@ -7,6 +7,10 @@
 # $WORK/train<dim>d/checkpoint.pt when it exists. It never touches the shipped models in Resources/Models:
 # only with SHIP=1 are the three files copied there, replacing the shipped ones, e.g.
 #   SHIP=1 bash scripts/train_promise12.sh 3
+# The shipped 3-D model was trained on a GPU machine (scripts/gpu_session.py configs: --configs recover, 59,479
+# batches), its checkpoint brought back to $WORK/train3d/checkpoint.pt, and made into a bundle here, without
+# training further, by
+#   bash scripts/train_promise12.sh 3 --config recover --set iterations=59479 --localiser Resources/Models/localiser-3d.pt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIM=${1:?dimension 2 or 3}; shift

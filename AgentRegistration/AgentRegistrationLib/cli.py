@@ -231,6 +231,8 @@ def cmd_train(args) -> int:
         raise ValueError("--split needs --data: the data folder or CSV that holds the split's validation subjects")
     if args.step_pairs < 0:
         raise ValueError(f"--step-pairs must be 0 or more, not {args.step_pairs}")
+    if args.init and not Path(args.init).is_file():
+        raise ValueError(f"--init {args.init}: no such model file (give a model bundle made by agentreg train)")
     device = resolve_device(args.device)
     config = training.config_by_name(args.config).with_overrides(args.set or [])
     geometry, _ = load_groundtruth(Path(args.groundtruth))
@@ -246,7 +248,8 @@ def cmd_train(args) -> int:
     checkpoint = Path(args.checkpoint) if args.checkpoint else Path(args.out).with_suffix(".checkpoint.pt")
     bundle = training.train(config, training_set, sdm, geometry, Path(args.out), device, checkpoint, validation,
                             lambda i, n, info: rep.update(i, **info),
-                            time_limit=None if args.max_minutes is None else 60.0 * args.max_minutes)
+                            time_limit=None if args.max_minutes is None else 60.0 * args.max_minutes,
+                            init=Path(args.init) if args.init else None)
     rep.close()
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes)
         return 0
@@ -637,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes (checkpointed; run again to go on)")
+    p.add_argument("--init", metavar="MODEL.pt",
+                   help="fine-tune: start from this model's network (same architecture, model grid and SDM) instead of "
+                        "random weights; a checkpoint to resume takes precedence")
     p.add_argument("--localiser", action="append",
                    help="organ localiser file (agentreg localiser) to put in the model, one per image dimension "
                         "(repeatable); for ground truth made with --crop organ, it places the fixed crop of a new image")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .sdm import StatisticalDeformationModel
 from .warp import warp
@@ -48,7 +49,10 @@ class SyntheticPairGenerator:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, real_pairs: list[tuple[int, int]],
                  real_theta: np.ndarray, sdm: StatisticalDeformationModel, mode_fields: torch.Tensor,
                  theta_start: torch.Tensor, intra_probability: float = 0.5, draw_scale: float = 1.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, new_subjects: float = 0.0):
+        """``new_subjects``: the fraction of intra-subject pairs made from a new, virtual subject (the subject's
+        image mirrored left-right at random and deformed by a random SDM draw) instead of the subject itself:
+        more subjects than the training set holds, with the same exact ground truth."""
         self.device = images.device
         self.images = images  # (S, 1, *spatial)
         self.labels = labels
@@ -60,6 +64,7 @@ class SyntheticPairGenerator:
         self.low = torch.as_tensor(sdm.theta_min - sdm.mu, dtype=torch.float32, device=self.device)
         self.high = torch.as_tensor(sdm.theta_max - sdm.mu, dtype=torch.float32, device=self.device)
         self.intra_probability = intra_probability
+        self.new_subjects = new_subjects
         self.gen = generator or torch.Generator(device=self.device).manual_seed(0)
 
     def draw(self, batch: int) -> torch.Tensor:
@@ -81,11 +86,51 @@ class SyntheticPairGenerator:
         base = torch.where(intra[:, None], self.theta_start.expand(batch, -1), self.real_theta[pick])
         tb, tc = self.draw(batch), self.draw(batch)
         moving_field, fixed_field = self.field(tb), self.field(tc)
-        moving = warp(self.images[moving_idx], moving_field)
-        fixed = warp(self.images[fixed_idx], fixed_field)
+        moving_image, fixed_image = self.images[moving_idx], self.images[fixed_idx]
+        moving_label, fixed_label = (self.labels[moving_idx], self.labels[fixed_idx]) if with_labels else (None, None)
+        if self.new_subjects > 0:  # no draws otherwise: the other configurations draw as before
+            virtual = (intra & (torch.rand(batch, generator=self.gen, device=self.device) < self.new_subjects))
+            mirror = torch.rand(batch, generator=self.gen, device=self.device) < 0.5
+            shape_field = self.field(self.draw(batch))
+
+            def new_subject(fixed_x: torch.Tensor, moving_x: torch.Tensor, mode: str):
+                """The virtual subject (from the pair's subject: fixed and moving are the same in intra pairs)
+                where ``virtual``, the pair's own images elsewhere."""
+                rows = (-1,) + (1,) * (fixed_x.ndim - 1)
+                made = warp(torch.where(mirror.view(rows), fixed_x.flip(-1), fixed_x), shape_field, mode=mode)
+                made = made.to(fixed_x.dtype)
+                return torch.where(virtual.view(rows), made, fixed_x), torch.where(virtual.view(rows), made, moving_x)
+
+            fixed_image, moving_image = new_subject(fixed_image, moving_image, "bilinear")
+            if with_labels:
+                fixed_label, moving_label = new_subject(fixed_label, moving_label, "nearest")
+        moving = warp(moving_image, moving_field)
+        fixed = warp(fixed_image, fixed_field)
         theta_gt = base + tc - tb
         if not with_labels:
             return fixed, moving, theta_gt, intra
-        fixed_label = warp(self.labels[fixed_idx], fixed_field, mode="nearest")
-        moving_label = warp(self.labels[moving_idx], moving_field, mode="nearest")
+        fixed_label = warp(fixed_label, fixed_field, mode="nearest")
+        moving_label = warp(moving_label, moving_field, mode="nearest")
         return fixed, moving, theta_gt, intra, fixed_label, moving_label
+
+
+def augment_intensity(images: torch.Tensor, gen: torch.Generator, fraction: float) -> torch.Tensor:
+    """Random intensity changes, as between scanners and sites, to a ``fraction`` of ``images`` ``(B, 1, *spatial)``
+    (intensities 0..1), each image drawn independently: a gamma (exp of U(-0.4, 0.4)), contrast x U(0.8, 1.2) and
+    brightness + U(-0.1, 0.1), a smooth multiplicative bias field (a random 3-per-axis grid within +-15 %,
+    interpolated) and Gaussian noise (sd up to 0.03); clipped to 0..1. The geometry is left alone, so Eq. 1's
+    targets stay exact."""
+    b, dim, device = images.shape[0], images.ndim - 2, images.device
+    shape = (b,) + (1,) * (dim + 1)
+
+    def uniform(low: float, high: float, *size: int) -> torch.Tensor:
+        return low + (high - low) * torch.rand(*(size or (b,)), generator=gen, device=device)
+
+    chosen = (uniform(0, 1) < fraction).view(shape)
+    gamma, contrast, brightness = uniform(-0.4, 0.4).exp(), uniform(0.8, 1.2), uniform(-0.1, 0.1)
+    coarse = uniform(0.85, 1.15, b, 1, *[3] * dim)
+    bias = F.interpolate(coarse, size=images.shape[2:], mode="bilinear" if dim == 2 else "trilinear",
+                         align_corners=True)
+    noise = torch.randn(images.shape, generator=gen, device=device) * uniform(0, 0.03).view(shape)
+    changed = images.clamp(0, 1) ** gamma.view(shape) * contrast.view(shape) * bias + brightness.view(shape) + noise
+    return torch.where(chosen, changed.clamp(0, 1), images)

@@ -33,7 +33,7 @@ from .network import DualStreamQNetwork, NetworkConfig
 from .protocol import LOSS_COLUMNS
 from .sdm import StatisticalDeformationModel
 from .sdm_fitting import load_groundtruth
-from .synthetic import SyntheticPairGenerator, q_targets
+from .synthetic import SyntheticPairGenerator, augment_intensity, q_targets
 from .warp import warp
 
 
@@ -54,6 +54,8 @@ class TrainingConfig:
     wander_sampling: float = 0.0  # fraction of a batch in states off the way, where a drifting agent goes
     wander_steps: float = 4.0  # the most noise of a state off the way, in action steps per mode
     target_units: str = "paper"  # Eq. 1 as written ("paper") or per mode in units of its action step ("steps")
+    augment: float = 0.0  # fraction of training images given random intensity changes (synthetic.augment_intensity)
+    new_subjects: float = 0.0  # fraction of intra-subject pairs made from a virtual subject (SyntheticPairGenerator)
     stop_rule: int = 0  # 1: the bundle's agent stops a pair when no action is predicted to help (steps = a cap)
     validate_every: int = 1000
     validation_pairs: int = 8
@@ -165,8 +167,10 @@ def train(
     validation: list[ValidationPair] | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
     time_limit: float | None = None,
+    init: Path | None = None,
 ) -> ModelBundle:
-    """Train (or resume from ``checkpoint``) and save the model bundle ``out_bundle``.
+    """Train (or resume from ``checkpoint``) and save the model bundle ``out_bundle``; a new run starts from the
+    network of the model bundle ``init`` when given (fine-tuning), else from random weights.
 
     With ``time_limit`` (seconds of this call), training stops after the iteration that passes it,
     checkpoints, and saves the bundle of that iteration; the checkpoint resumes it later.
@@ -182,6 +186,8 @@ def train(
         raise ValueError(f"training images are {training_set.images.shape[1:]} but the model grid is {geometry.array_shape}")
     run = _TrainingRun(config, training_set, sdm, geometry, device, rank, world)
     run.resume(checkpoint)
+    if init is not None and run.start == 0:
+        run.initialise(Path(init))
     run.loop(checkpoint, validation, progress, time_limit)
     bundle = run.bundle()
     if validation and rank == 0:
@@ -213,7 +219,7 @@ class _TrainingRun:
         self.generator = SyntheticPairGenerator(
             images, labels, training_set.pairs, real_theta, sdm, agent.mode_fields, agent.theta_start,
             config.intra_probability, config.draw_scale,
-            torch.Generator(device=device).manual_seed(config.seed * 1000 + rank))
+            torch.Generator(device=device).manual_seed(config.seed * 1000 + rank), config.new_subjects)
         held_out = SyntheticPairGenerator(
             images, labels, training_set.pairs, real_theta, sdm, agent.mode_fields, agent.theta_start,
             config.intra_probability, config.draw_scale, torch.Generator(device=device).manual_seed(987654))
@@ -231,6 +237,8 @@ class _TrainingRun:
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_decay_every,
                                                          gamma=config.lr_decay)
         self.start, self.history, self.seconds, self.last = 0, [], 0.0, config.iterations
+        self.trained_on: str | None = None  # where the batches ran ("..., then ..." when resumed elsewhere)
+        self.initialised_from: dict | None = None  # the model a fine-tuning run started from
 
     def targets(self, theta_gt: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """Eq. 1 of the state ``theta`` towards ``theta_gt``, in the configuration's units."""
@@ -258,6 +266,24 @@ class _TrainingRun:
             generator.gen.manual_seed(config.seed * 1000 + self.rank + int(state["iteration"]))
         self.start, self.history = int(state["iteration"]), [list(h) for h in state["history"]]
         self.seconds = float(state["seconds"])
+        self.trained_on = state.get("device")  # absent from checkpoints older than this record
+        self.initialised_from = state.get("initialised_from")
+
+    def initialise(self, init: Path) -> None:
+        """Start from the network of the model bundle ``init``: the same architecture, model grid and SDM."""
+        from .bundle import load_bundle
+
+        bundle = load_bundle(init)
+        if bundle.network.config != self.net_config:
+            raise ValueError(f"--init {init}: its network ({bundle.network.config}) is not this training's "
+                             f"({self.net_config}); fine-tuning needs the same architecture, model grid and number "
+                             "of SDM modes")
+        if bundle.sdm.modes.shape != self.sdm.modes.shape or not np.allclose(bundle.sdm.modes, self.sdm.modes):
+            raise ValueError(f"--init {init}: that model was trained on another SDM; give its SDM (--sdm) to "
+                             "fine-tune it")
+        self.network.load_state_dict(bundle.network.state_dict())
+        self.initialised_from = {"model": str(init), "iterations": bundle.training.get("iterations"),
+                                 "config": bundle.training.get("config", {}).get("name")}
 
     def save_checkpoint(self, checkpoint: Path | None, iteration: int) -> None:
         """The checkpoint (model, optimiser, scheduler, generator, history) and ``loss.csv`` beside it; rank 0."""
@@ -266,10 +292,16 @@ class _TrainingRun:
         state = {"config": dataclasses.asdict(self.config), "model": self.network.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "generator": self.generator.gen.get_state(), "iteration": iteration, "history": self.history,
-                 "seconds": self.seconds}
+                 "seconds": self.seconds, "device": self.trained_on, "initialised_from": self.initialised_from}
         buffer = io.BytesIO()
         torch.save(state, buffer)
         atomic_write(checkpoint, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+        self.save_loss(checkpoint)
+
+    def save_loss(self, checkpoint: Path | None) -> None:
+        """The history as ``loss.csv`` beside the checkpoint; rank 0."""
+        if checkpoint is None or self.rank != 0:
+            return
         width = len(LOSS_COLUMNS)  # rows of a run resumed from an older checkpoint lack the last columns
         lines = [",".join(LOSS_COLUMNS)] + [",".join(f"{v:.6g}" for v in [*h, *[math.nan] * (width - len(h))])
                                              for h in self.history]
@@ -286,6 +318,9 @@ class _TrainingRun:
                                                      config.state_sampling, config.near_gt_sampling,
                                                      config.wander_sampling, config.wander_steps)
             target = self.targets(theta_gt, theta)
+            if config.augment > 0:  # after the states: their moving images are warped from the plain image
+                fixed = augment_intensity(fixed, self.generator.gen, config.augment)
+                moving = augment_intensity(moving, self.generator.gen, config.augment)
         prediction = self.model(fixed, moving)
         loss = ((prediction - target) ** 2).sum(dim=1).mean()
         self.optimizer.zero_grad(set_to_none=True)
@@ -322,6 +357,13 @@ class _TrainingRun:
         t0 = time.perf_counter()
         running = []
         deadline = None if time_limit is None else time.perf_counter() + time_limit
+        if self.start >= config.iterations:  # the bundle of a finished checkpoint (one brought from a GPU machine)
+            self.save_loss(checkpoint)
+        else:
+            here = self.device_text()
+            if self.trained_on and not self.trained_on.endswith(here):
+                here = f"{self.trained_on}, then {here}"
+            self.trained_on = here
         for iteration in range(self.start + 1, config.iterations + 1):
             running.append(self.step(batch))
             log_now = iteration % 50 == 0 or iteration == config.iterations
@@ -338,6 +380,9 @@ class _TrainingRun:
                 break
         self.seconds += time.perf_counter() - t0
 
+    def device_text(self) -> str:
+        return _device_name(self.device) + (f" x{self.world}" if self.world > 1 else "")
+
     def bundle(self) -> ModelBundle:
         """The model bundle of the run (its network on the CPU), with the training record; no validation yet."""
         config, history = self.config, self.history
@@ -346,12 +391,13 @@ class _TrainingRun:
             agent_defaults={**model_defaults(), "stop_when_no_action_helps": bool(config.stop_rule)},
             training={"config": dataclasses.asdict(config), "iterations": max(self.last, self.start),
                       "seconds": self.seconds,
-                      "device": _device_name(self.device) + (f" x{self.world}" if self.world > 1 else ""),
+                      "device": self.trained_on or self.device_text(),
                       "subjects": self.training_set.names, "data": dict(self.training_set.source),
                       "real_pairs": len(self.training_set.pairs), "final_loss": history[-1][1] if history else None,
                       "held_out_accuracy": history[-1][2] if history else None,
                       "held_out_near_gt_accuracy": history[-1][4] if history and len(history[-1]) > 4 else None,
-                      "chance_accuracy": 1.0 / self.net_config.num_actions},
+                      "chance_accuracy": 1.0 / self.net_config.num_actions,
+                      **({"initialised_from": self.initialised_from} if self.initialised_from else {})},
             validation={},
         )
 
