@@ -30,7 +30,8 @@ Each configuration trains from scratch in its own process to its planned number 
 ``OUT/<config>-<batches>.pt``, its checkpoint), then on until the budget (a second checkpoint). Back here, ``agentreg
 train`` with the same ground truth, SDM and configuration, ``--checkpoint`` that file and ``--set iterations=<batches>``
 makes the model bundle without training further (its validation, steps and localiser as for any model).
-``--resume-from FOLDER`` goes on from ``FOLDER/<config>.pt`` (a checkpoint brought back from an earlier session).
+``--resume-from FOLDER`` goes on from ``FOLDER/<config>.pt`` (a checkpoint brought back from an earlier session);
+``--set key=value`` changes a field of every configuration (e.g. ``augment=0.5``; give ``agentreg train`` the same).
 
 ``OUT`` of ``run`` receives ``log.txt``, ``session.json`` and one ``<run>.tar`` per training run (loss.csv, the model bundle
 and checkpoint where they fit the 16 MB a file the machine gives back, the evaluation report, CSV and box plots).
@@ -325,6 +326,8 @@ def train_configs(args) -> int:
                    "--out", str(out)]
         if args.resume_from:
             command += ["--resume-from", args.resume_from]
+        for change in args.set or []:
+            command += ["--set", change]
         processes[name] = subprocess.Popen(command, stdout=(out / f"{name}.log").open("w"), stderr=subprocess.STDOUT)
         session.log(f"started {name}: {' '.join(command)}")
     for name, process in processes.items():
@@ -369,7 +372,7 @@ def train_config(args) -> None:
         left = args.seconds - (time.perf_counter() - t0) - 10.0  # the last checkpoint's copy
         if left < 20.0:
             break
-        config = config_by_name(args.config).with_overrides([f"iterations={iterations}"])
+        config = config_by_name(args.config).with_overrides([*(args.set or []), f"iterations={iterations}"])
         bundle = train(config, training_set, sdm, geometry, run_dir / "model.pt", torch.device(DEVICE), checkpoint,
                        validation=None, progress=progress, time_limit=left)
         reached = int(bundle.training["iterations"])
@@ -453,6 +456,8 @@ def main(argv=None) -> int:
     a.add_argument("--threads", type=int, default=4, help="CPU threads per process")
     a.add_argument("--allow-cpu", action="store_true", help="rehearse on a machine without a GPU")
     a.add_argument("--resume-from", help="folder with <config>.pt checkpoints of an earlier session: go on from there")
+    a.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="change a field of every configuration (repeatable; give the same to agentreg train here)")
     a = sub.add_parser("config", help="(internal) one process of configs")
     for name in ("--config", "--groundtruth", "--sdm", "--out", "--work"):
         a.add_argument(name, required=True)
@@ -460,6 +465,7 @@ def main(argv=None) -> int:
         a.add_argument(name, type=int, required=True)
     a.add_argument("--seconds", type=float, required=True)
     a.add_argument("--resume-from")
+    a.add_argument("--set", action="append")
     a = sub.add_parser("evaluate", help="(internal) evaluate one trained model")
     a.add_argument("--model", required=True)
     a.add_argument("--prepared", required=True)
