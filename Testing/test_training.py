@@ -616,6 +616,9 @@ def test_fine_tuning_starts_from_the_given_model_and_refuses_another_sdm(tiny, t
         assert torch.equal(tuned_weights[name], value), name
     record = load_bundle(tmp_path / "tuned.pt").training["initialised_from"]
     assert record == {"model": str(tmp_path / "start.pt"), "iterations": 4, "config": "compact"}
+    from AgentRegistrationLib.bundle import model_card
+
+    assert "fine-tuning `start.pt` (compact, 4 batches)" in model_card(load_bundle(tmp_path / "tuned.pt"), "tuned")
     resumed = train(_config(iterations=3, learning_rate=0.0, augment=0.5), tiny.training_set, tiny.sdm, tiny.geometry,
                     tmp_path / "tuned.pt", torch.device("cpu"), checkpoint=tmp_path / "c.pt")
     assert resumed.training["initialised_from"] == record  # kept in the checkpoint

@@ -267,7 +267,9 @@ def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -
            "translation pre-alignment.") + f" Model {bundle.geometry.description()}.",
         f"- **Data**: {_data_line(t)}",
         f"- **Training configuration** `{config.get('name', '?')}`: " + ", ".join(f"{k}={val}" for k, val in config.items()),
-        f"- **Training**: {t.get('iterations', '?')} batches in {t.get('seconds', 0) / 60:.1f} min on {t.get('device', '?')}; "
+        f"- **Training**: {t.get('iterations', '?')} batches in {t.get('seconds', 0) / 60:.1f} min on {t.get('device', '?')}"
+        + (f", fine-tuning `{Path(t['initialised_from']['model']).name}` ({t['initialised_from'].get('config')}, "
+           f"{t['initialised_from'].get('iterations')} batches)" if t.get("initialised_from") else "") + "; "
         f"final loss {t.get('final_loss', float('nan')):.4g}; best-action accuracy on held-out synthetic pairs "
         f"{t.get('held_out_accuracy', float('nan')):.2f} (chance {t.get('chance_accuracy', float('nan')):.3f})"
         + (f"; right stop decision at held-out states within half a step of the answer "

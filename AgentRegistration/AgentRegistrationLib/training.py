@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .agent import STOP_MARGINS, Agent, AgentSettings, choose_stop_margin, dice_batch, model_defaults
-from .bundle import ModelBundle, bundle_from_payload, device_name
+from .bundle import ModelBundle, bundle_from_payload, device_name, load_bundle
 from .files import atomic_write
 from .geometry import ModelGeometry
 from .groundtruth import GroundTruthSummary
@@ -271,8 +271,6 @@ class _TrainingRun:
 
     def initialise(self, init: Path) -> None:
         """Start from the network of the model bundle ``init``: the same architecture, model grid and SDM."""
-        from .bundle import load_bundle
-
         bundle = load_bundle(init)
         if bundle.network.config != self.net_config:
             raise ValueError(f"--init {init}: its network ({bundle.network.config}) is not this training's "
@@ -517,7 +515,8 @@ def training_text(config: TrainingConfig, bundle: ModelBundle, out: str | Path) 
     t = bundle.training
     steps = bundle.agent_defaults["steps"]
     return (f"trained {config.name} ({config.architecture}) for {t['iterations']} batches in {t['seconds'] / 60:.1f} min "
-            f"on {t['device']}; final loss {t['final_loss']:.4g}, held-out best-action accuracy "
+            f"on {t['device']}" + (f", fine-tuning {t['initialised_from']['model']}" if t.get("initialised_from") else "")
+            + f"; final loss {t['final_loss']:.4g}, held-out best-action accuracy "
             f"{t['held_out_accuracy']:.2f} (chance {t['chance_accuracy']:.3f}); {validation_text(bundle.validation)}; "
             f"default {steps} agent steps"
             + (f" (best on {t['step_choice']['pairs']} training pairs)" if "step_choice" in t else "")
