@@ -170,6 +170,12 @@ def test_split_without_data_is_refused(own_data, tmp_path, capsys):
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_fine_tuning_a_missing_model_is_refused_before_any_work(own_data, tmp_path, capsys):
+    code, _, err = _run(capsys, *_train(own_data, tmp_path / "x.pt", "--init", tmp_path / "none.pt"))
+    assert code == 1 and f"--init {tmp_path / 'none.pt'}: no such model file" in err
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "x.checkpoint.pt").exists()
+
+
 def test_train_help_documents_the_default_steps_and_stop_rule():
     parser = cli.build_parser()
     assert parser.parse_args(["train", "--groundtruth", "g", "--sdm", "s", "--out", "o"]).config == "converge"
