@@ -187,9 +187,10 @@ def test_train_help_documents_the_default_steps_and_stop_rule():
 
 
 @pytest.mark.parametrize("dim", [2, 3])
-def test_the_shipped_models_cards_still_name_promise12_and_its_split(dim, capsys):
-    """The shipped bundles predate the data record: their training subjects, exactly the project split's, make their
-    card name PROMISE12 and the split, as the committed card does. Another set of subjects is not claimed to be."""
+def test_the_shipped_models_cards_name_promise12_and_its_split(dim, capsys):
+    """The shipped 2-D bundle predates the data record: its training subjects, exactly the project split's, make its
+    card name PROMISE12 and the split, as the committed card does; another set of subjects is not claimed to be.
+    The 3-D bundle records its data (folder, split, ground truth), and its card says so."""
     from AgentRegistrationLib.bundle import model_card
 
     repo = repo_file()
@@ -198,10 +199,16 @@ def test_the_shipped_models_cards_still_name_promise12_and_its_split(dim, capsys
     assert code == 0
     data_line = next(line for line in card.splitlines() if line.startswith("- **Data**"))
     committed = (repo / "Resources" / "Models" / f"prostate-{dim}d.md").read_text().splitlines()
-    assert data_line in committed
-    assert data_line.startswith("- **Data**: PROMISE12 (shared `grid128`), training subjects case00, case03")
-    assert data_line.endswith("split `Resources/promise12_split.json`.") and "prostate T2w MR" in card
+    assert data_line in committed and "prostate T2w MR" in card
     bundle = load_bundle(model)
+    if dim == 3:
+        assert data_line.startswith("- **Data**: PROMISE12: training subjects case00, case03")
+        assert "(31 subjects, 300 real GT pairs), the 'train' subjects of the split `Resources/promise12_split.json`" \
+            in data_line and "metric `distance`" in data_line
+        assert bundle.training["data"]["split"] == "Resources/promise12_split.json"
+        return
+    assert data_line.startswith("- **Data**: PROMISE12 (shared `grid128`), training subjects case00, case03")
+    assert data_line.endswith("split `Resources/promise12_split.json`.")
     assert "data" not in bundle.training
     bundle.training["subjects"] = bundle.training["subjects"][:5]
     other = model_card(bundle, "other")

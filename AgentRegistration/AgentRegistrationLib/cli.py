@@ -508,7 +508,7 @@ def add_agent_options(p: argparse.ArgumentParser) -> None:
     """The agent's settings, the same for ``register`` and ``register-many``."""
     p.add_argument("--steps", type=int,
                    help="agent steps (MDP steps); default and 0: the model's own, chosen on its training pairs "
-                        "(66 for prostate-2d, 44 for prostate-3d; 'agentreg info MODEL' shows it); the paper used 200")
+                        "(66 for prostate-2d, 122 for prostate-3d; 'agentreg info MODEL' shows it); the paper used 200")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the agent's random choices (exploration and fuzzy action control); the same seed "
                         "gives the same result")
