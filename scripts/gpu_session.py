@@ -200,6 +200,12 @@ def benchmark(inputs: Path, out: Path, args) -> dict:
     return json.loads((out / "benchmark_gpu.json").read_text())
 
 
+def training_inputs(gt: Path, sdm_file: Path) -> tuple:
+    """``(geometry, sdm, training_set)`` of a ground-truth folder and its SDM, as ``agentreg train`` reads them."""
+    return (GroundTruthSummary.load(gt).geometry, StatisticalDeformationModel.load(sdm_file),
+            TrainingSet.from_groundtruth(gt))
+
+
 def train_run(inputs: Path, work: Path, name: str, dim: int, config_name: str, seconds: float,
               resume_from: Path | None = None) -> dict:
     """Train one model for ``seconds`` on the GPU (going on from ``resume_from/<name>/checkpoint.pt`` when
@@ -208,10 +214,7 @@ def train_run(inputs: Path, work: Path, name: str, dim: int, config_name: str, s
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_from is not None:
         shutil.copy(resume_from / name / "checkpoint.pt", run_dir / "checkpoint.pt")
-    gt = inputs / f"gt{dim}d"
-    geometry = GroundTruthSummary.load(gt).geometry
-    sdm = StatisticalDeformationModel.load(inputs / f"sdm{dim}d.npz")
-    training_set = TrainingSet.from_groundtruth(gt)
+    geometry, sdm, training_set = training_inputs(inputs / f"gt{dim}d", inputs / f"sdm{dim}d.npz")
     checkpoint = run_dir / "checkpoint.pt"
     # the time limit ends the run; one checkpoint, at the end (the 3-D paper network's is ~300 MB)
     config = config_by_name(config_name).with_overrides(["iterations=1000000", "checkpoint_every=1000000"])
@@ -349,10 +352,7 @@ def train_config(args) -> None:
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
-    gt = Path(args.groundtruth)
-    geometry = GroundTruthSummary.load(gt).geometry
-    sdm = StatisticalDeformationModel.load(args.sdm)
-    training_set = TrainingSet.from_groundtruth(gt)
+    geometry, sdm, training_set = training_inputs(Path(args.groundtruth), Path(args.sdm))
     run_dir = Path(args.work) / args.config
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = run_dir / "checkpoint.pt"

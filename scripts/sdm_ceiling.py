@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 from AgentRegistrationLib.bundle import load_bundle
-from AgentRegistrationLib.evaluation import bspline_field, figures, prepared_pairs
+from AgentRegistrationLib.evaluation import bspline_field, figures, file_hash, pair_dir, prepared_pairs
+from AgentRegistrationLib.training import TrainingConfig, action_steps_for
 from AgentRegistrationLib.warp import warp_label
 
 
@@ -58,6 +59,11 @@ def dice_of(coefficients: np.ndarray, pair: dict, geometry) -> float:
     return figures(warp_label(pair["moving_label"], u), pair["fixed_label"], None)["dice"]
 
 
+def lattice_steps(theta: np.ndarray, start: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """The whole action steps per mode from ``start`` nearest to ``theta``."""
+    return np.round((theta - start) / steps)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--evaluation", required=True, help="output folder of agentreg evaluate (its prepared pairs)")
@@ -77,24 +83,25 @@ def main(argv=None) -> int:
     found = prepared_pairs(args.evaluation, geometry, args.max_pairs)
     if not found:
         raise SystemExit(f"no prepared pairs for {args.model}'s geometry in {args.evaluation}: run agentreg evaluate first")
-    jobs = [(Path(args.evaluation) / "pairs" / f"{m}__to__{f}" / f"gt_{metric}_{args.iterations}x{args.resolutions}.npy",
-             pair, geometry, metric, args.iterations, args.resolutions) for (m, f), pair in found]
+    cache = f"gt_{metric}_{args.iterations}x{args.resolutions}.npy"
+    jobs = [(pair_dir(Path(args.evaluation), m, f) / cache, pair, geometry, metric, args.iterations, args.resolutions)
+            for (m, f), pair in found]
     with ProcessPoolExecutor(args.workers) as pool:
         coefficients = list(pool.map(groundtruth_coefficients, jobs))
 
-    start = sdm.theta_identity
+    start, model_hash = sdm.theta_identity, file_hash(args.model)
     rows = []
     for ((moving, fixed), pair), c in zip(found, coefficients, strict=True):
         theta = sdm.project(c)
-        lattice = start + np.round((theta - start) / steps) * steps
-        ours_file = Path(args.evaluation) / "pairs" / f"{moving}__to__{fixed}" / "ours.json"
+        whole = lattice_steps(theta, start, steps)
+        ours_file = pair_dir(Path(args.evaluation), moving, fixed) / "ours.json"
         ours = json.loads(ours_file.read_text()) if ours_file.is_file() else {}
-        ours_ok = ours.get("signature", {}).get("model") == bundle_hash(args.model)
+        ours_ok = ours.get("signature", {}).get("model") == model_hash
         rows.append({"pair": f"{moving} -> {fixed}", "crops": dice_of(np.zeros_like(c), pair, geometry),
                      "GT": dice_of(c, pair, geometry), "SDM": dice_of(sdm.deformation(theta), pair, geometry),
-                     "lattice": dice_of(sdm.deformation(lattice), pair, geometry),
+                     "lattice": dice_of(sdm.deformation(start + whole * steps), pair, geometry),
                      "ours": ours.get("dice", float("nan")) if ours_ok else float("nan"),
-                     "actions": float(np.abs(np.round((theta - start) / steps)).sum())})
+                     "actions": float(np.abs(whole).sum())})
 
     columns = ["crops", "GT", "SDM", "lattice", "ours"]
     median = {k: float(np.nanmedian([r[k] for r in rows])) for k in columns + ["actions"]}
@@ -142,20 +149,14 @@ def modes_table(args, bundle, found: list, coefficients: list[np.ndarray], crops
              "(median) | share left out | actions to the answer (median) |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for k in (int(v) for v in args.modes.split(",")):
         sdm = StatisticalDeformationModel.fit(training, k, geometry.control_grid())
-        steps = sdm.mean_abs * bundle.training["config"]["step_fraction"]
+        steps = action_steps_for(sdm, TrainingConfig(step_fraction=bundle.training["config"]["step_fraction"]))
         thetas = [sdm.project(c) for c in coefficients]
         dice = np.array([dice_of(sdm.deformation(t), pair, geometry) for t, (_, pair) in zip(thetas, found, strict=True)])
         left = [np.linalg.norm(sdm.deformation(t) - c) / np.linalg.norm(c) for t, c in zip(thetas, coefficients, strict=True)]
-        actions = [np.abs(np.round((t - sdm.theta_identity) / steps)).sum() for t in thetas]
+        actions = [np.abs(lattice_steps(t, sdm.theta_identity, steps)).sum() for t in thetas]
         lines.append(f"| {k} | {sdm.explained_variance_ratio.sum():.3f} | {np.median(dice):.3f} | {dice.mean():.3f} | "
                      f"{np.median(dice - np.array(crops)):+.3f} | {np.median(left):.2f} | {np.median(actions):.0f} |")
     return lines
-
-
-def bundle_hash(model: str) -> str:
-    from AgentRegistrationLib.evaluation import file_hash
-
-    return file_hash(model)
 
 
 if __name__ == "__main__":
