@@ -75,6 +75,8 @@ class AgentRegistrationTrainingParameterNode:
     controlSpacingMm: str = ""  # "s" or "x,y[,z]" in the images' physical units (mm); instead of controlSpacing
     boxSpreads: str = ""  # "x,y[,z]" organ standard deviations; empty: the geometry's
     groundTruthMetric: Annotated[str, Choice([GEOMETRY_DEFAULT, *protocol.GT_METRICS])] = GEOMETRY_DEFAULT
+    augment: float = 0.0  # share of training images given random intensity changes
+    virtualSubjects: float = 0.0  # share of intra-subject pairs made from a virtual (mirrored, deformed) subject
     groundTruthTable: vtkMRMLTableNode
     lossChart: vtkMRMLPlotChartNode
 
@@ -158,7 +160,8 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
                                                                          "control_spacing_mm": p.controlSpacingMm,
                                                                          "box_spreads": p.boxSpreads},
                                                       metric=None if p.groundTruthMetric == GEOMETRY_DEFAULT
-                                                      else p.groundTruthMetric)
+                                                      else p.groundTruthMetric,
+                                                      augment=p.augment, virtualSubjects=p.virtualSubjects)
             self.setState(JobState.RUNNING, _("Starting..."))
             self._timer.start()
 
@@ -226,11 +229,14 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
     def startTraining(self, volumes: list, dataFolder: Path, outputFolder: Path, modelName: str,
                       configuration: str = protocol.DEFAULT_TRAINING_CONFIGURATION, device: str = "Auto", resume: bool = True,
                       dim: int = 3, maxMinutes: float | None = None, geometry: str = "auto",
-                      geometryOverrides: dict | None = None, metric: str | None = None) -> protocol.WorkerJob:
+                      geometryOverrides: dict | None = None, metric: str | None = None,
+                      augment: float = 0.0, virtualSubjects: float = 0.0) -> protocol.WorkerJob:
         """Check inputs and start ground truth -> SDM -> organ localiser (crops on the organ) -> training.
 
         ``geometry``, ``geometryOverrides`` and the ground-truth ``metric``: the model geometry and what drives the
-        ground truth (:func:`protocol.training_commands`).
+        ground truth (:func:`protocol.training_commands`). ``augment`` and ``virtualSubjects``: the shares of
+        training images with random intensity changes and of intra-subject pairs from virtual subjects (for few
+        subjects; the training configuration's ``augment`` and ``new_subjects``).
 
         ``maxMinutes`` ends the training stage after that many minutes (checkpointed: Apply again goes on).
 
@@ -253,7 +259,8 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
         files = protocol.TrainingFiles(outputFolder, modelName.strip())
         commands = protocol.training_commands(slicer_setup.worker_python(), dataFolder, files, dim=dim,
                                               configuration=configuration, device=device, max_minutes=maxMinutes,
-                                              geometry=geometry, geometry_overrides=geometryOverrides, metric=metric)
+                                              geometry=geometry, geometry_overrides=geometryOverrides, metric=metric,
+                                              augment=augment, new_subjects=virtualSubjects)
         if not resume:
             files.checkpoint.unlink(missing_ok=True)
             files.loss.unlink(missing_ok=True)

@@ -113,6 +113,16 @@ def test_training_commands_parse_with_the_engine_parser(tmp_path):
     assert (train.config, train.out, train.checkpoint, train.max_minutes) == ("paper", str(files.bundle),
                                                                               str(files.checkpoint), 5.0)
     assert train.set == ["iterations=10", "seed=1"]
+    few = protocol.training_commands("python", tmp_path / "data", files, dim=2, augment=0.5, new_subjects=0.25,
+                                     stage_options={"train": {"set": ["iterations=10"]}})[-1]
+    overrides = cli.build_parser().parse_args(few[3:]).set
+    assert overrides == ["iterations=10", "augment=0.5", "new_subjects=0.25"]
+    from AgentRegistrationLib.training import config_by_name
+
+    configured = config_by_name("converge").with_overrides(overrides)
+    assert (configured.augment, configured.new_subjects, configured.iterations) == (0.5, 0.25, 10)
+    plain = protocol.training_commands("python", tmp_path / "data", files, dim=2)[-1]
+    assert cli.build_parser().parse_args(plain[3:]).set is None  # none given: the named configuration as it is
 
 
 def test_training_configuration_names_are_the_engine_configurations():
@@ -129,7 +139,7 @@ def test_the_module_and_the_command_line_train_with_the_same_default_configurati
 
 
 @pytest.mark.parametrize("bad", [{"dim": 4}, {"configuration": "huge"}, {"device": "TPU"},
-                                 {"stage_options": {"evaluate": {}}}])
+                                 {"stage_options": {"evaluate": {}}}, {"augment": 1.5}, {"new_subjects": -0.1}])
 def test_training_commands_refuse_bad_values(tmp_path, bad):
     with pytest.raises(ValueError):
         protocol.training_commands("python", tmp_path, protocol.TrainingFiles(tmp_path, "m"), **bad)
@@ -229,7 +239,7 @@ def training_run(grid128, tmp_path_factory):
             (data / f"{case}_{kind}.nii.gz").symlink_to(grid128 / f"{case}_{kind}.nii.gz")
     files = protocol.TrainingFiles(root / "out", "mine")
     commands = protocol.training_commands(
-        sys.executable, data, files, dim=2, device="CPU", modes=2,
+        sys.executable, data, files, dim=2, device="CPU", modes=2, augment=0.5, new_subjects=0.5,
         stage_options={"groundtruth": {"iterations": 20, "resolutions": 1, "max_pairs": 4, "workers": 1},
                        "localiser": {"iterations": 20, "threads": 1},
                        "train": {"set": ["iterations=10", "batch_size=4", "validate_every=1000"], "step_pairs": 2}})
@@ -268,6 +278,18 @@ def test_training_outputs_are_read_with_the_protocol_columns(training_run):
     from AgentRegistrationLib.bundle import load_bundle
 
     assert set(load_bundle(files.bundle).localisers) == {"2"}  # the localiser stage's file, put into the model
+
+
+def test_the_few_subjects_settings_reach_the_trained_model(training_run):
+    config = load_bundle_config(training_run["files"].bundle)
+    assert (config["augment"], config["new_subjects"]) == (0.5, 0.5)
+    assert config["iterations"] == 10  # the stage's own --set survives beside them
+
+
+def load_bundle_config(path):
+    from AgentRegistrationLib.bundle import load_bundle
+
+    return load_bundle(path).training["config"]
 
 
 # -- installing the dependencies (real pip, offline) -----------------------------------------------------------

@@ -477,7 +477,7 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
                       configuration: str = DEFAULT_TRAINING_CONFIGURATION, device: str = "Auto", modes: int | None = None,
                       split: str | Path | None = None, max_minutes: float | None = None,
                       geometry: str | None = None, geometry_overrides: dict[str, Any] | None = None,
-                      metric: str | None = None,
+                      metric: str | None = None, augment: float = 0.0, new_subjects: float = 0.0,
                       stage_options: dict[str, dict[str, Any]] | None = None) -> list[list[str]]:
     """Worker command lines of the stages: ``agentreg groundtruth``, ``sdm``, ``localiser`` (a model that crops on
     the organ: the ``auto`` geometry) and ``train`` (given that localiser, so that its users need no point on the
@@ -490,7 +490,9 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
     ``geometry``: the model geometry (:data:`GEOMETRY_CHOICES`; ``None``: the command line's default);
     ``geometry_overrides``: numbers of it to set (:data:`GEOMETRY_OVERRIDES`, text like ``"64,64"`` or sequences;
     empty ones are left out), checked here. ``metric``: the ground-truth metric (:data:`GT_METRICS`; ``None``: the
-    geometry's default, :func:`default_gt_metric`).
+    geometry's default, :func:`default_gt_metric`). ``augment`` and ``new_subjects``: the shares of training images
+    given random intensity changes and of intra-subject pairs made from a virtual subject (the training
+    configuration's fields of those names; for few subjects: they teach the network less of each one).
     """
     extra = {stage: dict(options) for stage, options in (stage_options or {}).items()}
     unknown = set(extra) - {"groundtruth", "sdm", "localiser", "train"}
@@ -502,6 +504,13 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
     if configuration not in TRAINING_CONFIGURATIONS:
         raise ValueError(f"training configuration must be one of {TRAINING_CONFIGURATIONS}, got {configuration!r}")
     engine_device = _device(device)
+    shares = {"augment": augment, "new_subjects": new_subjects}
+    for name, share in shares.items():
+        if not 0.0 <= float(share) <= 1.0:
+            raise ValueError(f"{name.replace('_', ' ')} is a share of the training pairs: give 0 to 1, got {share}")
+    settings = [f"{name}={float(share):g}" for name, share in shares.items() if share]
+    if settings:
+        extra.setdefault("train", {})["set"] = [*extra.get("train", {}).get("set", []), *settings]
     modes = modes or PAPER_MODES[dim]
     if geometry is not None and geometry not in GEOMETRY_CHOICES:
         raise ValueError(f"model geometry must be one of {GEOMETRY_CHOICES}, got {geometry!r}")
