@@ -85,6 +85,34 @@ def test_a_mask_mapped_through_the_localiser_grid_keeps_its_centre_and_spread(ge
     assert np.all(found.spread > 0.98 * true.spread) and np.all(blur < voxel), (found.spread, true.spread, voxel)
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_the_ellipsoid_fit_finds_an_ellipsoids_centre_and_spread(geometry):
+    """A map that is a solid ellipsoid: the fit gives the mask's centre and spread back, in physical space."""
+    label = image_of(blob(), **geometry)
+    grid = localiser_grid(label, (20, 16, 12))
+    p = _resample(sitk.Cast(label, sitk.sitkFloat32), grid).astype(np.float64)
+    true = localisation_from_label(label)
+    found = localisation_from_probability(p, grid, "ellipsoid")
+    voxel = np.array(grid.GetSpacing())
+    np.testing.assert_allclose(found.centre, true.centre, atol=0.15 * voxel.max())
+    np.testing.assert_allclose(found.spread, true.spread, rtol=0.1)
+
+
+def test_the_ellipsoid_fit_is_less_swayed_than_moments_by_a_map_that_runs_into_a_neighbour():
+    """The organ (probability 1) with a fainter neighbour beside it (0.5): moments move towards the neighbour and
+    widen; the ellipsoid stays on the organ."""
+    organ = blob(size=(48, 40, 16), centre=(20.0, 20.0, 8.0), radius=(7.0, 6.0, 4.0)).astype(np.float64)
+    neighbour = blob(size=(48, 40, 16), centre=(33.0, 20.0, 8.0), radius=(5.0, 5.0, 3.0)).astype(np.float64)
+    p = np.maximum(organ, 0.5 * neighbour)
+    grid = image_of(np.zeros_like(p))
+    true = localisation_from_label(image_of(organ.astype(np.uint8)))
+    moments = localisation_from_probability(p, grid, "p2")
+    fitted = localisation_from_probability(p, grid, "ellipsoid")
+    moments_error, fitted_error = (abs(loc.centre[0] - true.centre[0]) for loc in (moments, fitted))
+    assert fitted_error < 0.5 < moments_error, (fitted_error, moments_error)
+    assert abs(fitted.spread[0] / true.spread[0] - 1) < 0.1 < moments.spread[0] / true.spread[0] - 1
+
+
 def test_localise_follows_the_image_geometry_exactly():
     """The same array under any origin, spacing or direction: the same continuous index, spread in voxels."""
     torch.manual_seed(0)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+from AgentRegistrationLib.bundle import load_bundle
 from AgentRegistrationLib.localisation import BOX_SPREADS, Localisation, localisation_from_label
 from AgentRegistrationLib.localiser import (
     WEIGHTINGS,
@@ -44,6 +45,7 @@ from AgentRegistrationLib.localiser import (
     save_localiser,
     train_localiser,
 )
+from AgentRegistrationLib.training import add_localisation
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "promise12"
@@ -160,11 +162,22 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", type=Path, help="continue training from this saved localiser (its config is kept)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--weighting", choices=WEIGHTINGS, default=None, help="shipped weighting (default: config's)")
-    parser.add_argument("--refine", choices=("yes", "no"), default=None, help="shipped refinement (default: config's)")
+    parser.add_argument("--into", type=Path, action="append", metavar="MODEL.pt",
+                        help="also put the localiser into this model bundle, replacing its localiser of this "
+                             "dimension (repeatable)")
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default=None,
+                        help="shipped weighting (default: the --init localiser's, else the default config's)")
+    parser.add_argument("--refine", choices=("yes", "no"), default=None,
+                        help="shipped refinement (default: the --init localiser's, else the default config's)")
     args = parser.parse_args(argv)
+    missing = [str(m) for m in args.into or [] if not m.is_file()]
+    if missing:
+        parser.error(f"--into: no model bundle at {', '.join(missing)}")
     if args.minutes <= 0:
         parser.error(f"--minutes must be positive, not {args.minutes}")
+    if args.iterations < 0 or (args.iterations == 0 and not args.init):
+        parser.error("--iterations: a positive number, or 0 with --init (no batch more: that localiser with the "
+                     "--weighting / --refine given, its spread calibrated again)")
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     data = args.data or [DATA / "native", DATA / "grid128"]
@@ -183,16 +196,16 @@ def main(argv=None) -> int:
         cases = subjects_of(folder, split["train"], args.dim, training=False)
         spreads[folder] = np.median([localisation_from_label(lab).spread for _, _, lab in cases], axis=0)
 
-    config = LocaliserConfig.default(args.dim)
-    if args.weighting:
-        config = replace(config, weighting=args.weighting)
-    if args.refine:
-        config = replace(config, refine=args.refine == "yes")
+    settings = {key: value for key, value in (("weighting", args.weighting),
+                                              ("refine", args.refine and args.refine == "yes")) if value is not None}
+    config = replace(LocaliserConfig.default(args.dim), **settings)
     log = TrainingLog()
     initial, before = None, {"iterations": 0, "seconds": 0.0, "runs": []}
-    if args.init:
-        initial = load_localiser(args.init)
-        config = initial.config
+    if args.init:  # its network and config, with the settings given here
+        loaded = load_localiser(args.init)
+        config = replace(loaded.config, **settings)
+        initial = OrganLocaliser(config)
+        initial.load_state_dict(loaded.state_dict())
         before = torch.load(args.init, map_location="cpu", weights_only=True).get("training", before)
 
     def progress(it, loss, seconds):
@@ -211,6 +224,9 @@ def main(argv=None) -> int:
                                                       "seconds": round(total_seconds, 1), "seed": args.seed,
                                                       "runs": runs}})
     size_kb = args.out.stat().st_size / 1024
+    for model in args.into or []:  # the models that carry this localiser get the new one
+        add_localisation(load_bundle(model), model, [str(args.out)], None, [])
+        print(f"put {args.out} into {model}")
 
     lines = [f"# Learned localiser, {args.dim}-D: validation", "",
              "Made by " + ", then ".join(f"`{r}`" for r in runs)
@@ -227,8 +243,8 @@ def main(argv=None) -> int:
              + ("2-D: the axial slice through each subject's prostate centroid. " if args.dim == 2 else "")
              + "The issue's target is a median norm of at most 3 model voxels. Rows other than the first and the "
              "baseline show the same network with another weighting of its probability map (p, p squared, the "
-             "largest p > 0.5 component) and with/without the second, finer pass around the first answer (spread "
-             "calibrated again for each on a third of the training cases); they "
+             "largest p > 0.5 component, the ellipsoid fitted to p) and with/without the second, finer pass around "
+             "the first answer (spread calibrated again for each on a third of the training cases); they "
              "were measured to choose the shipped setting, so they are not a held-out figure for that choice.", ""]
     for folder in eval_data:
         cases = subjects_of(folder, split["validation"], args.dim, training=False)

@@ -41,7 +41,7 @@ from .localisation import Localisation, localisation_from_weights
 
 PAYLOAD_KIND = "agentregistration.organ_localiser"
 PAYLOAD_VERSION = 1
-WEIGHTINGS = ("p", "p2", "largest")
+WEIGHTINGS = ("p", "p2", "largest", "ellipsoid")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ class LocaliserConfig:
     dim: int = 3
     grid: tuple[int, ...] = (48, 48, 16)  # network input, ITK order (x, y[, z])
     channels: tuple[int, ...] = (4, 8, 16, 32)  # per U-Net level; len - 1 poolings by 2
-    weighting: str = "p2"  # how the probability map becomes weights: p, p2 (p squared), largest (p>0.5 component)
+    weighting: str = "p2"  # probability map -> centre and spread: moments of p, p2 (p squared), largest (the p > 0.5
+    # component), or the ellipsoid fitted to p (ellipsoid_fit)
     spread_scale: tuple[float, ...] = (1.0, 1.0, 1.0)  # calibration of the predicted spread per axis
     refine: bool = False  # a second pass on a box around the first answer (finer grid)
     refine_spreads: float = 8.0  # that box's extent in predicted spreads per axis (at least fov_min of the view)
@@ -210,7 +211,8 @@ def probability_map(localiser: OrganLocaliser, image: sitk.Image, lo=None, hi=No
 
 def weights_from_probability(p: np.ndarray, weighting: str) -> np.ndarray:
     """The weights of the centre and spread: ``p``, ``p2`` (p squared), or ``largest`` (p inside the largest
-    connected component of p > 0.5; p squared if nothing exceeds 0.5)."""
+    connected component of p > 0.5; p squared if nothing exceeds 0.5). (``ellipsoid`` starts from ``p2``'s
+    moments: :func:`ellipsoid_fit`.)"""
     if weighting == "p":
         return p
     if weighting == "p2":
@@ -224,14 +226,45 @@ def weights_from_probability(p: np.ndarray, weighting: str) -> np.ndarray:
     raise ValueError(f"unknown weighting {weighting!r}: choose one of {WEIGHTINGS}")
 
 
+def ellipsoid_fit(p: np.ndarray, start: Localisation, grid: sitk.Image, edge: float = 0.15) -> Localisation:
+    """The solid ellipsoid (axes along ``grid``'s, soft edge ``edge`` of its radius) with the best soft Dice against
+    the probability map ``p`` (array order, on ``grid``), searched from ``start`` (moments of ``p``).
+
+    Its spread per axis is that of a uniform solid ellipsoid, semi-axis / sqrt(dim + 2). Unlike moments, it is
+    little swayed by probability away from the organ's body (a map that runs into a neighbour)."""
+    from scipy.optimize import minimize
+
+    dim = p.ndim
+    spacing = np.array(grid.GetSpacing())
+    coords = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in p.shape[::-1]], indexing="ij")  # x, y[, z]
+    coords = [c.transpose() for c in coords]  # each in array order, like p
+    centre0 = np.array(grid.TransformPhysicalPointToContinuousIndex(np.asarray(start.centre).tolist()))
+    axes0 = np.maximum(start.spread / spacing, 0.5) * math.sqrt(dim + 2)
+    mass = p.sum()
+
+    def loss(q: np.ndarray) -> float:
+        centre, axes = q[:dim], np.exp(q[dim:])
+        radius = np.sqrt(sum(((c - m) / a) ** 2 for c, m, a in zip(coords, centre, axes, strict=True)))
+        inside = 0.5 * (1.0 + np.tanh((1.0 - radius) / (2.0 * edge)))  # the logistic sigmoid of (1 - r) / edge
+        return -2.0 * float((p * inside).sum()) / (mass + float(inside.sum()))
+
+    q = minimize(loss, np.r_[centre0, np.log(axes0)], method="Nelder-Mead",
+                 options={"maxiter": 200 * dim, "xatol": 1e-3, "fatol": 1e-5}).x
+    centre = np.array(grid.TransformContinuousIndexToPhysicalPoint(q[:dim].tolist()))
+    return Localisation(centre, np.exp(q[dim:]) / math.sqrt(dim + 2) * spacing, start.source)
+
+
 def localisation_from_probability(p: np.ndarray, grid: sitk.Image, weighting: str = "p2",
                                   spread_scale: Sequence[float] | None = None) -> Localisation:
     """A probability map on ``grid`` (array order) -> the organ's centre and spread in ``grid``'s physical space."""
-    weights = weights_from_probability(np.asarray(p, dtype=np.float64), weighting)
+    p = np.asarray(p, dtype=np.float64)
+    weights = weights_from_probability(p, "p2" if weighting == "ellipsoid" else weighting)
     if not weights.sum() > 1e-6:
         raise ValueError("the localiser found no organ in this image (its probability map is empty): is it a "
                          "prostate MR? Place the centre by hand (a point or a box) instead")
     loc = localisation_from_weights(weights, grid, "localiser")
+    if weighting == "ellipsoid":
+        loc = ellipsoid_fit(p, loc, grid)
     scale = np.ones(grid.GetDimension()) if spread_scale is None else np.asarray(spread_scale[: grid.GetDimension()])
     return Localisation(loc.centre, loc.spread * scale, "localiser")
 
