@@ -259,3 +259,26 @@ def test_the_shipped_localiser_finds_the_prostate_of_validation_subjects(native,
         loc, true = localise(localiser, image), localisation_from_label(label)
         assert _model_voxel_error(loc, true, dim) < 6.0, (case, loc, true)
         assert np.all((loc.spread / true.spread > 0.6) & (loc.spread / true.spread < 1.6)), (case, loc, true)
+
+
+@pytest.mark.parametrize(("model", "dim"), [("prostate-2d", 2), ("prostate-2d", 3), ("prostate-3d", 3)])
+def test_the_shipped_models_carry_the_shipped_localisers(model, dim):
+    """A localiser retrained or re-set (scripts/train_localiser.py --into) reaches the models that use it (a 2-D
+    model also places its slab on a 3-D volume with the 3-D localiser)."""
+    from AgentRegistrationLib.bundle import load_bundle
+
+    path, bundle_path = MODELS / f"localiser-{dim}d.pt", MODELS / f"{model}.pt"
+    if not path.exists() or not bundle_path.exists():
+        pytest.skip("no shipped localiser or model")
+    carried = localiser_from_payload(load_bundle(bundle_path).localisers[str(dim)])
+    shipped = load_localiser(path)
+    assert carried.config == shipped.config
+    assert all(torch.equal(a, b) for a, b in zip(carried.state_dict().values(), shipped.state_dict().values(),
+                                                   strict=True))
+
+
+def test_model_cards_can_name_every_localiser_weighting():
+    from AgentRegistrationLib.bundle import LOCALISER_WEIGHTINGS
+    from AgentRegistrationLib.localiser import WEIGHTINGS
+
+    assert set(LOCALISER_WEIGHTINGS) == set(WEIGHTINGS)

@@ -234,6 +234,20 @@ def _data_line(t: dict) -> str:
     return text + "." + (f" Not recorded in this model: {' and '.join(missing)}." if missing else "")
 
 
+LOCALISER_WEIGHTINGS = {"p": "the moments of p", "p2": "the moments of p squared",
+                        "largest": "the moments of its largest p > 0.5 component", "ellipsoid": "the fitted ellipsoid"}
+"""How each localiser weighting (``localiser.WEIGHTINGS``) turns its probability map p into a centre and a size."""
+
+
+def _localisers_text(bundle: ModelBundle) -> str:
+    if not bundle.localisers:
+        return "this model has none"
+    how = [f"{LOCALISER_WEIGHTINGS.get(w, w)} ({d}-D)" for d, w in
+           sorted((d, payload["config"].get("weighting", "p2")) for d, payload in bundle.localisers.items())]
+    return (f"for {' and '.join(sorted(bundle.localisers))}-D images; centre and size from its probability map by "
+            + ", ".join(how))
+
+
 def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -> str:
     """A markdown model card: data, split, configuration, training time and device, validation.
 
@@ -261,7 +275,7 @@ def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -
         f"- **Model grid**: {list(bundle.geometry.size)} voxels, "
         + (f"each image's crop box centred on its {organ} and spanning {list(bundle.geometry.box_spreads)} standard "
            "deviations of it per axis (placed by the moving label, a point, or the model's localiser: "
-           + (f"for {' and '.join(sorted(bundle.localisers))}-D images" if bundle.localisers else "this model has none")
+           + _localisers_text(bundle)
            + ")." if bundle.geometry.localised else
            f"crop box {list(bundle.geometry.crop_fraction)} of the fixed image's extent, centred, after elastix "
            "translation pre-alignment.") + f" Model {bundle.geometry.description()}.",

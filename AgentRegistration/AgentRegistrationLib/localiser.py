@@ -251,7 +251,8 @@ def ellipsoid_fit(p: np.ndarray, start: Localisation, grid: sitk.Image, edge: fl
     q = minimize(loss, np.r_[centre0, np.log(axes0)], method="Nelder-Mead",
                  options={"maxiter": 200 * dim, "xatol": 1e-3, "fatol": 1e-5}).x
     centre = np.array(grid.TransformContinuousIndexToPhysicalPoint(q[:dim].tolist()))
-    return Localisation(centre, np.exp(q[dim:]) / math.sqrt(dim + 2) * spacing, start.source)
+    spread = np.maximum(np.exp(q[dim:]) / math.sqrt(dim + 2), 0.5)  # at least half a voxel, as moments
+    return Localisation(centre, spread * spacing, start.source)
 
 
 def localisation_from_probability(p: np.ndarray, grid: sitk.Image, weighting: str = "p2",

@@ -1,0 +1,101 @@
+"""What the fixed crop's placement costs: Dice of the crops alone ('localised', no deformation) on the validation
+pairs, with the fixed crop placed by the fixed label (an oracle), by each model's localiser, and by one half of each
+(the oracle's centre with the localiser's spread, and the other way round).
+
+Every pair as ``agentreg evaluate`` makes it: the moving crop placed by the moving label (the atlas case), the
+fixed one as the row says, both on the fixed image's model grid; a 2-D model takes its slab of the volume (placed
+by the 3-D localiser, as for a user's volume). Also per model: the localiser's centre error (mm) and spread ratio
+(localiser / label) per fixed subject.
+
+    python scripts/crop_placement.py --model Resources/Models/prostate-3d.pt --out results/crop_placement_3d.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from AgentRegistrationLib.bundle import load_bundle
+from AgentRegistrationLib.dataset import find_subjects, load_split, subject_frame
+from AgentRegistrationLib.image_io import read_image, read_label
+from AgentRegistrationLib.localisation import Localisation, localisation_from_label
+from AgentRegistrationLib.localiser import localise, localiser_from_payload
+from AgentRegistrationLib.metrics import dice
+from AgentRegistrationLib.preprocessing import resample_to_frame
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def placements(model: Path, subjects: list) -> dict[str, dict[str, Localisation]]:
+    """Per fixed subject: the label's localisation, the localiser's and the two halves."""
+    localiser = localiser_from_payload(load_bundle(model).localisers["3"])
+    out = {}
+    for s in subjects:
+        oracle, found = localisation_from_label(read_label(s.label)), localise(localiser, read_image(s.image))
+        out[s.name] = {"oracle": oracle, "localiser": found,
+                       "label's centre, localiser's spread": Localisation(oracle.centre, found.spread, "half"),
+                       "localiser's centre, label's spread": Localisation(found.centre, oracle.spread, "half")}
+    return out
+
+
+def crop_dice(model: Path, subjects: list, places: dict) -> dict[str, list[float]]:
+    """Per placement: the Dice of the two crops' labels over all ordered pairs."""
+    geometry = load_bundle(model).geometry
+    images = {s.name: (read_image(s.image), read_label(s.label)) for s in subjects}
+    moving_places = {name: localisation_from_label(label) for name, (_, label) in images.items()}
+    result: dict[str, list[float]] = {key: [] for key in next(iter(places.values()))}
+    for moving, fixed in itertools.permutations(sorted(images), 2):
+        (fixed_image, fixed_label), (moving_image, moving_label) = images[fixed], images[moving]
+        for key, place in places[fixed].items():
+            frame = subject_frame(fixed_image, geometry, place)
+            moving_frame = subject_frame(moving_image, geometry, moving_places[moving], direction=frame.direction)
+            result[key].append(dice(resample_to_frame(fixed_label, frame, label=True) > 0,
+                                    resample_to_frame(moving_label, moving_frame, label=True) > 0))
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", action="append", required=True, type=Path,
+                   help="model bundle whose geometry and 3-D localiser are used (repeatable: a row set each)")
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "promise12" / "grid128")
+    p.add_argument("--split", type=Path, default=REPO / "Resources" / "promise12_split.json")
+    p.add_argument("--out", type=Path, required=True, help="Markdown report")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    subjects = find_subjects(args.data, load_split(args.split)["validation"])
+    command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *(argv or sys.argv[1:])])
+    lines = ["# What the fixed crop's placement costs", "", f"Made by `{command}`.", "",
+             f"{len(subjects) * (len(subjects) - 1)} ordered pairs of the {len(subjects)} validation subjects of "
+             f"`{args.split.name}` in `{args.data.name}`. Dice of the two crops' labels on the fixed image's model grid, "
+             "with no deformation (the 'localised' start every method of `agentreg evaluate` begins from); the "
+             "moving crop placed by the moving label, the fixed one as the row says ('oracle': by the fixed label, "
+             "which a user does not have).", "",
+             "| model | fixed crop placed by | Dice median | Dice mean | Dice min |", "|---|---|---:|---:|---:|"]
+    details = []
+    for model in args.model:
+        places = placements(model, subjects)
+        for key, values in crop_dice(model, subjects, places).items():
+            lines.append(f"| `{model.name}` | {key} | {np.median(values):.3f} | {np.mean(values):.3f} | "
+                         f"{np.min(values):.3f} |")
+            print(lines[-1], flush=True)
+        details += ["", f"`{model.name}`'s localiser per fixed subject: centre error (mm, image axes) and spread ratio "
+                    "(localiser / label):", "", "| subject | centre error | norm | spread ratio |", "|---|---|---:|---|"]
+        for name, place in places.items():
+            error = place["localiser"].centre - place["oracle"].centre
+            ratio = place["localiser"].spread / place["oracle"].spread
+            details.append(f"| {name} | {np.round(error, 1).tolist()} | {np.linalg.norm(error):.1f} | "
+                           f"{np.round(ratio, 2).tolist()} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines + details) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
