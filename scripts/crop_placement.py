@@ -66,16 +66,21 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "promise12" / "grid128")
     p.add_argument("--split", type=Path, default=REPO / "Resources" / "promise12_split.json")
     p.add_argument("--out", type=Path, required=True, help="Markdown report")
+    p.add_argument("--note", default="", help="a sentence for the report (e.g. where each model comes from)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     subjects = find_subjects(args.data, load_split(args.split)["validation"])
-    command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *(argv or sys.argv[1:])])
+    given = list(argv or sys.argv[1:])
+    if "--note" in given:  # the note is shown below the command, not inside it
+        given[given.index("--note") + 1] = "'(below)'"
+    command = "python " + " ".join([shlex.quote(str(Path(sys.argv[0]))), *(a if a == "'(below)'" else shlex.quote(a)
+                                                                         for a in given)])
     lines = ["# What the fixed crop's placement costs", "", f"Made by `{command}`.", "",
              f"{len(subjects) * (len(subjects) - 1)} ordered pairs of the {len(subjects)} validation subjects of "
              f"`{args.split.name}` in `{args.data.name}`. Dice of the two crops' labels on the fixed image's model grid, "
              "with no deformation (the 'localised' start every method of `agentreg evaluate` begins from); the "
              "moving crop placed by the moving label, the fixed one as the row says ('oracle': by the fixed label, "
-             "which a user does not have).", "",
+             "which a user does not have).", "", *([args.note, ""] if args.note else []),
              "| model | fixed crop placed by | Dice median | Dice mean | Dice min |", "|---|---|---:|---:|---:|"]
     details = []
     for model in args.model:

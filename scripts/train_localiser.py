@@ -235,7 +235,9 @@ def main(argv=None) -> int:
              f"Trained on {len(train_cases)} training {'volumes' if args.dim == 3 else 'slices'} of "
              f"{len({c[0] for c in train_cases})} training subjects from {', '.join(f.name for f in data)}: "
              f"{total_iterations} batches of {config.batch_size} in {total_seconds / 60:.1f} min (1 CPU thread), "
-             f"final loss {np.mean(log.losses[-50:]):.3f}. Weights `{args.out.name}`: {size_kb:.0f} KB.", "",
+             + (f"final loss {np.mean(log.losses[-50:]):.3f}" if log.losses else "no batch in the last run (its "
+                "settings applied and its spread calibrated again)")
+             + f". Weights `{args.out.name}`: {size_kb:.0f} KB.", "",
              f"Config: `{json.dumps(localiser.config.to_dict())}`", "",
              "Centre error in model voxels of the crop box placed on the label's localisation (one model voxel along "
              f"axis a = BOX_SPREADS[{args.dim}][a] x true spread_a / (model size_a - 1), model grid "

@@ -242,10 +242,13 @@ LOCALISER_WEIGHTINGS = {"p": "the moments of p", "p2": "the moments of p squared
 def _localisers_text(bundle: ModelBundle) -> str:
     if not bundle.localisers:
         return "this model has none"
-    how = [f"{LOCALISER_WEIGHTINGS.get(w, w)} ({d}-D)" for d, w in
-           sorted((d, payload["config"].get("weighting", "p2")) for d, payload in bundle.localisers.items())]
+    how = []
+    for dim, payload in sorted(bundle.localisers.items()):
+        weighting = payload["config"].get("weighting", "p2")
+        finer = ", looking again at a finer grid around its first answer" if payload["config"].get("refine") else ""
+        how.append(f"{LOCALISER_WEIGHTINGS.get(weighting, weighting)}{finer} ({dim}-D)")
     return (f"for {' and '.join(sorted(bundle.localisers))}-D images; centre and size from its probability map by "
-            + ", ".join(how))
+            + "; ".join(how))
 
 
 def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -> str:
