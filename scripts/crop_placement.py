@@ -1,6 +1,8 @@
 """What the fixed crop's placement costs: Dice of the crops alone ('localised', no deformation) on the validation
 pairs, with the fixed crop placed by the fixed label (an oracle), by each model's localiser, and by one half of each
-(the oracle's centre with the localiser's spread, and the other way round).
+(the oracle's centre with the localiser's spread, what a point given by hand, ``--fixed-point``, places on the
+organ's centre; and the other way round), and by the oracle's centre with the model's median organ spread (what
+such a point places with a model that has no localiser).
 
 Every pair as ``agentreg evaluate`` makes it: the moving crop placed by the moving label (the atlas case), the
 fixed one as the row says, both on the fixed image's model grid; a 2-D model takes its slab of the volume (placed
@@ -33,13 +35,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def placements(model: Path, subjects: list) -> dict[str, dict[str, Localisation]]:
     """Per fixed subject: the label's localisation, the localiser's and the two halves."""
-    localiser = localiser_from_payload(load_bundle(model).localisers["3"])
+    bundle = load_bundle(model)
+    localiser = localiser_from_payload(bundle.localisers["3"])
     out = {}
     for s in subjects:
         oracle, found = localisation_from_label(read_label(s.label)), localise(localiser, read_image(s.image))
         out[s.name] = {"oracle": oracle, "localiser": found,
-                       "label's centre, localiser's spread": Localisation(oracle.centre, found.spread, "half"),
-                       "localiser's centre, label's spread": Localisation(found.centre, oracle.spread, "half")}
+                       "label's centre, localiser's spread (as a point given by hand)":
+                           Localisation(oracle.centre, found.spread, "half"),
+                       "localiser's centre, label's spread": Localisation(found.centre, oracle.spread, "half"),
+                       "label's centre, the model's median spread (a point, on a model without localiser)":
+                           Localisation(oracle.centre, bundle.typical_spread(3), "point")}
     return out
 
 
