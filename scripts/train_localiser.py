@@ -14,6 +14,10 @@ the naive baseline "image centre with the median training spread" (of the same f
 (``--out``) and a Markdown report (``--report``) that names the command that made it.
 
     python scripts/train_localiser.py --dim 3 --out Resources/Models/localiser-3d.pt --report results/localiser_3d.md
+
+``--init L.pt`` goes on from a saved localiser; ``--iterations 0`` with it only applies ``--weighting`` / ``--refine``
+and calibrates its spread again; ``--into MODEL.pt`` puts the result into model bundles (as ``agentreg train
+--localiser`` does at training), e.g. the shipped ones.
 """
 
 from __future__ import annotations
@@ -160,7 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--minutes", type=float, default=8.0)
     parser.add_argument("--iterations", type=int, default=100000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--init", type=Path, help="continue training from this saved localiser (its config is kept)")
+    parser.add_argument("--init", type=Path, help="continue training from this saved localiser (its network and config; "
+                                                   "--weighting and --refine change those)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--into", type=Path, action="append", metavar="MODEL.pt",
                         help="also put the localiser into this model bundle, replacing its localiser of this "
