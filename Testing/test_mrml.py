@@ -355,6 +355,37 @@ def test_metrics_table_has_dice_and_hausdorff_rows_of_the_real_metrics(real_run)
     assert real_run["result"].metrics == metrics
 
 
+def test_the_fixed_crop_is_a_locked_roi_around_the_fixed_prostate(real_run):
+    """metrics.json's fixed crop, as the engine wrote it, becomes an ROI whose box (oblique, like the fixed volume)
+    holds the fixed prostate and spans about BOX_SPREADS of its standard deviations per axis."""
+    from AgentRegistrationLib.localisation import BOX_SPREADS, localisation_from_label
+
+    metrics = json.loads((real_run["output"] / protocol.METRICS_JSON).read_text())
+    roi, nodes = real_run["result"].fixed_crop, real_run["nodes"]
+    assert roi is not None and roi.GetLocked() and roi in real_run["result"].all_nodes()
+    assert metrics["fixed_crop_placed_by"] == "localiser"  # no point was given; the fixed label never places it
+    centre = [0.0, 0.0, 0.0]
+    roi.GetCenter(centre)
+    np.testing.assert_allclose(centre, mrml.ras_from_lps(metrics["fixed_crop_centre"]), atol=1e-6)
+    prostate = localisation_from_label(mrml.segmentation_to_labelmap_sitk(nodes["fixed_label"], nodes["fixed"]))
+    ras_to_object = np.linalg.inv(np.array([[roi.GetObjectToNodeMatrix().GetElement(r, c) for c in range(4)]
+                                            for r in range(4)]))
+
+    def in_box(lps):  # by the ROI node's own matrix and size, as Slicer draws it
+        local = ras_to_object @ np.r_[mrml.ras_from_lps(lps), 1.0]
+        return bool(np.all(np.abs(local[:3]) <= np.array(roi.GetSize()) / 2))
+
+    assert in_box(prostate.centre)
+    axes = np.asarray(metrics["fixed_crop_axes"]).reshape(3, 3)  # columns: the box's axes (the fixed volume's)
+    size = np.asarray(metrics["fixed_crop_size"])
+    for axis in range(3):  # just outside the box along each of its oblique axes
+        outside = np.asarray(metrics["fixed_crop_centre"]) + 0.52 * size[axis] * axes[:, axis]
+        inside = np.asarray(metrics["fixed_crop_centre"]) + 0.48 * size[axis] * axes[:, axis]
+        assert in_box(inside) and not in_box(outside), axis
+    assert np.all((size / (np.array(BOX_SPREADS[3]) * prostate.spread) > 0.7)
+                  & (size / (np.array(BOX_SPREADS[3]) * prostate.spread) < 1.5)), (size, prostate.spread)
+
+
 def test_every_key_the_table_reads_is_in_the_metrics_schema():
     for _, key in mrml.METRIC_ROWS:
         assert {f"{key}_before", f"{key}_after"} <= set(protocol.METRICS_SCHEMA)

@@ -594,6 +594,26 @@ def step_sequence_nodes(step_files: Iterable[Path], scene: slicer.vtkMRMLScene, 
     return sequence, browser
 
 
+def fixed_crop_roi_node(metrics: dict, scene: slicer.vtkMRMLScene, name: str) -> slicer.vtkMRMLMarkupsROINode | None:
+    """The fixed crop box the agent worked on (metrics.json's ``fixed_crop_*``) as a markups ROI on the fixed volume,
+    locked, so that a user sees where the localiser (or a point) placed it; ``None`` for a 2-D model's crop or
+    metrics without it."""
+    centre, size = metrics.get("fixed_crop_centre"), metrics.get("fixed_crop_size")
+    if centre is None or size is None or len(centre) != 3:
+        return None
+    axes_ras = LPS_TO_RAS @ np.asarray(metrics["fixed_crop_axes"], dtype=float).reshape(3, 3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = axes_ras
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+    roi.CreateDefaultDisplayNodes()
+    roi.SetAndObserveObjectToNodeMatrix(_vtk_matrix(matrix))
+    roi.SetCenter(*ras_from_lps(centre))
+    roi.SetSize(*[float(v) for v in size])
+    roi.SetLocked(True)
+    roi.SetDescription(f"fixed crop placed by the {metrics.get('fixed_crop_placed_by', '?')}")
+    return roi
+
+
 @dataclass
 class RegistrationResultNodes:
     """The nodes made from one ``agentreg register`` run."""
@@ -606,12 +626,13 @@ class RegistrationResultNodes:
     metrics_table: slicer.vtkMRMLTableNode | None = None
     step_sequence: slicer.vtkMRMLSequenceNode | None = None
     step_browser: slicer.vtkMRMLSequenceBrowserNode | None = None
+    fixed_crop: slicer.vtkMRMLMarkupsROINode | None = None
     extra_nodes: list = field(default_factory=list)
 
     def all_nodes(self) -> list:
         """Every node of the result that is in the scene (for clean-up)."""
         nodes = [self.warped_volume, self.transform, self.trajectory_table, self.trajectory_chart,
-                 self.metrics_table, self.step_sequence, self.step_browser, *self.extra_nodes]
+                 self.metrics_table, self.step_sequence, self.step_browser, self.fixed_crop, *self.extra_nodes]
         return [n for n in nodes if n is not None]
 
 
@@ -659,7 +680,9 @@ def import_register_results(output_dir: str | Path, scene: slicer.vtkMRMLScene,
                                                           moving_node, node=transform_node)
         warped = volume_node_from_sitk(warped_image, scene, f"{name} warped", node=warped_node)
         table = metrics_table_node(metrics, scene, f"{name} metrics", node=metrics_node)
-        result = RegistrationResultNodes(warped, transform, trajectory_table, chart, metrics, table, sequence, browser)
+        crop = fixed_crop_roi_node(metrics, scene, f"{name} fixed crop")
+        result = RegistrationResultNodes(warped, transform, trajectory_table, chart, metrics, table, sequence, browser,
+                                         crop)
         known = {n.GetID() for n in result.all_nodes()}
         result.extra_nodes = [n for n in _new_nodes_since(scene, before) if n.GetID() not in known
                               and not n.IsA("vtkMRMLDisplayNode") and not n.IsA("vtkMRMLStorageNode")]

@@ -206,6 +206,10 @@ METRICS_SCHEMA = {
     "translation": "pre-alignment translation, physical units (LPS), one number per axis",
     "jacobian_folding_percent": "percentage of fixed-grid voxels where det J <= 0",
     "log_jacobian_std": "standard deviation of log det J over voxels with det J > 0",
+    "fixed_crop_centre": "centre of the fixed crop box the agent worked on, fixed image's physical space (LPS)",
+    "fixed_crop_size": "its extent along each of its axes, physical units",
+    "fixed_crop_axes": "its axes (the fixed image's direction matrix, row by row)",
+    "fixed_crop_placed_by": "what placed it: the localiser, a point on the fixed image, or the paper's centred crop",
     "seconds_total": "wall time of the registration, seconds (without writing the files)",
     "seconds_preprocessing": "of which pre-alignment, cropping and resampling",
     "seconds_agent": "of which the agent's steps",
@@ -224,7 +228,7 @@ METRICS_SCHEMA = {
     "average_surface_distance_before": "average symmetric surface distance",
     "average_surface_distance_after": "average symmetric surface distance after registration",
 }
-"""Every key of metrics.json (a flat object of numbers, text and one list), with what it means; and, when the labels
+"""Every key of metrics.json (a flat object of numbers, text and lists), with what it means; and, when the labels
 hold several values, the keys of :data:`METRICS_PER_LABEL`."""
 METRICS_PER_LABEL = {
     "dice_<when>_label_<n>": "Dice of label value n alone (when: none, before, after); dice_<when> is of the union "

@@ -170,6 +170,7 @@ class Registrar:
             "jacobian_folding_percent": jacobian["folding_percent"],
             "log_jacobian_std": jacobian["log_jacobian_std"],
         }
+        metrics.update(fixed_crop_metrics(pair))
         if warped_label is not None and fixed_label is not None:
             start = displacement_in_fixed_geometry(self.bundle.sdm.deformation(self.bundle.sdm.theta_identity),
                                                    geometry.control_grid(), pair.frame, fixed, pair.moving_frame)
@@ -177,6 +178,18 @@ class Registrar:
                                          warp_to_fixed(moving_label, start, label=True)))
         return RegistrationResult(outcome.theta, coefficients, pair.translation, displacement, warped, warped_label,
                                   outcome.trajectory, metrics, pair)
+
+def fixed_crop_metrics(pair: PreparedPair) -> dict:
+    """Where the fixed crop box lay in the fixed image (physical space, LPS) and what placed it, so that a user can
+    see it (an ROI in Slicer) and correct a misplaced one with a point."""
+    frame = pair.frame
+    size = np.array(frame.size, dtype=float)
+    placed_by = pair.info.get("localisation", {}).get("fixed", {}).get("source", "the paper's centred crop")
+    return {"fixed_crop_centre": frame.to_physical((size - 1) / 2).tolist(),
+            "fixed_crop_size": (size * frame.spacing).tolist(),
+            "fixed_crop_axes": np.asarray(frame.direction).ravel().tolist(),
+            "fixed_crop_placed_by": placed_by}
+
 
 def label_metrics(fixed_label: sitk.Image, moving_label: sitk.Image, warped_label: sitk.Image,
                   start_label: sitk.Image) -> dict:
