@@ -209,7 +209,7 @@ METRICS_SCHEMA = {
     "fixed_crop_centre": "centre of the fixed crop box the agent worked on, fixed image's physical space (LPS)",
     "fixed_crop_size": "its extent along each of its axes, physical units",
     "fixed_crop_axes": "its axes (the fixed image's direction matrix, row by row)",
-    "fixed_crop_placed_by": "what placed it: the localiser, a point on the fixed image, or the paper's centred crop",
+    "fixed_crop_placed_by": "what placed it: 'localiser', 'point on the fixed image' or \"paper's centred crop\"",
     "seconds_total": "wall time of the registration, seconds (without writing the files)",
     "seconds_preprocessing": "of which pre-alignment, cropping and resampling",
     "seconds_agent": "of which the agent's steps",

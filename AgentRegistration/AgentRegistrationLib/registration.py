@@ -179,12 +179,13 @@ class Registrar:
         return RegistrationResult(outcome.theta, coefficients, pair.translation, displacement, warped, warped_label,
                                   outcome.trajectory, metrics, pair)
 
+
 def fixed_crop_metrics(pair: PreparedPair) -> dict:
     """Where the fixed crop box lay in the fixed image (physical space, LPS) and what placed it, so that a user can
     see it (an ROI in Slicer) and correct a misplaced one with a point."""
     frame = pair.frame
     size = np.array(frame.size, dtype=float)
-    placed_by = pair.info.get("localisation", {}).get("fixed", {}).get("source", "the paper's centred crop")
+    placed_by = pair.info.get("localisation", {}).get("fixed", {}).get("source", "paper's centred crop")
     return {"fixed_crop_centre": frame.to_physical((size - 1) / 2).tolist(),
             "fixed_crop_size": (size * frame.spacing).tolist(),
             "fixed_crop_axes": np.asarray(frame.direction).ravel().tolist(),
