@@ -33,33 +33,38 @@ from AgentRegistrationLib.preprocessing import resample_to_frame
 REPO = Path(__file__).resolve().parents[1]
 
 
-def placements(model: Path, subjects: list) -> dict[str, dict[str, Localisation]]:
-    """Per fixed subject: the label's localisation, the localiser's and the two halves."""
-    bundle = load_bundle(model)
-    localiser = localiser_from_payload(bundle.localisers["3"])
+def read_subjects(subjects: list) -> dict[str, tuple]:
+    """Per subject, read once: ``(image, label, the label's localisation)``."""
     out = {}
     for s in subjects:
-        oracle, found = localisation_from_label(read_label(s.label)), localise(localiser, read_image(s.image))
-        out[s.name] = {"oracle": oracle, "localiser": found,
-                       "label's centre, localiser's spread (as a point given by hand)":
-                           Localisation(oracle.centre, found.spread, "half"),
-                       "localiser's centre, label's spread": Localisation(found.centre, oracle.spread, "half"),
-                       "label's centre, the model's median spread (a point, on a model without localiser)":
-                           Localisation(oracle.centre, bundle.typical_spread(3), "point")}
+        label = read_label(s.label)
+        out[s.name] = (read_image(s.image), label, localisation_from_label(label))
     return out
 
 
-def crop_dice(model: Path, subjects: list, places: dict) -> dict[str, list[float]]:
-    """Per placement: the Dice of the two crops' labels over all ordered pairs."""
-    geometry = load_bundle(model).geometry
-    images = {s.name: (read_image(s.image), read_label(s.label)) for s in subjects}
-    moving_places = {name: localisation_from_label(label) for name, (_, label) in images.items()}
+def placements(bundle, images: dict[str, tuple]) -> dict[str, dict[str, Localisation]]:
+    """Per fixed subject: the label's localisation, the localiser's, the two halves and a point's."""
+    localiser = localiser_from_payload(bundle.localisers["3"])
+    out = {}
+    for name, (image, _, oracle) in images.items():
+        found = localise(localiser, image)
+        out[name] = {"oracle": oracle, "localiser": found,
+                     "label's centre, localiser's spread (as a point given by hand)":
+                         Localisation(oracle.centre, found.spread, "half"),
+                     "localiser's centre, label's spread": Localisation(found.centre, oracle.spread, "half"),
+                     "label's centre, the model's median spread (a point, on a model without localiser)":
+                         Localisation(oracle.centre, bundle.typical_spread(3), "point")}
+    return out
+
+
+def crop_dice(geometry, images: dict[str, tuple], places: dict) -> dict[str, list[float]]:
+    """Per placement: the Dice of the two crops' labels over all ordered pairs (the moving crop on its label)."""
     result: dict[str, list[float]] = {key: [] for key in next(iter(places.values()))}
     for moving, fixed in itertools.permutations(sorted(images), 2):
-        (fixed_image, fixed_label), (moving_image, moving_label) = images[fixed], images[moving]
+        (fixed_image, fixed_label, _), (moving_image, moving_label, moving_place) = images[fixed], images[moving]
         for key, place in places[fixed].items():
             frame = subject_frame(fixed_image, geometry, place)
-            moving_frame = subject_frame(moving_image, geometry, moving_places[moving], direction=frame.direction)
+            moving_frame = subject_frame(moving_image, geometry, moving_place, direction=frame.direction)
             result[key].append(dice(resample_to_frame(fixed_label, frame, label=True) > 0,
                                     resample_to_frame(moving_label, moving_frame, label=True) > 0))
     return result
@@ -78,9 +83,8 @@ def main(argv=None) -> int:
     subjects = find_subjects(args.data, load_split(args.split)["validation"])
     given = list(argv or sys.argv[1:])
     if "--note" in given:  # the note is shown below the command, not inside it
-        given[given.index("--note") + 1] = "'(below)'"
-    command = "python " + " ".join([shlex.quote(str(Path(sys.argv[0]))), *(a if a == "'(below)'" else shlex.quote(a)
-                                                                         for a in given)])
+        given[given.index("--note") + 1] = "(below)"
+    command = "python " + shlex.join([str(Path(sys.argv[0])), *given])
     lines = ["# What the fixed crop's placement costs", "", f"Made by `{command}`.", "",
              f"{len(subjects) * (len(subjects) - 1)} ordered pairs of the {len(subjects)} validation subjects of "
              f"`{args.split.name}` in `{args.data.name}`. Dice of the two crops' labels on the fixed image's model grid, "
@@ -89,9 +93,11 @@ def main(argv=None) -> int:
              "which a user does not have).", "", *([args.note, ""] if args.note else []),
              "| model | fixed crop placed by | Dice median | Dice mean | Dice min |", "|---|---|---:|---:|---:|"]
     details = []
+    images = read_subjects(subjects)
     for model in args.model:
-        places = placements(model, subjects)
-        for key, values in crop_dice(model, subjects, places).items():
+        bundle = load_bundle(model)
+        places = placements(bundle, images)
+        for key, values in crop_dice(bundle.geometry, images, places).items():
             lines.append(f"| `{model.name}` | {key} | {np.median(values):.3f} | {np.mean(values):.3f} | "
                          f"{np.min(values):.3f} |")
             print(lines[-1], flush=True)

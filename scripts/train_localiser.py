@@ -201,8 +201,8 @@ def main(argv=None) -> int:
         cases = subjects_of(folder, split["train"], args.dim, training=False)
         spreads[folder] = np.median([localisation_from_label(lab).spread for _, _, lab in cases], axis=0)
 
-    settings = {key: value for key, value in (("weighting", args.weighting),
-                                              ("refine", args.refine and args.refine == "yes")) if value is not None}
+    refine = None if args.refine is None else args.refine == "yes"
+    settings = {key: value for key, value in (("weighting", args.weighting), ("refine", refine)) if value is not None}
     config = replace(LocaliserConfig.default(args.dim), **settings)
     log = TrainingLog()
     initial, before = None, {"iterations": 0, "seconds": 0.0, "runs": []}

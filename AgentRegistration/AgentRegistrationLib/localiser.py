@@ -236,8 +236,7 @@ def ellipsoid_fit(p: np.ndarray, start: Localisation, grid: sitk.Image, edge: fl
 
     dim = p.ndim
     spacing = np.array(grid.GetSpacing())
-    coords = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in p.shape[::-1]], indexing="ij")  # x, y[, z]
-    coords = [c.transpose() for c in coords]  # each in array order, like p
+    coords = np.indices(p.shape, dtype=np.float64)[::-1]  # index x, y[, z] of each voxel, arrays in p's order
     centre0 = np.array(grid.TransformPhysicalPointToContinuousIndex(np.asarray(start.centre).tolist()))
     axes0 = np.maximum(start.spread / spacing, 0.5) * math.sqrt(dim + 2)
     mass = p.sum()
