@@ -9,6 +9,7 @@ worker (the shipped models, their stop rule off so a run takes every step) throu
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -368,13 +369,7 @@ def test_the_fixed_crop_is_a_locked_roi_around_the_fixed_prostate(real_run):
     roi.GetCenter(centre)
     np.testing.assert_allclose(centre, mrml.ras_from_lps(metrics["fixed_crop_centre"]), atol=1e-6)
     prostate = localisation_from_label(mrml.segmentation_to_labelmap_sitk(nodes["fixed_label"], nodes["fixed"]))
-    ras_to_object = np.linalg.inv(np.array([[roi.GetObjectToNodeMatrix().GetElement(r, c) for c in range(4)]
-                                            for r in range(4)]))
-
-    def in_box(lps):  # by the ROI node's own matrix and size, as Slicer draws it
-        local = ras_to_object @ np.r_[mrml.ras_from_lps(lps), 1.0]
-        return bool(np.all(np.abs(local[:3]) <= np.array(roi.GetSize()) / 2))
-
+    in_box = functools.partial(_in_roi, roi)
     assert in_box(prostate.centre)
     axes = np.asarray(metrics["fixed_crop_axes"]).reshape(3, 3)  # columns: the box's axes (the fixed volume's)
     size = np.asarray(metrics["fixed_crop_size"])
@@ -384,6 +379,14 @@ def test_the_fixed_crop_is_a_locked_roi_around_the_fixed_prostate(real_run):
         assert in_box(inside) and not in_box(outside), axis
     assert np.all((size / (np.array(BOX_SPREADS[3]) * prostate.spread) > 0.7)
                   & (size / (np.array(BOX_SPREADS[3]) * prostate.spread) < 1.5)), (size, prostate.spread)
+
+
+def _in_roi(roi, lps) -> bool:
+    """Whether an LPS point lies in a markups ROI, by the ROI node's own matrix and size (as Slicer draws it)."""
+    ras_to_object = np.linalg.inv(np.array([[roi.GetObjectToNodeMatrix().GetElement(r, c) for c in range(4)]
+                                            for r in range(4)]))
+    local = ras_to_object @ np.r_[mrml.ras_from_lps(lps), 1.0]
+    return bool(np.all(np.abs(local[:3]) <= np.array(roi.GetSize()) / 2))
 
 
 def test_every_key_the_table_reads_is_in_the_metrics_schema():
@@ -616,6 +619,30 @@ def test_the_markups_point_is_given_to_the_engine_in_the_slices_frame(slice_run)
     fixed = mrml.sitk_from_volume_node(slice_run["nodes"]["fixed"])
     expected = np.multiply((64, 60), fixed.GetSpacing()[:2])  # the point's in-plane offset from the first voxel
     np.testing.assert_allclose([float(v) for v in value.split(",")], expected, atol=1e-6)
+
+
+def test_a_2d_crop_is_a_locked_roi_on_the_fixed_slice_around_the_point(slice_run):
+    """A 2-D model's crop (2-D in metrics.json, in the slice's frame) becomes an ROI on the oblique fixed slice, one
+    slice thick, centred on the markups point that placed it, holding the prostate of that slice."""
+    from AgentRegistrationLib.localisation import localisation_from_label
+
+    metrics = json.loads((slice_run["output"] / protocol.METRICS_JSON).read_text())
+    roi, nodes = slice_run["result"].fixed_crop, slice_run["nodes"]
+    assert len(metrics["fixed_crop_centre"]) == 2 and metrics["fixed_crop_placed_by"] == "point on the fixed image"
+    assert roi is not None and roi.GetLocked() and roi in slice_run["result"].all_nodes()
+    fixed = mrml.sitk_from_volume_node(nodes["fixed"])
+    point = np.array(fixed.TransformContinuousIndexToPhysicalPoint((64, 60, 0)))  # where the markups point lies
+    centre = [0.0, 0.0, 0.0]
+    roi.GetCenter(centre)
+    assert np.linalg.norm(mrml.lps_from_ras(centre) - point) < max(fixed.GetSpacing()[:2])
+    prostate = localisation_from_label(mrml.segmentation_to_labelmap_sitk(nodes["fixed_label"], nodes["fixed"]))
+    assert _in_roi(roi, prostate.centre)
+    direction = np.array(fixed.GetDirection()).reshape(3, 3)
+    size = np.asarray(metrics["fixed_crop_size"])
+    for axis in range(2):  # the box's in-plane axes are the slice's voxel axes
+        assert _in_roi(roi, point + 0.4 * size[axis] * direction[:, axis])
+        assert not _in_roi(roi, point + 0.6 * size[axis] * direction[:, axis])
+    assert not _in_roi(roi, point + fixed.GetSpacing()[2] * direction[:, 2])  # one slice off the plane: outside
 
 
 def test_the_step_volumes_of_a_slice_are_on_the_slice(slice_run):

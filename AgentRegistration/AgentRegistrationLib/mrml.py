@@ -223,6 +223,17 @@ class SlicePlane:
         out.SetDirection(direction.ravel().tolist())
         return out
 
+    def box_to_3d(self, centre: Sequence[float], size: Sequence[float], axes: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A box of the 2-D frame (centre, size, 2x2 axes as columns) as the 3-D box on the slice (LPS): its third
+        axis is the slice's normal, one slice thick."""
+        columns = self._columns
+        thin_axis = ({0, 1, 2} - set(self.axes)).pop()
+        centre_3d = np.array(self.reference.GetOrigin()) + columns @ np.asarray(centre, dtype=float)
+        axes_3d = np.column_stack([columns @ np.asarray(axes, dtype=float), self._normal])
+        size_3d = np.r_[np.asarray(size, dtype=float), self.reference.GetSpacing()[thin_axis]]
+        return centre_3d, size_3d, axes_3d
+
     def to_3d(self, image: sitk.Image) -> sitk.Image:
         """A 2-D output on this plane's 2-D grid (an image or a displacement field) as the 3-D slice."""
         array = sitk.GetArrayFromImage(image)
@@ -594,14 +605,20 @@ def step_sequence_nodes(step_files: Iterable[Path], scene: slicer.vtkMRMLScene, 
     return sequence, browser
 
 
-def fixed_crop_roi_node(metrics: dict, scene: slicer.vtkMRMLScene, name: str) -> slicer.vtkMRMLMarkupsROINode | None:
+def fixed_crop_roi_node(metrics: dict, scene: slicer.vtkMRMLScene, name: str, plane: SlicePlane | None = None
+                        ) -> slicer.vtkMRMLMarkupsROINode | None:
     """The fixed crop box the agent worked on (metrics.json's ``fixed_crop_*``) as a markups ROI on the fixed volume,
-    locked, so that a user sees where the localiser (or a point) placed it; ``None`` for a 2-D model's crop or
-    metrics without it."""
+    locked, so that a user sees where the localiser (or a point) placed it; a 2-D model's crop lies on ``plane`` (the
+    fixed slice), one slice thick. ``None`` for metrics without it, or a 2-D crop without its slice."""
     centre, size = metrics.get("fixed_crop_centre"), metrics.get("fixed_crop_size")
-    if centre is None or size is None or len(centre) != 3:
+    if centre is None or size is None:
         return None
-    axes_ras = LPS_TO_RAS @ np.asarray(metrics["fixed_crop_axes"], dtype=float).reshape(3, 3)
+    axes = np.asarray(metrics["fixed_crop_axes"], dtype=float).reshape(len(centre), len(centre))
+    if len(centre) == 2:
+        if plane is None:
+            return None
+        centre, size, axes = plane.box_to_3d(centre, size, axes)
+    axes_ras = LPS_TO_RAS @ axes
     matrix = np.eye(4)
     matrix[:3, :3] = axes_ras
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
@@ -680,7 +697,7 @@ def import_register_results(output_dir: str | Path, scene: slicer.vtkMRMLScene,
                                                           moving_node, node=transform_node)
         warped = volume_node_from_sitk(warped_image, scene, f"{name} warped", node=warped_node)
         table = metrics_table_node(metrics, scene, f"{name} metrics", node=metrics_node)
-        crop = fixed_crop_roi_node(metrics, scene, f"{name} fixed crop")
+        crop = fixed_crop_roi_node(metrics, scene, f"{name} fixed crop", plane)
         result = RegistrationResultNodes(warped, transform, trajectory_table, chart, metrics, table, sequence, browser,
                                          crop)
         known = {n.GetID() for n in result.all_nodes()}
