@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from AgentRegistrationLib.bundle import load_bundle
-from AgentRegistrationLib.dataset import find_subjects, load_split, subject_frame
+from AgentRegistrationLib.dataset import find_subjects, load_split
 from AgentRegistrationLib.image_io import read_image, read_label
 from AgentRegistrationLib.localisation import Localisation, localisation_from_label
 from AgentRegistrationLib.localiser import localise, localiser_from_payload
 from AgentRegistrationLib.metrics import dice
-from AgentRegistrationLib.preprocessing import resample_to_frame
+from AgentRegistrationLib.preprocessing import organ_frames, resample_to_frame
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,8 +63,7 @@ def crop_dice(geometry, images: dict[str, tuple], places: dict) -> dict[str, lis
     for moving, fixed in itertools.permutations(sorted(images), 2):
         (fixed_image, fixed_label, _), (moving_image, moving_label, moving_place) = images[fixed], images[moving]
         for key, place in places[fixed].items():
-            frame = subject_frame(fixed_image, geometry, place)
-            moving_frame = subject_frame(moving_image, geometry, moving_place, direction=frame.direction)
+            frame, moving_frame = organ_frames(fixed_image, moving_image, geometry, place, moving_place)
             result[key].append(dice(resample_to_frame(fixed_label, frame, label=True) > 0,
                                     resample_to_frame(moving_label, moving_frame, label=True) > 0))
     return result

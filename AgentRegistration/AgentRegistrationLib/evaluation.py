@@ -126,7 +126,7 @@ def prepare_evaluation_pair(fixed: Subject, moving: Subject, geometry: ModelGeom
     from .image_io import read_image, read_label
     from .localisation import localisation_from_label
     from .localiser import localise
-    from .preprocessing import normalise_intensity, prealign_translation, resample_to_frame
+    from .preprocessing import normalise_intensity, organ_frames, prealign_translation, resample_to_frame
 
     fixed_image = read_image(fixed.image, f"image of {fixed.name}")
     moving_image = read_image(moving.image, f"image of {moving.name}")
@@ -139,9 +139,8 @@ def prepare_evaluation_pair(fixed: Subject, moving: Subject, geometry: ModelGeom
             fixed_place, placed_by = localise(localiser, fixed_image), "localiser"
         else:
             fixed_place, placed_by = localisation_from_label(fixed_label, "fixed label"), "fixed label (oracle)"
-        frame = subject_frame(fixed_image, geometry, fixed_place)
-        moving_frame = subject_frame(moving_image, geometry, localisation_from_label(moving_label, "moving label"),
-                                     direction=frame.direction)
+        frame, moving_frame = organ_frames(fixed_image, moving_image, geometry, fixed_place,
+                                           localisation_from_label(moving_label, "moving label"))
         status = f"boxes on the organ; fixed placed by the {placed_by}"
     else:
         _load_elastix()

@@ -289,6 +289,16 @@ def middle_slice(image: sitk.Image, index: int | None = None) -> sitk.Image:
     return image[:, :, z]
 
 
+def organ_frames(fixed: sitk.Image, moving: sitk.Image, geometry: ModelGeometry, fixed_localisation: Localisation,
+                 moving_localisation: Localisation) -> tuple[ModelFrame, ModelFrame]:
+    """The two crop boxes of a localised ``geometry``, each on its image's organ, the moving one with the fixed one's
+    axes. A 2-D model on 3-D volumes takes one slice of each box (the slice nearest the organ's centre)."""
+    if geometry.dim == 2 and fixed.GetDimension() == 3:
+        geometry = geometry.slab()
+    frame = ModelFrame.on_localisation(fixed, geometry, fixed_localisation)
+    return frame, ModelFrame.on_localisation(moving, geometry, moving_localisation, direction=frame.direction)
+
+
 def prepare_pair(
     fixed: sitk.Image,
     moving: sitk.Image,
@@ -314,8 +324,7 @@ def prepare_pair(
     if geometry.localised:
         if fixed_localisation is None or moving_localisation is None:
             raise ValueError("this model crops each image on its organ: give both localisations")
-        frame = ModelFrame.on_localisation(fixed, geometry, fixed_localisation)
-        moving_frame = ModelFrame.on_localisation(moving, geometry, moving_localisation, direction=frame.direction)
+        frame, moving_frame = organ_frames(fixed, moving, geometry, fixed_localisation, moving_localisation)
         info = {"localisation": {"fixed": fixed_localisation.to_dict(), "moving": moving_localisation.to_dict()}}
         where = "the organ's crop box"
     else:
