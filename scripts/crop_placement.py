@@ -6,10 +6,13 @@ such a point places with a model that has no localiser).
 
 Every pair as ``agentreg evaluate`` makes it: the moving crop placed by the moving label (the atlas case), the
 fixed one as the row says, both on the fixed image's model grid; a 2-D model takes its slab of the volume (placed
-by the 3-D localiser, as for a user's volume). Also per model: the localiser's centre error (mm) and spread ratio
+by the 3-D localiser, as for a user's volume). With ``--slices`` the pairs are single 2-D slices instead, each
+subject's axial slice through its prostate's centroid, and the fixed crop is placed by the model's 2-D localiser (what
+a user's single-slice volume gets in Slicer). Also per model: the localiser's centre error (mm) and spread ratio
 (localiser / label) per fixed subject.
 
     python scripts/crop_placement.py --model Resources/Models/prostate-3d.pt --out results/crop_placement_3d.md
+    python scripts/crop_placement.py --slices --model Resources/Models/prostate-2d.pt --out results/crop_placement_slices.md
 """
 
 from __future__ import annotations
@@ -26,25 +29,32 @@ from AgentRegistrationLib.bundle import load_bundle
 from AgentRegistrationLib.dataset import find_subjects, load_split
 from AgentRegistrationLib.image_io import read_image, read_label
 from AgentRegistrationLib.localisation import Localisation, localisation_from_label
-from AgentRegistrationLib.localiser import localise, localiser_from_payload
+from AgentRegistrationLib.localiser import centroid_slice, localise, localiser_from_payload
 from AgentRegistrationLib.metrics import dice
 from AgentRegistrationLib.preprocessing import organ_frames, resample_to_frame
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def read_subjects(subjects: list) -> dict[str, tuple]:
-    """Per subject, read once: ``(image, label, the label's localisation)``."""
+def read_subjects(subjects: list, slices: bool = False) -> dict[str, tuple]:
+    """Per subject, read once: ``(image, label, the label's localisation)``; with ``slices``, of its axial slice
+    through the prostate's centroid (2-D images)."""
     out = {}
     for s in subjects:
-        label = read_label(s.label)
-        out[s.name] = (read_image(s.image), label, localisation_from_label(label))
+        image, label = read_image(s.image), read_label(s.label)
+        if slices:
+            z = centroid_slice(label)
+            image, label = image[:, :, z], label[:, :, z]
+        out[s.name] = (image, label, localisation_from_label(label))
     return out
 
 
 def placements(bundle, images: dict[str, tuple]) -> dict[str, dict[str, Localisation]]:
     """Per fixed subject: the label's localisation, the localiser's, the two halves and a point's."""
-    localiser = localiser_from_payload(bundle.localisers["3"])
+    dim = next(iter(images.values()))[0].GetDimension()
+    if str(dim) not in bundle.localisers:
+        raise SystemExit(f"the model has no {dim}-D localiser")
+    localiser = localiser_from_payload(bundle.localisers[str(dim)])
     out = {}
     for name, (image, _, oracle) in images.items():
         found = localise(localiser, image)
@@ -53,7 +63,7 @@ def placements(bundle, images: dict[str, tuple]) -> dict[str, dict[str, Localisa
                          Localisation(oracle.centre, found.spread, "half"),
                      "localiser's centre, label's spread": Localisation(found.centre, oracle.spread, "half"),
                      "label's centre, the model's median spread (a point, on a model without localiser)":
-                         Localisation(oracle.centre, bundle.typical_spread(3), "point")}
+                         Localisation(oracle.centre, bundle.typical_spread(dim), "point")}
     return out
 
 
@@ -77,6 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--split", type=Path, default=REPO / "Resources" / "promise12_split.json")
     p.add_argument("--out", type=Path, required=True, help="Markdown report")
     p.add_argument("--note", default="", help="a sentence for the report (e.g. where each model comes from)")
+    p.add_argument("--slices", action="store_true",
+                   help="pairs of single slices (through each prostate's centroid), placed by the 2-D localiser")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     subjects = find_subjects(args.data, load_split(args.split)["validation"])
@@ -86,13 +98,16 @@ def main(argv=None) -> int:
     command = "python " + shlex.join([str(Path(sys.argv[0])), *given])
     lines = ["# What the fixed crop's placement costs", "", f"Made by `{command}`.", "",
              f"{len(subjects) * (len(subjects) - 1)} ordered pairs of the {len(subjects)} validation subjects of "
-             f"`{args.split.name}` in `{args.data.name}`. Dice of the two crops' labels on the fixed image's model grid, "
+             f"`{args.split.name}` in `{args.data.name}`"
+             + (", each subject's axial slice through its prostate's centroid (2-D images; the fixed crop placed by the "
+                "model's 2-D localiser)" if args.slices else "")
+             + ". Dice of the two crops' labels on the fixed image's model grid, "
              "with no deformation (the 'localised' start every method of `agentreg evaluate` begins from); the "
              "moving crop placed by the moving label, the fixed one as the row says ('oracle': by the fixed label, "
              "which a user does not have).", "", *([args.note, ""] if args.note else []),
              "| model | fixed crop placed by | Dice median | Dice mean | Dice min |", "|---|---|---:|---:|---:|"]
     details = []
-    images = read_subjects(subjects)
+    images = read_subjects(subjects, args.slices)
     for model in args.model:
         bundle = load_bundle(model)
         places = placements(bundle, images)

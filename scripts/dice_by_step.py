@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from AgentRegistrationLib.agent import dice_by_margin, stop_steps
 from AgentRegistrationLib.bundle import load_bundle
 from AgentRegistrationLib.evaluation import prepared_pairs
 
@@ -25,8 +26,9 @@ STEPS = 200
 SHOWN = (0, 10, 25, 50, 100, 150, 200)
 
 
-def dice_by_step(model: Path, evaluation: Path, stop_rule: bool | None) -> tuple[np.ndarray, int]:
-    """``(STEPS + 1, pairs)`` Dice after each step (row 0: the start), and the number of pairs."""
+def dice_by_step(model: Path, evaluation: Path, stop_rule: bool | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(STEPS + 1, pairs)`` Dice after each step (row 0: the start), and the ``(steps, pairs)`` best allowed
+    Q-values before each step (what the stop rule compares with its margin)."""
     bundle = load_bundle(model)
     pairs = [pair for _, pair in prepared_pairs(evaluation, bundle.geometry)]
     if not pairs:
@@ -41,7 +43,20 @@ def dice_by_step(model: Path, evaluation: Path, stop_rule: bool | None) -> tuple
     curve = torch.cat([start[None], torch.stack(result.trajectory.dice)]).numpy()
     if len(curve) < STEPS + 1:  # every pair stopped: the rest of the curve stays where it is
         curve = np.concatenate([curve, np.repeat(curve[-1:], STEPS + 1 - len(curve), axis=0)])
-    return curve, len(pairs)
+    return curve, result.trajectory.best_allowed_q().numpy()
+
+
+def margin_rows(name: str, curve: np.ndarray, best_q: np.ndarray, cap: int) -> list[str]:
+    """Table rows from one run without a stop: each pair at its own best step (what no stop rule can beat), and
+    where the stop rule with each margin of ``agent.STOP_MARGINS`` would have stopped it, under the model's cap."""
+    cell = lambda values: f"{np.median(values):.3f} / {np.mean(values):.3f}"  # noqa: E731
+    rows = [f"| `{name}` | the crops alone (step 0) | {cell(curve[0])} | 0 |",
+            f"| `{name}` | each pair at its own best step | {cell(curve.max(axis=0))} | "
+            f"{np.median(curve.argmax(axis=0)):.0f} |"]
+    for margin, values in dice_by_margin(best_q, curve, cap).items():
+        rows.append(f"| `{name}` | stop rule, margin {margin:g}, at most {cap} steps | {cell(values)} | "
+                    f"{np.median(stop_steps(best_q, margin, cap)):.0f} |")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -66,6 +81,11 @@ def main(argv=None) -> int:
              "steps, whatever the model's default cap.", "",
              "| model | run | pairs | " + " | ".join(f"step {s}" for s in SHOWN) + " | best step (median) | at 200 - best |",
              "|---|---|---|" + "---|" * (len(SHOWN) + 2)]
+    margins = ["", "What any stop rule could make of the run without a stop (Dice median / mean over the pairs; a pair "
+               "stopped by a margin keeps the Dice of its stopping step). The models' margins are chosen on pairs of "
+               "training subjects; these rows are measured on the validation pairs, to understand them, not to "
+               "choose.", "", "| model | where each pair ends | Dice median / mean | steps (median) |",
+               "|---|---|---:|---:|"]
     fig, ax = plt.subplots(figsize=(7, 4))
     for model in args.model:
         bundle = load_bundle(model)
@@ -73,7 +93,10 @@ def main(argv=None) -> int:
         runs = [("no stop", False)] + ([(f"stop rule, margin {defaults.stop_margin:g}", True)]
                                        if defaults.stop_when_no_action_helps else [])
         for name, rule in runs:
-            curve, n = dice_by_step(Path(model), Path(args.evaluation), rule)
+            curve, best_q = dice_by_step(Path(model), Path(args.evaluation), rule)
+            n = curve.shape[1]
+            if not rule:
+                margins += margin_rows(Path(model).name, curve, best_q, min(defaults.steps, STEPS))
             median = np.median(curve, axis=1)
             best = int(np.argmax(median))
             lines.append(f"| `{Path(model).name}` | {name} | {n} | " + " | ".join(f"{median[s]:.3f}" for s in SHOWN)
@@ -86,7 +109,7 @@ def main(argv=None) -> int:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=100)
-    lines += ["", f"![median Dice by step]({out.with_suffix('.png').name})", ""]
+    lines += ["", f"![median Dice by step]({out.with_suffix('.png').name})", *margins, ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
