@@ -102,7 +102,9 @@ def main(argv=None) -> int:
              + (", each subject's axial slice through its prostate's centroid (2-D images; the fixed crop placed by the "
                 "model's 2-D localiser)" if args.slices else "")
              + ". Dice of the two crops' labels on the fixed image's model grid, "
-             "with no deformation (the 'localised' start every method of `agentreg evaluate` begins from); the "
+             "with no deformation (" + ("the start of a single-slice registration" if args.slices else
+                                        "the 'localised' start every method of `agentreg evaluate` begins from")
+             + "); the "
              "moving crop placed by the moving label, the fixed one as the row says ('oracle': by the fixed label, "
              "which a user does not have).", "", *([args.note, ""] if args.note else []),
              "| model | fixed crop placed by | Dice median | Dice mean | Dice min |", "|---|---|---:|---:|---:|"]

@@ -191,9 +191,13 @@ class SlicePlane:
         return np.array(self.reference.GetDirection(), dtype=float).reshape(3, 3)[:, list(self.axes)]
 
     @property
+    def _thin_axis(self) -> int:
+        """The voxel axis across the slice (the one of size 1)."""
+        return ({0, 1, 2} - set(self.axes)).pop()
+
+    @property
     def _normal(self) -> np.ndarray:
-        thin_axis = ({0, 1, 2} - set(self.axes)).pop()
-        return np.array(self.reference.GetDirection(), dtype=float).reshape(3, 3)[:, thin_axis]
+        return np.array(self.reference.GetDirection(), dtype=float).reshape(3, 3)[:, self._thin_axis]
 
     def with_moving(self, moving: sitk.Image) -> SlicePlane:
         """This plane, knowing how far the moving slice (a parallel one) lies from it."""
@@ -216,8 +220,8 @@ class SlicePlane:
             raise ValueError(f"the slice of {name} is not parallel to the fixed slice: reslice it onto the fixed "
                              "volume's plane first (e.g. the Resample Image (BRAINS) module)")
         array = sitk.GetArrayFromImage(image)
-        thin_axis = ({0, 1, 2} - set(plane.axes)).pop()
-        out = sitk.GetImageFromArray(np.take(array, 0, axis=2 - thin_axis), isVector=image.GetNumberOfComponentsPerPixel() > 1)
+        out = sitk.GetImageFromArray(np.take(array, 0, axis=2 - plane._thin_axis),
+                                     isVector=image.GetNumberOfComponentsPerPixel() > 1)
         out.SetSpacing([image.GetSpacing()[a] for a in plane.axes])
         out.SetOrigin(self.point_2d(image.GetOrigin()).tolist())
         out.SetDirection(direction.ravel().tolist())
@@ -228,20 +232,18 @@ class SlicePlane:
         """A box of the 2-D frame (centre, size, 2x2 axes as columns) as the 3-D box on the slice (LPS): its third
         axis is the slice's normal, one slice thick."""
         columns = self._columns
-        thin_axis = ({0, 1, 2} - set(self.axes)).pop()
         centre_3d = np.array(self.reference.GetOrigin()) + columns @ np.asarray(centre, dtype=float)
         axes_3d = np.column_stack([columns @ np.asarray(axes, dtype=float), self._normal])
-        size_3d = np.r_[np.asarray(size, dtype=float), self.reference.GetSpacing()[thin_axis]]
+        size_3d = np.r_[np.asarray(size, dtype=float), self.reference.GetSpacing()[self._thin_axis]]
         return centre_3d, size_3d, axes_3d
 
     def to_3d(self, image: sitk.Image) -> sitk.Image:
         """A 2-D output on this plane's 2-D grid (an image or a displacement field) as the 3-D slice."""
         array = sitk.GetArrayFromImage(image)
-        thin_axis = ({0, 1, 2} - set(self.axes)).pop()
         vector = image.GetNumberOfComponentsPerPixel() > 1
         if vector:  # (a, b) in the 2-D frame -> a * u + b * v + moving_offset * n in LPS
             array = array.astype(np.float64) @ self._columns.T + self.moving_offset * self._normal
-        out = sitk.GetImageFromArray(np.expand_dims(array, axis=2 - thin_axis), isVector=vector)
+        out = sitk.GetImageFromArray(np.expand_dims(array, axis=2 - self._thin_axis), isVector=vector)
         out.CopyInformation(self.reference)
         return out
 
