@@ -15,8 +15,8 @@ from typing import Annotated, Union
 import qt
 import slicer
 import vtk
-from AgentRegistrationGUILib import slicer_setup
-from AgentRegistrationLib import mrml, protocol
+from AgentRegistrationGUILib import cohort_job, jobs, nodes, registration_job, result_nodes, slicer_setup
+from AgentRegistrationLib.contract import layout, messages, worker_commands
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
     vtkMRMLMarkupsFiducialNode,
@@ -40,7 +40,7 @@ MODULE_DIR = Path(__file__).resolve().parent
 
 def resourceFile(*parts: str) -> Path | None:
     """First existing ``Resources/<parts>`` of the extension (installed or source tree), or None."""
-    return protocol.resource_file(__file__, *parts)
+    return layout.resource_file(__file__, *parts)
 
 
 def userModelsFolder() -> Path:
@@ -50,15 +50,15 @@ def userModelsFolder() -> Path:
 
 def modelFolders() -> list[Path]:
     """Folders whose ``*.pt`` bundles are listed: the shipped models, then the user's trained ones."""
-    return [folder / "Models" for folder in protocol.resource_dirs(__file__)] + [userModelsFolder()]
+    return [folder / "Models" for folder in layout.resource_dirs(__file__)] + [userModelsFolder()]
 
 
 def availableModels() -> dict[str, Path]:
     """Models by name, read afresh (a model trained or copied in meanwhile is listed)."""
-    return protocol.available_models(modelFolders())
+    return layout.available_models(modelFolders())
 
 
-JobState = protocol.JobState
+JobState = jobs.JobState
 
 
 #
@@ -99,7 +99,7 @@ class AgentRegistrationParameterNode:
     movingSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]  # noqa: UP007
     fixedPoint: vtkMRMLMarkupsFiducialNode  # its first point: the prostate's centre on the fixed volume
     modelPath: Path
-    device: Annotated[str, Choice(list(protocol.DEVICE_CHOICES))] = "Auto"
+    device: Annotated[str, Choice(list(worker_commands.DEVICE_CHOICES))] = "Auto"
     steps: Annotated[int, WithinRange(0, 10000)] = 0  # 0: the model's default
     fuzzyActionControl: bool = True
     fuzzyK: Annotated[float, WithinRange(0.0, 10.0)] = 0.0  # 0: the model's default
@@ -127,12 +127,12 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job: mrml.RegistrationJob | None = None
+        self._job: registration_job.RegistrationJob | None = None
         self._state = JobState.IDLE
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.timeout.connect(self.onTimer)
-        self._cohort: mrml.CohortJob | None = None  # several patients: one register-many worker
+        self._cohort: cohort_job.CohortJob | None = None  # several patients: one register-many worker
         self._cohortState = JobState.IDLE
         self._cohortTimer = qt.QTimer()
         self._cohortTimer.setInterval(200)
@@ -202,7 +202,7 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.modelPath.is_file():
-            model = protocol.default_model(availableModels())
+            model = layout.default_model(availableModels())
             if model is not None:
                 self._parameterNode.modelPath = model
         self.refreshModelList()
@@ -224,11 +224,11 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def onLoadSampleData(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to load the sample data."), waitCursor=True):
-            nodes = self.logic.loadSampleData()
+            sample = self.logic.loadSampleData()
             p = self._parameterNode
-            p.fixedVolume, p.movingVolume = nodes["fixed"], nodes["moving"]
-            p.fixedSegmentation, p.movingSegmentation = nodes["fixed_label"], nodes["moving_label"]
-            slicer.util.setSliceViewerLayers(background=nodes["fixed"], fit=True)
+            p.fixedVolume, p.movingVolume = sample["fixed"], sample["moving"]
+            p.fixedSegmentation, p.movingSegmentation = sample["fixed_label"], sample["moving_label"]
+            slicer.util.setSliceViewerLayers(background=sample["fixed"], fit=True)
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -282,18 +282,18 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._timer.start()
 
     def onTimer(self) -> None:
-        """Drain the worker's messages (rendered by protocol.progress_text); finish when it has ended."""
+        """Drain the worker's messages (rendered by messages.progress_text); finish when it has ended."""
         job = self._job.job
         for message in job.poll():
-            if message.get("stage") == protocol.STAGE_LOG:
+            if message.get("stage") == messages.STAGE_LOG:
                 logging.info(message.get("message", ""))
                 continue
-            bar = protocol.progress_range(message)  # each stage from its start; (0, 0): busy
+            bar = messages.progress_range(message)  # each stage from its start; (0, 0): busy
             if bar is not None:
                 self.ui.progressBar.setRange(bar[0], bar[1])
                 self.ui.progressBar.value = bar[2]
             if self._state == JobState.RUNNING:
-                self.ui.statusLabel.text = protocol.progress_text(message)
+                self.ui.statusLabel.text = messages.progress_text(message)
         if not job.done():
             return
         self._timer.stop()
@@ -304,7 +304,7 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         p = self._parameterNode
         try:
-            result = mrml.finish_registration(registration, slicer.modules.sequences.logic(),
+            result = registration_job.finish_registration(registration, slicer.modules.sequences.logic(),
                                               warped_node=p.warpedVolume, transform_node=p.outputTransform,
                                               metrics_node=p.metricsTable)
         except Exception as error:
@@ -312,9 +312,9 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             slicer.util.errorDisplay(_("Registration failed."), detailedText=str(error))
             return
         self._showResult(result)
-        self.setState(JobState.SUCCEEDED, mrml.summary_text(result.metrics))
+        self.setState(JobState.SUCCEEDED, registration_job.summary_text(result.metrics))
 
-    def _showResult(self, result: mrml.RegistrationResultNodes) -> None:
+    def _showResult(self, result: result_nodes.RegistrationResultNodes) -> None:
         p = self._parameterNode
         p.warpedVolume = result.warped_volume
         p.outputTransform = result.transform
@@ -368,15 +368,15 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         """Drain the register-many worker's messages (one per patient); import its results when it has ended."""
         job = self._cohort.job
         for message in job.poll():
-            if message.get("stage") == protocol.STAGE_LOG:
+            if message.get("stage") == messages.STAGE_LOG:
                 logging.info(message.get("message", ""))
                 continue
-            bar = protocol.progress_range(message)
+            bar = messages.progress_range(message)
             if bar is not None:
                 self.ui.cohortProgressBar.setRange(bar[0], bar[1])
                 self.ui.cohortProgressBar.value = bar[2]
             if self._cohortState == JobState.RUNNING:
-                self.ui.cohortStatusLabel.text = protocol.progress_text(message)
+                self.ui.cohortStatusLabel.text = messages.progress_text(message)
         if not job.done():
             return
         self._cohortTimer.stop()
@@ -386,7 +386,7 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.setCohortState(JobState.IDLE, _("Cancelled; the scene was not changed."))
             return
         try:
-            result = mrml.finish_cohort_registration(cohort)
+            result = cohort_job.finish_cohort_registration(cohort)
         except Exception as error:
             self.setCohortState(JobState.FAILED, _("Failed: {error}").format(error=error))
             slicer.util.errorDisplay(_("Registration of the patients failed."), detailedText=str(error))
@@ -398,12 +398,12 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
         slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.summary_table.GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
-        self.setCohortState(JobState.SUCCEEDED, mrml.cohort_summary_text(result))
+        self.setCohortState(JobState.SUCCEEDED, cohort_job.cohort_summary_text(result))
 
     def onPropagateButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to propagate the segmentation."), waitCursor=True):
             p = self._parameterNode
-            p.propagatedSegmentation = mrml.propagate_segmentation(
+            p.propagatedSegmentation = nodes.propagate_segmentation(
                 p.movingSegmentation, p.outputTransform, p.fixedVolume,
                 slicer.mrmlScene.GenerateUniqueName(f"{p.movingSegmentation.GetName()} on fixed"))
 
@@ -422,7 +422,7 @@ class AgentRegistrationLogic(ScriptedLoadableModuleLogic):
     def startRegistration(self, fixedVolume, movingVolume, model, fixedSegmentation=None,
                           movingSegmentation=None, fixedPoint=None, device: str = "Auto", steps: int | None = None,
                           fuzzyActionControl: bool = True, fuzzyK: float | None = None, seed: int = 0,
-                          saveStepsEvery: int = 10, keepTemporaryFiles: bool = False) -> mrml.RegistrationJob:
+                          saveStepsEvery: int = 10, keepTemporaryFiles: bool = False) -> registration_job.RegistrationJob:
         """Check the inputs, write them to a temporary folder and start the worker (``agentreg register``).
 
         ``model``: a listed model's name or a .pt file; ``steps``/``fuzzyK`` 0 or None: the model's defaults.
@@ -430,8 +430,8 @@ class AgentRegistrationLogic(ScriptedLoadableModuleLogic):
         registers a single-slice volume (its results come back onto the slice).
         """
         model = Path(availableModels().get(str(model), model))
-        return mrml.start_registration(
-            slicer_setup.worker_python(), protocol.engine_dir(__file__), fixedVolume, movingVolume, model,
+        return registration_job.start_registration(
+            slicer_setup.worker_python(), layout.engine_dir(__file__), fixedVolume, movingVolume, model,
             fixed_segmentation=fixedSegmentation, moving_segmentation=movingSegmentation, fixed_point=fixedPoint,
             temporary_root=slicer.app.temporaryPath, keep_temporary_files=keepTemporaryFiles, device=device,
             steps=steps, seed=seed, fuzzy_action_control=fuzzyActionControl, fuzzy_k=fuzzyK,
@@ -440,19 +440,19 @@ class AgentRegistrationLogic(ScriptedLoadableModuleLogic):
     def startCohortRegistration(self, atlasVolume, model, atlasSegmentation=None, fixedVolumes=(),
                                 patientsFolder=None, device: str = "Auto", steps: int | None = None,
                                 fuzzyActionControl: bool = True, fuzzyK: float | None = None, seed: int = 0,
-                                keepTemporaryFiles: bool = False) -> mrml.CohortJob:
+                                keepTemporaryFiles: bool = False) -> cohort_job.CohortJob:
         """Register the atlas (``atlasVolume``, its ``atlasSegmentation`` propagated) to each of ``fixedVolumes``, or
         to every image of ``patientsFolder``, in one ``agentreg register-many`` worker; finish with
-        ``mrml.finish_cohort_registration`` (a segmentation per patient and the summary table)."""
+        ``cohort_job.finish_cohort_registration`` (a segmentation per patient and the summary table)."""
         model = Path(availableModels().get(str(model), model))
-        return mrml.start_cohort_registration(
-            slicer_setup.worker_python(), protocol.engine_dir(__file__), atlasVolume, model,
+        return cohort_job.start_cohort_registration(
+            slicer_setup.worker_python(), layout.engine_dir(__file__), atlasVolume, model,
             atlas_segmentation=atlasSegmentation, fixed_nodes=list(fixedVolumes), patients_folder=patientsFolder,
             temporary_root=slicer.app.temporaryPath, keep_temporary_files=keepTemporaryFiles, device=device,
             steps=steps, seed=seed, fuzzy_action_control=fuzzyActionControl, fuzzy_k=fuzzyK)
 
     def process(self, fixedVolume, movingVolume, model, timeout: float | None = None,
-                **kwargs) -> mrml.RegistrationResultNodes:
+                **kwargs) -> result_nodes.RegistrationResultNodes:
         """Register and wait (for scripts and the self-test); the GUI uses ``startRegistration``."""
         registration = self.startRegistration(fixedVolume, movingVolume, model, **kwargs)
         job = registration.job
@@ -464,12 +464,12 @@ class AgentRegistrationLogic(ScriptedLoadableModuleLogic):
                 job.cancel()
             time.sleep(0.05)
         job.poll()
-        return mrml.finish_registration(registration, slicer.modules.sequences.logic())
+        return registration_job.finish_registration(registration, slicer.modules.sequences.logic())
 
     @staticmethod
     def loadSampleData() -> dict:
         """Load the shipped real prostate pair (Resources/SampleData) into the scene."""
-        return mrml.load_volume_pair(protocol.sample_data_files(__file__), slicer.mrmlScene)
+        return registration_job.load_volume_pair(layout.sample_data_files(__file__), slicer.mrmlScene)
 
 
 #
@@ -491,27 +491,27 @@ class AgentRegistrationTest(ScriptedLoadableModuleTest):
     def test_register_sample_pair(self) -> None:
         models = availableModels()
         self.assertIn("prostate-3d", models, "the shipped 3-D model is missing: reinstall the extension")
-        nodes = AgentRegistrationLogic.loadSampleData()  # raises when the sample data is missing
+        sample = AgentRegistrationLogic.loadSampleData()  # raises when the sample data is missing
         self.assertTrue(slicer_setup.ensure_dependencies("AgentRegistration"))
         before = slicer.mrmlScene.GetNumberOfNodes()
-        result = AgentRegistrationLogic().process(nodes["fixed"], nodes["moving"], "prostate-3d",
-                                                  fixedSegmentation=nodes["fixed_label"],
-                                                  movingSegmentation=nodes["moving_label"], saveStepsEvery=10,
+        result = AgentRegistrationLogic().process(sample["fixed"], sample["moving"], "prostate-3d",
+                                                  fixedSegmentation=sample["fixed_label"],
+                                                  movingSegmentation=sample["moving_label"], saveStepsEvery=10,
                                                   timeout=600)
         self.assertGreater(slicer.mrmlScene.GetNumberOfNodes(), before)
         self.assertIn("dice_after", result.metrics)
         self.assertIsNotNone(result.step_sequence)
-        propagated = mrml.propagate_segmentation(nodes["moving_label"], result.transform, nodes["fixed"], "propagated")
+        propagated = nodes.propagate_segmentation(sample["moving_label"], result.transform, sample["fixed"], "propagated")
         self.assertEqual(propagated.GetSegmentation().GetNumberOfSegments(), 1)
         self.delayDisplay("Registration test passed")
 
     def test_propagate_atlas_to_patients(self) -> None:
         """The moving sample volume as an atlas onto the fixed one (as a patient volume), through register-many."""
         self.setUp()
-        nodes = AgentRegistrationLogic.loadSampleData()
+        sample = AgentRegistrationLogic.loadSampleData()
         self.assertTrue(slicer_setup.ensure_dependencies("AgentRegistration"))
-        cohort = AgentRegistrationLogic().startCohortRegistration(nodes["moving"], "prostate-3d", nodes["moving_label"],
-                                                                  fixedVolumes=[nodes["fixed"]])
+        cohort = AgentRegistrationLogic().startCohortRegistration(sample["moving"], "prostate-3d", sample["moving_label"],
+                                                                  fixedVolumes=[sample["fixed"]])
         deadline = time.monotonic() + 600
         while not cohort.job.done():
             cohort.job.poll()
@@ -520,7 +520,7 @@ class AgentRegistrationTest(ScriptedLoadableModuleTest):
                 cohort.job.cancel()
             time.sleep(0.05)
         cohort.job.poll()
-        result = mrml.finish_cohort_registration(cohort)
+        result = cohort_job.finish_cohort_registration(cohort)
         self.assertEqual(len(result.segmentations), 1)
         self.assertEqual(result.summary_table.GetTable().GetNumberOfRows(), 1)
         self.delayDisplay("Atlas propagation test passed")

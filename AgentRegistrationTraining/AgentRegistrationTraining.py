@@ -16,6 +16,8 @@ from typing import Annotated
 import qt
 import SimpleITK as sitk
 import slicer
+from AgentRegistrationGUILib import jobs, nodes, result_nodes
+from AgentRegistrationLib.contract import layout, messages, training_folder, worker_commands
 from slicer import vtkMRMLPlotChartNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
@@ -34,15 +36,14 @@ if not (MODULE_DIR / "AgentRegistrationLib").is_dir() and str(_SOURCE_ENGINE_DIR
     sys.path.append(str(_SOURCE_ENGINE_DIR))
 
 from AgentRegistrationGUILib import slicer_setup  # noqa: E402
-from AgentRegistrationLib import mrml, protocol  # noqa: E402
 
-CONFIGURATIONS = list(protocol.TRAINING_CONFIGURATIONS)
+CONFIGURATIONS = list(training_folder.TRAINING_CONFIGURATIONS)
 DIMENSIONS = {"3-D": 3, "2-D": 2}
 """Model dimension choices: 3-D volumes, or 2-D (one axial slice of each volume)."""
-GEOMETRY_DEFAULT = "as the geometry"  # the ground-truth metric of the chosen geometry (protocol.default_gt_metric)
+GEOMETRY_DEFAULT = "as the geometry"  # the ground-truth metric of the chosen geometry (training_folder.default_gt_metric)
 
 
-JobState = protocol.JobState
+JobState = jobs.JobState
 
 
 class AgentRegistrationTraining(ScriptedLoadableModule):
@@ -65,16 +66,16 @@ class AgentRegistrationTrainingParameterNode:
     outputFolder: Path
     modelName: str = "my-prostate"
     dimension: Annotated[str, Choice(list(DIMENSIONS))] = "3-D"
-    configuration: Annotated[str, Choice(CONFIGURATIONS)] = protocol.DEFAULT_TRAINING_CONFIGURATION
-    device: Annotated[str, Choice(list(protocol.DEVICE_CHOICES))] = "Auto"
+    configuration: Annotated[str, Choice(CONFIGURATIONS)] = training_folder.DEFAULT_TRAINING_CONFIGURATION
+    device: Annotated[str, Choice(list(worker_commands.DEVICE_CHOICES))] = "Auto"
     resume: bool = True
     timeLimitMinutes: float = 0.0  # training stage; 0: none
-    geometry: Annotated[str, Choice(list(protocol.GEOMETRY_CHOICES))] = "auto"  # a user's own organ: from the data
+    geometry: Annotated[str, Choice(list(training_folder.GEOMETRY_CHOICES))] = "auto"  # a user's own organ: from the data
     gridSize: str = ""  # "x,y[,z]" model voxels; empty: the geometry's
     controlSpacing: str = ""  # "x,y[,z]" model voxels; empty: the geometry's
     controlSpacingMm: str = ""  # "s" or "x,y[,z]" in the images' physical units (mm); instead of controlSpacing
     boxSpreads: str = ""  # "x,y[,z]" organ standard deviations; empty: the geometry's
-    groundTruthMetric: Annotated[str, Choice([GEOMETRY_DEFAULT, *protocol.GT_METRICS])] = GEOMETRY_DEFAULT
+    groundTruthMetric: Annotated[str, Choice([GEOMETRY_DEFAULT, *training_folder.GT_METRICS])] = GEOMETRY_DEFAULT
     augment: float = 0.0  # share of training images given random intensity changes
     virtualSubjects: float = 0.0  # share of intra-subject pairs made from a virtual (mirrored, deformed) subject
     groundTruthTable: vtkMRMLTableNode
@@ -168,14 +169,14 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
     def onTimer(self) -> None:
         pipeline = self._pipeline
         for message in pipeline.poll():
-            if message.get("stage") == protocol.STAGE_LOG:
+            if message.get("stage") == messages.STAGE_LOG:
                 logging.info(message.get("message", ""))
                 continue
             self.ui.stageLabel.text = pipeline.stage_text()
-            fraction = protocol.progress_fraction(message)
+            fraction = messages.progress_fraction(message)
             if fraction is not None:
                 self.ui.progressBar.value = int(100 * fraction)
-            self.ui.statusLabel.text = protocol.progress_text(message)
+            self.ui.statusLabel.text = messages.progress_text(message)
         if not pipeline.done():
             return
         self._timer.stop()
@@ -189,7 +190,7 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
             return
         p = self._parameterNode
         try:
-            installed = protocol.install_model(protocol.TrainingFiles(Path(p.outputFolder), p.modelName.strip()).bundle,
+            installed = layout.install_model(training_folder.TrainingFiles(Path(p.outputFolder), p.modelName.strip()).bundle,
                                                self.logic.userModelsFolder())
         except OSError as error:
             self.setState(JobState.FAILED, str(error))
@@ -223,18 +224,19 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
             if label is None:
                 raise ValueError(f"No segmentation found for volume {name!r}: name it '{name}_label' or "
                                  f"'{name} segmentation'.")
-            sitk.WriteImage(mrml.sitk_from_volume_node(volume), str(folder / f"{name}_image.nii.gz"))
-            sitk.WriteImage(mrml.segmentation_to_labelmap_sitk(label, volume), str(folder / f"{name}_label.nii.gz"))
+            sitk.WriteImage(nodes.sitk_from_volume_node(volume), str(folder / f"{name}_image.nii.gz"))
+            sitk.WriteImage(nodes.segmentation_to_labelmap_sitk(label, volume), str(folder / f"{name}_label.nii.gz"))
 
     def startTraining(self, volumes: list, dataFolder: Path, outputFolder: Path, modelName: str,
-                      configuration: str = protocol.DEFAULT_TRAINING_CONFIGURATION, device: str = "Auto", resume: bool = True,
+                      configuration: str = training_folder.DEFAULT_TRAINING_CONFIGURATION, device: str = "Auto",
+                      resume: bool = True,
                       dim: int = 3, maxMinutes: float | None = None, geometry: str = "auto",
                       geometryOverrides: dict | None = None, metric: str | None = None,
-                      augment: float = 0.0, virtualSubjects: float = 0.0) -> protocol.WorkerJob:
+                      augment: float = 0.0, virtualSubjects: float = 0.0) -> jobs.WorkerJob:
         """Check inputs and start ground truth -> SDM -> organ localiser (crops on the organ) -> training.
 
         ``geometry``, ``geometryOverrides`` and the ground-truth ``metric``: the model geometry and what drives the
-        ground truth (:func:`protocol.training_commands`). ``augment`` and ``virtualSubjects``: the shares of
+        ground truth (:func:`worker_commands.training_commands`). ``augment`` and ``virtualSubjects``: the shares of
         training images with random intensity changes and of intra-subject pairs from virtual subjects (for few
         subjects; the training configuration's ``augment`` and ``new_subjects``).
 
@@ -256,8 +258,8 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
             self.writeLoadedCases(volumes, dataFolder)
         elif not Path(dataFolder).is_dir():
             raise ValueError(f"Data folder not found: {dataFolder}. Check loaded volumes or pick a folder.")
-        files = protocol.TrainingFiles(outputFolder, modelName.strip())
-        commands = protocol.training_commands(slicer_setup.worker_python(), dataFolder, files, dim=dim,
+        files = training_folder.TrainingFiles(outputFolder, modelName.strip())
+        commands = worker_commands.training_commands(slicer_setup.worker_python(), dataFolder, files, dim=dim,
                                               configuration=configuration, device=device, max_minutes=maxMinutes,
                                               geometry=geometry, geometry_overrides=geometryOverrides, metric=metric,
                                               augment=augment, new_subjects=virtualSubjects)
@@ -266,30 +268,30 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
             files.loss.unlink(missing_ok=True)
         files.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         logging.info("AgentRegistrationTraining workers: " + " | ".join(" ".join(c) for c in commands))
-        return protocol.WorkerJob(commands, env=protocol.worker_environment(protocol.engine_dir(__file__))).start()
+        return jobs.WorkerJob(commands, env=jobs.worker_environment(layout.engine_dir(__file__))).start()
 
     @staticmethod
     def groundTruthTable(outputFolder: Path, modelName: str = ""):
         """Table of the ground-truth Dice per pair (``groundtruth/gt_dice.csv``), or None."""
-        path = protocol.TrainingFiles(Path(outputFolder), modelName).gt_dice
+        path = training_folder.TrainingFiles(Path(outputFolder), modelName).gt_dice
         if not path.is_file():
             return None
-        return mrml.table_node_from_columns(protocol.read_groundtruth_dice(path), slicer.mrmlScene,
+        return result_nodes.table_node_from_columns(training_folder.read_groundtruth_dice(path), slicer.mrmlScene,
                                             slicer.mrmlScene.GenerateUniqueName("ground truth Dice"))
 
     @staticmethod
     def lossChart(outputFolder: Path, modelName: str):
         """Plot of the training loss (``loss.csv`` beside the checkpoint), or None."""
-        path = protocol.TrainingFiles(Path(outputFolder), modelName).loss
+        path = training_folder.TrainingFiles(Path(outputFolder), modelName).loss
         if not path.is_file():
             return None
-        columns = protocol.read_training_loss(path)
-        table = mrml.table_node_from_columns(columns, slicer.mrmlScene,
+        columns = training_folder.read_training_loss(path)
+        table = result_nodes.table_node_from_columns(columns, slicer.mrmlScene,
                                              slicer.mrmlScene.GenerateUniqueName("training loss"))
         chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", table.GetName() + " chart")
         series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", "loss")
         series.SetAndObserveTableNodeID(table.GetID())
-        iteration, loss = protocol.LOSS_COLUMNS[:2]
+        iteration, loss = training_folder.LOSS_COLUMNS[:2]
         series.SetXColumnName(iteration)
         series.SetYColumnName(loss)
         series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)

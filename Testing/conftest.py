@@ -56,7 +56,7 @@ def native() -> Path:
 def native_slice(native):
     """``native_slice(case, index, origin, spacing, direction=None)`` -> (image, label): axial slice ``index`` of
     native subject ``case`` (``None``: the slice through its prostate's centre) in a user-like 2-D geometry."""
-    from AgentRegistrationLib.localisation import localisation_from_label
+    from AgentRegistrationLib.data.organ_box import localisation_from_label
 
     def take(case: str, index: int | None, origin, spacing, direction=None) -> list[sitk.Image]:
         if index is None:
@@ -125,12 +125,12 @@ def tiny_pipeline(grid128, tmp_path_factory):
     template, the paper's box) or ``"organ"`` (each subject's box on its own prostate; trained with the
     ``converge`` configuration). Tests must not write into its folders (copy them first)."""
     import torch
-    from AgentRegistrationLib.dataset import find_subjects, prepare_subject
-    from AgentRegistrationLib.groundtruth import GroundTruthSummary, run_groundtruth
-    from AgentRegistrationLib.image_io import read_image
-    from AgentRegistrationLib.preprocessing import model_geometry
-    from AgentRegistrationLib.sdm_fitting import fit_from_groundtruth
-    from AgentRegistrationLib.training import TrainingSet, config_by_name, train
+    from AgentRegistrationLib.data.dataset import find_subjects, prepare_subject
+    from AgentRegistrationLib.data.geometry_choice import model_geometry
+    from AgentRegistrationLib.data.image_io import read_image
+    from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary, run_groundtruth
+    from AgentRegistrationLib.stages.sdm_fit import fit_from_groundtruth
+    from AgentRegistrationLib.stages.training import TrainingSet, config_by_name, train
 
     shared = _shared_folder(tmp_path_factory)
     built: dict[tuple[int, str], dict] = {}

@@ -12,9 +12,9 @@ Q-values ignore the images (:class:`_NoisyQ`): many thousands of agent steps cos
 import numpy as np
 import pytest
 import torch
-from AgentRegistrationLib.agent import Agent, AgentSettings, fuzzy_acceptance
-from AgentRegistrationLib.bundle import load_bundle
-from AgentRegistrationLib.preprocessing import middle_slice, prepare_pair
+from AgentRegistrationLib.core.agent import Agent, AgentSettings, fuzzy_acceptance
+from AgentRegistrationLib.data.preprocessing import middle_slice, prepare_pair
+from AgentRegistrationLib.model.bundle import load_bundle
 from scipy.stats import norm
 
 PAIRS = [("case02", "case09"), ("case13", "case17"), ("case22", "case30")]  # (fixed, moving), validation subjects

@@ -3,10 +3,10 @@
 import numpy as np
 import SimpleITK as sitk
 import torch
-from AgentRegistrationLib import elastix
-from AgentRegistrationLib.bspline import ControlGrid, dense_displacement
-from AgentRegistrationLib.geometry import ModelGeometry
-from AgentRegistrationLib.preprocessing import middle_slice, normalise_intensity
+from AgentRegistrationLib.core.bspline import ControlGrid, dense_displacement
+from AgentRegistrationLib.core.geometry import ModelGeometry
+from AgentRegistrationLib.data.preprocessing import middle_slice, normalise_intensity
+from AgentRegistrationLib.elastix import wrapper as elastix
 
 
 def _ours(coefficients, grid, size):

@@ -1,4 +1,4 @@
-"""``agentreg register-many``: many pairs with one model load (AgentRegistrationLib.cohort), through ``cli.main``.
+"""``agentreg register-many``: many pairs with one model load (AgentRegistrationLib.stages.cohort), through ``cli.main``.
 
 Real PROMISE12 slices (native, written as a user has them: NIfTI/NRRD, rotated, shifted, anisotropic; and
 grid128) with the shipped 2-D model: these tests check the command, its files and that a
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from AgentRegistrationLib.cli import main
-from AgentRegistrationLib.cohort import pairs_from_csv, patient_images
+from AgentRegistrationLib.stages.cohort import pairs_from_csv, patient_images
 
 STEPS = 8
 TIMING = ("seconds_total", "seconds_preprocessing", "seconds_agent", "seconds_outputs", "pairs_in_batch")
@@ -341,7 +341,7 @@ def test_the_fused_row_has_the_dice_of_the_fused_label_where_the_patient_has_a_l
 
 
 def test_majority_vote_ties_go_to_the_lowest_label():
-    from AgentRegistrationLib.cohort import majority_vote
+    from AgentRegistrationLib.stages.cohort import majority_vote
 
     a = np.array([[0, 1, 2, 2], [1, 1, 0, 3]], np.uint8)
     b = np.array([[1, 1, 2, 1], [2, 0, 0, 3]], np.uint8)
@@ -359,7 +359,7 @@ def test_several_atlases_each_need_a_label(files, bundle2d, tmp_path, capsys):
 
 
 def test_an_atlas_is_read_once_per_worker(files):
-    from AgentRegistrationLib.inputs import read_register_inputs
+    from AgentRegistrationLib.data.inputs import read_register_inputs
 
     cache = {}
     first, second = (read_register_inputs(files[f], files["n13"], None, files["n13_label"], moving_cache=cache)
@@ -390,7 +390,7 @@ def test_register_many_on_a_dask_cluster_gives_the_local_results(files, bundle2d
 
 @pytest.mark.slow
 def test_ground_truth_on_a_dask_cluster_gives_the_local_results(tiny_pipeline, dask_cluster, tmp_path):
-    from AgentRegistrationLib.groundtruth import pair_file, run_groundtruth
+    from AgentRegistrationLib.stages.groundtruth import pair_file, run_groundtruth
 
     tiny = tiny_pipeline(2)
     names, settings = tiny["subjects"], {"iterations": 20, "resolutions": 1}
@@ -411,7 +411,7 @@ def test_ground_truth_on_a_dask_cluster_gives_the_local_results(tiny_pipeline, d
 def test_surface_distances_on_the_masks_box_equal_those_on_the_whole_image(native):
     """The distances are computed on the box around both masks (what makes a pair's metrics cheap on a large
     volume); they are those of the whole image, also for a mask that touches the image's edge."""
-    from AgentRegistrationLib.metrics import surface_distances
+    from AgentRegistrationLib.core.metrics import surface_distances
     from scipy import ndimage
 
     def whole_image(a, b, spacing):

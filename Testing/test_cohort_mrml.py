@@ -1,6 +1,6 @@
 """Several patients in Slicer (atlas propagation), tested on a real MRML scene (slicer-core).
 
-The module's route (``mrml.start_cohort_registration`` / ``finish_cohort_registration``) runs the REAL
+The module's route (``cohort_job.start_cohort_registration`` / ``finish_cohort_registration``) runs the REAL
 ``agentreg register-many`` worker with the shipped 2-D model (a few agent steps) on real PROMISE12 slices: the atlas
 is a single-slice volume with its segmentation, the patients either single-slice volume nodes (a CSV of pairs) or
 image files of a folder (``--atlas`` / ``--patients``). The nodes made are checked against the files the worker
@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from AgentRegistrationGUILib import cohort_job, nodes
+from AgentRegistrationLib.contract import layout, messages, register_folder, worker_commands
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is needed for the glue tests")
 
-from AgentRegistrationLib import mrml, protocol  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_FILE = ROOT / "AgentRegistration" / "AgentRegistration.py"
@@ -41,19 +42,19 @@ def _slices(native_slice) -> dict[str, tuple[sitk.Image, sitk.Image]]:
 
 def _atlas_nodes(scene, slices):
     atlas_image, atlas_label = slices[ATLAS]
-    atlas = mrml.volume_node_from_sitk(atlas_image, scene, "atlas")
-    segmentation = mrml.segmentation_node_from_labelmap_sitk(sitk.Cast(atlas_label > 0, sitk.sitkUInt8), scene,
+    atlas = nodes.volume_node_from_sitk(atlas_image, scene, "atlas")
+    segmentation = nodes.segmentation_node_from_labelmap_sitk(sitk.Cast(atlas_label > 0, sitk.sitkUInt8), scene,
                                                              "atlas segmentation", atlas)
     segmentation.GetSegmentation().GetNthSegment(0).SetName("prostate")
     return atlas, segmentation
 
 
-def _run(cohort: mrml.CohortJob) -> dict:
-    messages = cohort.job.wait(timeout=600)
+def _run(cohort: cohort_job.CohortJob) -> dict:
+    received = cohort.job.wait(timeout=600)
     assert cohort.job.succeeded, cohort.job.error
     output = cohort.folder / "kept_output"
     shutil.copytree(cohort.output_dir, output)  # finish removes the folder; keep what the worker wrote
-    return {"messages": messages, "output": output, "result": mrml.finish_cohort_registration(cohort)}
+    return {"messages": received, "output": output, "result": cohort_job.finish_cohort_registration(cohort)}
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +63,14 @@ def node_run(native_slice, tmp_path_factory, mrml_scene):
     slices = _slices(native_slice)
     with mrml_scene() as scene:
         atlas, atlas_segmentation = _atlas_nodes(scene, slices)
-        patients = {case: mrml.volume_node_from_sitk(slices[case][0], scene, f"patient {case}")
+        patients = {case: nodes.volume_node_from_sitk(slices[case][0], scene, f"patient {case}")
                     for case in (PATIENT_LABELLED, PATIENT_UNLABELLED)}
-        patient_segmentation = mrml.segmentation_node_from_labelmap_sitk(
+        patient_segmentation = nodes.segmentation_node_from_labelmap_sitk(
             sitk.Cast(slices[PATIENT_LABELLED][1] > 0, sitk.sitkUInt8), scene, "patient segmentation",
             patients[PATIENT_LABELLED])
         before = scene.GetNumberOfNodes()
-        cohort = mrml.start_cohort_registration(
-            sys.executable, protocol.engine_dir(MODULE_FILE), atlas, MODEL, atlas_segmentation=atlas_segmentation,
+        cohort = cohort_job.start_cohort_registration(
+            sys.executable, layout.engine_dir(MODULE_FILE), atlas, MODEL, atlas_segmentation=atlas_segmentation,
             fixed_nodes=list(patients.values()), fixed_segmentations=[patient_segmentation, None],
             temporary_root=tmp_path_factory.mktemp("cohort_nodes"), keep_temporary_files=True, device="CPU",
             steps=STEPS)
@@ -89,8 +90,8 @@ def folder_run(native_slice, tmp_path_factory, mrml_scene):
     sitk.WriteImage(slices[PATIENT_LABELLED][1], str(folder / f"case{PATIENT_LABELLED}_label.nii.gz"))
     with mrml_scene() as scene:
         atlas, atlas_segmentation = _atlas_nodes(scene, slices)
-        cohort = mrml.start_cohort_registration(
-            sys.executable, protocol.engine_dir(MODULE_FILE), atlas, MODEL, atlas_segmentation=atlas_segmentation,
+        cohort = cohort_job.start_cohort_registration(
+            sys.executable, layout.engine_dir(MODULE_FILE), atlas, MODEL, atlas_segmentation=atlas_segmentation,
             patients_folder=folder, temporary_root=tmp_path_factory.mktemp("cohort_folder"),
             keep_temporary_files=True, device="CPU", steps=STEPS)
         run = _run(cohort)
@@ -98,12 +99,12 @@ def folder_run(native_slice, tmp_path_factory, mrml_scene):
 
 
 def _summary(output: Path) -> list[dict[str, str]]:
-    with (output / protocol.COHORT_SUMMARY_CSV).open(newline="") as f:
+    with (output / register_folder.COHORT_SUMMARY_CSV).open(newline="") as f:
         return list(csv.DictReader(f))
 
 
 def _labelmap(segmentation_node, volume_node) -> np.ndarray:
-    return sitk.GetArrayFromImage(mrml.segmentation_to_labelmap_sitk(segmentation_node, volume_node))
+    return sitk.GetArrayFromImage(nodes.segmentation_to_labelmap_sitk(segmentation_node, volume_node))
 
 
 def _table(table_node) -> dict[str, list[str]]:
@@ -116,7 +117,7 @@ def _table(table_node) -> dict[str, list[str]]:
 
 
 def test_register_many_command_of_an_atlas_and_a_folder():
-    command = protocol.register_many_command("py", Path("m.pt"), Path("out"), atlas=Path("a.nii.gz"),
+    command = worker_commands.register_many_command("py", Path("m.pt"), Path("out"), atlas=Path("a.nii.gz"),
                                              atlas_label=Path("al.nii.gz"), patients=Path("p"), device="CPU", steps=5,
                                              fuzzy_action_control=False, workers=0)
     assert command[:4] == ["py", "-m", "AgentRegistrationLib.cli", "register-many"]
@@ -129,11 +130,11 @@ def test_register_many_command_of_an_atlas_and_a_folder():
 
 def test_register_many_command_needs_pairs_or_an_atlas_with_patients():
     with pytest.raises(ValueError, match="either a CSV of pairs or an atlas"):
-        protocol.register_many_command("py", Path("m.pt"), Path("o"))
+        worker_commands.register_many_command("py", Path("m.pt"), Path("o"))
     with pytest.raises(ValueError, match="either a CSV of pairs or an atlas"):
-        protocol.register_many_command("py", Path("m.pt"), Path("o"), pairs=Path("p.csv"), atlas=Path("a"))
+        worker_commands.register_many_command("py", Path("m.pt"), Path("o"), pairs=Path("p.csv"), atlas=Path("a"))
     with pytest.raises(ValueError, match="folder of patients"):
-        protocol.register_many_command("py", Path("m.pt"), Path("o"), atlas=Path("a"))
+        worker_commands.register_many_command("py", Path("m.pt"), Path("o"), atlas=Path("a"))
 
 
 # ----------------------------------------------------------------------------- patients as volume nodes
@@ -141,9 +142,9 @@ def test_register_many_command_needs_pairs_or_an_atlas_with_patients():
 
 def test_every_progress_line_of_the_real_worker_renders_and_counts_the_patients(node_run):
     progress = [m for m in node_run["messages"] if m["stage"] == "register"]
-    assert progress and all(protocol.progress_text(m) for m in progress)
+    assert progress and all(messages.progress_text(m) for m in progress)
     assert progress[-1]["done"] == progress[-1]["total"] == 2
-    assert node_run["messages"][-1]["stage"] == protocol.STAGE_DONE
+    assert node_run["messages"][-1]["stage"] == messages.STAGE_DONE
 
 
 def test_each_patient_volume_gets_the_warped_atlas_segmentation_the_worker_wrote(node_run):
@@ -153,7 +154,7 @@ def test_each_patient_volume_gets_the_warped_atlas_segmentation_the_worker_wrote
     assert result.volumes == {}  # the patients were nodes already
     for pair, segmentation in result.segmentations.items():
         volume = node_run["cohort"].patients[pair]
-        written = sitk.GetArrayFromImage(sitk.ReadImage(str(output / pair / protocol.WARPED_LABEL)))
+        written = sitk.GetArrayFromImage(sitk.ReadImage(str(output / pair / register_folder.WARPED_LABEL)))
         ours = _labelmap(segmentation, volume)
         assert ours.shape == (1, *written.shape)  # the 2-D result back on the patient's single slice
         assert np.array_equal(ours[0] > 0, written > 0) and written.any()
@@ -170,10 +171,10 @@ def test_summary_table_holds_the_rows_of_summary_csv(node_run):
     by_pair = {row["pair"]: row for row in rows}
     labelled = by_pair["patient_" + PATIENT_LABELLED]
     assert labelled["status"] == "registered" and labelled["dice_after"]
-    metrics = protocol.read_metrics(node_run["output"] / labelled["pair"] / protocol.METRICS_JSON)
+    metrics = register_folder.read_metrics(node_run["output"] / labelled["pair"] / register_folder.METRICS_JSON)
     assert float(labelled["dice_after"]) == pytest.approx(metrics["dice_after"], abs=5e-5)
     assert by_pair["patient_" + PATIENT_UNLABELLED]["dice_after"] == ""  # no segmentation: no Dice
-    assert "patients segmented" in mrml.cohort_summary_text(node_run["result"])
+    assert "patients segmented" in cohort_job.cohort_summary_text(node_run["result"])
 
 
 def test_the_scene_gains_only_the_result_nodes(node_run):
@@ -189,12 +190,12 @@ def test_a_broken_output_folder_leaves_the_scene_as_it_was(node_run, tmp_path):
     broken = tmp_path / "output"
     shutil.copytree(node_run["output"], broken)
     pair = next(iter(node_run["result"].segmentations))
-    (broken / pair / protocol.WARPED_LABEL).write_bytes(b"not an image")
+    (broken / pair / register_folder.WARPED_LABEL).write_bytes(b"not an image")
     scene = node_run["scene"]
     before = scene.GetNumberOfNodes()
     cohort = node_run["cohort"]
     with pytest.raises(RuntimeError):
-        mrml.import_cohort_results(broken, scene, cohort.patients, planes=cohort.planes)
+        cohort_job.import_cohort_results(broken, scene, cohort.patients, planes=cohort.planes)
     assert scene.GetNumberOfNodes() == before
 
 
@@ -202,9 +203,9 @@ def test_a_3d_model_refuses_single_slice_patients_before_a_worker_starts(native_
     slices = _slices(native_slice)
     with mrml_scene() as scene:
         atlas, segmentation = _atlas_nodes(scene, slices)
-        patient = mrml.volume_node_from_sitk(slices[PATIENT_LABELLED][0], scene, "patient")
+        patient = nodes.volume_node_from_sitk(slices[PATIENT_LABELLED][0], scene, "patient")
         with pytest.raises(ValueError, match="single slice"):
-            mrml.start_cohort_registration(sys.executable, protocol.engine_dir(MODULE_FILE), atlas,
+            cohort_job.start_cohort_registration(sys.executable, layout.engine_dir(MODULE_FILE), atlas,
                                            ROOT / "Resources" / "Models" / "prostate-3d.pt",
                                            atlas_segmentation=segmentation, fixed_nodes=[patient],
                                            temporary_root=tmp_path)
@@ -221,11 +222,11 @@ def test_folder_patients_are_loaded_with_their_propagated_segmentations(folder_r
     for case, path in folder_run["files"].items():
         pair = f"case{case}"
         image = sitk.ReadImage(str(path))
-        volume = mrml.sitk_from_volume_node(result.volumes[pair])
+        volume = nodes.sitk_from_volume_node(result.volumes[pair])
         assert np.array_equal(sitk.GetArrayFromImage(volume)[0], sitk.GetArrayFromImage(image))
         assert np.allclose(volume.GetOrigin()[:2], image.GetOrigin()) and np.allclose(volume.GetSpacing()[:2],
                                                                                         image.GetSpacing())
-        written = sitk.GetArrayFromImage(sitk.ReadImage(str(output / pair / protocol.WARPED_LABEL)))
+        written = sitk.GetArrayFromImage(sitk.ReadImage(str(output / pair / register_folder.WARPED_LABEL)))
         assert np.array_equal(_labelmap(result.segmentations[pair], result.volumes[pair])[0] > 0, written > 0)
         assert written.any()
 

@@ -8,10 +8,10 @@ import json
 
 import pytest
 import SimpleITK as sitk
-from AgentRegistrationLib.bundle import load_bundle
 from AgentRegistrationLib.cli import main
-from AgentRegistrationLib.localisation import localisation_from_label
-from AgentRegistrationLib.training import add_localisation
+from AgentRegistrationLib.data.organ_box import localisation_from_label
+from AgentRegistrationLib.model.bundle import load_bundle
+from AgentRegistrationLib.stages.training import add_localisation
 
 STEPS = 10
 
@@ -76,7 +76,7 @@ def test_a_moving_image_stored_40_mm_away_registers_as_well_as_the_original(orga
 
 
 def test_the_models_localiser_places_the_fixed_crop(organ2d, inputs, native_slice, tmp_path):
-    from AgentRegistrationLib.localiser import LocaliserConfig, save_localiser, train_localiser
+    from AgentRegistrationLib.data.localiser import LocaliserConfig, save_localiser, train_localiser
 
     images, labels = zip(*[native_slice(case, None, (0.0, 0.0), (0.6, 0.6)) for case in ("00", "04", "06", "07")],
                          strict=True)

@@ -11,8 +11,8 @@ import csv
 import json
 
 import pytest
-from AgentRegistrationLib.bundle import load_bundle
 from AgentRegistrationLib.cli import main
+from AgentRegistrationLib.model.bundle import load_bundle
 
 METHODS = ["T", "e16", "ours", "nfc", "gt"]
 
@@ -67,8 +67,8 @@ def test_groundtruth_is_an_upper_bound_of_the_translation(evaluation):
 
 
 def test_prepared_pairs_are_read_back_from_the_cache_by_geometry(evaluation):
-    from AgentRegistrationLib.evaluation import prepared_pairs
-    from AgentRegistrationLib.geometry import ModelGeometry
+    from AgentRegistrationLib.core.geometry import ModelGeometry
+    from AgentRegistrationLib.stages.evaluation import prepared_pairs
 
     found = prepared_pairs(evaluation["out"] / "cache", ModelGeometry.paper(2))
     assert sorted(names for names, _ in found) == sorted({(r["moving"], r["fixed"]) for r in _rows(evaluation)})

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AgentRegistrationLib import cli, protocol
-from AgentRegistrationLib.bundle import load_bundle
-from AgentRegistrationLib.geometry import ModelGeometry
-from AgentRegistrationLib.groundtruth import GroundTruthSummary
-from AgentRegistrationLib.localisation import BOX_SPREADS
-from AgentRegistrationLib.preprocessing import model_geometry
-from AgentRegistrationLib.sdm import StatisticalDeformationModel
+from AgentRegistrationLib.cli import main, parser
+from AgentRegistrationLib.contract import register_folder, training_folder, worker_commands
+from AgentRegistrationLib.core.geometry import ModelGeometry
+from AgentRegistrationLib.core.sdm import StatisticalDeformationModel
+from AgentRegistrationLib.data.geometry_choice import model_geometry
+from AgentRegistrationLib.data.organ_box import BOX_SPREADS
+from AgentRegistrationLib.model.bundle import load_bundle
+from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary
 
 TRAIN = ["case00", "case04", "case06"]
 CHOSEN = ModelGeometry((64, 64), (8.5, 8.5), box_spreads=BOX_SPREADS[2], choice="auto+overrides")
@@ -42,7 +43,7 @@ def test_auto_geometry_of_real_masks(grid128, dim):
 
 
 def _spread(path) -> np.ndarray:
-    from AgentRegistrationLib.localisation import localisation_from_label
+    from AgentRegistrationLib.data.organ_box import localisation_from_label
 
     return localisation_from_label(sitk.ReadImage(str(path))).spread
 
@@ -63,28 +64,28 @@ def test_auto_geometry_crops_on_the_organ(grid128):
                                           ("--box-spreads", "10,-1")])
 def test_a_wrong_override_names_the_option_and_value(option, text, capsys):
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["groundtruth", "data", "--out", "o", option, text])
+        parser.build_parser().parse_args(["groundtruth", "data", "--out", "o", option, text])
     assert f"{option} '{text}'" in capsys.readouterr().err
 
 
 def test_the_training_module_commands_carry_the_geometry(tmp_path):
-    files = protocol.TrainingFiles(tmp_path, "m")
-    groundtruth = protocol.training_commands("python", tmp_path / "data", files, dim=2, geometry="auto",
+    files = training_folder.TrainingFiles(tmp_path, "m")
+    groundtruth = worker_commands.training_commands("python", tmp_path / "data", files, dim=2, geometry="auto",
                                              geometry_overrides={"grid_size": "64, 64", "control_spacing": "",
                                                                  "box_spreads": (8, 8)})[0]
     assert groundtruth[groundtruth.index("--geometry") + 1] == "auto"
     assert groundtruth[groundtruth.index("--grid-size") + 1] == "64,64"
     assert groundtruth[groundtruth.index("--box-spreads") + 1] == "8.0,8.0"
     assert "--control-spacing" not in groundtruth
-    parsed = cli.build_parser().parse_args(groundtruth[3:-1])
+    parsed = parser.build_parser().parse_args(groundtruth[3:-1])
     assert parsed.grid_size == (64, 64) and parsed.box_spreads == (8.0, 8.0) and parsed.geometry == "auto"
     with pytest.raises(ValueError, match="--grid-size '64'"):
-        protocol.training_commands("python", tmp_path, files, geometry_overrides={"grid_size": "64"})
+        worker_commands.training_commands("python", tmp_path, files, geometry_overrides={"grid_size": "64"})
     assert "--metric" not in groundtruth  # the geometry's default (distance with auto)
-    chosen = protocol.training_commands("python", tmp_path / "data", files, geometry="auto", metric="points")[0]
-    assert cli.build_parser().parse_args(chosen[3:-1]).metric == "points"
+    chosen = worker_commands.training_commands("python", tmp_path / "data", files, geometry="auto", metric="points")[0]
+    assert parser.build_parser().parse_args(chosen[3:-1]).metric == "points"
     with pytest.raises(ValueError, match="ground-truth metric"):
-        protocol.training_commands("python", tmp_path, files, metric="surface")
+        worker_commands.training_commands("python", tmp_path, files, metric="surface")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def pipeline(grid128, tmp_path_factory):
     for stage, argv in runs.items():
         stream = io.StringIO()
         with contextlib.redirect_stderr(stream), contextlib.redirect_stdout(io.StringIO()):
-            assert cli.main([str(a) for a in argv]) == 0, stream.getvalue()
+            assert main([str(a) for a in argv]) == 0, stream.getvalue()
         err[stage] = stream.getvalue()
     return {"gt": gt, "sdm": sdm, "model": model, "card": card, "report": root / "report.md", "err": err}
 
@@ -140,7 +141,7 @@ def test_groundtruth_compares_with_plain_elastix(pipeline):
 
 def test_register_works_on_the_chosen_grid(pipeline, grid128):
     import torch
-    from AgentRegistrationLib.registration import Registrar
+    from AgentRegistrationLib.stages.registration import Registrar
 
     bundle = load_bundle(pipeline["model"])
     fixed, moving, fixed_label, moving_label = (
@@ -155,7 +156,7 @@ def test_register_works_on_the_chosen_grid(pipeline, grid128):
     assert result.pair.fixed.shape == result.pair.moving.shape == CHOSEN.array_shape
     assert result.coefficients.shape == (CHOSEN.control_grid().num_coefficients,)
     assert result.displacement.GetSize() == fixed.GetSize()
-    protocol.check_metrics(result.metrics)
+    register_folder.check_metrics(result.metrics)
     assert 0 <= result.metrics["dice_after"] <= 1
 
 
@@ -167,9 +168,9 @@ def test_register_works_on_the_chosen_grid(pipeline, grid128):
 def test_the_control_grid_is_the_one_elastix_lays_out(size, spacing):
     """``ControlGrid.for_image`` (and so every model geometry's basis) must be elastix's grid, else the ground truth
     of that geometry fails every pair ('elastix used control grid ...'): one elastix iteration on a smooth image."""
-    from AgentRegistrationLib import elastix
-    from AgentRegistrationLib.bspline import ControlGrid
-    from AgentRegistrationLib.dataset import model_image
+    from AgentRegistrationLib.core.bspline import ControlGrid
+    from AgentRegistrationLib.data.dataset import model_image
+    from AgentRegistrationLib.elastix import wrapper as elastix
     from scipy.ndimage import gaussian_filter
 
     image = gaussian_filter(np.random.default_rng(0).random(size[::-1]).astype(np.float32), 1.5)
@@ -182,10 +183,10 @@ def test_the_control_grid_is_the_one_elastix_lays_out(size, spacing):
 
 def test_without_a_geometry_groundtruth_takes_the_default_unless_a_crop_is_given(grid128):
     labels = [grid128 / "case00_label.nii.gz", grid128 / "case04_label.nii.gz"]
-    assert model_geometry(2, None, None, labels).choice == protocol.DEFAULT_GEOMETRY
+    assert model_geometry(2, None, None, labels).choice == training_folder.DEFAULT_GEOMETRY
     assert model_geometry(2, "organ", None, labels) == ModelGeometry.localised_grid(2, BOX_SPREADS[2])
     assert model_geometry(2, "paper", None, labels) == ModelGeometry.paper(2)
-    assert cli.build_parser().parse_args(["groundtruth", "data", "--out", "o"]).geometry is None
+    assert parser.build_parser().parse_args(["groundtruth", "data", "--out", "o"]).geometry is None
 
 
 def _box_label(spacing: tuple[float, float, float], half: tuple[int, int, int]) -> sitk.Image:
@@ -199,8 +200,8 @@ def _box_label(spacing: tuple[float, float, float], half: tuple[int, int, int]) 
 
 def test_a_control_spacing_in_mm_becomes_grid_voxels_of_the_median_organ():
     """On the organ, a model voxel spans box_spreads x the organ's spread / (size - 1); the median over the masks."""
-    from AgentRegistrationLib.localisation import localisation_from_label
-    from AgentRegistrationLib.preprocessing import model_voxel_size
+    from AgentRegistrationLib.data.geometry_choice import model_voxel_size
+    from AgentRegistrationLib.data.organ_box import localisation_from_label
 
     labels = [_box_label((0.5, 0.5, 2.0), (8, 6, 3)), _box_label((0.7, 0.7, 3.0), (8, 6, 3)),
               _box_label((1.0, 1.0, 2.5), (8, 6, 3))]
@@ -219,16 +220,16 @@ def test_a_control_spacing_in_mm_becomes_grid_voxels_of_the_median_organ():
 
 
 def test_a_control_spacing_in_mm_on_the_paper_crop_uses_the_image_extent():
-    from AgentRegistrationLib.preprocessing import model_voxel_size
+    from AgentRegistrationLib.data.geometry_choice import model_voxel_size
 
     labels = [_box_label((0.5, 0.5, 2.0), (8, 6, 3))] * 2
     paper = ModelGeometry.paper(3)
     extent = np.array([40 * 0.5, 40 * 0.5, 20 * 2.0]) * np.array(paper.crop_fraction)
     assert model_voxel_size(paper, labels) == pytest.approx(tuple(extent / (np.array(paper.size) - 1)))
-    parsed = cli.build_parser().parse_args(["groundtruth", "data", "--out", "o", "--control-spacing-mm", "12"])
+    parsed = parser.build_parser().parse_args(["groundtruth", "data", "--out", "o", "--control-spacing-mm", "12"])
     assert parsed.control_spacing_mm == (12.0,)
-    files = protocol.TrainingFiles(Path("."), "m")
-    command = protocol.training_commands("python", "data", files, geometry="paper",
+    files = training_folder.TrainingFiles(Path("."), "m")
+    command = worker_commands.training_commands("python", "data", files, geometry="paper",
                                          geometry_overrides={"control_spacing_mm": "12"})[0]
     assert command[command.index("--control-spacing-mm") + 1] == "12.0"
 
@@ -239,7 +240,7 @@ def test_evaluate_takes_a_model_without_a_localiser_with_the_fixed_labels_placin
     crops by the fixed labels then, and says so on stderr and in the report (it refused before)."""
     out = tmp_path / "eval"
     capsys.readouterr()
-    code = cli.main(["evaluate", "--model", str(pipeline["model"]), "--data", str(grid128), "--dim", "2",
+    code = main(["evaluate", "--model", str(pipeline["model"]), "--data", str(grid128), "--dim", "2",
                      "--pairs", "case02:case09,case09:case02", "--methods", "none,localised,ours", "--steps", "2",
                      "--workers", "1", "--device", "cpu", "--out", str(out)])
     assert code == 0

@@ -5,21 +5,21 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AgentRegistrationLib.dataset import find_subjects
-from AgentRegistrationLib.groundtruth import (
+from AgentRegistrationLib.cli import main
+from AgentRegistrationLib.contract.paths import repo_file
+from AgentRegistrationLib.core.sdm import StatisticalDeformationModel
+from AgentRegistrationLib.data.dataset import find_subjects
+from AgentRegistrationLib.elastix.constrained import ray_directions, surface_points
+from AgentRegistrationLib.stages.groundtruth import (
     GroundTruthSummary,
     PairResult,
     failure_lines,
     failure_summary,
     load_pair,
     pair_file,
-    ray_directions,
     run_groundtruth,
     run_report,
-    surface_points,
 )
-from AgentRegistrationLib.paths import repo_file
-from AgentRegistrationLib.sdm import StatisticalDeformationModel
 
 
 def _mask(load_case, case="00"):
@@ -116,7 +116,7 @@ def test_failure_summary_names_the_subjects_and_says_when_to_stop():
 def test_when_every_pair_fails_alike_the_error_points_at_the_settings(tmp_path):
     """Every pair failing with one message (as every pair of a geometry whose control grid elastix lays out otherwise
     did) is no fault of the subjects: the error says to change the settings, not to check named subjects."""
-    from AgentRegistrationLib.geometry import ModelGeometry
+    from AgentRegistrationLib.core.geometry import ModelGeometry
 
     pairs = [("a", "b"), ("b", "a"), ("a", "c"), ("c", "a")]
     same = [(m, f, "RuntimeError: elastix used control grid ...") for m, f in pairs]
@@ -206,7 +206,7 @@ def test_subjects_from_a_csv(grid128, tmp_path):
 
 
 def test_signed_distance_is_negative_inside_and_clipped():
-    from AgentRegistrationLib.groundtruth import signed_distance
+    from AgentRegistrationLib.elastix.constrained import signed_distance
 
     mask = np.zeros((40, 40), np.uint8)
     mask[10:30, 10:30] = 2  # any label value is organ
@@ -218,13 +218,12 @@ def test_signed_distance_is_negative_inside_and_clipped():
 def test_distance_ground_truth_through_the_cli(grid128, tmp_path, capsys):
     """``--metric distance`` on real 3-D crops on the organ: recorded in the summary, Dice after above before on
     every pair, and a rerun into the folder with the other metric is refused (its pairs would be mixed)."""
-    from AgentRegistrationLib import cli
 
     out = tmp_path / "gt"
     argv = ["groundtruth", str(grid128), "--subjects", "case00,case04,case06", "--dim", "3", "--geometry", "paper",
             "--crop", "organ", "--iterations", "30", "--resolutions", "1", "--workers", "1", "--max-pairs", "3",
             "--out", str(out)]
-    assert cli.main([*argv, "--metric", "distance"]) == 0
+    assert main([*argv, "--metric", "distance"]) == 0
     summary = GroundTruthSummary.load(out)
     assert summary.metric == "distance" and summary.pairs_done == 3
     for path in sorted((out / "pairs").glob("*.npz")):
@@ -232,11 +231,11 @@ def test_distance_ground_truth_through_the_cli(grid128, tmp_path, capsys):
         assert r.dice_after > r.dice_before
     assert json.loads(GroundTruthSummary.path(out).read_text())["metric"] == "distance"
     capsys.readouterr()
-    assert cli.main([*argv, "--metric", "points"]) != 0
+    assert main([*argv, "--metric", "points"]) != 0
     assert "holds a ground truth of metric 'distance'; this run asks for metric 'points'" in capsys.readouterr().err
     # the paper's metric on the same pairs, in its own folder, and the two compared pair by pair
     points = tmp_path / "gt_points"
-    assert cli.main([*argv[:-1], str(points), "--metric", "points"]) == 0
+    assert main([*argv[:-1], str(points), "--metric", "points"]) == 0
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("compare_groundtruth", repo_file("scripts", "compare_groundtruth.py"))
@@ -250,12 +249,11 @@ def test_distance_ground_truth_through_the_cli(grid128, tmp_path, capsys):
 
 def test_groundtruth_names_a_subject_whose_label_is_empty(grid128, tmp_path, capsys):
     """The masks are read once, before the geometry is derived: an empty one is named before any work starts."""
-    from AgentRegistrationLib import cli
 
     for case in ("case00", "case04"):
         (tmp_path / f"{case}_image.nii.gz").write_bytes((grid128 / f"{case}_image.nii.gz").read_bytes())
         label = sitk.ReadImage(str(grid128 / f"{case}_label.nii.gz"))
         sitk.WriteImage(label * 0 if case == "case04" else label, str(tmp_path / f"{case}_label.nii.gz"))
-    assert cli.main(["groundtruth", str(tmp_path), "--dim", "2", "--out", str(tmp_path / "gt")]) != 0
+    assert main(["groundtruth", str(tmp_path), "--dim", "2", "--out", str(tmp_path / "gt")]) != 0
     assert "the label of case04 is empty: fix it or leave the subject out" in capsys.readouterr().err
     assert not (tmp_path / "gt").exists()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AgentRegistrationLib.image_io import read_image, read_label, write_image
+from AgentRegistrationLib.data.image_io import read_image, read_label, write_image
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])

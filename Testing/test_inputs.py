@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AgentRegistrationLib import inputs, protocol
-from AgentRegistrationLib.cli import build_parser, main
+from AgentRegistrationLib.cli import main
+from AgentRegistrationLib.cli.parser import build_parser
+from AgentRegistrationLib.contract import messages, register_folder, worker_commands
+from AgentRegistrationLib.data import inputs
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "Resources" / "Models"
@@ -204,7 +206,7 @@ def test_zero_steps_is_the_models_default_and_many_steps_warn():
 
 
 def test_the_slicer_command_and_the_cli_read_zero_steps_alike():
-    command = protocol.register_command("python", Path("f"), Path("m"), Path("b.pt"), Path("o"), steps=0)
+    command = worker_commands.register_command("python", Path("f"), Path("m"), Path("b.pt"), Path("o"), steps=0)
     assert build_parser().parse_args(command[3:]).steps is None  # the CLI's default: the model's, as --steps 0
 
 
@@ -231,7 +233,7 @@ def test_an_output_folder_under_a_file_is_named_not_a_temporary_one(tmp_path, ca
 
 
 def test_writing_fails_with_the_users_folder_in_the_message(tmp_path):
-    from AgentRegistrationLib.outputs import write_registration_outputs
+    from AgentRegistrationLib.stages.outputs import write_registration_outputs
 
     (tmp_path / "file").write_text("a file")
     with pytest.raises(OSError, match=f"cannot write output folder {tmp_path / 'file' / 'out'}: ") as raised:
@@ -272,7 +274,7 @@ def test_every_register_option_is_explained():
 
 @pytest.mark.skipif(not (SHIPPED / "prostate-3d.pt").is_file(), reason="the shipped models are missing")
 def test_steps_help_names_the_shipped_models_defaults():
-    from AgentRegistrationLib.bundle import load_bundle
+    from AgentRegistrationLib.model.bundle import load_bundle
 
     register = build_parser()._subparsers._group_actions[0].choices["register"]
     (steps,) = [a for a in register._actions if "--steps" in a.option_strings]
@@ -306,7 +308,7 @@ def _write_pair(folder: Path, images: dict[str, sitk.Image]) -> dict[str, Path]:
 def _run(capsys, argv) -> tuple[dict, str]:
     assert main(argv) == 0, capsys.readouterr().err
     out = Path(argv[argv.index("--output-dir") + 1])
-    return json.loads((out / protocol.METRICS_JSON).read_text()), capsys.readouterr().err
+    return json.loads((out / register_folder.METRICS_JSON).read_text()), capsys.readouterr().err
 
 
 @pytest.mark.parametrize("pixel", [sitk.sitkInt16, sitk.sitkUInt8, sitk.sitkFloat64])
@@ -315,7 +317,7 @@ def test_integer_and_float64_images_register(tmp_path, capsys, bundle2d, real_sl
               for k, v in real_slices.items()}
     metrics, _ = _run(capsys, _argv(_write_pair(tmp_path, images), bundle2d, tmp_path / "out", "--steps", "3"))
     assert metrics["steps"] == 3 and 0.0 < metrics["dice_after"] <= 1.0
-    assert sitk.ReadImage(str(tmp_path / "out" / protocol.WARPED)).GetPixelID() == pixel
+    assert sitk.ReadImage(str(tmp_path / "out" / register_folder.WARPED)).GetPixelID() == pixel
 
 
 def _stored_flipped(image: sitk.Image, axis: int) -> sitk.Image:
@@ -348,14 +350,14 @@ def test_flipped_anisotropic_images_register_in_the_fixed_geometry(tmp_path, cap
         images[key] = _stored_flipped(image, 0 if fixed else 1)
     paths = _write_pair(tmp_path, images)
     metrics, _ = _run(capsys, _argv(paths, bundle2d, tmp_path / "out", "--steps", "3"))
-    warped = sitk.ReadImage(str(tmp_path / "out" / protocol.WARPED))
+    warped = sitk.ReadImage(str(tmp_path / "out" / register_folder.WARPED))
     assert np.allclose(warped.GetDirection(), images["fixed"].GetDirection()) and warped.GetDirection()[0] < 0
     assert warped.GetSpacing() == pytest.approx(images["fixed"].GetSpacing())
     assert metrics["prealignment"] == "ok" and metrics["dice_before"] > 0.5 and metrics["dice_after"] > 0.5
 
 
 def test_zero_steps_runs_the_models_default(tmp_path, capsys, bundle2d, real_slices):
-    from AgentRegistrationLib.bundle import load_bundle
+    from AgentRegistrationLib.model.bundle import load_bundle
 
     paths = _write_pair(tmp_path, {k: v for k, v in real_slices.items() if "label" not in k})
     metrics, _ = _run(capsys, _argv(paths, bundle2d, tmp_path / "out", "--steps", "0"))
@@ -376,13 +378,13 @@ def test_a_label_resampled_on_purpose_runs_and_says_so(tmp_path, capsys, bundle2
 def test_progress_is_reported_from_the_first_line_stage_by_stage(tmp_path, capsys, bundle2d, real_slices):
     paths = _write_pair(tmp_path, real_slices)
     assert main(_argv(paths, bundle2d, tmp_path / "out", "--steps", "4", "--progress-json")) == 0
-    messages = [protocol.parse_progress_line(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
-    assert messages[0] == {"stage": "read", "done": 0, "total": 5}  # before any file is read or torch imported
-    stages = [m["stage"] for m in messages]
+    received = [messages.parse_progress_line(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert received[0] == {"stage": "read", "done": 0, "total": 5}  # before any file is read or torch imported
+    stages = [m["stage"] for m in received]
     assert stages == ["read"] * 6 + ["prealign", "register"] + ["register"] * 4 + ["resample", "write", "done"]
-    assert [m["done"] for m in messages if m["stage"] == "read"] == [0, 1, 2, 3, 4, 5]
-    assert [protocol.progress_text(m) for m in messages[6:8]] == ["Pre-aligning (translation) and cropping",
+    assert [m["done"] for m in received if m["stage"] == "read"] == [0, 1, 2, 3, 4, 5]
+    assert [messages.progress_text(m) for m in received[6:8]] == ["Pre-aligning (translation) and cropping",
                                                                   "Registering: 0 / 4"]
-    assert protocol.progress_range(messages[6]) == (0, 0, 0)  # busy while the pre-alignment runs
-    assert protocol.progress_range(messages[3]) == (0, 5, 3)
-    assert protocol.progress_range(messages[-1]) is None
+    assert messages.progress_range(received[6]) == (0, 0, 0)  # busy while the pre-alignment runs
+    assert messages.progress_range(received[3]) == (0, 5, 3)
+    assert messages.progress_range(received[-1]) is None

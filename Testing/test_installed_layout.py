@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from AgentRegistrationLib import protocol
+from AgentRegistrationGUILib import jobs
+from AgentRegistrationLib.contract import layout, register_folder, worker_commands
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = ("AgentRegistration", "AgentRegistrationTraining")
@@ -33,13 +34,14 @@ def _installed_files(module: str) -> dict[str, Path]:
         words = _expand(body, variables).split()
         if command == "set" and words:
             lists[words[0]] = words[1:]
-        elif command == "file" and words[0] == "GLOB":
+        elif command == "file" and words[0] in ("GLOB", "GLOB_RECURSE"):
+            glob = "rglob" if words[0] == "GLOB_RECURSE" else "glob"
             name, rest = words[1], words[2:]
             relative = rest[1] if rest[0] == "RELATIVE" else None
             patterns = rest[2:] if relative else rest
             found = [p for pattern in patterns
-                     for p in sorted(Path(pattern).parent.glob(Path(pattern).name) if Path(pattern).is_absolute()
-                                     else Path(source_dir).glob(pattern))]
+                     for p in sorted(getattr(Path(pattern).parent if Path(pattern).is_absolute()
+                                             else source_dir / Path(pattern).parent, glob)(Path(pattern).name))]
             lists[name] = [str(p.relative_to(relative)) if relative else str(p) for p in found]
         elif command == "list" and words[0] == "APPEND":
             lists.setdefault(words[1], []).extend(w for item in words[2:] for w in _expand_list(item, lists))
@@ -77,8 +79,11 @@ def installed(tmp_path_factory) -> Path:
 
 
 def test_every_engine_file_and_resource_is_installed(installed):
-    engine = {p.name for p in (REPO / "AgentRegistration" / "AgentRegistrationLib").glob("*.py")}
-    assert {p.name for p in (installed / "AgentRegistrationLib").glob("*.py")} == engine
+    source = REPO / "AgentRegistration" / "AgentRegistrationLib"
+    engine = {p.relative_to(source) for p in source.rglob("*.py")}
+    assert {Path("cli", "__main__.py"), Path("contract", "messages.py")} <= engine  # the tier packages
+    target = installed / "AgentRegistrationLib"
+    assert {p.relative_to(target) for p in target.rglob("*.py")} == engine
     gui = {p.name for p in (REPO / "AgentRegistration" / "AgentRegistrationGUILib").glob("*.py")}
     assert "slicer_setup.py" in gui  # the Slicer-side code both modules import
     assert {p.name for p in (installed / "AgentRegistrationGUILib").glob("*.py")} == gui
@@ -90,29 +95,29 @@ def test_every_engine_file_and_resource_is_installed(installed):
 
 def test_both_modules_find_the_engine_models_and_sample_data_when_installed(installed):
     for module in MODULES:
-        assert protocol.engine_dir(installed / f"{module}.py") == installed
+        assert layout.engine_dir(installed / f"{module}.py") == installed
     module_file = installed / "AgentRegistration.py"
-    assert protocol.resource_dirs(module_file)[0] == installed / "Resources"
-    models = protocol.available_models([d / "Models" for d in protocol.resource_dirs(module_file)])
-    assert protocol.default_model(models) == installed / "Resources" / "Models" / "prostate-3d.pt"
-    assert all(p.is_relative_to(installed) for p in protocol.sample_data_files(module_file).values())
+    assert layout.resource_dirs(module_file)[0] == installed / "Resources"
+    models = layout.available_models([d / "Models" for d in layout.resource_dirs(module_file)])
+    assert layout.default_model(models) == installed / "Resources" / "Models" / "prostate-3d.pt"
+    assert all(p.is_relative_to(installed) for p in layout.sample_data_files(module_file).values())
 
 
 def test_the_worker_runs_from_the_installed_extension_on_the_shipped_pair(installed, tmp_path):
     module_file = installed / "AgentRegistrationTraining.py"
-    env = protocol.worker_environment(protocol.engine_dir(module_file))
+    env = jobs.worker_environment(layout.engine_dir(module_file))
     where = subprocess.run([sys.executable, "-c", "import AgentRegistrationLib; print(AgentRegistrationLib.__file__)"],
                            env=env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
     assert Path(where).is_relative_to(installed)  # the installed engine, not the source tree's
 
-    sample = protocol.sample_data_files(installed / "AgentRegistration.py")
+    sample = layout.sample_data_files(installed / "AgentRegistration.py")
     model = installed / "Resources" / "Models" / "prostate-3d.pt"
-    command = protocol.register_command(sys.executable, sample["fixed"], sample["moving"], model, tmp_path / "out",
+    command = worker_commands.register_command(sys.executable, sample["fixed"], sample["moving"], model, tmp_path / "out",
                                         fixed_label=sample["fixed_label"], moving_label=sample["moving_label"],
                                         device="CPU", steps=4)
-    job = protocol.WorkerJob([command], env=env).start()
+    job = jobs.WorkerJob([command], env=env).start()
     messages = job.wait(timeout=600)
     assert job.succeeded, job.error
-    metrics = protocol.read_metrics(tmp_path / "out" / protocol.METRICS_JSON)
+    metrics = register_folder.read_metrics(tmp_path / "out" / register_folder.METRICS_JSON)
     assert metrics["steps"] <= 4 and 0.0 < metrics["dice_after"] <= 1.0  # the model's stop rule may end it sooner
     assert [m["done"] for m in messages if m["stage"] == "register"] == list(range(metrics["steps"] + 1))

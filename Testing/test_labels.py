@@ -11,17 +11,14 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AgentRegistrationLib import cli, evaluation, protocol
-from AgentRegistrationLib.groundtruth import (
-    GroundTruthSummary,
-    corresponding_points,
-    load_pair,
-    ray_directions,
-    surface_points,
-    warp_label,
-)
-from AgentRegistrationLib.metrics import dice, label_values, per_label, surface_distances
-from AgentRegistrationLib.paths import repo_file
+from AgentRegistrationGUILib import nodes, result_nodes
+from AgentRegistrationLib.cli import main
+from AgentRegistrationLib.contract import register_folder
+from AgentRegistrationLib.contract.paths import repo_file
+from AgentRegistrationLib.core.metrics import dice, label_values, per_label, surface_distances
+from AgentRegistrationLib.elastix.constrained import corresponding_points, ray_directions, surface_points
+from AgentRegistrationLib.stages import evaluation
+from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary, load_pair, warp_label
 
 SLICE = 16  # the middle slice of the grid128 volumes (32 slices)
 
@@ -88,16 +85,16 @@ def test_per_label_metrics_of_one_label_are_none():
 def test_check_metrics_accepts_per_label_keys_only_by_their_pattern():
     good = {"steps": 3, "jacobian_folding_percent": 0.0, "log_jacobian_std": 0.1, "seconds_total": 1.0,
             "seconds_agent": 0.5, "dice_after": 0.8, "dice_after_label_2": 0.7, "hausdorff_none_label_12": 3.0}
-    assert protocol.check_metrics(good) is good
+    assert register_folder.check_metrics(good) is good
     for wrong in ("dice_later_label_1", "dice_after_label_0", "hausdorff95_after_label_1", "dice_after_label_x"):
         with pytest.raises(ValueError, match="unknown keys"):
-            protocol.check_metrics({**good, wrong: 0.5})
+            register_folder.check_metrics({**good, wrong: 0.5})
 
 
 @pytest.fixture(scope="module")
 def two_label_groundtruth(slices, tmp_path_factory):
     out = tmp_path_factory.mktemp("gt") / "gt"
-    code = cli.main(["groundtruth", str(slices), "--subjects", "case00,case04,case06", "--dim", "2", "--max-pairs", "3",
+    code = main(["groundtruth", str(slices), "--subjects", "case00,case04,case06", "--dim", "2", "--max-pairs", "3",
                      "--geometry", "paper", "--crop", "organ", "--iterations", "20", "--resolutions", "1",
                      "--workers", "1", "--out", str(out)])
     assert code == 0
@@ -139,7 +136,7 @@ def test_groundtruth_reports_dice_per_label(two_label_groundtruth):
 def registered(slices, tmp_path_factory):
     """``agentreg register`` with the shipped 2-D model, both two-label masks given, a few steps."""
     out = tmp_path_factory.mktemp("register") / "out"
-    code = cli.main(["register", "--fixed", str(slices / "case02_image.nii.gz"),
+    code = main(["register", "--fixed", str(slices / "case02_image.nii.gz"),
                      "--moving", str(slices / "case04_image.nii.gz"),
                      "--fixed-label", str(slices / "case02_label.nii.gz"),
                      "--moving-label", str(slices / "case04_label.nii.gz"),
@@ -150,8 +147,8 @@ def registered(slices, tmp_path_factory):
 
 
 def test_register_metrics_hold_dice_and_hausdorff_per_label_and_of_the_union(registered):
-    metrics = protocol.read_metrics(registered["out"] / protocol.METRICS_JSON)
-    warped = _read(registered["out"] / protocol.WARPED_LABEL)
+    metrics = register_folder.read_metrics(registered["out"] / register_folder.METRICS_JSON)
+    warped = _read(registered["out"] / register_folder.WARPED_LABEL)
     fixed = _read(registered["fixed_label"])
     assert label_values(warped) == [1, 2]  # propagation keeps every label value
     assert metrics["dice_after"] == pytest.approx(dice(warped > 0, fixed > 0))
@@ -160,16 +157,15 @@ def test_register_metrics_hold_dice_and_hausdorff_per_label_and_of_the_union(reg
         assert metrics[f"hausdorff_after_label_{v}"] == pytest.approx(
             surface_distances(warped == v, fixed == v)["hausdorff"])
         assert f"dice_before_label_{v}" in metrics and f"dice_none_label_{v}" in metrics
-    assert json.loads((registered["out"] / protocol.METRICS_JSON).read_text()) == metrics
+    assert json.loads((registered["out"] / register_folder.METRICS_JSON).read_text()) == metrics
 
 
 def test_the_slicer_table_shows_each_label(registered):
     slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is needed for the table")
-    from AgentRegistrationLib import mrml
 
-    metrics = protocol.read_metrics(registered["out"] / protocol.METRICS_JSON)
+    metrics = register_folder.read_metrics(registered["out"] / register_folder.METRICS_JSON)
     scene = slicer.vtkMRMLScene()
-    table = mrml.metrics_table_node(metrics, scene, "metrics").GetTable()
+    table = result_nodes.metrics_table_node(metrics, scene, "metrics").GetTable()
     rows = {table.GetValue(i, 0).ToString(): i for i in range(table.GetNumberOfRows())}
     assert "Dice (all labels)" in rows
     for v in (1, 2):
@@ -180,21 +176,20 @@ def test_the_slicer_table_shows_each_label(registered):
 
 
 def test_a_segmentation_with_two_segments_comes_back_as_two(slices, mrml_scene):
-    from AgentRegistrationLib import mrml
 
     with mrml_scene() as scene:
         image = sitk.ReadImage(str(slices / "case04_image.nii.gz"))
         label = sitk.ReadImage(str(slices / "case04_label.nii.gz"))
         image3, label3 = (sitk.JoinSeries(x) for x in (image, label))  # one-slice volumes, as Slicer holds them
-        volume = mrml.volume_node_from_sitk(image3, scene, "moving")
-        segmentation = mrml.segmentation_node_from_labelmap_sitk(label3, scene, "two labels", volume)
+        volume = nodes.volume_node_from_sitk(image3, scene, "moving")
+        segmentation = nodes.segmentation_node_from_labelmap_sitk(label3, scene, "two labels", volume)
         assert segmentation.GetSegmentation().GetNumberOfSegments() == 2
         displacement = sitk.Image(image3.GetSize(), sitk.sitkVectorFloat64, 3)
         displacement.CopyInformation(image3)
-        transform = mrml.grid_transform_node_from_displacement(displacement, scene, "identity")
-        propagated = mrml.propagate_segmentation(segmentation, transform, volume, "propagated")
+        transform = nodes.grid_transform_node_from_displacement(displacement, scene, "identity")
+        propagated = nodes.propagate_segmentation(segmentation, transform, volume, "propagated")
         assert propagated.GetSegmentation().GetNumberOfSegments() == 2
-        back = sitk.GetArrayFromImage(mrml.segmentation_to_labelmap_sitk(propagated, volume))
+        back = sitk.GetArrayFromImage(nodes.segmentation_to_labelmap_sitk(propagated, volume))
         assert label_values(back) == [1, 2]
         assert dice(back == 2, sitk.GetArrayFromImage(label3) == 2) > 0.99
 
@@ -216,7 +211,7 @@ def volumes(grid128, tmp_path_factory):
 def test_evaluate_reports_dice_and_hausdorff_per_label(volumes, tmp_path):
     data, split = volumes
     out = tmp_path / "eval"
-    code = cli.main(["evaluate", "--data", str(data), "--split", str(split), "--dim", "2", "--methods",
+    code = main(["evaluate", "--data", str(data), "--split", str(split), "--dim", "2", "--methods",
                      "none,localised,ours", "--steps", "2", "--workers", "1", "--device", "cpu", "--out", str(out)])
     assert code == 0
     with (out / "evaluation.csv").open(newline="") as f:
@@ -249,11 +244,11 @@ def test_register_many_summary_and_fused_rows_hold_each_label(slices, tmp_path):
     out = tmp_path / "cohort"
     atlases = [arg for case in ("case04", "case06") for arg in
                ("--atlas", str(slices / f"{case}_image.nii.gz"), "--atlas-label", str(slices / f"{case}_label.nii.gz"))]
-    code = cli.main(["register-many", "--model", str(repo_file("Resources", "Models", "prostate-2d.pt")),
+    code = main(["register-many", "--model", str(repo_file("Resources", "Models", "prostate-2d.pt")),
                      "--patients", str(patients), *atlases, "--output-dir", str(out), "--steps", "3",
                      "--device", "cpu", "--workers", "1"])
     assert code == 0
-    with (out / protocol.COHORT_SUMMARY_CSV).open(newline="") as f:
+    with (out / register_folder.COHORT_SUMMARY_CSV).open(newline="") as f:
         rows = {row["pair"]: row for row in csv.DictReader(f)}
     assert len(rows) == 2 * 2 + 2
     for name, row in rows.items():
@@ -262,8 +257,8 @@ def test_register_many_summary_and_fused_rows_hold_each_label(slices, tmp_path):
             warped = _read(out / name.split("/")[0] / "fused_label.nii.gz")
         else:
             assert row["status"] == "registered"
-            metrics = protocol.read_metrics(out / name / protocol.METRICS_JSON)
-            warped = _read(out / name / protocol.WARPED_LABEL)
+            metrics = register_folder.read_metrics(out / name / register_folder.METRICS_JSON)
+            warped = _read(out / name / register_folder.WARPED_LABEL)
             for key in ("dice_before_label_1", "hausdorff_before_label_2", "hausdorff_after_label_1"):
                 assert float(row[key]) == pytest.approx(metrics[key], rel=1e-3)
         for v in (1, 2):

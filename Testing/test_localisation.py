@@ -4,14 +4,10 @@ fixed image's geometry when the moving box is translated and scaled against the 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AgentRegistrationLib.geometry import ModelGeometry
-from AgentRegistrationLib.localisation import (
-    BOX_SPREADS,
-    localisation_at_point,
-    localisation_from_label,
-)
-from AgentRegistrationLib.metrics import dice
-from AgentRegistrationLib.preprocessing import (
+from AgentRegistrationLib.core.geometry import ModelGeometry
+from AgentRegistrationLib.core.metrics import dice
+from AgentRegistrationLib.data.organ_box import BOX_SPREADS, localisation_at_point, localisation_from_label
+from AgentRegistrationLib.data.preprocessing import (
     ModelFrame,
     displacement_in_fixed_geometry,
     prepare_pair,

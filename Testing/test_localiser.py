@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from AgentRegistrationLib.localisation import BOX_SPREADS, localisation_from_label
-from AgentRegistrationLib.localiser import (
+from AgentRegistrationLib.data.localiser import (
     LocaliserConfig,
     OrganLocaliser,
     _resample,
@@ -22,6 +21,7 @@ from AgentRegistrationLib.localiser import (
     localiser_to_payload,
     train_localiser,
 )
+from AgentRegistrationLib.data.organ_box import BOX_SPREADS, localisation_from_label
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "Resources" / "Models"
@@ -203,7 +203,7 @@ def test_short_real_training_returns_a_finite_localisation(grid128):
 
 def test_agentreg_localiser_trains_on_the_organ_slices_of_the_named_subjects(grid128, tmp_path, capsys):
     from AgentRegistrationLib.cli import main
-    from AgentRegistrationLib.localiser import organ_slices
+    from AgentRegistrationLib.data.localiser import organ_slices
 
     out = tmp_path / "localiser.pt"
     argv = ["localiser", str(grid128), "--dim", "2", "--subjects", "case00,case04", "--iterations", "4", "--out", str(out)]
@@ -265,7 +265,7 @@ def test_the_shipped_localiser_finds_the_prostate_of_validation_subjects(native,
 def test_the_shipped_models_carry_the_shipped_localisers(model, dim):
     """A localiser retrained or re-set (scripts/train_localiser.py --into) reaches the models that use it (a 2-D
     model also places its slab on a 3-D volume with the 3-D localiser)."""
-    from AgentRegistrationLib.bundle import load_bundle
+    from AgentRegistrationLib.model.bundle import load_bundle
 
     path, bundle_path = MODELS / f"localiser-{dim}d.pt", MODELS / f"{model}.pt"
     if not path.exists() or not bundle_path.exists():
@@ -278,7 +278,7 @@ def test_the_shipped_models_carry_the_shipped_localisers(model, dim):
 
 
 def test_model_cards_can_name_every_localiser_weighting():
-    from AgentRegistrationLib.bundle import LOCALISER_WEIGHTINGS
-    from AgentRegistrationLib.localiser import WEIGHTINGS
+    from AgentRegistrationLib.data.localiser import WEIGHTINGS
+    from AgentRegistrationLib.model.bundle import LOCALISER_WEIGHTINGS
 
     assert set(LOCALISER_WEIGHTINGS) == set(WEIGHTINGS)

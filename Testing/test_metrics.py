@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AgentRegistrationLib.metrics import dice, jacobian_determinant, jacobian_statistics, surface_distances
+from AgentRegistrationLib.core.metrics import dice, jacobian_determinant, jacobian_statistics, surface_distances
 
 SPACING = (0.6, 0.6, 3.0)
 

@@ -10,17 +10,18 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AgentRegistrationLib import cli
-from AgentRegistrationLib.bundle import load_bundle
-from AgentRegistrationLib.groundtruth import GroundTruthSummary
-from AgentRegistrationLib.paths import repo_file
+from AgentRegistrationLib.cli import main
+from AgentRegistrationLib.cli.parser import build_parser
+from AgentRegistrationLib.contract.paths import repo_file
+from AgentRegistrationLib.model.bundle import load_bundle
+from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary
 
 GOOD = ["case00", "case04", "case06"]
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
     capsys.readouterr()
-    code = cli.main([str(a) for a in argv])
+    code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -62,7 +63,7 @@ def failed_run(own_data):
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main([str(a) for a in _groundtruth(own_data, GOOD + ["blank"])])
+        code = main([str(a) for a in _groundtruth(own_data, GOOD + ["blank"])])
     return {"code": code, "out": out.getvalue(), "err": err.getvalue()}
 
 
@@ -100,8 +101,8 @@ def without_blank(own_data, failed_run):
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = cli.main([str(a) for a in _groundtruth(own_data, GOOD)])
-        sdm = cli.main(["sdm", str(own_data["gt"]), "--modes", "2", "--out", str(own_data["root"] / "sdm.npz")])
+        code = main([str(a) for a in _groundtruth(own_data, GOOD)])
+        sdm = main(["sdm", str(own_data["gt"]), "--modes", "2", "--out", str(own_data["root"] / "sdm.npz")])
     assert sdm == 0
     return {"code": code, "err": err.getvalue()}
 
@@ -177,7 +178,7 @@ def test_fine_tuning_a_missing_model_is_refused_before_any_work(own_data, tmp_pa
 
 
 def test_train_help_documents_the_default_steps_and_stop_rule():
-    parser = cli.build_parser()
+    parser = build_parser()
     assert parser.parse_args(["train", "--groundtruth", "g", "--sdm", "s", "--out", "o"]).config == "converge"
     text = " ".join(parser._subparsers._group_actions[0].choices["train"].format_help().split())
     assert "the stop rule of its configuration (on with 'converge', the default" in text
@@ -191,7 +192,7 @@ def test_the_shipped_models_cards_name_promise12_and_its_split(dim, capsys):
     """The shipped 2-D bundle predates the data record: its training subjects, exactly the project split's, make its
     card name PROMISE12 and the split, as the committed card does; another set of subjects is not claimed to be.
     The 3-D bundle records its data (folder, split, ground truth), and its card says so."""
-    from AgentRegistrationLib.bundle import model_card
+    from AgentRegistrationLib.model.card import model_card
 
     repo = repo_file()
     model = repo / "Resources" / "Models" / f"prostate-{dim}d.pt"

@@ -4,17 +4,17 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from AgentRegistrationLib.bspline import dense_displacement
-from AgentRegistrationLib.geometry import ModelGeometry
-from AgentRegistrationLib.metrics import dice
-from AgentRegistrationLib.preprocessing import (
+from AgentRegistrationLib.core.bspline import dense_displacement
+from AgentRegistrationLib.core.geometry import ModelGeometry
+from AgentRegistrationLib.core.metrics import dice
+from AgentRegistrationLib.core.warp import warp
+from AgentRegistrationLib.data.preprocessing import (
     ModelFrame,
     displacement_in_fixed_geometry,
     prepare_pair,
     resample_to_frame,
     warp_to_fixed,
 )
-from AgentRegistrationLib.warp import warp
 
 ROTATED = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
 

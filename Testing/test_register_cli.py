@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from AgentRegistrationLib import protocol
 from AgentRegistrationLib.cli import main
-from AgentRegistrationLib.metrics import dice
+from AgentRegistrationLib.contract import register_folder
+from AgentRegistrationLib.core.metrics import dice
 
 STEPS, SAVE_EVERY, MODES = 12, 5, 4
 ANGLE = math.radians(30)
@@ -100,7 +100,7 @@ def test_metrics_hold_dice_hausdorff_jacobian_and_seconds(run):
     assert 0.0 <= metrics["jacobian_folding_percent"] <= 100.0 and metrics["log_jacobian_std"] >= 0.0
     assert metrics["seconds_total"] > 0 and metrics["seconds_agent"] > 0
     assert metrics["steps"] == STEPS
-    assert protocol.read_metrics(run / "metrics.json") == metrics  # flat, every key documented
+    assert register_folder.read_metrics(run / "metrics.json") == metrics  # flat, every key documented
 
 
 def test_trajectory_csv_has_a_row_per_step_with_q_and_theta_columns(run):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from AgentRegistrationLib.bspline import ControlGrid, dense_displacement
-from AgentRegistrationLib.sdm import StatisticalDeformationModel
+from AgentRegistrationLib.core.bspline import ControlGrid, dense_displacement
+from AgentRegistrationLib.core.sdm import StatisticalDeformationModel
 
 GRID = ControlGrid.for_image((100, 100), (16.0, 16.0))
 

@@ -7,9 +7,9 @@ Runs the real 2-D tiny bundle on real pairs of validation subjects (middle slice
 import numpy as np
 import pytest
 import torch
-from AgentRegistrationLib.agent import Agent, AgentSettings, choose_stop_margin, dice_by_margin, stop_steps
-from AgentRegistrationLib.bundle import load_bundle
-from AgentRegistrationLib.preprocessing import middle_slice, prepare_pair
+from AgentRegistrationLib.core.agent import Agent, AgentSettings, choose_stop_margin, dice_by_margin, stop_steps
+from AgentRegistrationLib.data.preprocessing import middle_slice, prepare_pair
+from AgentRegistrationLib.model.bundle import load_bundle
 
 PAIRS = [("02", "09"), ("13", "17"), ("22", "30"), ("46", "49")]  # (fixed, moving)
 STEPS = 30

@@ -17,15 +17,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from AgentRegistrationLib.agent import Agent, dice_batch
-from AgentRegistrationLib.bspline import ControlGrid
-from AgentRegistrationLib.bundle import BundleError, ModelBundle, load_bundle, resolve_device
-from AgentRegistrationLib.geometry import ModelGeometry
-from AgentRegistrationLib.network import DualStreamQNetwork, NetworkConfig
-from AgentRegistrationLib.sdm import StatisticalDeformationModel
-from AgentRegistrationLib.sdm_fitting import load_groundtruth
-from AgentRegistrationLib.synthetic import SyntheticPairGenerator, q_targets
-from AgentRegistrationLib.training import (
+from AgentRegistrationLib.cli import parser
+from AgentRegistrationLib.contract import messages, training_folder, worker_commands
+from AgentRegistrationLib.core.agent import Agent, dice_batch
+from AgentRegistrationLib.core.bspline import ControlGrid
+from AgentRegistrationLib.core.geometry import ModelGeometry
+from AgentRegistrationLib.core.network import DualStreamQNetwork, NetworkConfig
+from AgentRegistrationLib.core.sdm import StatisticalDeformationModel
+from AgentRegistrationLib.core.synthetic import SyntheticPairGenerator, q_targets
+from AgentRegistrationLib.core.warp import compose, warp
+from AgentRegistrationLib.model.bundle import BundleError, ModelBundle, load_bundle
+from AgentRegistrationLib.model.devices import resolve_device
+from AgentRegistrationLib.stages.sdm_fit import load_groundtruth
+from AgentRegistrationLib.stages.training import (
     TrainingConfig,
     TrainingSet,
     ValidationPair,
@@ -36,7 +40,6 @@ from AgentRegistrationLib.training import (
     train,
     validation_pairs_from_split,
 )
-from AgentRegistrationLib.warp import compose, warp
 
 ENGINE_DIR = Path(__file__).resolve().parents[1] / "AgentRegistration"
 
@@ -187,9 +190,8 @@ def test_short_training_lowers_the_loss_and_beats_chance(tiny, tmp_path):
     config = _config(iterations=100, batch_size=12, checkpoint_every=100)
     bundle = train(config, tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "b.pt", torch.device("cpu"),
                    checkpoint=tmp_path / "c.pt")
-    from AgentRegistrationLib import protocol  # the reader the training module uses
 
-    columns = protocol.read_training_loss(tmp_path / "loss.csv")
+    columns = training_folder.read_training_loss(tmp_path / "loss.csv")
     assert columns["iteration"] == [50, 100]
     first, last = columns["loss"][0], columns["loss"][-1]
     # best action on fresh held-out synthetic pairs (another seed than training and the built-in check)
@@ -287,8 +289,8 @@ def test_the_learned_core_imports_without_simpleitk_or_itk():
         "        if name.split('.')[0] in ('SimpleITK', 'itk'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import AgentRegistrationLib.training, AgentRegistrationLib.evaluation, AgentRegistrationLib.sdm_fitting\n"
-        "import AgentRegistrationLib.bundle\n"
+        "import AgentRegistrationLib.stages.training, AgentRegistrationLib.stages.evaluation\n"
+        "import AgentRegistrationLib.stages.sdm_fit, AgentRegistrationLib.model.bundle\n"
         "assert 'SimpleITK' not in sys.modules and 'itk' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ENGINE_DIR)
@@ -477,45 +479,42 @@ def test_override_changes_only_the_named_fields():
 
 # ----------------------------------------------------------------------------------------- training module glue
 def test_training_module_commands_parse_with_the_real_cli(tmp_path):
-    from AgentRegistrationLib import cli, protocol
 
-    files = protocol.TrainingFiles(tmp_path, "my-model")
-    commands = protocol.training_commands("python", tmp_path / "data", files, dim=2, configuration="paper", device="CPU")
+    files = training_folder.TrainingFiles(tmp_path, "my-model")
+    commands = worker_commands.training_commands("python", tmp_path / "data", files, dim=2, configuration="paper", device="CPU")
     stages = ("groundtruth", "sdm", "localiser", "train")  # the default geometry crops on the organ: a localiser
     assert [c[:4] for c in commands] == [["python", "-m", "AgentRegistrationLib.cli", s] for s in stages]
-    gt, sdm, localiser, training = (cli.build_parser().parse_args(c[3:]) for c in commands)
+    gt, sdm, localiser, training = (parser.build_parser().parse_args(c[3:]) for c in commands)
     assert (gt.data, gt.out, gt.dim, gt.progress_json) == (str(tmp_path / "data"), str(files.groundtruth), 2, True)
     assert (sdm.groundtruth, sdm.modes, sdm.out) == (str(files.groundtruth), 15, str(files.sdm))
     assert (localiser.data, localiser.out, localiser.dim) == (str(tmp_path / "data"), str(files.localiser), 2)
     assert (training.groundtruth, training.sdm, training.out, training.checkpoint, training.config, training.device) == (
         str(files.groundtruth), str(files.sdm), str(files.bundle), str(files.checkpoint), "paper", "cpu")
     assert training.localiser == [str(files.localiser)] and training.max_minutes is None
-    paper = protocol.training_commands("python", tmp_path / "data", files, dim=2, geometry="paper")
+    paper = worker_commands.training_commands("python", tmp_path / "data", files, dim=2, geometry="paper")
     assert [c[3] for c in paper] == ["groundtruth", "sdm", "train"]  # the paper's crops need no localiser
-    assert cli.build_parser().parse_args(paper[-1][3:]).localiser is None
-    limited = protocol.training_commands("python", tmp_path / "data", files, dim=2, max_minutes=1.5)[-1]
-    assert cli.build_parser().parse_args(limited[3:]).max_minutes == 1.5
+    assert parser.build_parser().parse_args(paper[-1][3:]).localiser is None
+    limited = worker_commands.training_commands("python", tmp_path / "data", files, dim=2, max_minutes=1.5)[-1]
+    assert parser.build_parser().parse_args(limited[3:]).max_minutes == 1.5
     assert files.gt_dice.name == "gt_dice.csv" and files.loss == files.checkpoint.with_name("loss.csv")
 
 
 def test_a_loss_file_without_the_expected_columns_is_refused(tmp_path):
-    from AgentRegistrationLib import protocol
 
     (tmp_path / "loss.csv").write_text("step,loss\n50,1.0\n")
     with pytest.raises(ValueError, match=r"lacks the columns \['iteration', 'held_out_accuracy', 'validation_dice'\]"):
-        protocol.read_training_loss(tmp_path / "loss.csv")
+        training_folder.read_training_loss(tmp_path / "loss.csv")
 
 
 def test_progress_text_of_training_messages():
-    from AgentRegistrationLib import protocol
 
-    assert protocol.progress_text({"stage": "train", "done": 150, "total": 200, "loss": 0.01234, "accuracy": 0.5}) == (
+    assert messages.progress_text({"stage": "train", "done": 150, "total": 200, "loss": 0.01234, "accuracy": 0.5}) == (
         "Training: 150 / 200, loss 0.01234, accuracy 0.5")
-    assert protocol.progress_text({"stage": "error", "message": "no GPU"}) == "Error: no GPU"
+    assert messages.progress_text({"stage": "error", "message": "no GPU"}) == "Error: no GPU"
 
 
 def test_states_along_the_way_are_warped_moving_images_between_start_and_gt(tiny):
-    from AgentRegistrationLib.training import states_along_the_way
+    from AgentRegistrationLib.stages.training import states_along_the_way
 
     agent = _agent(tiny)
     gen = _generator(tiny, agent, 3)
@@ -545,7 +544,7 @@ def test_q_targets_in_step_units_are_eq1_divided_by_each_step_squared():
 
 
 def test_near_ground_truth_states_lie_within_half_a_step_where_no_action_helps(tiny):
-    from AgentRegistrationLib.training import states_along_the_way
+    from AgentRegistrationLib.stages.training import states_along_the_way
 
     agent = _agent(tiny)
     gen = _generator(tiny, agent, 4)
@@ -561,7 +560,7 @@ def test_near_ground_truth_states_lie_within_half_a_step_where_no_action_helps(t
 
 
 def test_states_off_the_way_spread_wider_than_the_way_and_leave_converge_unchanged(tiny):
-    from AgentRegistrationLib.training import states_along_the_way
+    from AgentRegistrationLib.stages.training import states_along_the_way
 
     agent = _agent(tiny)
     gen = _generator(tiny, agent, 5)
@@ -588,7 +587,7 @@ def test_states_off_the_way_spread_wider_than_the_way_and_leave_converge_unchang
 
 
 def test_intensity_augmentation_changes_contrast_not_geometry_and_is_off_by_default(tiny):
-    from AgentRegistrationLib.synthetic import augment_intensity
+    from AgentRegistrationLib.core.synthetic import augment_intensity
 
     images = torch.as_tensor(tiny.training_set.images)[:, None].float()
     gen = torch.Generator().manual_seed(0)
@@ -616,7 +615,7 @@ def test_fine_tuning_starts_from_the_given_model_and_refuses_another_sdm(tiny, t
         assert torch.equal(tuned_weights[name], value), name
     record = load_bundle(tmp_path / "tuned.pt").training["initialised_from"]
     assert record == {"model": str(tmp_path / "start.pt"), "iterations": 4, "config": "compact"}
-    from AgentRegistrationLib.bundle import model_card
+    from AgentRegistrationLib.model.card import model_card
 
     assert "fine-tuning `start.pt` (compact, 4 batches)" in model_card(load_bundle(tmp_path / "tuned.pt"), "tuned")
     resumed = train(_config(iterations=3, learning_rate=0.0, augment=0.5), tiny.training_set, tiny.sdm, tiny.geometry,

@@ -3,10 +3,10 @@
 import numpy as np
 import SimpleITK as sitk
 import torch
-from AgentRegistrationLib.bspline import dense_displacement
-from AgentRegistrationLib.geometry import ModelGeometry
-from AgentRegistrationLib.metrics import dice
-from AgentRegistrationLib.warp import compose, warp
+from AgentRegistrationLib.core.bspline import dense_displacement
+from AgentRegistrationLib.core.geometry import ModelGeometry
+from AgentRegistrationLib.core.metrics import dice
+from AgentRegistrationLib.core.warp import compose, warp
 
 
 def _known_field(shape_xyz, seed=0, amplitude=3.0):

@@ -168,7 +168,7 @@ def compare(batch: Path, single: Path) -> dict:
 
 
 def cpu_text() -> str:
-    from AgentRegistrationLib.bundle import cpu_name
+    from AgentRegistrationLib.model.devices import cpu_name
 
     return f"{cpu_name()} ({os.cpu_count()} cores)"
 

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from AgentRegistrationLib.bundle import cpu_name
-from AgentRegistrationLib.metrics import dice
+from AgentRegistrationLib.core.metrics import dice
+from AgentRegistrationLib.model.devices import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 NATIVE = REPO.parent / "shared" / "data" / "promise12" / "native"
@@ -54,7 +54,7 @@ def elastix_worker(fixed: str, moving: str, moving_label: str, out: str) -> None
     """Register ``moving`` to ``fixed`` with elastix's default rigid + B-spline maps; print stage seconds (JSON)."""
     started = time.perf_counter()
     import itk
-    from AgentRegistrationLib.elastix import default_map, register, resample_with
+    from AgentRegistrationLib.elastix.wrapper import default_map, register, resample_with
 
     times = {"start-up": time.perf_counter() - started}
     t = time.perf_counter()

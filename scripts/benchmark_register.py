@@ -7,7 +7,7 @@ translation pre-alignment, crop box, model grid, intensity normalisation); prepr
 Per model dimension (3-D and/or 2-D; a 2-D pair is the middle axial slice of the volumes):
 
 * agent: ``--steps`` (200) MDP steps for one pair, fuzzy action control on, no early stop;
-* elastix: ``AgentRegistrationLib.elastix.register`` with ``bspline_map(control spacing of the model)``
+* elastix: ``AgentRegistrationLib.elastix.wrapper.register`` with ``bspline_map(control spacing of the model)``
   (16x16[x8] model voxels, the SDM's control grid; elastix's default B-spline map: Mattes mutual information,
   adaptive stochastic gradient descent, 3 resolutions, 500 iterations each) on the same preprocessed pair,
   i.e. after the same translation;
@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------- environment
 def device_text(device: torch.device) -> str:
     """The device as this benchmark names it: the hardware with CUDA's version or torch's CPU threads."""
-    from AgentRegistrationLib.bundle import device_name
+    from AgentRegistrationLib.model.devices import device_name
 
     if device.type == "cuda":
         return f"{device_name(device)} (CUDA {torch.version.cuda})"
@@ -113,8 +113,8 @@ def sync(device: torch.device) -> None:
 def load_pairs(data: Path, dim: int, geometry, count: int) -> list:
     """``count`` ordered pairs of the validation subjects, preprocessed as ``agentreg register`` does."""
     import SimpleITK as sitk
-    from AgentRegistrationLib.localisation import localisation_from_label
-    from AgentRegistrationLib.preprocessing import middle_slice, prepare_pair
+    from AgentRegistrationLib.data.organ_box import localisation_from_label
+    from AgentRegistrationLib.data.preprocessing import middle_slice, prepare_pair
 
     names = json.loads(SPLIT.read_text())["validation"]
     names = [n for n in names if (data / f"{n}_image.nii.gz").is_file()]
@@ -145,7 +145,7 @@ class CachedPair:
 
 def load_prepared_pairs(folders: list[str], geometry, count: int) -> list[CachedPair] | None:
     """The first ``count`` cached pairs (sorted by name) of the first folder that has pairs on ``geometry``'s grid."""
-    from AgentRegistrationLib.evaluation import prepared_pairs
+    from AgentRegistrationLib.stages.evaluation import prepared_pairs
 
     for folder in folders:
         pairs = prepared_pairs(folder, geometry, count)
@@ -206,8 +206,8 @@ def reference_elastix(reference: str | None, dim: int, pair: str) -> dict | None
 
 
 def benchmark_model(model: Path, args, device: torch.device) -> dict:
-    from AgentRegistrationLib.agent import AgentSettings
-    from AgentRegistrationLib.bundle import load_bundle
+    from AgentRegistrationLib.core.agent import AgentSettings
+    from AgentRegistrationLib.model.bundle import load_bundle
 
     bundle = load_bundle(model)
     dim = bundle.dim
@@ -219,8 +219,8 @@ def benchmark_model(model: Path, args, device: torch.device) -> dict:
         pairs = load_pairs(Path(args.data), dim, bundle.geometry, args.pairs)
     pair_name = "->".join(pairs[0].info["names"])
     try:
-        from AgentRegistrationLib import elastix
-        from AgentRegistrationLib.dataset import model_image
+        from AgentRegistrationLib.data.dataset import model_image
+        from AgentRegistrationLib.elastix import wrapper as elastix
     except ImportError:  # no itk-elastix / SimpleITK on this machine
         elastix = None
     agent = bundle.agent(device)
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
     for m in models:
         if not m.is_file():
             sys.exit(f"benchmark: model bundle not found: {m}")
-    from AgentRegistrationLib.bundle import resolve_device
+    from AgentRegistrationLib.model.devices import resolve_device
 
     try:
         device = resolve_device(args.device)

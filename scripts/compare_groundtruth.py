@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from AgentRegistrationLib.groundtruth import GroundTruthSummary
+from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary
 
 
 def read_dice(folder: Path) -> dict[tuple[str, str], tuple[float, float]]:

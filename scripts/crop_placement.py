@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from AgentRegistrationLib.bundle import load_bundle
-from AgentRegistrationLib.dataset import find_subjects, load_split
-from AgentRegistrationLib.image_io import read_image, read_label
-from AgentRegistrationLib.localisation import Localisation, localisation_from_label
-from AgentRegistrationLib.localiser import centroid_slice, localise, localiser_from_payload
-from AgentRegistrationLib.metrics import dice
-from AgentRegistrationLib.preprocessing import organ_frames, resample_to_frame
+from AgentRegistrationLib.core.metrics import dice
+from AgentRegistrationLib.data.dataset import find_subjects, load_split
+from AgentRegistrationLib.data.image_io import read_image, read_label
+from AgentRegistrationLib.data.localiser import centroid_slice, localise, localiser_from_payload
+from AgentRegistrationLib.data.organ_box import Localisation, localisation_from_label
+from AgentRegistrationLib.data.preprocessing import organ_frames, resample_to_frame
+from AgentRegistrationLib.model.bundle import load_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 

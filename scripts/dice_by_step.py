@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from AgentRegistrationLib.agent import dice_by_margin, stop_steps
-from AgentRegistrationLib.bundle import load_bundle
-from AgentRegistrationLib.evaluation import prepared_pairs
+from AgentRegistrationLib.core.agent import dice_by_margin, stop_steps
+from AgentRegistrationLib.model.bundle import load_bundle
+from AgentRegistrationLib.stages.evaluation import prepared_pairs
 
 STEPS = 200
 SHOWN = (0, 10, 25, 50, 100, 150, 200)

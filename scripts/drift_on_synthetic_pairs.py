@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from AgentRegistrationLib.bundle import load_bundle
-from AgentRegistrationLib.synthetic import SyntheticPairGenerator, q_targets
+from AgentRegistrationLib.core.synthetic import SyntheticPairGenerator, q_targets
+from AgentRegistrationLib.model.bundle import load_bundle
 
 SHOWN_STEPS = (10, 50, 100, 200)
 

@@ -63,9 +63,14 @@ ENGINE = str(REPO / "AgentRegistration")  # the engine, not installed on the GPU
 sys.path.insert(0, ENGINE)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ENGINE, os.environ.get("PYTHONPATH")]))  # subprocesses
 
-from AgentRegistrationLib.agent import dice_batch  # noqa: E402
-from AgentRegistrationLib.bundle import device_name, load_bundle  # noqa: E402
-from AgentRegistrationLib.evaluation import (  # noqa: E402
+from AgentRegistrationLib.contract.paths import shipped_model  # noqa: E402
+from AgentRegistrationLib.core.agent import dice_batch  # noqa: E402
+from AgentRegistrationLib.core.network import DualStreamQNetwork, NetworkConfig, count_parameters  # noqa: E402
+from AgentRegistrationLib.core.sdm import StatisticalDeformationModel  # noqa: E402
+from AgentRegistrationLib.core.warp import warp  # noqa: E402
+from AgentRegistrationLib.model.bundle import load_bundle  # noqa: E402
+from AgentRegistrationLib.model.devices import device_name  # noqa: E402
+from AgentRegistrationLib.stages.evaluation import (  # noqa: E402
     EvaluationSettings,
     evaluate,
     pair_dir,
@@ -73,12 +78,8 @@ from AgentRegistrationLib.evaluation import (  # noqa: E402
     select_pairs,
     write_report,
 )
-from AgentRegistrationLib.groundtruth import GroundTruthSummary  # noqa: E402
-from AgentRegistrationLib.network import DualStreamQNetwork, NetworkConfig, count_parameters  # noqa: E402
-from AgentRegistrationLib.paths import shipped_model  # noqa: E402
-from AgentRegistrationLib.sdm import StatisticalDeformationModel  # noqa: E402
-from AgentRegistrationLib.training import TrainingSet, config_by_name, train  # noqa: E402
-from AgentRegistrationLib.warp import warp  # noqa: E402
+from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary  # noqa: E402
+from AgentRegistrationLib.stages.training import TrainingSet, config_by_name, train  # noqa: E402
 
 MAX_RETURNED_FILE = 15 * 2**20
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a rehearsal (run --allow-cpu)

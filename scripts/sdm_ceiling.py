@@ -33,10 +33,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from AgentRegistrationLib.bundle import load_bundle
-from AgentRegistrationLib.evaluation import bspline_field, figures, file_hash, pair_dir, prepared_pairs
-from AgentRegistrationLib.training import TrainingConfig, action_steps_for
-from AgentRegistrationLib.warp import warp_label
+from AgentRegistrationLib.core.warp import warp_label
+from AgentRegistrationLib.model.bundle import load_bundle
+from AgentRegistrationLib.stages.evaluation import bspline_field, figures, file_hash, pair_dir, prepared_pairs
+from AgentRegistrationLib.stages.training import TrainingConfig, action_steps_for
 
 
 def groundtruth_coefficients(job: tuple) -> np.ndarray:
@@ -44,8 +44,8 @@ def groundtruth_coefficients(job: tuple) -> np.ndarray:
     cache, pair, geometry, metric, iterations, resolutions = job
     if cache.is_file():
         return np.load(cache)
-    from AgentRegistrationLib.elastix import single_threaded_worker
-    from AgentRegistrationLib.groundtruth import register_constrained
+    from AgentRegistrationLib.elastix.constrained import register_constrained
+    from AgentRegistrationLib.elastix.wrapper import single_threaded_worker
 
     single_threaded_worker()
     coefficients = register_constrained(pair["fixed"], pair["moving"], pair["fixed_label"], pair["moving_label"],
@@ -134,8 +134,8 @@ def main(argv=None) -> int:
 
 def modes_table(args, bundle, found: list, coefficients: list[np.ndarray], crops: list[float]) -> list[str]:
     """The projection onto SDMs of ``--modes`` modes fitted on the training ground truth, as table lines."""
-    from AgentRegistrationLib.sdm import StatisticalDeformationModel
-    from AgentRegistrationLib.sdm_fitting import load_groundtruth
+    from AgentRegistrationLib.core.sdm import StatisticalDeformationModel
+    from AgentRegistrationLib.stages.sdm_fit import load_groundtruth
 
     gt = args.groundtruth or bundle.training.get("data", {}).get("groundtruth")
     if not gt:

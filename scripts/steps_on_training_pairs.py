@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from AgentRegistrationLib.agent import STOP_MARGINS, choose_stop_margin, dice_by_margin, stop_steps
-from AgentRegistrationLib.bundle import load_bundle
+from AgentRegistrationLib.core.agent import STOP_MARGINS, choose_stop_margin, dice_by_margin, stop_steps
+from AgentRegistrationLib.model.bundle import load_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 SHOWN_STEPS = (1, 10, 25, 50, 75, 100, 150, 200)

@@ -1,4 +1,4 @@
-"""Train the learned organ localiser (AgentRegistrationLib.localiser) and evaluate it on the validation subjects.
+"""Train the learned organ localiser (AgentRegistrationLib.data.localiser) and evaluate it on the validation subjects.
 
 Trains on the training subjects of ``--split`` found in each ``--data`` folder (default: both PROMISE12 folders,
 ``native`` as users load it and ``grid128``; the same subjects, two fields of view and voxel grids), on the CPU,
@@ -34,9 +34,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from AgentRegistrationLib.bundle import load_bundle
-from AgentRegistrationLib.localisation import BOX_SPREADS, Localisation, localisation_from_label
-from AgentRegistrationLib.localiser import (
+from AgentRegistrationLib.data.localiser import (
     WEIGHTINGS,
     LocaliserConfig,
     OrganLocaliser,
@@ -49,7 +47,9 @@ from AgentRegistrationLib.localiser import (
     save_localiser,
     train_localiser,
 )
-from AgentRegistrationLib.training import add_localisation
+from AgentRegistrationLib.data.organ_box import BOX_SPREADS, Localisation, localisation_from_label
+from AgentRegistrationLib.model.bundle import load_bundle
+from AgentRegistrationLib.stages.training import add_localisation
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "promise12"

@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from AgentRegistrationLib import protocol
+from AgentRegistrationLib.contract import layout
+
+from AgentRegistrationGUILib import dependencies
 
 REQUIREMENT_IMPORTS = {"torch": "torch", "numpy": "numpy", "scipy": "scipy", "SimpleITK": "SimpleITK",
                        "itk-elastix": "itk", "matplotlib": "matplotlib", "tqdm": "tqdm"}
@@ -52,7 +54,7 @@ def missing_requirements() -> list[str]:
 
 
 class DependencyInstall:
-    """Installs the missing requirements with pip in a separate process (``protocol.DependencyInstallJob``).
+    """Installs the missing requirements with pip in a separate process (``dependencies.DependencyInstallJob``).
 
     A QTimer polls the job; a progress dialog shows pip's latest line and has a Cancel button, so Slicer never
     freezes. ``on_finished(succeeded)`` is called once the install has ended (a failure has been shown to the user).
@@ -65,9 +67,9 @@ class DependencyInstall:
         self.on_finished = on_finished
         qt, slicer, _ = _gui()
         # PythonSlicer, as slicer.util.pip_install uses: inside Slicer sys.executable is the application itself
-        command = protocol.dependency_install_command(worker_python(), requirements)
+        command = dependencies.dependency_install_command(worker_python(), requirements)
         logging.info("Installing Python packages: %s", " ".join(command))
-        self.job = protocol.DependencyInstallJob(command, requirements).start()
+        self.job = dependencies.DependencyInstallJob(command, requirements).start()
         self.dialog = qt.QProgressDialog(
             _("Installing {packages}...").format(packages=", ".join(requirements)), _("Cancel"), 0, 0,
             slicer.util.mainWindow())
@@ -154,8 +156,8 @@ def start_dependency_install(requester: str, on_finished=None) -> DependencyInst
         finish(not missing_requirements())
         return None
     # Resources/ beside the folder that holds the engine package (installed), or one level up (source tree)
-    requirements_file = protocol.resource_file(Path(__file__).resolve().parent, "requirements.txt")
-    requirements = protocol.read_requirements(requirements_file, missing) if requirements_file is not None else []
+    requirements_file = layout.resource_file(Path(__file__).resolve().parent, "requirements.txt")
+    requirements = dependencies.read_requirements(requirements_file, missing) if requirements_file is not None else []
     return DependencyInstall(requester, requirements or missing, finish)
 
 

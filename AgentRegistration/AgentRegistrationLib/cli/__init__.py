@@ -1,0 +1,33 @@
+"""``agentreg``: the engine's command line. ``parser`` defines every subcommand and option, ``commands`` holds the
+thin commands that check their inputs and call a stage; :func:`main` runs one and turns user errors into one message
+and an exit status."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from AgentRegistrationLib.cli.parser import build_parser
+from AgentRegistrationLib.contract import messages
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if getattr(args, "workers", None) == 0:
+        args.workers = os.cpu_count() or 1
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # the reader went away (e.g. 'agentreg info MODEL | head'): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141  # the shell's status of a process ended by a broken pipe (128 + SIGPIPE)
+    except (ValueError, OSError, RuntimeError) as err:
+        if getattr(args, "progress_json", False):
+            print(messages.encode(messages.error_message(str(err))), flush=True)
+        print(f"agentreg: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("agentreg: interrupted; cached results are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+

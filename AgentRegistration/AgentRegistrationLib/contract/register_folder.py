@@ -1,0 +1,141 @@
+"""The folder ``agentreg register`` writes (file names, the flat ``metrics.json`` schema with its reader and
+checker, the trajectory CSV) and the summary of ``agentreg register-many``. Standard library only."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# ====================================================================================== register output folder
+WARPED = "warped.nii.gz"
+WARPED_LABEL = "warped_label.nii.gz"
+DISPLACEMENT = "displacement.nii.gz"
+TRAJECTORY_CSV = "trajectory.csv"
+TRAJECTORY_PNG = "trajectory.png"
+METRICS_JSON = "metrics.json"
+STEPS_DIR = "steps"
+OUTPUT_NAMES = (WARPED, WARPED_LABEL, DISPLACEMENT, TRAJECTORY_CSV, TRAJECTORY_PNG, METRICS_JSON, STEPS_DIR)
+"""Everything ``agentreg register --output-dir`` writes (warped_label only with a moving label, steps only
+with ``--save-steps``). Geometry of every image: the fixed image's. ``displacement.nii.gz`` is ITK's
+displacement field (a fixed point x maps to the moving point x + u(x), LPS)."""
+
+TRAJECTORY_COLUMNS = ("step", "action", "mode", "direction", "accepted", "rejected_count", "dice")
+"""Columns of trajectory.csv, one row per agent step (1, 2, ...), followed by ``q_0..q_{2d-1}`` (Q-values)
+and ``theta_0..theta_{d-1}`` (SDM parameters after the step); ``dice`` is empty without labels."""
+
+
+def step_file_name(step: int) -> str:
+    """``steps/warped_NNNN.nii.gz``: the warped moving image after agent step ``step`` (0: before any step)."""
+    return f"warped_{int(step):04d}.nii.gz"
+
+
+def step_number(path: str | Path) -> int:
+    """The agent step of a step file name such as ``warped_0010.nii.gz``."""
+    stem = Path(path).name.split(".")[0]
+    try:
+        return int(stem.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        raise ValueError(f"cannot read the step number from file name {Path(path).name!r}") from None
+
+
+METRICS_SCHEMA = {
+    "steps": "agent steps taken",
+    "prealignment": "outcome of the translation pre-alignment ('ok' or why it was rejected)",
+    "translation": "pre-alignment translation, physical units (LPS), one number per axis",
+    "jacobian_folding_percent": "percentage of fixed-grid voxels where det J <= 0",
+    "log_jacobian_std": "standard deviation of log det J over voxels with det J > 0",
+    "fixed_crop_centre": "centre of the fixed crop box the agent worked on, fixed image's physical space (LPS)",
+    "fixed_crop_size": "its extent along each of its axes, physical units",
+    "fixed_crop_axes": "its axes (the fixed image's direction matrix, row by row)",
+    "fixed_crop_placed_by": "what placed it: 'localiser', 'point on the fixed image' or \"paper's centred crop\"",
+    "seconds_total": "wall time of the registration, seconds (without writing the files)",
+    "seconds_preprocessing": "of which pre-alignment, cropping and resampling",
+    "seconds_agent": "of which the agent's steps",
+    "seconds_outputs": "of which the warped image and label in the fixed geometry",
+    "pairs_in_batch": "pairs registered together in one agent batch (the seconds are the batch's)",
+    "dice_none": "Dice of the moving label where it lies in physical space (no registration) with the fixed label",
+    "hausdorff_none": "Hausdorff distance with no registration, fixed image's physical units",
+    "hausdorff95_none": "95th percentile surface distance with no registration",
+    "average_surface_distance_none": "average symmetric surface distance with no registration",
+    "dice_before": "Dice at the agent's start (the crops alone: translation pre-alignment or boxes on the organ)",
+    "dice_after": "Dice of the warped label with the fixed label",
+    "hausdorff_before": "Hausdorff distance, fixed image's physical units",
+    "hausdorff_after": "Hausdorff distance after registration",
+    "hausdorff95_before": "95th percentile surface distance",
+    "hausdorff95_after": "95th percentile surface distance after registration",
+    "average_surface_distance_before": "average symmetric surface distance",
+    "average_surface_distance_after": "average symmetric surface distance after registration",
+}
+"""Every key of metrics.json (a flat object of numbers, text and lists), with what it means; and, when the labels
+hold several values, the keys of :data:`METRICS_PER_LABEL`."""
+METRICS_PER_LABEL = {
+    "dice_<when>_label_<n>": "Dice of label value n alone (when: none, before, after); dice_<when> is of the union "
+                             "of the labels",
+    "hausdorff_<when>_label_<n>": "Hausdorff distance of label value n alone, fixed image's physical units",
+}
+"""Per-label keys of metrics.json (present when the fixed or moving label holds several values), by pattern."""
+METRICS_PER_LABEL_KEY = re.compile(r"^(dice|hausdorff)_(none|before|after)_label_([1-9][0-9]*)$")
+"""The keys of :data:`METRICS_PER_LABEL`: groups (metric, when, label value)."""
+METRICS_REQUIRED = ("steps", "jacobian_folding_percent", "log_jacobian_std", "seconds_total", "seconds_agent")
+METRICS_WITH_LABELS = ("dice_before", "dice_after")
+"""Present when both labels were given (the distances too, unless a mask is empty)."""
+
+
+def check_metrics(metrics: dict[str, Any], source: str = "metrics") -> dict[str, Any]:
+    """``metrics`` if it follows :data:`METRICS_SCHEMA`; otherwise a ``ValueError`` naming what is wrong."""
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{source} is not a JSON object")
+    unknown = sorted(k for k in set(metrics) - set(METRICS_SCHEMA) if not METRICS_PER_LABEL_KEY.match(k))
+    missing = [k for k in METRICS_REQUIRED if k not in metrics]
+    nested = sorted(k for k, v in metrics.items() if isinstance(v, dict))
+    if unknown or missing or nested:
+        raise ValueError(f"{source} does not follow the metrics schema (unknown keys {unknown}, missing {missing}, "
+                         f"nested {nested}); was it written by this version of agentreg?")
+    return metrics
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """metrics.json of a register output folder, checked against the schema."""
+    return check_metrics(json.loads(Path(path).read_text()), str(path))
+
+
+def read_csv_columns(path: str | Path, required: Sequence[str], what: str) -> dict[str, list]:
+    """Columns of a CSV the engine wrote; numbers as floats (empty cells and 'nan' as NaN), other text kept.
+
+    Raises ``ValueError`` naming ``what`` and the missing columns when ``required`` ones are absent.
+    """
+    path = Path(path)
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        names = reader.fieldnames or []
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise ValueError(f"{what} {path} lacks the columns {missing} (has {names}); was it written by this version?")
+    columns: dict[str, list] = {name: [row[name] for row in rows] for name in names}
+    for name, values in columns.items():
+        try:
+            columns[name] = [float(v) if v not in ("", None) else math.nan for v in values]
+        except ValueError:
+            pass
+    return columns
+
+
+def read_trajectory(path: str | Path) -> dict[str, list]:
+    """Columns of ``trajectory.csv``."""
+    columns = read_csv_columns(path, TRAJECTORY_COLUMNS, "trajectory file")
+    if not columns["step"]:
+        raise ValueError(f"trajectory file {path} has no steps")
+    return columns
+
+
+COHORT_SUMMARY_CSV = "summary.csv"
+"""The table of a ``register-many`` run: one row per pair (``pair``, ``status``, Dice and Hausdorff distance before
+and after, ...: ``cohort.SUMMARY_COLUMNS``); each pair's files are in the folder named by its ``pair``."""
+COHORT_DONE = ("registered", "skipped")
+"""Statuses of a pair of a ``register-many`` run whose folder holds its results (the others: ``failed``)."""

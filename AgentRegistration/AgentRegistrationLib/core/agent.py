@@ -1,0 +1,263 @@
+"""The agent's Markov decision process at test time (paper, 2.1 and 2.2).
+
+State: the fixed image and the moving image warped by the current parameters ``theta``.
+Actions: ``2d``; action ``2i`` adds the step of mode ``i``, action ``2i+1`` subtracts it.
+The network's Q-values pick the action; with a small fixed probability a random accepted
+action is taken instead (the paper's stochastic exploration). Fuzzy action control
+stochastically rejects moves that leave the plausible part of the SDM: a move of mode ``m`` to
+``f`` is accepted with probability ``min(1, N(f; mu, sigma) / N(h; mu, sigma))``, ``h = mu + k
+sigma``; a rejected action gets a large negative Q-value, so the next best is taken.
+
+With ``stop_when_no_action_helps`` a pair stops as soon as no allowed action has a Q-value above
+``stop_margin`` (0: no move is predicted to bring it closer to the answer; a model trained with targets
+in units of each mode's step stores a margin chosen on training pairs, since the predictions carry an
+error); the number of steps is then a cap.
+
+Speed: the loop stays on one device; one action changes one mode, so the dense displacement is
+updated by adding one precomputed mode field (never recomputed from all modes); many pairs run
+as one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from AgentRegistrationLib.core.network import DualStreamQNetwork
+from AgentRegistrationLib.core.sdm import StatisticalDeformationModel
+from AgentRegistrationLib.core.warp import warp
+
+REJECTED = -1.0e9
+
+
+@dataclass
+class AgentSettings:
+    steps: int = 200
+    fuzzy_action_control: bool = True
+    fuzzy_k: float = 1.5
+    exploration: float = 0.05  # probability of a random (accepted) action instead of the best
+    stop_on_convergence: bool = False
+    convergence_window: int = 20
+    stop_when_no_action_helps: bool = False  # stop a pair once its best allowed Q-value is <= stop_margin
+    stop_margin: float = 0.0  # with the stop rule: the predicted gain (the Q-value's units) that is not worth a step
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, not {self.steps}")
+        if self.fuzzy_k <= 0:
+            raise ValueError(f"fuzzy action control k must be > 0, not {self.fuzzy_k}")
+        if not 0.0 <= self.exploration < 1.0:
+            raise ValueError(f"exploration probability must be in [0, 1), not {self.exploration}")
+        if self.stop_margin < 0:
+            raise ValueError(f"stop margin must be >= 0, not {self.stop_margin}")
+
+
+def model_defaults() -> dict:
+    """The agent settings a new model stores as its own defaults (``ModelBundle.agent_defaults``): fuzzy action
+    control's k, the exploration probability and the number of steps, as :class:`AgentSettings` has them."""
+    settings = AgentSettings()
+    return {"fuzzy_k": settings.fuzzy_k, "exploration": settings.exploration, "steps": settings.steps}
+
+
+@dataclass
+class Trajectory:
+    """Per step and pair: the action taken, all Q-values, which actions fuzzy control rejected,
+    the parameters after the step and, with labels, the Dice after the step."""
+
+    actions: list[torch.Tensor] = field(default_factory=list)  # (B,) long; -1 once a pair has stopped
+    q_values: list[torch.Tensor] = field(default_factory=list)  # (B, 2d)
+    rejected: list[torch.Tensor] = field(default_factory=list)  # (B, 2d) bool
+    theta: list[torch.Tensor] = field(default_factory=list)  # (B, d), after the step
+    dice: list[torch.Tensor] = field(default_factory=list)  # (B,), after the step
+
+    def best_allowed_q(self) -> torch.Tensor:
+        """``(steps, B)``: the best Q-value among the actions fuzzy control allowed, before each step's action (what
+        the stop rule compares with its margin)."""
+        q, rejected = torch.stack(self.q_values), torch.stack(self.rejected)
+        allowed = ~rejected | rejected.all(dim=-1, keepdim=True)
+        return q.masked_fill(~allowed, REJECTED).max(dim=-1).values
+
+    def stacked(self) -> dict[str, np.ndarray]:
+        out = {k: torch.stack(getattr(self, k)).cpu().numpy() for k in ("actions", "q_values", "rejected", "theta")
+               if getattr(self, k)}
+        if self.dice:
+            out["dice"] = torch.stack(self.dice).cpu().numpy()
+        return out
+
+
+@dataclass
+class AgentResult:
+    theta: np.ndarray  # (B, d)
+    theta_start: np.ndarray  # (d,)
+    displacement: torch.Tensor  # (B, dim, *spatial), model voxels
+    trajectory: Trajectory
+    steps_taken: np.ndarray  # (B,)
+
+
+STOP_MARGINS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+"""The stop margins a model's default is chosen from (on training pairs; :func:`stop_steps`)."""
+
+
+def stop_steps(best_q: np.ndarray, margin: float, cap: int) -> np.ndarray:
+    """Per pair, the number of steps after which the stop rule with ``margin`` stops it (at most ``cap``), from the
+    ``(steps, B)`` best allowed Q-values of a run without the stop rule: a run with the rule is the same run up to
+    that step (the random draws are per step, shared by the pairs), so one run measures every margin."""
+    below = np.asarray(best_q)[:cap] <= margin
+    return np.where(below.any(axis=0), below.argmax(axis=0), min(cap, len(below)))
+
+
+def dice_by_margin(best_q: np.ndarray, dice: np.ndarray, cap: int) -> dict[float, np.ndarray]:
+    """Per margin of :data:`STOP_MARGINS`, each pair's Dice where the stop rule stops it: ``dice`` is
+    ``(steps + 1, B)`` (row 0: the start) of the same run as ``best_q``."""
+    columns = np.arange(dice.shape[1])
+    return {margin: dice[stop_steps(best_q, margin, cap), columns] for margin in STOP_MARGINS}
+
+
+def choose_stop_margin(best_q: np.ndarray, dice: np.ndarray, cap: int) -> float:
+    """The margin of :data:`STOP_MARGINS` with the best mean Dice (ties: the smaller margin)."""
+    means = {margin: float(values.mean()) for margin, values in dice_by_margin(best_q, dice, cap).items()}
+    return max(means, key=lambda margin: (round(means[margin], 6), -margin))
+
+
+def fuzzy_acceptance(theta: torch.Tensor, deltas: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
+                     k: float) -> torch.Tensor:
+    """Acceptance probability of every action: ``(B, 2d)`` from ``theta`` ``(B, d)`` and the
+    signed action increments ``deltas`` ``(2d,)`` (action ``a`` moves mode ``a // 2``)."""
+    mode = torch.arange(deltas.numel(), device=theta.device) // 2
+    f = theta[:, mode] + deltas
+    z2 = ((f - mu[mode]) / sigma[mode]) ** 2
+    return torch.exp(-(z2 - k * k) / 2.0).clamp(max=1.0)
+
+
+def signed_steps(action_steps: torch.Tensor) -> torch.Tensor:
+    """``(2d,)``: +step for action 2i, -step for action 2i+1."""
+    return torch.stack([action_steps, -action_steps], dim=1).reshape(-1)
+
+
+def dice_batch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.flatten(1) > 0, b.flatten(1) > 0
+    total = a.sum(1) + b.sum(1)
+    return torch.where(total > 0, 2.0 * (a & b).sum(1) / total.clamp(min=1), torch.ones_like(total, dtype=torch.float))
+
+
+class Agent:
+    """Runs the MDP for a batch of pairs on one device."""
+
+    def __init__(self, network: DualStreamQNetwork, sdm: StatisticalDeformationModel, image_size: tuple[int, ...],
+                 action_steps: np.ndarray, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.sdm = sdm
+        bases = sdm.grid.image_bases(image_size, device=self.device, dtype=torch.float32)
+        self.mean_field, self.mode_fields = sdm.fields(bases)  # (dim, *sp), (d, dim, *sp)
+        self.action_steps = torch.as_tensor(action_steps, dtype=torch.float32, device=self.device)
+        self.deltas = signed_steps(self.action_steps)
+        self.mu = torch.as_tensor(sdm.mu, dtype=torch.float32, device=self.device)
+        self.sigma = torch.as_tensor(sdm.sigma, dtype=torch.float32, device=self.device)
+        self.theta_start = torch.as_tensor(sdm.theta_identity, dtype=torch.float32, device=self.device)
+
+    def displacement(self, theta: torch.Tensor) -> torch.Tensor:
+        """Dense displacement ``(B, dim, *spatial)`` of parameters ``(B, d)`` (from all modes)."""
+        return self.mean_field + torch.einsum("bm,m...->b...", theta, self.mode_fields)
+
+    @torch.no_grad()
+    def start_dice(self, moving_label: torch.Tensor, fixed_label: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` Dice of the moving labels warped by the start parameters (before any step), with the fixed ones."""
+        start = self.displacement(self.theta_start[None].expand(moving_label.shape[0], -1))
+        return dice_batch(warp(moving_label.to(self.device), start, mode="nearest"), fixed_label.to(self.device))
+
+    def q_values(self, fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """``(B, 2d)`` Q-values of the current states; once some pairs have stopped, the network runs on the others
+        only (a stopped pair's row is 0: it takes no more steps, and its trajectory ends where it stopped)."""
+        if bool(active.all()):
+            return self.network(fixed, warp(moving, u))
+        rows = active.nonzero()[:, 0]
+        q = torch.zeros(fixed.shape[0], self.deltas.numel(), device=self.device)
+        q[rows] = self.network(fixed[rows], warp(moving[rows], u[rows]))
+        return q
+
+    def step_dice(self, moving_label: torch.Tensor, fixed_label: torch.Tensor, u: torch.Tensor, active: torch.Tensor,
+                  previous: list[torch.Tensor]) -> torch.Tensor:
+        """``(B,)`` Dice after a step: recomputed for the pairs that moved, kept for those that have stopped."""
+        if bool(active.all()) or not previous:
+            return dice_batch(warp(moving_label, u, mode="nearest"), fixed_label)
+        rows = active.nonzero()[:, 0]
+        dice = previous[-1].clone()
+        dice[rows] = dice_batch(warp(moving_label[rows], u[rows], mode="nearest"), fixed_label[rows])
+        return dice
+
+    @torch.no_grad()
+    def run(self, fixed: torch.Tensor, moving: torch.Tensor, settings: AgentSettings,
+            moving_label: torch.Tensor | None = None, fixed_label: torch.Tensor | None = None,
+            callback: Callable[[int, int], bool | None] | None = None) -> AgentResult:
+        """Register ``moving`` to ``fixed`` (``(B, 1, *spatial)`` on the model grid).
+
+        ``callback(step, total)`` is called after every step, and once with ``(total, total)`` when every pair
+        stopped before ``total`` (so that a progress display reaches its end); returning ``False`` cancels
+        (raises ``InterruptedError``).
+        """
+        self.network.eval()  # batch statistics of a network in training mode would change every Q-value
+        fixed = fixed.to(self.device, torch.float32)
+        moving = moving.to(self.device, torch.float32)
+        batch = fixed.shape[0]
+        # One random stream seeded by settings.seed, drawn on the CPU and shared by every pair of the batch: a pair's
+        # draws do not depend on the batch (size or position) nor on the device, so a batch equals each pair alone.
+        # Per step: 2d uniforms for fuzzy action control, 1 for exploration, 2d for the random action.
+        n = self.deltas.numel()
+        draws = torch.rand(settings.steps, 2 * n + 1, generator=torch.Generator().manual_seed(settings.seed))
+        draws = draws.to(self.device)
+        theta = self.theta_start.expand(batch, -1).clone()
+        u = self.displacement(theta)
+        active = torch.ones(batch, dtype=torch.bool, device=self.device)
+        steps_taken = torch.zeros(batch, dtype=torch.long, device=self.device)
+        labels = moving_label is not None and fixed_label is not None
+        if labels:
+            moving_label = moving_label.to(self.device)
+            fixed_label = fixed_label.to(self.device)
+        trajectory = Trajectory()
+        rows = torch.arange(batch, device=self.device)
+        for step in range(settings.steps):
+            q = self.q_values(fixed, moving, u, active)
+            uniform = draws[step].expand(batch, -1)
+            if settings.fuzzy_action_control:
+                p = fuzzy_acceptance(theta, self.deltas, self.mu, self.sigma, settings.fuzzy_k)
+                rejected = uniform[:, :n] >= p
+            else:
+                rejected = torch.zeros_like(q, dtype=torch.bool)
+            # a large negative value added to every rejected Q keeps their order: all rejected -> the best Q
+            allowed = ~rejected | rejected.all(dim=1, keepdim=True)
+            best_q, action = q.masked_fill(~allowed, REJECTED).max(dim=1)
+            if settings.stop_when_no_action_helps:
+                active &= best_q > settings.stop_margin  # no move is predicted to help enough: the pair is done
+            if settings.exploration > 0:
+                explore = uniform[:, n] < settings.exploration
+                noise = uniform[:, n + 1:].masked_fill(~allowed, -1.0)
+                action = torch.where(explore, noise.argmax(dim=1), action)
+            delta = self.deltas[action] * active
+            mode = action // 2
+            theta[rows, mode] += delta
+            # index_select, not mode_fields[mode]: the same copy, but indexing was many times slower on busy cores
+            u += delta.view(-1, *([1] * (u.dim() - 1))) * self.mode_fields.index_select(0, mode)
+            steps_taken += active.long()
+            trajectory.actions.append(torch.where(active, action, torch.full_like(action, -1)))
+            trajectory.q_values.append(q)
+            trajectory.rejected.append(rejected)
+            trajectory.theta.append(theta.clone())
+            if labels:
+                trajectory.dice.append(self.step_dice(moving_label, fixed_label, u, active, trajectory.dice))
+            if settings.stop_on_convergence and step + 1 >= settings.convergence_window:
+                past = trajectory.theta[-settings.convergence_window]
+                # converged: no mode moved by more than one step over the window (the agent oscillates)
+                active &= ((theta - past).abs() > self.action_steps * 1.01).any(dim=1)
+            if callback is not None and callback(step + 1, settings.steps) is False:
+                raise InterruptedError("registration cancelled")
+            if not active.any():
+                if callback is not None and step + 1 < settings.steps:
+                    callback(settings.steps, settings.steps)  # every pair stopped: the run is done, say so once
+                break
+        return AgentResult(theta.cpu().double().numpy(), self.theta_start.cpu().double().numpy(), u, trajectory,
+                           steps_taken.cpu().numpy())

@@ -1,0 +1,496 @@
+"""The learned localiser: finds the prostate in an MR image without any label (issue 11, point 1).
+
+A small U-Net (:class:`OrganLocaliser`, 2-D or 3-D, the layer classes chosen from the dimension) predicts the
+organ's probability on a fixed low-resolution grid that covers the image's whole field of view. :func:`localise`
+turns that map into a :class:`~localisation.Localisation` (probability-weighted centre and spread) in the
+image's own physical space, whatever its origin, spacing, size or direction.
+
+Geometry, written down once. The localiser grid of ``config.grid`` voxels (ITK order x, y[, z]) spans a box of
+the image's continuous index space, the whole field of view ``[-0.5, n - 0.5]`` per axis by default, with the
+image's direction; its voxel ``j`` along axis ``a`` sits at continuous index ``lo_a + (j + 0.5) * (hi_a - lo_a)
+/ m_a``. The image is smoothed (anti-aliasing), resampled onto a grid twice as fine, and averaged 2:1 by
+``grid_sample`` (``align_corners=False``, whose normalised coordinates -1 and 1 are the box's edges). Training
+crops come out of the same fine arrays through the same ``grid_sample`` with a random affine, so the network
+sees at inference exactly what an identity augmentation gives in training. Intensities are mapped by the
+percentiles 1 and 99 of the network's input to 0 and 1 (clipped).
+
+Training (:func:`train_localiser`) draws random field-of-view crops and zooms, in-plane rotations, left-right
+flips, a smooth multiplicative bias field, gamma and noise; the loss is binary cross-entropy plus soft Dice
+against the label resampled the same way. After training, the spread is calibrated on the training images
+(median true/predicted spread per axis), stored in the config.
+
+Storage: :func:`localiser_to_payload` gives plain data (config dict + state tensors) that
+``torch.load(weights_only=True)`` reads back; :func:`localiser_from_payload` rebuilds and checks it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import nn
+
+from AgentRegistrationLib.data.organ_box import Localisation, localisation_from_weights
+
+PAYLOAD_KIND = "agentregistration.organ_localiser"
+PAYLOAD_VERSION = 1
+WEIGHTINGS = ("p", "p2", "largest", "ellipsoid")
+
+
+@dataclass(frozen=True)
+class LocaliserConfig:
+    dim: int = 3
+    grid: tuple[int, ...] = (48, 48, 16)  # network input, ITK order (x, y[, z])
+    channels: tuple[int, ...] = (4, 8, 16, 32)  # per U-Net level; len - 1 poolings by 2
+    weighting: str = "p2"  # probability map -> centre and spread: moments of p, p2 (p squared), largest (the p > 0.5
+    # component), or the ellipsoid fitted to p (ellipsoid_fit)
+    spread_scale: tuple[float, ...] = (1.0, 1.0, 1.0)  # calibration of the predicted spread per axis
+    refine: bool = False  # a second pass on a box around the first answer (finer grid)
+    refine_spreads: float = 8.0  # that box's extent in predicted spreads per axis (at least fov_min of the view)
+    # augmentation
+    fov_min: float = 0.55  # smallest crop, fraction of the field of view per axis
+    fov_max: float = 1.1  # largest (> 1 pads beyond the image with zeros)
+    rotate_deg: float = 10.0  # in-plane rotation
+    flip: bool = True  # left-right
+    bias: float = 0.4  # log-amplitude of a linear multiplicative bias field
+    gamma: float = 0.25  # log-sd of the intensity gamma
+    noise: float = 0.03
+    lr: float = 2e-3
+    batch_size: int = 4
+
+    def __post_init__(self):
+        if self.dim not in (2, 3):
+            raise ValueError(f"localiser dim must be 2 or 3, not {self.dim}")
+        if len(self.grid) != self.dim or len(self.spread_scale) < self.dim:
+            raise ValueError(f"localiser grid {self.grid} / spread_scale {self.spread_scale} do not match dim {self.dim}")
+        step = 2 ** (len(self.channels) - 1)
+        if any(g % step or g <= 0 for g in self.grid) or not self.channels:
+            raise ValueError(f"localiser grid {self.grid} must be positive multiples of {step} "
+                             f"({len(self.channels)} levels of channels {self.channels})")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"localiser weighting {self.weighting!r}: choose one of {WEIGHTINGS}")
+        if not 0 < self.fov_min <= 1 <= self.fov_max:
+            raise ValueError(f"localiser crop range fov_min={self.fov_min}, fov_max={self.fov_max}: need 0 < min <= 1 <= max")
+
+    @classmethod
+    def default(cls, dim: int) -> LocaliserConfig:
+        if dim == 2:
+            return cls(dim=2, grid=(96, 96), channels=(8, 16, 32, 32), spread_scale=(1.0, 1.0), batch_size=8)
+        return cls(dim=3)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(grid=list(self.grid), channels=list(self.channels), spread_scale=list(self.spread_scale))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LocaliserConfig:
+        known = {f: v for f, v in d.items() if f in cls.__dataclass_fields__}
+        for key in ("grid", "channels"):
+            if key in known:
+                known[key] = tuple(int(v) for v in known[key])
+        if "spread_scale" in known:
+            known["spread_scale"] = tuple(float(v) for v in known["spread_scale"])
+        return cls(**known)
+
+
+# -- the network -----------------------------------------------------------------------------------------------------
+def _block(dim: int, cin: int, cout: int) -> nn.Sequential:
+    conv = nn.Conv2d if dim == 2 else nn.Conv3d
+    return nn.Sequential(conv(cin, cout, 3, padding=1), nn.GroupNorm(min(4, cout), cout), nn.ReLU(inplace=True),
+                         conv(cout, cout, 3, padding=1), nn.GroupNorm(min(4, cout), cout), nn.ReLU(inplace=True))
+
+
+class OrganLocaliser(nn.Module):
+    """A tiny U-Net: image (N, 1, [Z,] Y, X) on the localiser grid -> organ logits of the same shape."""
+
+    def __init__(self, config: LocaliserConfig):
+        super().__init__()
+        self.config = config
+        dim, ch = config.dim, config.channels
+        self.down = nn.ModuleList([_block(dim, 1 if i == 0 else ch[i - 1], c) for i, c in enumerate(ch)])
+        self.up = nn.ModuleList([_block(dim, ch[i] + ch[i + 1], ch[i]) for i in range(len(ch) - 1)])
+        self.head = (nn.Conv2d if dim == 2 else nn.Conv3d)(ch[0], 1, 1)
+        self.pool = nn.MaxPool2d(2) if dim == 2 else nn.MaxPool3d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else self.pool(x))
+            skips.append(x)
+        for i in reversed(range(len(self.up))):
+            x = F.interpolate(x, size=skips[i].shape[2:], mode="nearest")
+            x = self.up[i](torch.cat([skips[i], x], dim=1))
+        return self.head(x)
+
+
+# -- geometry: the localiser grid on an image ----------------------------------------------------------------------
+def localiser_grid(image: sitk.Image, size: Sequence[int], lo=None, hi=None) -> sitk.Image:
+    """An empty image of ``size`` voxels (ITK order) spanning the continuous-index box [lo, hi] of ``image``
+    (default: its whole field of view), with the image's direction."""
+    n = np.array(image.GetSize(), dtype=float)
+    lo = np.full(n.shape, -0.5) if lo is None else np.asarray(lo, dtype=float)
+    hi = n - 0.5 if hi is None else np.asarray(hi, dtype=float)
+    m = np.asarray(size, dtype=float)
+    step = (hi - lo) / m  # in input voxels
+    grid = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
+    grid.SetDirection(image.GetDirection())
+    grid.SetSpacing((step * np.array(image.GetSpacing())).tolist())
+    grid.SetOrigin(image.TransformContinuousIndexToPhysicalPoint((lo + 0.5 * step).tolist()))
+    return grid
+
+
+def _resample(image: sitk.Image, grid: sitk.Image) -> np.ndarray:
+    """``image`` smoothed against aliasing and linearly resampled onto ``grid`` (same direction), as an array."""
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    if array.ndim != image.GetDimension():
+        raise ValueError(f"the localiser needs a scalar image, not one with {image.GetNumberOfComponentsPerPixel()} "
+                         "components per voxel")
+    ratio = np.array(grid.GetSpacing()) / np.array(image.GetSpacing())  # grid voxel in input voxels, ITK order
+    sigma = 0.5 * np.sqrt(np.maximum(ratio**2 - 1.0, 0.0))
+    if np.any(sigma > 0.2):
+        array = ndimage.gaussian_filter(array, sigma=sigma[::-1], mode="nearest")
+    smooth = sitk.GetImageFromArray(array)
+    smooth.CopyInformation(image)
+    return sitk.GetArrayFromImage(sitk.Resample(smooth, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+
+
+def _fine_size(config: LocaliserConfig) -> list[int]:
+    return [2 * g for g in config.grid]
+
+
+def _identity_theta(n: int, dim: int) -> torch.Tensor:
+    return torch.eye(dim, dim + 1).expand(n, dim, dim + 1)
+
+
+def _sample(fine: torch.Tensor, theta: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """``grid_sample`` of fine arrays (N, C, ...) through affines ``theta`` onto the localiser grid."""
+    shape = [fine.shape[0], fine.shape[1], *reversed(grid)]
+    coords = F.affine_grid(theta.to(fine.dtype), shape, align_corners=False)
+    return F.grid_sample(fine, coords, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """Per sample: percentiles 1 and 99 -> 0 and 1, clipped."""
+    flat = x.reshape(x.shape[0], -1)
+    q = torch.quantile(flat, torch.tensor([0.01, 0.99], dtype=x.dtype), dim=1).T  # (N, 2)
+    lo, hi = q[:, 0], torch.maximum(q[:, 1], q[:, 0] + 1e-6)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    return ((x - lo.view(shape)) / (hi - lo).view(shape)).clamp(0.0, 1.0)
+
+
+# -- inference -----------------------------------------------------------------------------------------------------
+def _check_image(localiser: OrganLocaliser, image: sitk.Image) -> None:
+    dim = localiser.config.dim
+    if not isinstance(image, sitk.Image):
+        raise ValueError(f"localise needs a SimpleITK image, not {type(image).__name__}")
+    if image.GetDimension() != dim:
+        raise ValueError(f"this localiser is {dim}-D but the image is {image.GetDimension()}-D"
+                         + (": extract the slice through the prostate first" if dim == 2 else ""))
+
+
+@torch.no_grad()
+def probability_map(localiser: OrganLocaliser, image: sitk.Image, lo=None, hi=None) -> tuple[np.ndarray, sitk.Image]:
+    """The organ probability (array order) on the localiser grid over the box [lo, hi] of ``image``'s continuous
+    index space (default: the whole field of view), and that grid as an (empty) image."""
+    _check_image(localiser, image)
+    config = localiser.config
+    fine = _resample(image, localiser_grid(image, _fine_size(config), lo, hi))
+    x = _sample(torch.from_numpy(fine)[None, None], _identity_theta(1, config.dim), config.grid)
+    localiser.eval()
+    p = torch.sigmoid(localiser(_normalise(x)))[0, 0].numpy().astype(np.float64)
+    return p, localiser_grid(image, config.grid, lo, hi)
+
+
+def weights_from_probability(p: np.ndarray, weighting: str) -> np.ndarray:
+    """The weights of the centre and spread: ``p``, ``p2`` (p squared), or ``largest`` (p inside the largest
+    connected component of p > 0.5; p squared if nothing exceeds 0.5). (``ellipsoid`` starts from ``p2``'s
+    moments: :func:`ellipsoid_fit`.)"""
+    if weighting == "p":
+        return p
+    if weighting == "p2":
+        return p**2
+    if weighting == "largest":
+        components, count = ndimage.label(p > 0.5)
+        if count == 0:
+            return p**2
+        mass = ndimage.sum(p, components, index=np.arange(1, count + 1))
+        return np.where(components == 1 + int(np.argmax(mass)), p, 0.0)
+    raise ValueError(f"unknown weighting {weighting!r}: choose one of {WEIGHTINGS}")
+
+
+def ellipsoid_fit(p: np.ndarray, start: Localisation, grid: sitk.Image, edge: float = 0.15) -> Localisation:
+    """The solid ellipsoid (axes along ``grid``'s, soft edge ``edge`` of its radius) with the best soft Dice against
+    the probability map ``p`` (array order, on ``grid``), searched from ``start`` (moments of ``p``).
+
+    Its spread per axis is that of a uniform solid ellipsoid, semi-axis / sqrt(dim + 2). Unlike moments, it is
+    little swayed by probability away from the organ's body (a map that runs into a neighbour)."""
+    from scipy.optimize import minimize
+
+    dim = p.ndim
+    spacing = np.array(grid.GetSpacing())
+    coords = np.indices(p.shape, dtype=np.float64)[::-1]  # index x, y[, z] of each voxel, arrays in p's order
+    centre0 = np.array(grid.TransformPhysicalPointToContinuousIndex(np.asarray(start.centre).tolist()))
+    axes0 = np.maximum(start.spread / spacing, 0.5) * math.sqrt(dim + 2)
+    mass = p.sum()
+
+    def loss(q: np.ndarray) -> float:
+        centre, axes = q[:dim], np.exp(q[dim:])
+        radius = np.sqrt(sum(((c - m) / a) ** 2 for c, m, a in zip(coords, centre, axes, strict=True)))
+        inside = 0.5 * (1.0 + np.tanh((1.0 - radius) / (2.0 * edge)))  # the logistic sigmoid of (1 - r) / edge
+        return -2.0 * float((p * inside).sum()) / (mass + float(inside.sum()))
+
+    q = minimize(loss, np.r_[centre0, np.log(axes0)], method="Nelder-Mead",
+                 options={"maxiter": 200 * dim, "xatol": 1e-3, "fatol": 1e-5}).x
+    centre = np.array(grid.TransformContinuousIndexToPhysicalPoint(q[:dim].tolist()))
+    spread = np.maximum(np.exp(q[dim:]) / math.sqrt(dim + 2), 0.5)  # at least half a voxel, as moments
+    return Localisation(centre, spread * spacing, start.source)
+
+
+def localisation_from_probability(p: np.ndarray, grid: sitk.Image, weighting: str = "p2",
+                                  spread_scale: Sequence[float] | None = None) -> Localisation:
+    """A probability map on ``grid`` (array order) -> the organ's centre and spread in ``grid``'s physical space."""
+    p = np.asarray(p, dtype=np.float64)
+    weights = weights_from_probability(p, "p2" if weighting == "ellipsoid" else weighting)
+    if not weights.sum() > 1e-6:
+        raise ValueError("the localiser found no organ in this image (its probability map is empty): is it a "
+                         "prostate MR? Place the centre by hand (a point or a box) instead")
+    loc = localisation_from_weights(weights, grid, "localiser")
+    if weighting == "ellipsoid":
+        loc = ellipsoid_fit(p, loc, grid)
+    scale = np.ones(grid.GetDimension()) if spread_scale is None else np.asarray(spread_scale[: grid.GetDimension()])
+    return Localisation(loc.centre, loc.spread * scale, "localiser")
+
+
+def localise(localiser: OrganLocaliser, image: sitk.Image, refine: bool | None = None) -> Localisation:
+    """Where the organ is in ``image`` (2-D or 3-D, as the localiser) and how large, in the image's physical space.
+
+    ``refine`` (default: the config's) runs a second pass on a box around the first answer, at a finer grid."""
+    config = localiser.config
+    p, grid = probability_map(localiser, image)
+    loc = localisation_from_probability(p, grid, config.weighting, config.spread_scale)
+    if not (config.refine if refine is None else refine):
+        return loc
+    n = np.array(image.GetSize(), dtype=float)
+    centre = np.array(image.TransformPhysicalPointToContinuousIndex(loc.centre.tolist()))
+    spread = loc.spread / np.array(image.GetSpacing())  # index units (axes of the image)
+    half = np.clip(0.5 * config.refine_spreads * spread, 0.5 * config.fov_min * n, 0.5 * n)
+    centre = np.clip(centre, half - 0.5, n - 0.5 - half)  # keep the box inside the field of view
+    p, grid = probability_map(localiser, image, centre - half, centre + half)
+    try:
+        return localisation_from_probability(p, grid, config.weighting, config.spread_scale)
+    except ValueError:
+        return loc
+
+
+# -- storage -------------------------------------------------------------------------------------------------------
+def localiser_to_payload(localiser: OrganLocaliser) -> dict:
+    """Plain data (readable with ``torch.load(weights_only=True)``): kind, version, config dict, state tensors."""
+    return {"kind": PAYLOAD_KIND, "version": PAYLOAD_VERSION, "config": localiser.config.to_dict(),
+            "state": {k: v.detach().cpu().clone() for k, v in localiser.state_dict().items()}}
+
+
+def localiser_from_payload(payload: dict) -> OrganLocaliser:
+    """Rebuild a localiser from :func:`localiser_to_payload`'s data; ``ValueError`` naming what is wrong."""
+    if not isinstance(payload, dict) or payload.get("kind") != PAYLOAD_KIND:
+        raise ValueError("not an organ-localiser payload (expected a dict with kind "
+                         f"{PAYLOAD_KIND!r}): was the file written by localiser_to_payload / train_localiser.py?")
+    if payload.get("version") != PAYLOAD_VERSION:
+        raise ValueError(f"organ-localiser payload version {payload.get('version')!r} is not supported "
+                         f"(this code reads version {PAYLOAD_VERSION}): retrain or update AgentRegistration")
+    try:
+        config = LocaliserConfig.from_dict(dict(payload["config"]))
+        localiser = OrganLocaliser(config)
+        localiser.load_state_dict(dict(payload["state"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"corrupt organ-localiser payload: {err}") from err
+    return localiser.eval()
+
+
+def save_localiser(localiser: OrganLocaliser, path, extra: dict | None = None) -> None:
+    """Write the payload (plus plain ``extra`` entries) to ``path`` through a temporary name."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({**localiser_to_payload(localiser), **(extra or {})}, tmp)
+    tmp.replace(path)
+
+
+def load_localiser(path) -> OrganLocaliser:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"cannot read the organ localiser {path}: {err}") from err
+    return localiser_from_payload(payload)
+
+
+# -- training ------------------------------------------------------------------------------------------------------
+@dataclass
+class _Case:
+    image: torch.Tensor  # (1, ...) fine array over the field of view
+    label: torch.Tensor
+
+
+@dataclass
+class TrainingLog:
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    iterations: int = 0
+
+
+def _prepare_case(image: sitk.Image, label: sitk.Image, config: LocaliserConfig) -> _Case:
+    grid = localiser_grid(image, _fine_size(config))
+    if label.GetSize() != image.GetSize():
+        raise ValueError(f"label size {label.GetSize()} differs from its image's {image.GetSize()}")
+    mask = sitk.Cast(label > 0, sitk.sitkFloat32)
+    mask.CopyInformation(image)
+    return _Case(torch.from_numpy(_resample(image, grid))[None], torch.from_numpy(_resample(mask, grid))[None])
+
+
+def _random_theta(rng: np.random.Generator, config: LocaliserConfig) -> torch.Tensor:
+    """One random affine (output normalised coords, x y[ z] -> input's): crop/zoom, shift, rotation, flip."""
+    dim = config.dim
+    scale = np.exp(rng.uniform(np.log(config.fov_min), np.log(config.fov_max))) * np.exp(rng.normal(0, 0.08, dim))
+    scale = np.clip(scale, config.fov_min, config.fov_max)
+    shift = np.array([rng.uniform(-abs(1 - s), abs(1 - s)) if s < 1 else rng.uniform(-0.05, 0.05) for s in scale])
+    a = np.diag(scale)
+    angle = math.radians(rng.uniform(-config.rotate_deg, config.rotate_deg))
+    rot = np.eye(dim)
+    rot[:2, :2] = [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
+    a = rot @ a
+    if config.flip and rng.random() < 0.5:
+        a[:, 0] *= -1
+    return torch.from_numpy(np.concatenate([a, shift[:, None]], axis=1).astype(np.float32))
+
+
+def _augment_intensity(x: torch.Tensor, rng: np.random.Generator, config: LocaliserConfig) -> torch.Tensor:
+    n, dim = x.shape[0], config.dim
+    coords = torch.meshgrid(*[torch.linspace(-1, 1, s) for s in x.shape[2:]], indexing="ij")
+    out = []
+    for i in range(n):
+        slopes = rng.uniform(-config.bias, config.bias, dim)
+        field_ = sum(float(s) * c for s, c in zip(slopes, coords, strict=True))
+        xi = _normalise(x[i : i + 1] * torch.exp(field_))
+        xi = xi ** float(np.exp(rng.normal(0, config.gamma)))
+        xi = xi + config.noise * float(rng.random()) * torch.from_numpy(rng.standard_normal(xi.shape).astype(np.float32))
+        out.append(xi)
+    return torch.cat(out)
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    axes = tuple(range(1, p.dim()))
+    dice = (2 * (p * target).sum(axes) + 1) / (p.sum(axes) + target.sum(axes) + 1)
+    return bce + (1 - dice).mean()
+
+
+def centroid_slice(label: sitk.Image) -> int:
+    """The axial slice (index along z) through the centroid of a 3-D label's organ."""
+    mask = sitk.GetArrayViewFromImage(label) > 0
+    return int(round(float(np.argwhere(mask)[:, 0].mean())))
+
+
+def organ_slices(image: sitk.Image, label: sitk.Image) -> list[tuple[sitk.Image, sitk.Image]]:
+    """The training slices of a 2-D localiser from a volume: the axial slice through the organ's centroid and its
+    neighbours (within 2) whose organ area is at least half the centroid slice's."""
+    mask = sitk.GetArrayViewFromImage(label) > 0
+    z0 = centroid_slice(label)
+    area0 = mask[z0].sum()
+    return [(image[:, :, z], label[:, :, z]) for z in range(max(0, z0 - 2), min(mask.shape[0], z0 + 3))
+            if mask[z].any() and mask[z].sum() >= 0.5 * area0]
+
+
+def train_localiser(
+    images: Sequence[sitk.Image],
+    labels: Sequence[sitk.Image],
+    config: LocaliserConfig | None = None,
+    iterations: int = 2000,
+    time_limit: float | None = None,
+    seed: int = 0,
+    progress: Callable[[int, float, float], None] | None = None,
+    calibrate: bool = True,
+    log: TrainingLog | None = None,
+    initial: OrganLocaliser | None = None,
+) -> OrganLocaliser:
+    """Train a localiser on ``images`` with their organ ``labels`` (same grids), on the CPU.
+
+    Stops after ``iterations`` batches or ``time_limit`` seconds, whichever first. ``progress(iteration, loss,
+    seconds)`` is called every 20 batches. With ``calibrate`` the spread scale per axis is set afterwards to the
+    median true/predicted spread on the training images. ``initial`` (a localiser of the same architecture)
+    continues training from its weights (its config, spread scale aside, is kept)."""
+    if len(images) != len(labels) or not images:
+        raise ValueError(f"train_localiser needs as many labels as images, and at least one ({len(images)} / {len(labels)})")
+    dim = images[0].GetDimension()
+    config = LocaliserConfig.default(dim) if config is None else config
+    if initial is not None:
+        config = replace(initial.config, spread_scale=(1.0,) * initial.config.dim)
+    if any(im.GetDimension() != config.dim for im in images):
+        raise ValueError(f"a {config.dim}-D localiser needs {config.dim}-D training images")
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    cases = [_prepare_case(im, lab, config) for im, lab in zip(images, labels, strict=True)]
+    localiser = OrganLocaliser(config)
+    if initial is not None:
+        localiser.load_state_dict(initial.state_dict())
+    optimiser = torch.optim.Adam(localiser.parameters(), lr=config.lr)
+    log = TrainingLog() if log is None else log
+    start = time.perf_counter()
+    localiser.train()
+    for it in range(iterations):
+        elapsed = time.perf_counter() - start
+        if time_limit is not None and elapsed > time_limit:
+            break
+        frac = max(it / iterations, elapsed / time_limit if time_limit else 0.0)
+        for group in optimiser.param_groups:  # cosine decay over the budget
+            group["lr"] = config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+        batch = [cases[j] for j in rng.integers(0, len(cases), config.batch_size)]
+        theta = torch.stack([_random_theta(rng, config) for _ in batch])
+        fine = torch.stack([torch.cat([c.image, c.label]) for c in batch])
+        sampled = _sample(fine, theta, config.grid)
+        x = _augment_intensity(sampled[:, :1], rng, config)
+        target = sampled[:, 1:].clamp(0, 1)
+        loss = _loss(localiser(x), target)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        log.losses.append(loss.item())
+        log.iterations = it + 1
+        if progress is not None and (it + 1) % 20 == 0:
+            progress(it + 1, float(np.mean(log.losses[-20:])), time.perf_counter() - start)
+    log.seconds = time.perf_counter() - start
+    localiser.eval()
+    if calibrate:
+        localiser = calibrate_spread(localiser, images, labels)
+    return localiser
+
+
+def calibrate_spread(localiser: OrganLocaliser, images: Sequence[sitk.Image], labels: Sequence[sitk.Image]
+                     ) -> OrganLocaliser:
+    """A copy of ``localiser`` whose spread scale per axis is the median true/predicted spread on these images."""
+    from AgentRegistrationLib.data.organ_box import localisation_from_label
+
+    uncalibrated = replace(localiser.config, spread_scale=(1.0,) * localiser.config.dim)
+    probe = OrganLocaliser(uncalibrated)
+    probe.load_state_dict(localiser.state_dict())
+    ratios = []
+    for image, label in zip(images, labels, strict=True):
+        try:
+            ratios.append(localisation_from_label(label).spread / localise(probe, image).spread)
+        except ValueError:
+            continue
+    if not ratios:
+        return localiser
+    scale = tuple(float(v) for v in np.median(np.array(ratios), axis=0))
+    out = OrganLocaliser(replace(localiser.config, spread_scale=scale))
+    out.load_state_dict(localiser.state_dict())
+    return out.eval()

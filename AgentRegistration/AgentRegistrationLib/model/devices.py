@@ -1,0 +1,35 @@
+"""Torch devices: the one place ``auto``/``cpu``/``cuda`` is resolved, and how a device is named in reports."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("CUDA was asked for but no CUDA GPU is available to torch here: use --device cpu (or auto)")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from ``/proc/cpuinfo``; elsewhere the platform's processor or machine name)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """The hardware behind ``device``, for records and reports: the GPU's name for CUDA, else the CPU's."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()

@@ -1,0 +1,671 @@
+"""The paper's Table 1 protocol on held-out subjects: every method on the same preprocessed pairs.
+
+For every ordered pair (moving m -> fixed n) of the validation subjects:
+
+1. Preprocessing, shared by all methods: translation pre-alignment of m onto n with elastix on
+   the 3-D volumes (:func:`preprocessing.prealign_translation`), then both resampled onto n's
+   model grid (:func:`dataset.subject_frame`: the crop box, 100x100 middle slice in 2-D,
+   75x75x20 in 3-D) and intensity-normalised.
+2. Methods, each giving a displacement on the model grid:
+
+   - ``T``: the translation only (the starting point of every other method);
+   - ``e8`` / ``e16``: elastix B-spline (elastix's default B-spline map: Mattes mutual information,
+     adaptive stochastic gradient descent, 3 resolutions), final grid spacing 8x8(x4) / 16x16(x8)
+     model voxels, i.e. half / the same grid as the GT and the SDM;
+   - ``ours``: the agent with the model's settings (its own number of steps unless ``--steps`` is given,
+     its stop rule), fuzzy action control; ``nfc``: the same without it;
+   - ``gt``: the constrained elastix registration that made the training ground truth (MI + bending
+     energy + corresponding mask-surface points), which sees both masks: an upper bound.
+
+3. Figures in model space (the fixed image's model grid): Dice of the warped moving mask with the
+   fixed mask, Hausdorff distance in model-grid voxels, % of voxels with det J <= 0, seconds.
+
+Each (pair, method) result is cached as one JSON file with the settings that made it; a rerun
+loads what matches and computes only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from AgentRegistrationLib.contract.files import atomic_write
+from AgentRegistrationLib.contract.paths import how_to_get_a_model, shipped_model, shown
+from AgentRegistrationLib.core.bspline import dense_displacement
+from AgentRegistrationLib.core.geometry import ModelGeometry
+from AgentRegistrationLib.core.metrics import dice, jacobian_statistics, per_label, surface_distances
+from AgentRegistrationLib.core.warp import warp_label
+from AgentRegistrationLib.data.pairs import ordered_pairs
+from AgentRegistrationLib.elastix.constrained import register_constrained
+from AgentRegistrationLib.model.bundle import ModelBundle, load_bundle
+
+if TYPE_CHECKING:
+    from AgentRegistrationLib.data.dataset import Subject
+
+METHODS = ("none", "T", "localised", "e8", "e16", "ours", "nfc", "gt")
+START_METHODS = ("T", "localised")  # the start of every other method: the paper's translation, or the organ's boxes
+ELASTIX_METHODS = ("e8", "e16", "gt")
+AGENT_METHODS = ("ours", "nfc")
+FIGURES = ("dice", "hausdorff", "folding_percent", "seconds")
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    steps: int = 200  # agent steps (ours, nfc)
+    seed: int = 0  # agent seed
+    iterations: int = 500  # elastix iterations per resolution for e8 / e16
+    gt_iterations: int = 300  # for gt (as the training GT)
+    gt_metric: str = "points"  # for gt: the metric of the model's ground truth (GT_METRICS)
+    batch_size: int = 16  # pairs per agent batch
+
+
+def parse_methods(text: str, geometry: ModelGeometry | None = None) -> list[str]:
+    """``"T,e16,ours"`` -> ordered, checked list; ``"all"`` -> every method. The start reference is ``T`` for the
+    paper's preprocessing and ``localised`` for crops on the organ: the other one is dropped for ``geometry``."""
+    wrong_start = None if geometry is None else ("T" if geometry.localised else "localised")
+    if text.strip().lower() == "all":
+        return [m for m in METHODS if m != wrong_start]
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        raise ValueError(f"--methods {text!r}: unknown method(s) {unknown}; choose from {', '.join(METHODS)} or 'all'")
+    if wrong_start in chosen:
+        raise ValueError(f"--methods: {wrong_start} is not the start of this model's preprocessing; use "
+                         f"{'localised' if wrong_start == 'T' else 'T'}")
+    return [m for m in METHODS if m in chosen]
+
+
+def select_pairs(names: list[str], max_pairs: int = 0, pairs: str | None = None, seed: int = 0) -> list[tuple[str, str]]:
+    """Every ordered pair (moving, fixed) of ``names``; or the ``pairs`` given as
+    ``"MOVING:FIXED,..."``; or a seeded random subset of at most ``max_pairs``."""
+    if pairs:
+        chosen = []
+        for item in pairs.split(","):
+            m, sep, f = item.strip().partition(":")
+            if not sep or m not in names or f not in names or m == f:
+                raise ValueError(f"--pairs: {item!r} is not MOVING:FIXED with two different subjects of {names}")
+            chosen.append((m, f))
+        return chosen
+    return ordered_pairs(names, max_pairs, seed)
+
+
+def pair_dir(out: Path, moving: str, fixed: str) -> Path:
+    return Path(out) / "pairs" / f"{moving}__to__{fixed}"
+
+
+# ----------------------------------------------------------------------------------------- preprocessing
+def _load_elastix() -> None:
+    """Load itk-elastix's lazily imported parts, so that the first pair's time does not include it."""
+    import itk  # (see the imports)
+
+    _ = itk.ParameterObject, itk.elastix_registration_method, itk.TransformixFilter
+
+
+def prepare_evaluation_pair(fixed: Subject, moving: Subject, geometry: ModelGeometry,
+                            localiser_path: str | None = None) -> dict:
+    """Both images on the fixed image's model grid, by the preprocessing of ``geometry``: the paper's translation
+    pre-alignment (elastix, on the 3-D volumes), or each crop on its organ, the moving one placed by the moving
+    label (the atlas case) and the fixed one by the localiser in ``localiser_path`` (a model bundle or a localiser
+    file; without one, by the fixed label: an oracle start, reported as such). Also the moving label with no
+    registration at all (``none``)."""
+    from AgentRegistrationLib.data.dataset import subject_frame  # SimpleITK (see the imports)
+    from AgentRegistrationLib.data.image_io import read_image, read_label
+    from AgentRegistrationLib.data.localiser import localise
+    from AgentRegistrationLib.data.organ_box import localisation_from_label
+    from AgentRegistrationLib.data.preprocessing import normalise_intensity, organ_frames, prealign_translation, resample_to_frame
+
+    fixed_image = read_image(fixed.image, f"image of {fixed.name}")
+    moving_image = read_image(moving.image, f"image of {moving.name}")
+    fixed_label = read_label(fixed.label, f"label of {fixed.name}")
+    moving_label = read_label(moving.label, f"label of {moving.name}")
+    start = time.perf_counter()
+    if geometry.localised:
+        if localiser_path:
+            localiser = _localiser(localiser_path, fixed_image.GetDimension())
+            fixed_place, placed_by = localise(localiser, fixed_image), "localiser"
+        else:
+            fixed_place, placed_by = localisation_from_label(fixed_label, "fixed label"), "fixed label (oracle)"
+        frame, moving_frame = organ_frames(fixed_image, moving_image, geometry, fixed_place,
+                                           localisation_from_label(moving_label, "moving label"))
+        status = f"boxes on the organ; fixed placed by the {placed_by}"
+    else:
+        _load_elastix()
+        start = time.perf_counter()
+        translation, status = prealign_translation(fixed_image, moving_image, geometry)
+        frame = subject_frame(fixed_image, geometry)
+        moving_frame = frame.translated(translation)
+    seconds = time.perf_counter() - start
+    shape = geometry.array_shape
+
+    def on_grid(image, box, label=False):
+        return resample_to_frame(image, box, label=label).reshape(shape)
+
+    return {
+        "fixed": normalise_intensity(on_grid(fixed_image, frame)),
+        "moving": normalise_intensity(on_grid(moving_image, moving_frame)),
+        "fixed_label": on_grid(fixed_label, frame, label=True),
+        "moving_label": on_grid(moving_label, moving_frame, label=True),
+        "unregistered_label": on_grid(moving_label, frame, label=True),
+        "translation": moving_frame.origin - frame.origin,
+        "prealignment": status,
+        "seconds": seconds,
+        "geometry": json.dumps(geometry.to_dict()),
+        "localiser": localiser_hash(localiser_path, fixed_image.GetDimension()),
+    }
+
+
+def _localiser(path: str, dim: int):
+    """The organ localiser for ``dim``-D images of a model bundle, or of a localiser file."""
+    from AgentRegistrationLib.data.localiser import load_localiser, localiser_from_payload  # SimpleITK (see the imports)
+
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(payload, dict) and payload.get("format") is not None:  # a model bundle
+        if str(dim) not in payload.get("localisers", {}):
+            raise ValueError(f"{path} has no organ localiser for {dim}-D images: train one (agentreg localiser) "
+                             "and add it to the model (agentreg train --localiser)")
+        return localiser_from_payload(payload["localisers"][str(dim)])
+    return load_localiser(path)
+
+
+def localiser_hash(path: str | None, dim: int) -> str:
+    """What identifies the localiser that placed the fixed crops of ``dim``-D images (``""`` for none)."""
+    if not path:
+        return ""
+    localiser = _localiser(path, dim)
+    digest = hashlib.sha256()
+    for key, value in sorted(localiser.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().numpy().tobytes())
+    digest.update(json.dumps(localiser.config.to_dict(), sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def load_prepared(path: Path, geometry: ModelGeometry, localiser: str | None = None) -> dict | None:
+    """The cached prepared pair, or ``None`` when absent, made for another geometry or (``localiser``: its hash)
+    with crops placed by another localiser."""
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        pair = {k: z[k] for k in z.files}
+    if str(pair["geometry"]) != json.dumps(geometry.to_dict()):
+        return None
+    if localiser is not None and str(pair.get("localiser", "")) != localiser:
+        return None
+    pair["prealignment"], pair["seconds"] = str(pair["prealignment"]), float(pair["seconds"])
+    return pair
+
+
+def prepared_pairs(out: str | Path, geometry: ModelGeometry, count: int | None = None) -> list[tuple[tuple[str, str], dict]]:
+    """The first ``count`` cached prepared pairs of the evaluation folder ``out`` (sorted by name) that are on
+    ``geometry``'s grid: ``((moving, fixed), pair)``."""
+    found = []
+    for path in sorted(Path(out).glob("pairs/*__to__*/prepared.npz")):
+        pair = load_prepared(path, geometry)
+        if pair is not None:
+            found.append((tuple(path.parent.name.split("__to__")), pair))
+    return found[:count]
+
+
+def _save_prepared(path: Path, pair: dict) -> None:
+    atomic_write(path, lambda tmp: np.savez_compressed(tmp, **pair))
+
+
+# ----------------------------------------------------------------------------------------- figures
+def figures(warped_label: np.ndarray, fixed_label: np.ndarray, displacement: np.ndarray | None) -> dict:
+    """Dice, Hausdorff (model-grid voxels; NaN if a mask is empty) of the union of the labels and % folding of
+    ``displacement`` ``(dim, *spatial)`` in model voxels (0 for none); when the labels hold several values, also
+    Dice and Hausdorff of each value alone (``dice_label_<n>``, ``hausdorff_label_<n>``)."""
+    out = {"dice": dice(warped_label, fixed_label), "hausdorff": float("nan"), "folding_percent": 0.0}
+    if np.any(warped_label) and np.any(fixed_label):
+        out["hausdorff"] = surface_distances(np.asarray(warped_label) > 0, np.asarray(fixed_label) > 0)["hausdorff"]
+    for value, figs in per_label(warped_label, fixed_label).items():
+        out[f"dice_label_{value}"] = figs["dice"]
+        out[f"hausdorff_label_{value}"] = figs.get("hausdorff", float("nan"))
+    if displacement is not None:
+        out["folding_percent"] = jacobian_statistics(np.asarray(displacement, dtype=np.float64))["folding_percent"]
+    return out
+
+
+def label_figures(results: list[dict]) -> list[str]:
+    """The per-label figures (:func:`figures`) found in ``results``, by label value."""
+    keys = {k for r in results for k in r if k.startswith(("dice_label_", "hausdorff_label_"))}
+    return sorted(keys, key=lambda k: (int(k.rsplit("_", 1)[1]), k))
+
+
+def bspline_field(coefficients: np.ndarray, grid, size: tuple[int, ...]) -> torch.Tensor:
+    """Dense displacement ``(dim, *spatial)`` (float64, model voxels) of B-spline coefficients."""
+    bases = grid.image_bases(size, dtype=torch.float64)
+    return dense_displacement(torch.as_tensor(coefficients, dtype=torch.float64)[None], grid, bases)[0]
+
+
+def elastix_spacing(method: str, geometry: ModelGeometry) -> tuple[float, ...]:
+    """e16: the GT/SDM control grid (16x16 / 16x16x8 model voxels); e8: half of it."""
+    return tuple(s / 2 if method == "e8" else s for s in geometry.control_spacing)
+
+
+def run_elastix_method(method: str, pair: dict, geometry: ModelGeometry, settings: EvaluationSettings) -> dict:
+    """e8 / e16 / gt on one prepared pair (model-space arrays)."""
+    from AgentRegistrationLib.data.dataset import model_image
+    from AgentRegistrationLib.elastix import wrapper as elastix  # itk (see the imports)
+
+    _load_elastix()
+    start = time.perf_counter()
+    if method == "gt":
+        coefficients = register_constrained(pair["fixed"], pair["moving"], pair["fixed_label"], pair["moving_label"],
+                                            geometry, iterations=settings.gt_iterations, metric=settings.gt_metric)
+        grid = geometry.control_grid()
+    else:
+        parameter_map = elastix.bspline_map(elastix_spacing(method, geometry), settings.iterations)
+        maps = elastix.register(model_image(pair["fixed"]), model_image(pair["moving"]), [parameter_map])
+        coefficients, grid = elastix.bspline_coefficients(maps[-1])
+    seconds = time.perf_counter() - start
+    u = bspline_field(coefficients, grid, geometry.size)
+    return {**figures(warp_label(pair["moving_label"], u), pair["fixed_label"], u.numpy()), "seconds": seconds}
+
+
+def method_signature(method: str, geometry: ModelGeometry, settings: EvaluationSettings, model_hash: str | None,
+                     localiser: str = "") -> dict:
+    """What a cached result must match to be reused."""
+    sig = {"method": method, "geometry": geometry.to_dict()}
+    if localiser:
+        sig["localiser"] = localiser
+    if method in ("e8", "e16"):
+        sig.update(spacing=list(elastix_spacing(method, geometry)), iterations=settings.iterations)
+    elif method == "gt":
+        sig.update(iterations=settings.gt_iterations)
+        if settings.gt_metric != "points":  # results cached before the choice are the paper's metric's
+            sig.update(metric=settings.gt_metric)
+    elif method in AGENT_METHODS:
+        sig.update(model=model_hash, steps=settings.steps, seed=settings.seed)
+    return json.loads(json.dumps(sig))
+
+
+def _load_result(path: Path, signature: dict) -> dict | None:
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("signature") == signature else None
+
+
+def _save_result(path: Path, result: dict) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+
+
+# ----------------------------------------------------------------------------------------- worker jobs
+def _prepare_job(args) -> tuple[str, str, dict]:
+    fixed, moving, geometry_dict, path, localiser_path = args
+    from AgentRegistrationLib.elastix.wrapper import single_threaded_worker  # itk (see the imports)
+
+    single_threaded_worker()
+    pair = prepare_evaluation_pair(fixed, moving, ModelGeometry.from_dict(geometry_dict), localiser_path)
+    _save_prepared(Path(path), pair)
+    return moving.name, fixed.name, {"prealignment": pair["prealignment"]}
+
+
+def _elastix_job(args) -> dict:
+    method, prepared_path, geometry_dict, settings_dict = args
+    from AgentRegistrationLib.elastix.wrapper import single_threaded_worker  # itk (see the imports)
+
+    single_threaded_worker()
+    geometry = ModelGeometry.from_dict(geometry_dict)
+    pair = load_prepared(Path(prepared_path), geometry)
+    return run_elastix_method(method, pair, geometry, EvaluationSettings(**settings_dict))
+
+
+def _run_jobs(function, jobs: list, workers: int, on_done: Callable[[object, object, str | None], None]) -> None:
+    """``function(job)`` for every job, in a process pool (``spawn``: safe after torch ran) or,
+    with one worker, here; ``on_done(job, result, error)`` after each."""
+    if workers <= 1:
+        for job in jobs:
+            try:
+                result, error = function(job), None
+            except Exception as err:  # noqa: BLE001 - reported per pair, never stops the run
+                result, error = None, f"{type(err).__name__}: {err}"
+            on_done(job, result, error)
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(function, job): job for job in jobs}
+        for future in as_completed(futures):
+            try:
+                result, error = future.result(), None
+            except Exception as err:  # noqa: BLE001 - reported per pair, never stops the run
+                result, error = None, f"{type(err).__name__}: {err}"
+            on_done(futures[future], result, error)
+
+
+# ----------------------------------------------------------------------------------------- the protocol
+def file_hash(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def evaluate(
+    subjects: dict[str, Subject],
+    pairs: list[tuple[str, str]],
+    geometry: ModelGeometry,
+    out: Path,
+    methods: list[str],
+    settings: EvaluationSettings,
+    model: str | Path | None = None,
+    device: torch.device | None = None,
+    workers: int = 1,
+    progress: Progress | None = None,
+    localiser: str | Path | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Run ``methods`` on ``pairs`` (moving, fixed); returns (results, failures), one result
+    dict per (pair, method) with the figures, cached under ``out/pairs``. With crops on the organ, the fixed
+    crops are placed by the localiser of ``localiser`` (a bundle or localiser file), else by the fixed label."""
+    localiser = str(localiser) if localiser and geometry.localised else None
+    run = _EvaluationRun(Path(out), pairs, geometry, settings, progress or (lambda stage, done, total: None),
+                         placed_by=localiser_hash(localiser, 3))  # the evaluation reads volumes (a 2-D model: a slice)
+    run.prepare(subjects, localiser, workers)  # 1. shared preprocessing
+    run.model_hash = file_hash(model) if model and any(m in AGENT_METHODS for m in methods) else None
+    todo = run.load_cached(methods)
+    run.start_methods(todo)  # 2. none, and T / localised: the preprocessed pair itself
+    run.elastix_methods(todo, workers)  # 3. elastix methods in a process pool
+    agent_todo = [(method, p) for method in AGENT_METHODS for p in todo.get(method, [])]
+    if agent_todo:  # 4. the agent, batched
+        if model is None:
+            raise ValueError("methods ours/nfc need a model bundle (--model)")
+        run_agent_methods(agent_todo, run.prepared_path, geometry, model, device or torch.device("cpu"), settings,
+                          run.store, run.progress)
+    ordered = [run.results[(m, f, method)] for m, f in pairs for method in methods if (m, f, method) in run.results]
+    return ordered, run.failures
+
+
+class _EvaluationRun:
+    """The steps of :func:`evaluate` on one output folder, and what they share: the prepared pairs' files, the
+    results by ``(moving, fixed, method)`` and the failures."""
+
+    def __init__(self, out: Path, pairs: list[tuple[str, str]], geometry: ModelGeometry, settings: EvaluationSettings,
+                 progress: Progress, placed_by: str):
+        self.out, self.pairs, self.geometry, self.settings, self.progress = out, pairs, geometry, settings, progress
+        self.placed_by = placed_by
+        self.model_hash: str | None = None
+        self.prepared_path = {p: pair_dir(out, *p) / "prepared.npz" for p in pairs}
+        self.ready: list[tuple[str, str]] = []
+        self.results: dict[tuple[str, str, str], dict] = {}
+        self.failures: list[dict] = []
+
+    def prepare(self, subjects: dict[str, Subject], localiser: str | None, workers: int) -> None:
+        """The shared preprocessing of every pair not cached yet; ``ready``: the pairs whose preparation exists."""
+        pairs = self.pairs
+        todo = [p for p in pairs if load_prepared(self.prepared_path[p], self.geometry, self.placed_by) is None]
+        done = len(pairs) - len(todo)
+        self.progress("preprocess", done, len(pairs))
+
+        def prepared_done(job, result, error):
+            nonlocal done
+            done += 1
+            if error:
+                self.failures.append({"moving": job[1].name, "fixed": job[0].name, "method": "preprocessing",
+                                      "error": error})
+            self.progress("preprocess", done, len(pairs))
+
+        _run_jobs(_prepare_job, [(subjects[f], subjects[m], self.geometry.to_dict(), str(self.prepared_path[(m, f)]),
+                                  localiser) for m, f in todo], workers, prepared_done)
+        self.ready = [p for p in pairs if self.prepared_path[p].is_file()]
+
+    def signature(self, method: str) -> dict:
+        return method_signature(method, self.geometry, self.settings, self.model_hash, self.placed_by)
+
+    def load_cached(self, methods: list[str]) -> dict[str, list[tuple[str, str]]]:
+        """Load the cached results that match; returns the ready pairs still to run, by method."""
+        todo: dict[str, list[tuple[str, str]]] = {}
+        for method in methods:
+            sig = self.signature(method)
+            for m, f in self.ready:
+                cached = _load_result(pair_dir(self.out, m, f) / f"{method}.json", sig)
+                if cached is not None:
+                    self.results[(m, f, method)] = cached
+                else:
+                    todo.setdefault(method, []).append((m, f))
+        return todo
+
+    def store(self, m: str, f: str, method: str, figs: dict, extra: dict | None = None) -> None:
+        r = {"moving": m, "fixed": f, "method": method, **figs, **(extra or {}), "signature": self.signature(method)}
+        _save_result(pair_dir(self.out, m, f) / f"{method}.json", r)
+        self.results[(m, f, method)] = r
+
+    def start_methods(self, todo: dict[str, list[tuple[str, str]]]) -> None:
+        """none, and T / localised: the preprocessed pair itself (its time is the pre-alignment's or
+        localisation's)."""
+        for method in ("none", *START_METHODS):
+            for m, f in todo.get(method, []):
+                pair = load_prepared(self.prepared_path[(m, f)], self.geometry)
+                label = pair["unregistered_label"] if method == "none" else pair["moving_label"]
+                self.store(m, f, method, {**figures(label, pair["fixed_label"], None),
+                                          "seconds": 0.0 if method == "none" else pair["seconds"]},
+                           {"prealignment": pair["prealignment"]})
+
+    def elastix_methods(self, todo: dict[str, list[tuple[str, str]]], workers: int) -> None:
+        """e8, e16 and gt, in a process pool."""
+        jobs = [(method, str(self.prepared_path[p]), self.geometry.to_dict(), asdict(self.settings))
+                for method in ELASTIX_METHODS for p in todo.get(method, [])]
+        if not jobs:
+            return
+        done = 0
+        self.progress("elastix", 0, len(jobs))
+        names = {str(self.prepared_path[p]): p for p in self.ready}
+
+        def elastix_done(job, result, error):
+            nonlocal done
+            done += 1
+            m, f = names[job[1]]
+            if error:
+                self.failures.append({"moving": m, "fixed": f, "method": job[0], "error": error})
+            else:
+                self.store(m, f, job[0], result)
+            self.progress("elastix", done, len(jobs))
+
+        _run_jobs(_elastix_job, jobs, workers, elastix_done)
+
+
+def run_agent_methods(todo: list[tuple[str, tuple[str, str]]], prepared_path: dict, geometry: ModelGeometry,
+                      model: str | Path, device: torch.device, settings: EvaluationSettings,
+                      store: Callable, progress: Progress) -> None:
+    """ours / nfc in batches of ``settings.batch_size`` pairs; seconds per pair = the batch's
+    agent time / the number of pairs in the batch."""
+    bundle = load_bundle(model)
+    if bundle.geometry != geometry:
+        raise ValueError(f"{model} was trained on model geometry {bundle.geometry.to_dict()}, but the evaluation uses "
+                         f"{geometry.to_dict()}: evaluate with the model's dimension (--dim {bundle.dim})")
+    agent = bundle.agent(device)
+    done = 0
+    progress("agent", 0, len(todo))
+    for method in AGENT_METHODS:
+        items = [p for meth, p in todo if meth == method]
+        agent_settings = bundle.agent_settings(steps=settings.steps, seed=settings.seed,
+                                            fuzzy_action_control=method == "ours")
+        for start in range(0, len(items), settings.batch_size):
+            batch = items[start:start + settings.batch_size]
+            pairs = [load_prepared(prepared_path[p], geometry) for p in batch]
+            fixed, moving = (torch.as_tensor(np.stack([p[key] for p in pairs]))[:, None] for key in ("fixed", "moving"))
+            t0 = time.perf_counter()
+            result = agent.run(fixed, moving, agent_settings)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - t0) / len(batch)
+            u = result.displacement.double().cpu()
+            for i, ((m, f), pair) in enumerate(zip(batch, pairs, strict=True)):
+                figs = figures(warp_label(pair["moving_label"], u[i]), pair["fixed_label"], u[i].numpy())
+                store(m, f, method, {**figs, "seconds": seconds},
+                      {"batch_size": len(batch), "device": str(device), "steps": int(result.steps_taken[i])})
+            done += len(batch)
+            progress("agent", done, len(todo))
+
+
+def model_to_evaluate(model: str | Path | None, dim: int, crop: str | None, methods: list[str],
+                      ) -> tuple[Path | None, ModelBundle | None]:
+    """The model of ours / nfc (``model``, default the shipped one of ``dim``; none when no method needs one and none
+    is given) and its bundle, checked against ``dim`` and ``crop``."""
+    if not (any(m in AGENT_METHODS for m in methods) or model):
+        return None, None
+    model = Path(model or shipped_model(dim))
+    if not model.is_file():
+        raise FileNotFoundError(f"model bundle not found: {model}. {how_to_get_a_model(dim)}")
+    bundle = load_bundle(model)
+    if bundle.dim != dim:
+        raise ValueError(f"{model} is a {bundle.dim}-D model but --dim is {dim}: use --dim {bundle.dim} "
+                         f"or a {dim}-D model")
+    model_crop = "organ" if bundle.geometry.localised else "paper"
+    if crop and crop != model_crop:
+        raise ValueError(f"--crop {crop}: {model} was trained on {model_crop} crops; leave --crop out to use the model's")
+    return model, bundle
+
+
+def report_notes(pairs: list[tuple[str, str]], names: list[str], split: str | Path, data: str | Path, dim: int,
+                 geometry: ModelGeometry, settings: EvaluationSettings, model: Path | None, device: torch.device,
+                 results: list[dict], failures: list[dict], seconds: float, workers: int) -> list[str]:
+    """The notes under an ``agentreg evaluate`` report's table: the pairs, what each method is, the figures, the
+    failures and the run's wall time (``seconds``)."""
+    prealign_failed = sorted({(r["moving"], r["fixed"]) for r in results if r.get("prealignment", "ok") != "ok"})
+    by_label = {(r["moving"], r["fixed"]) for r in results if "fixed label (oracle)" in str(r.get("prealignment", ""))}
+    placed = ("by the fixed label (an oracle start: the model has no localiser for these images; train one with "
+              "'agentreg localiser' and give it to agentreg train --localiser)" if by_label
+              else "by the model's localiser (no fixed label is used)")
+    return [
+        f"{len(pairs)} ordered pairs of the {len(names)} validation subjects of `{shown(split)}` ({data}), "
+        f"{dim}-D" + ((" (the slice nearest each image's organ centre)" if geometry.localised else
+                       " (the middle slice of the crop box of the 3-D-aligned pair)") if dim == 2 else "")
+        + f"; model grid {'x'.join(map(str, geometry.size))} of the fixed image.",
+        (f"- Every method starts from the same crops, each centred on its image's organ and sized to it: the "
+         f"moving crop placed by the moving label (the atlas case), the fixed one {placed}; 'localised' is those "
+         "crops alone, and its seconds are the localisation's."
+         if geometry.localised else
+         "- Every method starts from the same translation pre-alignment (elastix, on the 3-D volumes); "
+         "T is that pre-alignment alone, and its seconds are the pre-alignment's."),
+        "- none: no registration at all (the moving mask where it lies, on the fixed crop).",
+        f"- e8 / e16: elastix's default B-spline map (Mattes mutual information, adaptive stochastic gradient "
+        f"descent, 3 resolutions, {settings.iterations} iterations each), final grid spacing "
+        f"{'x'.join(f'{s / 2:g}' for s in geometry.control_spacing)} / {'x'.join(f'{s:g}' for s in geometry.control_spacing)} "
+        "model voxels (e16 is the GT/SDM control grid).",
+        f"- our / nfc: the agent, {settings.steps} steps, with / without fuzzy action control "
+        + (f"(model `{shown(model)}`, device {device}); seconds = agent time of a batch of up to {settings.batch_size} pairs "
+           "divided by its pairs." if model else "(not run)."),
+        "- GT: the constrained elastix registration with both masks ("
+        + ("MI + bending energy + surface points" if settings.gt_metric == "points" else
+           "mean squares of the masks' signed distance maps + bending energy")
+        + f", the `{settings.gt_metric}` ground truth, {settings.gt_iterations} iterations): an upper bound, not a method.",
+        "- Dice of the warped moving mask with the fixed mask and Hausdorff distance in model-grid voxels (not mm), "
+        "both on the model grid; % folding = voxels with det J <= 0.",
+        f"- Failed (pair, method): {len(failures)}" + (": " + "; ".join(
+            f"{f['moving']}->{f['fixed']} {f['method']}: {f['error']}" for f in failures) if failures else "."),
+        *([] if geometry.localised else
+          [f"- Pairs whose translation pre-alignment was rejected (no translation applied): {len(prealign_failed)}."]),
+        f"- Wall time of this run (cached results are not recomputed): {seconds:.0f} s, {workers} worker(s).",
+    ]
+
+
+def write_report(report: Path, results: list[dict], methods: list[str], dim: int, command: str, notes: list[str],
+                 record: dict | None = None) -> dict[str, dict]:
+    """An evaluation's files: the markdown ``report`` (Table 1 and ``notes``), the per-pair CSV and the box plots
+    beside it (``<report>.csv``, ``<report>_boxplots.png``) and, with ``record``, ``<report>.json`` (the summary and
+    ``record``). Returns the summary (:func:`summarise`)."""
+    summary = summarise(results, methods)
+    csv_path = report.with_suffix(".csv")
+    png_path = report.with_name(report.stem + "_boxplots.png")
+    write_csv(csv_path, results)
+    plot_boxplots(png_path, results, methods, dim)
+    info = {"dim": dim, "command": command, "notes": notes, "csv": csv_path.name, "png": png_path.name}
+    atomic_write(report, lambda tmp: Path(tmp).write_text(report_markdown(summary, methods, info)))
+    if record is not None:
+        atomic_write(report.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(
+            {"summary": summary, **record}, indent=1)))
+    return summary
+
+
+def summary_lines(summary: dict[str, dict], methods: list[str]) -> list[str]:
+    """One line per method: Dice (and per label value, where the labels hold several), Hausdorff, folding, seconds,
+    pairs (what ``agentreg evaluate`` prints)."""
+    def labels(s: dict) -> str:
+        return "".join(f"; label {k.rsplit('_', 1)[1]} {v['median']:.3f}" for k, v in s.items()
+                       if k.startswith("dice_label_"))
+
+    return [f"{m:>4}: Dice median {s['dice']['median']:.3f} (mean {s['dice']['mean']:.3f}{labels(s)}), Hausdorff "
+            f"median {s['hausdorff']['median']:.1f} voxels, folding {s['folding_percent']['mean']:.3f} %, "
+            f"{s['seconds']['mean']:.2f} s/pair, {s['n']} pairs" for m, s in ((m, summary[m]) for m in methods)]
+
+
+# ----------------------------------------------------------------------------------------- summary and report
+def summarise(results: list[dict], methods: list[str]) -> dict[str, dict]:
+    """Per method: mean / median / std of Dice and Hausdorff (also per label value, where the labels hold several),
+    mean folding % and seconds, n."""
+    summary = {}
+    for method in methods:
+        rows = [r for r in results if r["method"] == method]
+        s = {"n": len(rows)}
+        for key in (*FIGURES, *label_figures(rows)):
+            v = np.array([r[key] for r in rows if key in r], dtype=float)
+            v = v[np.isfinite(v)]
+            s[key] = ({"mean": float(v.mean()), "median": float(np.median(v)), "std": float(v.std()), "n": int(v.size)}
+                      if v.size else {"mean": math.nan, "median": math.nan, "std": math.nan, "n": 0})
+        summary[method] = s
+    return summary
+
+
+METHOD_TITLES = {"none": "none", "T": "T", "localised": "localised", "e8": "e8", "e16": "e16", "ours": "our",
+                 "nfc": "nfc", "gt": "GT (upper bound)"}
+
+
+def report_markdown(summary: dict, methods: list[str], info: dict) -> str:
+    """Table 1 layout: figures as rows, methods as columns."""
+    rows = [("DICE Mean", "dice", "mean", ".3f"), ("DICE Med.", "dice", "median", ".3f"), ("DICE StD.", "dice", "std", ".3f"),
+            ("HD Mean", "hausdorff", "mean", ".1f"), ("HD Med.", "hausdorff", "median", ".1f"),
+            ("HD StD.", "hausdorff", "std", ".1f"), ("% folding (det J <= 0), mean", "folding_percent", "mean", ".3f"),
+            ("seconds per pair, mean", "seconds", "mean", ".2f"), ("pairs", None, None, "d")]
+    lines = [f"# Evaluation on the validation pairs ({info['dim']}-D): the paper's Table 1 protocol", "",
+             "Command:", "", "```", info["command"], "```", "",
+             "| | " + " | ".join(METHOD_TITLES[m] for m in methods) + " |",
+             "|---|" + "---:|" * len(methods)]
+    labels = sorted({int(k.rsplit("_", 1)[1]) for m in methods for k in summary[m] if k.startswith("dice_label_")})
+    per_label = [(f"label {v} alone: {title}", f"{key}_label_{v}", "median", fmt) for v in labels
+                 for title, key, fmt in (("DICE Med.", "dice", ".3f"), ("HD Med.", "hausdorff", ".1f"))]
+    rows = rows[:6] + per_label + rows[6:]  # after the union's Dice and Hausdorff
+    missing = {"median": math.nan}
+    for title, key, stat, fmt in rows:
+        cells = [format(summary[m]["n"], fmt) if key is None else format(summary[m].get(key, missing)[stat], fmt)
+                 for m in methods]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    lines += ["", *info["notes"], "", f"Per pair: [{info['csv']}]({info['csv']}); box plots: ![box plots]({info['png']})", ""]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, results: list[dict]) -> None:
+    header = ["moving", "fixed", "method", *FIGURES, "prealignment", *label_figures(results)]
+    lines = [",".join(header)] + [",".join(str(r.get(k, "")) if k in ("moving", "fixed", "method", "prealignment")
+                                           else f"{r[k]:.6g}" if k in r else "" for k in header) for r in results]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+
+
+def plot_boxplots(path: Path, results: list[dict], methods: list[str], dim: int) -> None:
+    import matplotlib  # seconds to import: only where a figure is drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.3 * len(methods), 4))
+    for ax, key, title in zip(axes, ("dice", "hausdorff"), ("Dice", "Hausdorff (model-grid voxels)"), strict=True):
+        data = []
+        for m in methods:
+            v = np.array([r[key] for r in results if r["method"] == m], dtype=float)
+            data.append(v[np.isfinite(v)])
+        ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, len(methods) + 1), [METHOD_TITLES[m].split(" ")[0] for m in methods])
+        ax.set_title(f"{title}, {dim}-D")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)

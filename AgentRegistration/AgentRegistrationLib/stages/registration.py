@@ -1,0 +1,218 @@
+"""Register user images with a trained agent: preprocessing, the MDP, and results in the
+user's original fixed-image geometry. This is what the command line and the Slicer module call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from AgentRegistrationLib.core.agent import AgentSettings
+from AgentRegistrationLib.core.metrics import dice, jacobian_statistics, per_label, surface_distances
+from AgentRegistrationLib.data.localiser import localise, localiser_from_payload
+from AgentRegistrationLib.data.organ_box import Localisation, localisation_at_point, localisation_from_label
+from AgentRegistrationLib.data.preprocessing import PreparedPair, displacement_in_fixed_geometry, prepare_pair, warp_to_fixed
+from AgentRegistrationLib.model.bundle import ModelBundle
+
+
+@dataclass
+class RegistrationResult:
+    theta: np.ndarray  # (d,) final SDM parameters
+    coefficients: np.ndarray  # B-spline coefficients on the model's control grid
+    translation: np.ndarray  # pre-alignment, physical units
+    displacement: sitk.Image  # ITK displacement field in the fixed geometry (fixed point -> moving point)
+    warped: sitk.Image
+    warped_label: sitk.Image | None
+    trajectory: dict[str, np.ndarray]  # actions (T,), q_values (T, 2d), rejected (T, 2d), theta (T, d)[, dice (T,)]
+    metrics: dict
+    pair: PreparedPair = field(repr=False)
+
+
+@dataclass
+class AgentOutcome:
+    """What the agent found for one pair of a batch: its final parameters and trajectory (``steps`` rows)."""
+
+    theta: np.ndarray  # (d,)
+    trajectory: dict[str, np.ndarray]
+    steps: int
+
+
+class Registrar:
+    """A bundle loaded onto a device, ready to register many pairs."""
+
+    def __init__(self, bundle: ModelBundle, device: torch.device, agent: bool = True):
+        """``agent=False``: only :meth:`prepare` and :meth:`finish` (a worker process of a cohort that reads and
+        crops the pairs and writes their results while the agent runs elsewhere)."""
+        self.bundle = bundle
+        self.device = device
+        self.agent = bundle.agent(device) if agent else None
+        self.localisers = {int(d): localiser_from_payload(p) for d, p in bundle.localisers.items()}
+
+    def localise(self, image: sitk.Image, label: sitk.Image | None = None, point: np.ndarray | None = None,
+                 what: str = "image") -> Localisation | None:
+        """Where the organ is in ``image`` for a model that crops on it (``None`` for the paper's crop): from
+        its label, else at ``point`` (with the spread the localiser finds, else the training subjects' median),
+        else where the bundle's localiser finds it."""
+        if not self.bundle.geometry.localised:
+            return None
+        if label is not None:
+            return localisation_from_label(label, f"{what}'s label")
+        localiser = self.localisers.get(image.GetDimension())
+        found = localise(localiser, image) if localiser is not None else None
+        if point is not None:
+            if len(point) != image.GetDimension():
+                raise ValueError(f"the point on the {what} has {len(point)} coordinates but the image is "
+                                 f"{image.GetDimension()}-D: give {image.GetDimension()}")
+            spread = found.spread if found is not None else self.bundle.typical_spread(image.GetDimension())
+            return localisation_at_point(point, spread, f"point on the {what}")
+        if found is None:
+            raise ValueError(f"this model crops on the organ but has no localiser for {image.GetDimension()}-D images: "
+                             f"give a point on the organ in the "
+                             f"{what} (--fixed-point in agentreg register, a markups point in Slicer)"
+                             + ("" if what == "fixed image" else " or a moving label"))
+        return found
+
+    def register(
+        self,
+        fixed: sitk.Image,
+        movings: list[sitk.Image],
+        settings: AgentSettings,
+        fixed_label: sitk.Image | None = None,
+        moving_labels: list[sitk.Image | None] | None = None,
+        translations: list[np.ndarray | None] | None = None,
+        callback: Callable[[int, int], bool | None] | None = None,
+        fixed_point: np.ndarray | None = None,
+    ) -> list[RegistrationResult]:
+        """Register every image of ``movings`` to ``fixed`` in one batch.
+
+        A model that crops on the organ places the fixed crop on ``fixed_point`` (a physical point) or where
+        its localiser finds the organ, and each moving crop on its moving label, else where the localiser finds
+        it; the fixed label only measures the result. ``translations`` (the paper's preprocessing) skip the
+        elastix pre-alignment with known ones.
+        """
+        t0 = time.perf_counter()
+        moving_labels = moving_labels or [None] * len(movings)
+        translations = translations or [None] * len(movings)
+        fixed_place = self.localise(fixed, point=fixed_point, what="fixed image")
+        pairs = [self.prepare(fixed, m, fixed_label, ml, translation=t, fixed_localisation=fixed_place)
+                 for m, ml, t in zip(movings, moving_labels, translations, strict=True)]
+        t_prep = time.perf_counter()
+        outcomes = self.run_agent(pairs, settings, callback)
+        t_agent = time.perf_counter()
+        outputs = [self.finish(pair, outcome, fixed, moving, fixed_label, moving_label)
+                   for pair, outcome, moving, moving_label in zip(pairs, outcomes, movings, moving_labels, strict=True)]
+        t_end = time.perf_counter()
+        for out in outputs:
+            out.metrics.update(seconds_total=t_end - t0, seconds_preprocessing=t_prep - t0,
+                               seconds_agent=t_agent - t_prep, seconds_outputs=t_end - t_agent,
+                               pairs_in_batch=len(outputs))
+        return outputs
+
+    def prepare(self, fixed: sitk.Image, moving: sitk.Image, fixed_label: sitk.Image | None = None,
+                moving_label: sitk.Image | None = None, translation: np.ndarray | None = None,
+                fixed_point: np.ndarray | None = None,
+                fixed_localisation: Localisation | None = None) -> PreparedPair:
+        """One pair on the model grid, as :meth:`register` prepares it: the fixed crop on ``fixed_localisation``
+        (else localised here, at ``fixed_point`` or by the localiser), the moving crop on its label or localiser
+        (or the paper's translation pre-alignment)."""
+        if fixed_localisation is None:
+            fixed_localisation = self.localise(fixed, point=fixed_point, what="fixed image")
+        return prepare_pair(fixed, moving, self.bundle.geometry, fixed_label, moving_label, translation=translation,
+                            fixed_localisation=fixed_localisation,
+                            moving_localisation=self.localise(moving, label=moving_label, what="moving image"))
+
+    def run_agent(self, pairs: list[PreparedPair], settings: AgentSettings,
+                  callback: Callable[[int, int], bool | None] | None = None) -> list[AgentOutcome]:
+        """The agent on a batch of prepared pairs (each with its own fixed image or the same one). A pair's outcome
+        does not depend on the others of its batch (the agent's random stream is shared, its network in eval
+        mode); its trajectory has Dice at every step when the pair has both labels."""
+        stack = lambda arrays: torch.as_tensor(np.stack(arrays), device=self.device)[:, None]  # noqa: E731
+        labelled = [p.fixed_label is not None and p.moving_label is not None for p in pairs]
+        labels = any(labelled)
+        blank = next((p.fixed_label for p, has in zip(pairs, labelled, strict=True) if has), None)
+        blank = None if blank is None else np.zeros_like(blank)  # a pair without labels: Dice computed, not kept
+        result = self.agent.run(
+            stack([p.fixed for p in pairs]), stack([p.moving for p in pairs]), settings,
+            stack([p.moving_label if has else blank for p, has in zip(pairs, labelled, strict=True)]) if labels else None,
+            stack([p.fixed_label if has else blank for p, has in zip(pairs, labelled, strict=True)]) if labels else None,
+            callback,
+        )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        trajectory = result.trajectory.stacked()
+        outcomes = []
+        for i, has in enumerate(labelled):
+            steps = int(result.steps_taken[i])
+            outcomes.append(AgentOutcome(result.theta[i], {k: v[:steps, i] for k, v in trajectory.items()
+                                                           if has or k != "dice"}, steps))
+        return outcomes
+
+    def finish(self, pair: PreparedPair, outcome: AgentOutcome, fixed: sitk.Image, moving: sitk.Image,
+               fixed_label: sitk.Image | None = None, moving_label: sitk.Image | None = None) -> RegistrationResult:
+        """The agent's result in the fixed image's geometry: displacement, warped image and label, and the metrics
+        (without the seconds, which the caller adds)."""
+        geometry = self.bundle.geometry
+        coefficients = self.bundle.sdm.deformation(outcome.theta)
+        displacement = displacement_in_fixed_geometry(coefficients, geometry.control_grid(), pair.frame, fixed,
+                                                      pair.moving_frame)
+        warped = warp_to_fixed(moving, displacement)
+        warped_label = warp_to_fixed(moving_label, displacement, label=True) if moving_label is not None else None
+        jacobian = jacobian_statistics(np.moveaxis(sitk.GetArrayFromImage(displacement), -1, 0), fixed.GetSpacing())
+        metrics = {  # flat, as protocol.METRICS_SCHEMA documents it
+            "steps": outcome.steps,
+            "prealignment": pair.info.get("prealignment"),
+            "translation": pair.translation.tolist(),
+            "jacobian_folding_percent": jacobian["folding_percent"],
+            "log_jacobian_std": jacobian["log_jacobian_std"],
+        }
+        metrics.update(fixed_crop_metrics(pair))
+        if warped_label is not None and fixed_label is not None:
+            start = displacement_in_fixed_geometry(self.bundle.sdm.deformation(self.bundle.sdm.theta_identity),
+                                                   geometry.control_grid(), pair.frame, fixed, pair.moving_frame)
+            metrics.update(label_metrics(fixed_label, moving_label, warped_label,
+                                         warp_to_fixed(moving_label, start, label=True)))
+        return RegistrationResult(outcome.theta, coefficients, pair.translation, displacement, warped, warped_label,
+                                  outcome.trajectory, metrics, pair)
+
+
+def fixed_crop_metrics(pair: PreparedPair) -> dict:
+    """Where the fixed crop box lay in the fixed image (physical space, LPS) and what placed it, so that a user can
+    see it (an ROI in Slicer) and correct a misplaced one with a point."""
+    frame = pair.frame
+    size = np.array(frame.size, dtype=float)
+    placed_by = pair.info.get("localisation", {}).get("fixed", {}).get("source", "paper's centred crop")
+    return {"fixed_crop_centre": frame.to_physical((size - 1) / 2).tolist(),
+            "fixed_crop_size": (size * frame.spacing).tolist(),
+            "fixed_crop_axes": np.asarray(frame.direction).ravel().tolist(),
+            "fixed_crop_placed_by": placed_by}
+
+
+def label_metrics(fixed_label: sitk.Image, moving_label: sitk.Image, warped_label: sitk.Image,
+                  start_label: sitk.Image) -> dict:
+    """Dice and surface distances in the fixed geometry: with no registration (``none``: the moving label
+    where it lies in physical space), at the agent's start (``before``: the crops alone, i.e. the translation
+    pre-alignment or the boxes on the organ) and ``after``; distances in the fixed image's physical units.
+
+    Of the union of the labels (every non-zero voxel) and, when the labels hold several values, of each value apart
+    (:func:`metrics.per_label`: ``dice_<when>_label_<value>``, ``hausdorff_<when>_label_<value>``)."""
+    fixed_values = sitk.GetArrayFromImage(fixed_label)
+    fixed_arr = fixed_values > 0
+    unregistered = sitk.Resample(moving_label, fixed_label, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    out = {}
+    for when, image in (("none", unregistered), ("before", start_label), ("after", warped_label)):
+        values = sitk.GetArrayFromImage(image)
+        arr = values > 0
+        for value, figures in per_label(values, fixed_values, fixed_label.GetSpacing()).items():
+            out.update({f"{name}_{when}_label_{value}": x for name, x in figures.items()})
+        out[f"dice_{when}"] = dice(arr, fixed_arr)
+        if arr.any() and fixed_arr.any():
+            d = surface_distances(arr, fixed_arr, fixed_label.GetSpacing())
+            out[f"hausdorff_{when}"] = d["hausdorff"]
+            out[f"hausdorff95_{when}"] = d["hausdorff95"]
+            out[f"average_surface_distance_{when}"] = d["average_surface_distance"]
+    return out
