@@ -238,7 +238,8 @@ def test_distance_ground_truth_through_the_cli(grid128, tmp_path, capsys):
     assert main([*argv[:-1], str(points), "--metric", "points"]) == 0
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("compare_groundtruth", repo_file("scripts", "compare_groundtruth.py"))
+    spec = importlib.util.spec_from_file_location("compare_groundtruth",
+                                                  repo_file("scripts", "experiments", "compare_groundtruth.py"))
     compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare)
     table = compare.compare([points, out], ["points", "distance"])

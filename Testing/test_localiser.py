@@ -263,7 +263,7 @@ def test_the_shipped_localiser_finds_the_prostate_of_validation_subjects(native,
 
 @pytest.mark.parametrize(("model", "dim"), [("prostate-2d", 2), ("prostate-2d", 3), ("prostate-3d", 3)])
 def test_the_shipped_models_carry_the_shipped_localisers(model, dim):
-    """A localiser retrained or re-set (scripts/train_localiser.py --into) reaches the models that use it (a 2-D
+    """A localiser retrained or re-set (scripts/recipes/train_localiser.py --into) reaches the models that use it (a 2-D
     model also places its slab on a 3-D volume with the 3-D localiser)."""
     from AgentRegistrationLib.model.bundle import load_bundle
 

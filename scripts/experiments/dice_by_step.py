@@ -6,7 +6,7 @@ evaluation starts from, on the fixed image's model grid); the agent runs 200 ste
 (fuzzy action control, exploration, seed 0), once with its stop rule as the bundle sets it and once without any
 stop, and its trajectory records the Dice of the warped moving mask after every step.
 
-    python scripts/dice_by_step.py --evaluation OUT --model A.pt [--model B.pt] --out results/dice_by_step_2d
+    python scripts/experiments/dice_by_step.py --evaluation OUT --model A.pt [--model B.pt] --out results/dice_by_step_2d
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# Median Dice after each agent step on the validation pairs", "",
-             f"Made by `python scripts/dice_by_step.py {shlex.join(argv if argv is not None else sys.argv[1:])}`. "
+             f"Made by `python scripts/experiments/dice_by_step.py {shlex.join(argv if argv is not None else sys.argv[1:])}`. "
              "Pairs prepared by `agentreg evaluate` (the crops every method starts from); seed 0, the bundle's fuzzy "
              "action control and exploration; 'stop rule' = the bundle's own setting (a pair stops once no action is "
              "predicted to help by more than the model's stop margin), 'no stop' = all 200 steps; both capped at 200 "

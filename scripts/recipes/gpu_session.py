@@ -3,16 +3,16 @@
 Here, first pack what it needs (the ground truth, the SDMs and prepared validation pairs of ``agentreg evaluate``:
 all 72 in 2-D; in 3-D the seeded 24-pair subset plus the benchmark's 8 pairs, to fit the 64 MB that travel)::
 
-    python scripts/gpu_session.py pack --into work/gpu_in
+    python scripts/recipes/gpu_session.py pack --into work/gpu_in
 
 Then, on the GPU machine, with ``work/gpu_in`` carried::
 
-    python scripts/gpu_session.py run --inputs work/gpu_in --out "$OUT" --budget 540
+    python scripts/recipes/gpu_session.py run --inputs work/gpu_in --out "$OUT" --budget 540
 
 Stages, each logged; a failing stage is logged and the next one runs:
 
 1. the CUDA path: the shipped models on CUDA and on the CPU, same pairs and seed: actions, parameters, Dice;
-2. the benchmark (``scripts/benchmark_register.py --device cuda`` on the prepared pairs, elastix seconds from
+2. the benchmark (``scripts/benchmarks/benchmark_register.py --device cuda`` on the prepared pairs, elastix seconds from
    ``results/benchmark_cpu.json`` measured on the CPU machine on the same pairs);
 3. training from scratch, each run given a share of the remaining budget (``training.train(time_limit=...)``):
    the paper's configuration and the compact (shipped) one, in 2-D and 3-D;
@@ -23,7 +23,7 @@ Stages, each logged; a failing stage is logged and the next one runs:
 Or, to train the shipped model's candidate configurations side by side on one ground truth (copied into an ignored
 folder of the repository, e.g. ``work/gpu_train``: its ``pairs``, ``subjects`` and ``summary.json``, and the SDM)::
 
-    python scripts/gpu_session.py configs --groundtruth work/gpu_train/gt --sdm work/gpu_train/sdm.npz \
+    python scripts/recipes/gpu_session.py configs --groundtruth work/gpu_train/gt --sdm work/gpu_train/sdm.npz \
         --configs converge,recover --out "$OUT" --budget 520
 
 Each configuration trains from scratch in its own process to its planned number of batches (``--iterations``;
@@ -39,7 +39,7 @@ and checkpoint where they fit the 16 MB a file the machine gives back, the evalu
 Back here, with the returned files unpacked into a folder (``results/gpu_session``: ``session.json`` and
 ``<run>/summary.json``), the paper-vs-compact table::
 
-    python scripts/gpu_session.py report --returned results/gpu_session --out results/paper_vs_compact.md
+    python scripts/recipes/gpu_session.py report --returned results/gpu_session --out results/paper_vs_compact.md
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENGINE = str(REPO / "AgentRegistration")  # the engine, not installed on the GPU machine
 sys.path.insert(0, ENGINE)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ENGINE, os.environ.get("PYTHONPATH")]))  # subprocesses
@@ -189,8 +189,8 @@ def cuda_path(inputs: Path) -> dict:
 
 
 def benchmark(inputs: Path, out: Path, args) -> dict:
-    command = [sys.executable, str(REPO / "scripts" / "benchmark_register.py"), "--device", DEVICE, "--prepared",
-               str(inputs / "eval2d"), "--prepared", str(inputs / "eval3d"), "--pairs", "8", "--batch",
+    command = [sys.executable, str(REPO / "scripts" / "benchmarks" / "benchmark_register.py"), "--device", DEVICE,
+               "--prepared", str(inputs / "eval2d"), "--prepared", str(inputs / "eval3d"), "--pairs", "8", "--batch",
                str(args.bench_batch), "--steps", str(args.bench_steps), "--repeats", str(args.repeats),
                "--elastix-reference", args.elastix_reference, "--markdown",
                "--json", str(out / "benchmark_gpu.json")]
@@ -241,7 +241,7 @@ def evaluate_model(model: Path, prepared: Path, out: Path, title: str, max_pairs
              f"{t.get('seconds', 0) / 60:.1f} min on {t.get('device')}; agent on {device_text()}, batches of "
              f"{settings.batch_size} pairs, {settings.steps} steps, seed {settings.seed}; {len(pairs)} prepared validation "
              f"pairs (the cache of agentreg evaluate); failures: {len(failures)}."]
-    command = f"python scripts/gpu_session.py run --inputs work/gpu_in --out OUT  # run {title}"
+    command = f"python scripts/recipes/gpu_session.py run --inputs work/gpu_in --out OUT  # run {title}"
     summary = write_report(out / "evaluation.md", results, methods, bundle.dim, command, notes)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -391,14 +391,14 @@ def report(returned: Path, out: Path) -> None:
     session = json.loads((returned / "session.json").read_text())
     gpu = session["stages"]["environment"]["result"]["gpu"]
     lines = ["# The paper's network against the compact (shipped) one", "",
-             f"Both trained from scratch on one {gpu} in the same session (`scripts/gpu_session.py run`, time-boxed: the "
+             f"Both trained from scratch on one {gpu} in the same session (`scripts/recipes/gpu_session.py run`, time-boxed: the "
              "same training data, SDM and Eq. 1 targets; the paper's configuration without states along the way, the "
              "compact one with them), then evaluated there with the same protocol (agent 200 steps, seed 0) on the same "
              "prepared validation pairs: all 72 ordered pairs in 2-D; in 3-D 30 (the seeded 24-pair subset and the "
              "benchmark's 8; all 72 did not fit the 64 MB carried to the machine). The compact runs are the first part of "
              "the shipped models' training, which a second session continued (`--resume-from`; see their model cards).",
              "",
-             f"Made by `python scripts/gpu_session.py report --returned {returned} --out {out}`.", "",
+             f"Made by `python scripts/recipes/gpu_session.py report --returned {returned} --out {out}`.", "",
              "| run | network | parameters | batches | minutes | held-out best-action accuracy | pairs | ours Dice median "
              "| ours Dice mean | ours HD median | ours % folding | nfc Dice median |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -18,7 +18,7 @@ column; the Q-values, which a batched network computes with other float32 kernel
 largest |Q|: their 5 printed digits may differ in the last). The machine's
 load average is reported: on a shared machine both numbers move with the other jobs.
 
-    python scripts/benchmark_cohort.py [--pairs 0 (all)] [--data native|grid128|FOLDER] [--workers 0 (cores)]
+    python scripts/benchmarks/benchmark_cohort.py [--pairs 0 (all)] [--data native|grid128|FOLDER] [--workers 0 (cores)]
         [--batch-size 16]
         [--device auto] [--model M.pt] [--markdown FILE] [--json FILE] [--keep DIR]
 """
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "promise12"
 SPLIT = REPO / "Resources" / "promise12_split.json"
 MODEL = REPO / "Resources" / "Models" / "prostate-3d.pt"
@@ -184,7 +184,7 @@ def report(result: dict, args) -> str:
                                                 if f"during_{k}" in load)
     lines = [
         "# Cohort throughput: `agentreg register-many` against a loop of `agentreg register`", "",
-        f"Made by `python scripts/benchmark_cohort.py {' '.join(args.argv)}` on {result['machine']}, device "
+        f"Made by `python scripts/benchmarks/benchmark_cohort.py {' '.join(args.argv)}` on {result['machine']}, device "
         f"{args.device}, **{n} of the {result['available']} ordered pairs** of the validation subjects of "
         f"`Resources/promise12_split.json` in `{result['data']}` ({result['subjects']} of its validation subjects "
         f"are in that folder), model `{Path(args.model).name}`, both labels given. End to end: from the first process "
@@ -281,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
               "load_average": {"before": load_before, "after": os.getloadavg(),
                                **{f"during_{k}": v.summary() for k, v in loads.items()}},
               "device": args.device,
-              "workers": args.workers, "batch_size": args.batch_size, "command": ["python", "scripts/benchmark_cohort.py",
-                                                                                  *argv],
+              "workers": args.workers, "batch_size": args.batch_size,
+              "command": ["python", "scripts/benchmarks/benchmark_cohort.py", *argv],
               "available": len(subjects) * (len(subjects) - 1), "subjects": len(subjects),
               "pairs_per_minute": {"loop": 60 * len(pairs) / loop_seconds, "batch": 60 * len(pairs) / batch_seconds},
               "ratio": loop_seconds / batch_seconds}

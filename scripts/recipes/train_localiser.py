@@ -13,7 +13,7 @@ model grid 100x100 or 75x75x20), its norm, and the predicted/true spread per axi
 the naive baseline "image centre with the median training spread" (of the same folder). Writes the weights
 (``--out``) and a Markdown report (``--report``) that names the command that made it.
 
-    python scripts/train_localiser.py --dim 3 --out Resources/Models/localiser-3d.pt --report results/localiser_3d.md
+    python scripts/recipes/train_localiser.py --dim 3 --out Resources/Models/localiser-3d.pt --report results/localiser_3d.md
 
 ``--init L.pt`` goes on from a saved localiser; ``--iterations 0`` with it only applies ``--weighting`` / ``--refine``
 and calibrates its spread again; ``--into MODEL.pt`` puts the result into model bundles (as ``agentreg train
@@ -51,7 +51,7 @@ from AgentRegistrationLib.data.organ_box import BOX_SPREADS, Localisation, local
 from AgentRegistrationLib.model.bundle import load_bundle
 from AgentRegistrationLib.stages.training import add_localisation
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "promise12"
 MODEL_SIZE = {2: (100, 100), 3: (75, 75, 20)}
 

@@ -16,7 +16,7 @@ reach it), against the model's default number of steps. With ``--modes``, the sa
 numbers of modes, fitted (:meth:`StatisticalDeformationModel.fit`) on the model's own training ground truth
 (``--groundtruth``, default: the folder its bundle records): how many modes an agent would need.
 
-    python scripts/sdm_ceiling.py --evaluation EVAL_DIR --model MODEL.pt [--max-pairs 24] [--workers 2]
+    python scripts/experiments/sdm_ceiling.py --evaluation EVAL_DIR --model MODEL.pt [--max-pairs 24] [--workers 2]
                                   [--modes 25,50,100,200] [--groundtruth GT] [--out results/sdm_ceiling_3d.md]
 
 The pair's ground-truth coefficients are cached beside the prepared pair (``gt_<metric>_<iterations>x<resolutions>
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     columns = ["crops", "GT", "SDM", "lattice", "ours"]
     median = {k: float(np.nanmedian([r[k] for r in rows])) for k in columns + ["actions"]}
     mean = {k: float(np.nanmean([r[k] for r in rows])) for k in columns}
-    command = f"python scripts/sdm_ceiling.py {shlex.join(argv if argv is not None else sys.argv[1:])}"
+    command = f"python scripts/experiments/sdm_ceiling.py {shlex.join(argv if argv is not None else sys.argv[1:])}"
     lines = ["# The SDM's ceiling on real validation pairs, against the agent", "",
              f"Made by `{command}`. {len(rows)} prepared validation pairs of `agentreg evaluate` (the crops every method "
              f"starts from); each pair's own ground truth: constrained elastix, metric `{metric}`, {args.iterations} "

@@ -6,12 +6,19 @@ its own prostate's box for a model that crops on the organ, else on the template
 translation pre-alignment); the agent runs 200 steps with the bundle's settings (without its stop rule, so that
 the curve covers every step) and its trajectory records the Dice of the warped moving mask after every step.
 
-    python scripts/steps_on_training_pairs.py [--pairs-2d 72] [--pairs-3d 24] [--out results/steps_on_training_pairs.md]
-                                              [--apply]
+    python scripts/experiments/steps_on_training_pairs.py [--pairs-2d 72] [--pairs-3d 24]
+                                                          [--out results/steps_on_training_pairs.md] [--apply]
 
 ``--apply`` writes the best step count into the shipped bundles as their default number of steps (what
 ``agentreg register``, ``demo``, ``evaluate`` and the Slicer module use unless told otherwise). The curves are
 measured with 200 steps (the paper's number), so a rerun gives the same choice.
+
+``agentreg train --step-pairs N`` (``stages.training.choose_steps``) makes the same choice for a new model: the same
+rule (the best mean Dice over 1 to 200 steps, then the stop margin with ``choose_stop_margin``), but on pairs drawn
+from the ground truth's pairs rather than from all ordered pairs of the training subjects, and it keeps only the
+mean by step. This script stays for what it alone gives: the shipped 2-D model's choice (66 steps, margin 4,
+``results/steps_on_training_pairs_organ.md``) reproduced on the same draw, and the median / mean and per-margin
+tables of that report.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 from AgentRegistrationLib.core.agent import STOP_MARGINS, choose_stop_margin, dice_by_margin, stop_steps
 from AgentRegistrationLib.model.bundle import load_bundle
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHOWN_STEPS = (1, 10, 25, 50, 75, 100, 150, 200)
 
 
@@ -60,7 +67,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     train_names = json.loads((REPO / "Resources" / "promise12_split.json").read_text())["train"]
     lines = ["# Dice after each agent step on pairs of training subjects", "",
-             f"Made by `python scripts/steps_on_training_pairs.py --pairs-2d {args.pairs_2d} --pairs-3d {args.pairs_3d} "
+             f"Made by `python scripts/experiments/steps_on_training_pairs.py --pairs-2d {args.pairs_2d} "
+             f"--pairs-3d {args.pairs_3d} "
              f"--seed {args.seed} --dims {args.dims} --work {args.work}` with the shipped models (seed 0, fuzzy action "
              "control, 200 steps, no stop rule). Random ordered pairs of the training subjects as the ground-truth "
              "pipeline prepared them (each on its own prostate's box for a model that crops on the organ); "
@@ -74,7 +82,7 @@ def main(argv=None) -> int:
         model = REPO / "Resources" / "Models" / f"prostate-{dim}d.pt"
         gt = Path(args.work) / f"gt{dim}d"
         if not (gt / "subjects").is_dir():
-            sys.exit(f"steps_on_training_pairs: {gt}/subjects not found: run scripts/groundtruth_promise12.sh first")
+            sys.exit(f"steps_on_training_pairs: {gt}/subjects not found: run scripts/recipes/groundtruth_promise12.sh first")
         curve, best_q, _ = dice_curve(model, gt, train_names, count, args.seed)
         dice = curve[1:]
         mean, median = dice.mean(axis=1), np.median(dice, axis=1)
@@ -91,13 +99,13 @@ def main(argv=None) -> int:
             bundle = load_bundle(model)
             bundle.agent_defaults["steps"] = best + 1
             bundle.agent_defaults["steps_chosen_by"] = (
-                f"the best mean Dice on {count} pairs of training subjects, scripts/steps_on_training_pairs.py; "
+                f"the best mean Dice on {count} pairs of training subjects, scripts/experiments/steps_on_training_pairs.py; "
                 "the paper used 200")
             if bundle.agent_defaults.get("stop_when_no_action_helps"):
                 bundle.agent_defaults["stop_margin"] = margin
                 bundle.agent_defaults["stop_margin_chosen_by"] = (
                     f"the best mean Dice at 200 steps on the same {count} pairs of training subjects, "
-                    "scripts/steps_on_training_pairs.py")
+                    "scripts/experiments/steps_on_training_pairs.py")
             bundle.save(model)
     lines += ["", "Cells: median / mean Dice after that many steps.", "",
               "## The stop rule's margin", "",

@@ -4,7 +4,7 @@ One training step as ``training.train`` does it (online synthetic pairs on the d
 forward, sum-of-squares loss, backward, RMSprop), timed over ``--iterations`` batches after
 ``--warmup`` batches. Runs on CPU, and on CUDA when torch sees a GPU. Prints a markdown table.
 
-    python scripts/benchmark_training.py --groundtruth GT2D [GT3D] --sdm SDM2D.npz [SDM3D.npz]
+    python scripts/benchmarks/benchmark_training.py --groundtruth GT2D [GT3D] --sdm SDM2D.npz [SDM3D.npz]
 
 Each ground-truth folder (``agentreg groundtruth``) and its SDM (``agentreg sdm``) give the real
 subjects and deformations of one dimension; give a 2-D and a 3-D pair to benchmark both.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "AgentRegistration"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "AgentRegistration"))
 
 from AgentRegistrationLib.core.agent import Agent  # noqa: E402
 from AgentRegistrationLib.core.network import DualStreamQNetwork, NetworkConfig, count_parameters  # noqa: E402

@@ -1,8 +1,8 @@
 """Make a proxy "second organ" data set from the shared PROMISE12 grid128 subjects (issue 15).
 
-Issue 15 asks whether the README's "Train a model for your own organ" guide works on another organ's data: about 30
-small, isotropically sampled, two-label MR volumes (the issue's example: a small brain structure, 1 mm voxels,
-volumes of about 35x50x35 voxels, two labels). No such data are at hand, so this script makes a proxy of that
+Issue 15 asks whether the "Train a model for your own organ" guide (docs/own-organ.md) works on another organ's
+data: about 30 small, isotropically sampled, two-label MR volumes (the issue's example: a small brain structure,
+1 mm voxels, volumes of about 35x50x35 voxels, two labels). No such data are at hand, so this script makes a proxy of that
 geometry from the 40 PROMISE12 subjects of ``grid128`` (32x128x128 voxels, nominal spacing 1, taken as mm):
 
 - a box of fixed physical size (``SOURCE_BOX``, grid128 units) centred on each subject's prostate-mask centroid is
@@ -16,7 +16,7 @@ geometry from the 40 PROMISE12 subjects of ``grid128`` (32x128x128 voxels, nomin
 It writes ``<name>_image.nii.gz`` (int16) and ``<name>_label.nii.gz`` (uint8, 0/1/2) into ``--out`` and a split
 JSON (``--split-out``) with the same ``train`` and ``validation`` subjects as ``--split``.
 
-    python scripts/make_second_organ.py --src ../shared/data/promise12/grid128 --out /work/organ2/data \\
+    python scripts/experiments/make_second_organ.py --src ../shared/data/promise12/grid128 --out /work/organ2/data \\
         --split Resources/promise12_split.json --split-out /work/organ2/split.json
 """
 
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: size {out_image.GetSize()} origin {out_image.GetOrigin()} label voxels 1:{counts[1]} 2:{counts[2]}")
     args.split_out.parent.mkdir(parents=True, exist_ok=True)
     args.split_out.write_text(json.dumps({
-        "description": f"Proxy second organ (scripts/make_second_organ.py) from {args.src}; the subjects of {args.split}.",
+        "description": f"Proxy second organ (scripts/experiments/make_second_organ.py) from {args.src}; "
+                       f"the subjects of {args.split}.",
         "train": split["train"],
         "validation": split["validation"],
     }, indent=1) + "\n")

@@ -4,7 +4,7 @@
 # It writes only under $WORK: with SHIP=1 the results file is also copied to results/groundtruth.md (replacing
 # the committed one). It never touches the shipped models in Resources/Models.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data/promise12/grid128}
 WORK=${WORK:-work}
 SHIP=${SHIP:-0}
@@ -16,7 +16,7 @@ agentreg groundtruth "$DATA" --split $SPLIT --geometry paper --crop organ --dim 
 agentreg sdm "$WORK/gt2d" --modes 15 --out "$WORK/sdm2d.npz" --report-modes 5,10,15,25,40 --report "$WORK/gt2d/report.md"
 agentreg sdm "$WORK/gt3d" --modes 25 --out "$WORK/sdm3d.npz" --report-modes 5,10,15,25,40 --report "$WORK/gt3d/report.md"
 { echo "# Ground truth and statistical deformation model on PROMISE12 (training split)"; echo;
-  echo "Made by \`bash scripts/groundtruth_promise12.sh\` (split: \`$SPLIT\`; data: \`$DATA\`). Distances in voxels; Dice on the model grid."; echo;
+  echo "Made by \`bash scripts/recipes/groundtruth_promise12.sh\` (split: \`$SPLIT\`; data: \`$DATA\`). Distances in voxels; Dice on the model grid."; echo;
   cat "$WORK/gt2d/report.md"; echo; cat "$WORK/gt3d/report.md"; } > "$WORK/groundtruth.md"
 if [ "$SHIP" = 1 ]; then
   mkdir -p results

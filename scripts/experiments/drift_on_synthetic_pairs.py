@@ -12,7 +12,7 @@ Q-values is the argmax of Eq. 1's), the share of pairs whose first action brings
 answer in action steps (the norm over modes of (theta_gt - theta) / step), relative to the start, after 10, 50,
 100 and 200 steps, and the median Dice of the warped moving mask at the start and after 200 steps.
 
-    python scripts/drift_on_synthetic_pairs.py --groundtruth GT --model A.pt [--model B.pt ...] [--pairs 24]
+    python scripts/experiments/drift_on_synthetic_pairs.py --groundtruth GT --model A.pt [--model B.pt ...] [--pairs 24]
                                                [--out results/recover_drift.md]
 """
 
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     loaded = {name: load_subjects(folder) for name, folder in sets.items()}
     lines = [
         "# Drift: distance to the answer after each step, on synthetic pairs", "",
-        f"Made by `python scripts/drift_on_synthetic_pairs.py {shlex.join(sys.argv[1:] if argv is None else argv)}`. "
+        f"Made by `python scripts/experiments/drift_on_synthetic_pairs.py {shlex.join(sys.argv[1:] if argv is None else argv)}`. "
         f"{args.pairs} synthetic intra-subject pairs per subject set (exact answers), 200 steps, each model's fuzzy "
         "action control and exploration, no stop rule. Distance: norm over modes of the error in action steps; "
         "'d/d0 at n': its median ratio to the start's after n steps (below 1: closer than at the start).", "",

@@ -11,8 +11,9 @@ subject's axial slice through its prostate's centroid, and the fixed crop is pla
 a user's single-slice volume gets in Slicer). Also per model: the localiser's centre error (mm) and spread ratio
 (localiser / label) per fixed subject.
 
-    python scripts/crop_placement.py --model Resources/Models/prostate-3d.pt --out results/crop_placement_3d.md
-    python scripts/crop_placement.py --slices --model Resources/Models/prostate-2d.pt --out results/crop_placement_slices.md
+    python scripts/experiments/crop_placement.py --model Resources/Models/prostate-3d.pt --out results/crop_placement_3d.md
+    python scripts/experiments/crop_placement.py --slices --model Resources/Models/prostate-2d.pt \\
+        --out results/crop_placement_slices.md
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from AgentRegistrationLib.data.organ_box import Localisation, localisation_from_
 from AgentRegistrationLib.data.preprocessing import organ_frames, resample_to_frame
 from AgentRegistrationLib.model.bundle import load_bundle
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def read_subjects(subjects: list, slices: bool = False) -> dict[str, tuple]:

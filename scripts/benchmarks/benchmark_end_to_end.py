@@ -18,7 +18,7 @@ run one after the other, agentreg and elastix alternating, so both meet the same
 pair (median of ``--repeats``), the ratio agentreg / elastix, Dice of the warped moving label with the fixed
 label (on the fixed image), and the median stage breakdown.
 
-    python scripts/benchmark_end_to_end.py [--pairs 3] [--repeats 1] [--model M.pt] [--markdown FILE] [--json FILE]
+    python scripts/benchmarks/benchmark_end_to_end.py [--pairs 3] [--repeats 1] [--model M.pt] [--markdown FILE] [--json FILE]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import SimpleITK as sitk
 from AgentRegistrationLib.core.metrics import dice
 from AgentRegistrationLib.model.devices import cpu_name
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NATIVE = REPO.parent / "shared" / "data" / "promise12" / "native"
 SPLIT = REPO / "Resources" / "promise12_split.json"
 MODEL = REPO / "Resources" / "Models" / "prostate-3d.pt"
@@ -145,7 +145,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     med = statistics.median
     lines = [
         "# End-to-end registration time: `agentreg register` against elastix, as a user waits for it", "",
-        f"Made by `python scripts/benchmark_end_to_end.py {' '.join(args.argv)}` on {cpu_name()} "
+        f"Made by `python scripts/benchmarks/benchmark_end_to_end.py {' '.join(args.argv)}` on {cpu_name()} "
         f"({os.cpu_count()} cores), {len(rows)} ordered pairs of validation subjects in `../shared/data/promise12/"
         f"native` (3-D, as a user loads them), {args.repeats} repeat(s) per pair (median). Each is one process, "
         "timed from its start to its exit; agentreg with its defaults (model "

@@ -26,7 +26,7 @@ nor SimpleITK: on a machine without itk-elastix (a bare GPU machine) elastix is 
 ``--elastix-reference FILE`` (the ``--json`` of a run of this script on another machine, on the same prepared
 pairs) gives the elastix seconds of the ratio, named as measured there.
 
-    python scripts/benchmark_register.py [--model M.pt ...] [--device auto|cpu|cuda] [--batch 56] [--markdown]
+    python scripts/benchmarks/benchmark_register.py [--model M.pt ...] [--device auto|cpu|cuda] [--batch 56] [--markdown]
                                          [--prepared DIR ...] [--elastix-reference FILE] [--json FILE]
 """
 
@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "promise12" / "grid128"
 SPLIT = REPO / "Resources" / "promise12_split.json"
 SHIPPED = {3: REPO / "Resources" / "Models" / "prostate-3d.pt", 2: REPO / "Resources" / "Models" / "prostate-2d.pt"}

@@ -1,8 +1,8 @@
 """Compare two ground-truth folders of ``agentreg groundtruth`` on the pairs they share: Dice before (the crops
 alone) and after each ground truth, as a markdown table (how to choose a ground-truth metric or geometry on the same
-pairs; README, "Ground truth").
+pairs; docs/groundtruth.md).
 
-    python scripts/compare_groundtruth.py GT_A GT_B [--names A,B] [--out table.md]
+    python scripts/experiments/compare_groundtruth.py GT_A GT_B [--names A,B] [--out table.md]
 
 Both folders must use the same model geometry, so that "before" is the same crop pair and Dice is on the same grid.
 """

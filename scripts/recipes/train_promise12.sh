@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Train a model on the training split of the shared PROMISE12 data (after scripts/groundtruth_promise12.sh)
+# Train a model on the training split of the shared PROMISE12 data (after scripts/recipes/groundtruth_promise12.sh)
 # with the configuration agentreg train uses by default (converge, as the shipped models) and write its model card.
 # Usage:
-#   bash scripts/train_promise12.sh 2|3 [extra 'agentreg train' arguments, e.g. --set iterations=4000]
+#   bash scripts/recipes/train_promise12.sh 2|3 [extra 'agentreg train' arguments, e.g. --set iterations=4000]
 # Writes $WORK/models/prostate-<dim>d.pt, .loss.csv and .md (WORK defaults to work/); resumes from
 # $WORK/train<dim>d/checkpoint.pt when it exists. It never touches the shipped models in Resources/Models:
 # only with SHIP=1 are the three files copied there, replacing the shipped ones, e.g.
-#   SHIP=1 bash scripts/train_promise12.sh 3
-# The shipped 3-D model was trained on a GPU machine (scripts/gpu_session.py configs: --configs recover, 59,479
+#   SHIP=1 bash scripts/recipes/train_promise12.sh 3
+# The shipped 3-D model was trained on a GPU machine (scripts/recipes/gpu_session.py configs: --configs recover, 59,479
 # batches), its checkpoint brought back to $WORK/train3d/checkpoint.pt, and made into a bundle here, without
 # training further, by
-#   bash scripts/train_promise12.sh 3 --config recover --set iterations=59479 --localiser Resources/Models/localiser-3d.pt
+#   bash scripts/recipes/train_promise12.sh 3 --config recover --set iterations=59479 --localiser Resources/Models/localiser-3d.pt
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DIM=${1:?dimension 2 or 3}; shift
 DATA=${DATA:-../shared/data/promise12/grid128}
 WORK=${WORK:-work}
