@@ -2,12 +2,11 @@
 
 The widget wires the .ui file to a typed parameter node; the logic writes the inputs to a
 temporary folder, runs ``agentreg register`` in a worker process (torch never runs inside
-Slicer) and turns its output folder into nodes through ``AgentRegistrationLib.mrml``.
+Slicer) and turns its output folder into nodes through ``AgentRegistrationGUILib``.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import Annotated, Union
@@ -15,8 +14,8 @@ from typing import Annotated, Union
 import qt
 import slicer
 import vtk
-from AgentRegistrationGUILib import cohort_job, jobs, nodes, registration_job, result_nodes, slicer_setup
-from AgentRegistrationLib.contract import layout, messages, worker_commands
+from AgentRegistrationGUILib import cohort_job, job_panel, jobs, nodes, registration_job, result_nodes, slicer_setup
+from AgentRegistrationLib.contract import layout, worker_commands
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
     vtkMRMLMarkupsFiducialNode,
@@ -128,12 +127,12 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job: registration_job.RegistrationJob | None = None
-        self._state = JobState.IDLE
+        self._panel: job_panel.JobPanel | None = None  # its Apply/Cancel button, progress bar and status (setup)
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.timeout.connect(self.onTimer)
         self._cohort: cohort_job.CohortJob | None = None  # several patients: one register-many worker
-        self._cohortState = JobState.IDLE
+        self._cohortPanel: job_panel.JobPanel | None = None
         self._cohortTimer = qt.QTimer()
         self._cohortTimer.setInterval(200)
         self._cohortTimer.timeout.connect(self.onCohortTimer)
@@ -145,6 +144,16 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = AgentRegistrationLogic()
+        # The two jobs (one pair, several patients): one worker at a time, so each Apply waits while the other runs.
+        busyTexts = {"cancel_text": _("Cancel"), "cancelling_text": _("Cancelling..."), "on_change": self._checkCanApply}
+        self._panel = job_panel.JobPanel(
+            self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel, apply_text=_("Apply"), **busyTexts,
+            inputs=(self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton, self.ui.loadSampleDataButton))
+        self._cohortPanel = job_panel.JobPanel(
+            self.ui.cohortApplyButton, self.ui.cohortProgressBar, self.ui.cohortStatusLabel,
+            apply_text=_("Register all patients"), **busyTexts,
+            inputs=(self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton,
+                    self.ui.cohortFixedVolumesSelector, self.ui.cohortPatientsFolderLineEdit))
 
         self.ui.shippedModelComboBox.currentTextChanged.connect(self.onShippedModelSelected)
         self.ui.modelPathLineEdit.filters = self.ui.modelPathLineEdit.Files
@@ -159,14 +168,13 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.cohortFixedVolumesSelector.connect("checkedNodesChanged()", self._checkCanApply)
         self.ui.cohortApplyButton.connect("clicked(bool)", self.onCohortApplyButton)
         self.initializeParameterNode()
-        self.setState(JobState.IDLE)
-        self.setCohortState(JobState.IDLE)
+        self._panel.show(JobState.IDLE)
+        self._cohortPanel.show(JobState.IDLE)
 
     def cleanup(self) -> None:
-        for running in (self._job, self._cohort):
-            if running is not None:
-                running.job.cancel()
-                running.job.cleanup()
+        for panel in (self._panel, self._cohortPanel):
+            if panel is not None:
+                panel.discard()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -233,41 +241,22 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
         ready = bool(p and p.fixedVolume and p.movingVolume and p.modelPath.is_file())
-        if self._cohortState not in (JobState.RUNNING, JobState.CANCEL_REQUESTED):
+        if not self._cohortPanel.busy:
             patients = bool(self.ui.cohortFixedVolumesSelector.checkedNodes()) or self._cohortFolder() is not None
             cohortReady = bool(p and p.movingVolume and p.modelPath.is_file() and patients)
-            self.ui.cohortApplyButton.enabled = cohortReady and self._state not in (JobState.RUNNING,
-                                                                                      JobState.CANCEL_REQUESTED)
+            self.ui.cohortApplyButton.enabled = cohortReady and not self._panel.busy
             self.ui.cohortApplyButton.toolTip = _("Register the atlas (moving volume) to every patient") \
                 if cohortReady else _("Select the moving volume (atlas), a model, and patient volumes or a folder")
-        if self._state in (JobState.RUNNING, JobState.CANCEL_REQUESTED):
+        if self._panel.busy:
             return
-        self.ui.applyButton.enabled = ready and self._cohortState not in (JobState.RUNNING, JobState.CANCEL_REQUESTED)
+        self.ui.applyButton.enabled = ready and not self._cohortPanel.busy
         self.ui.applyButton.toolTip = _("Register the moving volume to the fixed volume") if ready else \
             _("Select fixed and moving volumes and a model bundle (.pt)")
         self.ui.propagateButton.enabled = bool(p and p.outputTransform and p.movingSegmentation and p.fixedVolume)
 
-    def setState(self, state: JobState, message: str = "") -> None:
-        """One place that maps the job state to the buttons and the progress bar."""
-        self._state = state
-        running = state in (JobState.RUNNING, JobState.CANCEL_REQUESTED)
-        self.ui.applyButton.text = {JobState.RUNNING: _("Cancel"),
-                                    JobState.CANCEL_REQUESTED: _("Cancelling...")}.get(state, _("Apply"))
-        self.ui.applyButton.enabled = state != JobState.CANCEL_REQUESTED
-        self.ui.progressBar.visible = running
-        self.ui.inputsCollapsibleButton.enabled = not running
-        self.ui.advancedCollapsibleButton.enabled = not running
-        self.ui.loadSampleDataButton.enabled = not running
-        self.ui.statusLabel.text = message
-        if running:
-            self.ui.cohortApplyButton.enabled = False  # one worker at a time
-        if not running:
-            self._checkCanApply()
-
     def onApplyButton(self) -> None:
-        if self._state == JobState.RUNNING:
-            self.setState(JobState.CANCEL_REQUESTED, _("Cancelling..."))
-            self._job.job.cancel()
+        if self._panel.state == JobState.RUNNING:
+            self._panel.request_cancel()
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
             if not slicer_setup.dependencies_ready("AgentRegistration", then=self.onApplyButton):
@@ -277,30 +266,17 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 p.fixedVolume, p.movingVolume, p.modelPath, p.fixedSegmentation, p.movingSegmentation,
                 fixedPoint=p.fixedPoint, device=p.device, steps=p.steps, fuzzyActionControl=p.fuzzyActionControl, fuzzyK=p.fuzzyK,
                 seed=p.seed, saveStepsEvery=p.saveStepsEvery, keepTemporaryFiles=p.keepTemporaryFiles)
-            self.ui.progressBar.setRange(0, 0)  # busy until the worker reports its first step
-            self.setState(JobState.RUNNING, _("Starting the worker..."))
+            self._panel.start(self._job.job, _("Starting the worker..."))  # busy until the worker's first step
             self._timer.start()
 
     def onTimer(self) -> None:
-        """Drain the worker's messages (rendered by messages.progress_text); finish when it has ended."""
-        job = self._job.job
-        for message in job.poll():
-            if message.get("stage") == messages.STAGE_LOG:
-                logging.info(message.get("message", ""))
-                continue
-            bar = messages.progress_range(message)  # each stage from its start; (0, 0): busy
-            if bar is not None:
-                self.ui.progressBar.setRange(bar[0], bar[1])
-                self.ui.progressBar.value = bar[2]
-            if self._state == JobState.RUNNING:
-                self.ui.statusLabel.text = messages.progress_text(message)
-        if not job.done():
+        """Show the worker's messages on the panel; import its results when it has ended."""
+        if not self._panel.poll():
             return
         self._timer.stop()
         registration, self._job = self._job, None
-        if self._state == JobState.CANCEL_REQUESTED:
-            job.cleanup()
-            self.setState(JobState.IDLE, _("Cancelled; the scene was not changed."))
+        if self._panel.state == JobState.CANCEL_REQUESTED:
+            self._panel.finish_cancelled(_("Cancelled; the scene was not changed."))
             return
         p = self._parameterNode
         try:
@@ -308,11 +284,11 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                                               warped_node=p.warpedVolume, transform_node=p.outputTransform,
                                               metrics_node=p.metricsTable)
         except Exception as error:
-            self.setState(JobState.FAILED, _("Failed: {error}").format(error=error))
+            self._panel.fail(_("Failed: {error}").format(error=error))
             slicer.util.errorDisplay(_("Registration failed."), detailedText=str(error))
             return
         self._showResult(result)
-        self.setState(JobState.SUCCEEDED, registration_job.summary_text(result.metrics))
+        self._panel.succeed(registration_job.summary_text(result.metrics))
 
     def _showResult(self, result: result_nodes.RegistrationResultNodes) -> None:
         p = self._parameterNode
@@ -330,25 +306,9 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         folder = str(p.cohortPatientsFolder) if p else ""
         return Path(folder) if folder not in ("", ".") and Path(folder).is_dir() else None
 
-    def setCohortState(self, state: JobState, message: str = "") -> None:
-        """The several-patients job's state mapped to its button, progress bar and the inputs."""
-        self._cohortState = state
-        running = state in (JobState.RUNNING, JobState.CANCEL_REQUESTED)
-        self.ui.cohortApplyButton.text = {JobState.RUNNING: _("Cancel"),
-                                          JobState.CANCEL_REQUESTED: _("Cancelling...")}.get(
-                                              state, _("Register all patients"))
-        self.ui.cohortApplyButton.enabled = state != JobState.CANCEL_REQUESTED
-        self.ui.cohortProgressBar.visible = running
-        for widget in (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton,
-                       self.ui.cohortFixedVolumesSelector, self.ui.cohortPatientsFolderLineEdit):
-            widget.enabled = not running
-        self.ui.cohortStatusLabel.text = message
-        self._checkCanApply()  # the single-pair Apply waits while this job runs
-
     def onCohortApplyButton(self) -> None:
-        if self._cohortState == JobState.RUNNING:
-            self.setCohortState(JobState.CANCEL_REQUESTED, _("Cancelling..."))
-            self._cohort.job.cancel()
+        if self._cohortPanel.state == JobState.RUNNING:
+            self._cohortPanel.request_cancel()
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the registration of the patients."), waitCursor=True):
             if not slicer_setup.dependencies_ready("AgentRegistration", then=self.onCohortApplyButton):
@@ -360,35 +320,22 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 patientsFolder=None if checked else self._cohortFolder(), device=p.device, steps=p.steps,
                 fuzzyActionControl=p.fuzzyActionControl, fuzzyK=p.fuzzyK, seed=p.seed,
                 keepTemporaryFiles=p.keepTemporaryFiles)
-            self.ui.cohortProgressBar.setRange(0, 0)
-            self.setCohortState(JobState.RUNNING, _("Starting the worker..."))
+            self._cohortPanel.start(self._cohort.job, _("Starting the worker..."))
             self._cohortTimer.start()
 
     def onCohortTimer(self) -> None:
-        """Drain the register-many worker's messages (one per patient); import its results when it has ended."""
-        job = self._cohort.job
-        for message in job.poll():
-            if message.get("stage") == messages.STAGE_LOG:
-                logging.info(message.get("message", ""))
-                continue
-            bar = messages.progress_range(message)
-            if bar is not None:
-                self.ui.cohortProgressBar.setRange(bar[0], bar[1])
-                self.ui.cohortProgressBar.value = bar[2]
-            if self._cohortState == JobState.RUNNING:
-                self.ui.cohortStatusLabel.text = messages.progress_text(message)
-        if not job.done():
+        """Show the register-many worker's messages (one per patient); import its results when it has ended."""
+        if not self._cohortPanel.poll():
             return
         self._cohortTimer.stop()
         cohort, self._cohort = self._cohort, None
-        if self._cohortState == JobState.CANCEL_REQUESTED:
-            job.cleanup()
-            self.setCohortState(JobState.IDLE, _("Cancelled; the scene was not changed."))
+        if self._cohortPanel.state == JobState.CANCEL_REQUESTED:
+            self._cohortPanel.finish_cancelled(_("Cancelled; the scene was not changed."))
             return
         try:
             result = cohort_job.finish_cohort_registration(cohort)
         except Exception as error:
-            self.setCohortState(JobState.FAILED, _("Failed: {error}").format(error=error))
+            self._cohortPanel.fail(_("Failed: {error}").format(error=error))
             slicer.util.errorDisplay(_("Registration of the patients failed."), detailedText=str(error))
             return
         first = next(iter(result.segmentations), None)
@@ -398,7 +345,7 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
         slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.summary_table.GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
-        self.setCohortState(JobState.SUCCEEDED, cohort_job.cohort_summary_text(result))
+        self._cohortPanel.succeed(cohort_job.cohort_summary_text(result))
 
     def onPropagateButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to propagate the segmentation."), waitCursor=True):

@@ -16,8 +16,8 @@ from typing import Annotated
 import qt
 import SimpleITK as sitk
 import slicer
-from AgentRegistrationGUILib import jobs, nodes, result_nodes
-from AgentRegistrationLib.contract import layout, messages, training_folder, worker_commands
+from AgentRegistrationGUILib import job_panel, jobs, nodes, result_nodes
+from AgentRegistrationLib.contract import layout, training_folder, worker_commands
 from slicer import vtkMRMLPlotChartNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
@@ -89,8 +89,7 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._state = JobState.IDLE
-        self._pipeline = None
+        self._panel: job_panel.JobPanel | None = None  # the training stages' job on the Train/Cancel button (setup)
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.timeout.connect(self.onTimer)
@@ -102,14 +101,18 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = AgentRegistrationTrainingLogic()
+        self._panel = job_panel.JobPanel(
+            self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel, apply_text=_("Train"), cancel_text=_("Cancel"),
+            cancelling_text=_("Cancelling..."), inputs=(self.ui.inputsCollapsibleButton, self.ui.geometryCollapsibleButton),
+            stage_label=self.ui.stageLabel, progress=job_panel.progress_percent, start_bar=None)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.initializeParameterNode()
-        self.setState(JobState.IDLE)
+        self._panel.show(JobState.IDLE)
 
     def cleanup(self) -> None:
-        if self._pipeline is not None:
-            self._pipeline.cancel()
+        if self._panel is not None:
+            self._panel.discard()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -131,61 +134,40 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         self._parameterNode = self.logic.getParameterNode()
         self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
 
-    def setState(self, state: JobState, message: str = "") -> None:
-        self._state = state
-        running = state in (JobState.RUNNING, JobState.CANCEL_REQUESTED)
-        self.ui.applyButton.text = {JobState.RUNNING: _("Cancel"),
-                                    JobState.CANCEL_REQUESTED: _("Cancelling...")}.get(state, _("Train"))
-        self.ui.applyButton.enabled = state != JobState.CANCEL_REQUESTED
-        self.ui.progressBar.visible = running
-        self.ui.inputsCollapsibleButton.enabled = not running
-        self.ui.geometryCollapsibleButton.enabled = not running
-        self.ui.statusLabel.text = message
-
     def onApplyButton(self) -> None:
-        if self._state == JobState.RUNNING:
-            self.setState(JobState.CANCEL_REQUESTED, _("Cancelling..."))
-            self._pipeline.cancel()
+        if self._panel.state == JobState.RUNNING:
+            self._panel.request_cancel()
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
             if not slicer_setup.dependencies_ready("AgentRegistrationTraining", then=self.onApplyButton):
                 return  # installing the Python packages in a separate process; training starts once they are in
             p = self._parameterNode
             volumes = list(self.ui.volumesSelector.checkedNodes())
-            self._pipeline = self.logic.startTraining(volumes, p.dataFolder, p.outputFolder, p.modelName,
-                                                      p.configuration, p.device, p.resume,
-                                                      dim=DIMENSIONS[p.dimension],
-                                                      maxMinutes=p.timeLimitMinutes or None, geometry=p.geometry,
-                                                      geometryOverrides={"grid_size": p.gridSize,
-                                                                         "control_spacing": p.controlSpacing,
-                                                                         "control_spacing_mm": p.controlSpacingMm,
-                                                                         "box_spreads": p.boxSpreads},
-                                                      metric=None if p.groundTruthMetric == GEOMETRY_DEFAULT
-                                                      else p.groundTruthMetric,
-                                                      augment=p.augment, virtualSubjects=p.virtualSubjects)
-            self.setState(JobState.RUNNING, _("Starting..."))
+            pipeline = self.logic.startTraining(volumes, p.dataFolder, p.outputFolder, p.modelName,
+                                                p.configuration, p.device, p.resume,
+                                                dim=DIMENSIONS[p.dimension],
+                                                maxMinutes=p.timeLimitMinutes or None, geometry=p.geometry,
+                                                geometryOverrides={"grid_size": p.gridSize,
+                                                                   "control_spacing": p.controlSpacing,
+                                                                   "control_spacing_mm": p.controlSpacingMm,
+                                                                   "box_spreads": p.boxSpreads},
+                                                metric=None if p.groundTruthMetric == GEOMETRY_DEFAULT
+                                                else p.groundTruthMetric,
+                                                augment=p.augment, virtualSubjects=p.virtualSubjects)
+            self._panel.start(pipeline, _("Starting..."))
             self._timer.start()
 
     def onTimer(self) -> None:
-        pipeline = self._pipeline
-        for message in pipeline.poll():
-            if message.get("stage") == messages.STAGE_LOG:
-                logging.info(message.get("message", ""))
-                continue
-            self.ui.stageLabel.text = pipeline.stage_text()
-            fraction = messages.progress_fraction(message)
-            if fraction is not None:
-                self.ui.progressBar.value = int(100 * fraction)
-            self.ui.statusLabel.text = messages.progress_text(message)
-        if not pipeline.done():
+        """Show the stages' messages on the panel; install the model when the last stage has ended."""
+        pipeline = self._panel.job
+        if not self._panel.poll():
             return
         self._timer.stop()
-        self._pipeline = None
-        if self._state == JobState.CANCEL_REQUESTED:
-            self.setState(JobState.IDLE, _("Cancelled. Run again with Resume to continue."))
+        if self._panel.state == JobState.CANCEL_REQUESTED:
+            self._panel.finish_cancelled(_("Cancelled. Run again with Resume to continue."))
             return
         if pipeline.error:
-            self.setState(JobState.FAILED, pipeline.error)
+            self._panel.fail(pipeline.error)
             slicer.util.errorDisplay(_("Training failed."), detailedText=pipeline.error)
             return
         p = self._parameterNode
@@ -193,14 +175,13 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
             installed = layout.install_model(training_folder.TrainingFiles(Path(p.outputFolder), p.modelName.strip()).bundle,
                                                self.logic.userModelsFolder())
         except OSError as error:
-            self.setState(JobState.FAILED, str(error))
+            self._panel.fail(str(error))
             slicer.util.errorDisplay(_("The trained model could not be installed."), detailedText=str(error))
             return
         p.groundTruthTable = self.logic.groundTruthTable(Path(p.outputFolder))
         p.lossChart = self.logic.lossChart(Path(p.outputFolder), p.modelName.strip())
         self.ui.bundleLabel.text = str(installed)
-        self.setState(JobState.SUCCEEDED, _("Done. The model is listed in Agent Registration as '{name}'.")
-                      .format(name=p.modelName))
+        self._panel.succeed(_("Done. The model is listed in Agent Registration as '{name}'.").format(name=p.modelName))
 
 
 class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
