@@ -21,23 +21,23 @@ PAIRS = [("case02", "case09"), ("case13", "case17"), ("case22", "case30")]  # (f
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_pipeline):
+def tiny_2d_bundle(tiny_pipeline):
     return load_bundle(tiny_pipeline(2)["bundle"])
 
 
 @pytest.fixture(scope="module")
-def agent(bundle):
-    return Agent(bundle.network, bundle.sdm, bundle.geometry.size, bundle.action_steps, "cpu")
+def agent(tiny_2d_bundle):
+    return Agent(tiny_2d_bundle.network, tiny_2d_bundle.sdm, tiny_2d_bundle.geometry.size, tiny_2d_bundle.action_steps, "cpu")
 
 
 @pytest.fixture(scope="module")
-def pairs(bundle, load_case):
+def pairs(tiny_2d_bundle, load_case):
     """``(fixed, moving)``, each ``(3, 1, 100, 100)``: three real 2-D pairs on the model grid."""
     prepared = []
     for fixed_name, moving_name in PAIRS:
         fixed, fixed_label = (middle_slice(im) for im in load_case(fixed_name[4:]))
         moving, moving_label = (middle_slice(im) for im in load_case(moving_name[4:]))
-        prepared.append(prepare_pair(fixed, moving, bundle.geometry, fixed_label, moving_label, prealign=False))
+        prepared.append(prepare_pair(fixed, moving, tiny_2d_bundle.geometry, fixed_label, moving_label, prealign=False))
     stack = lambda key: torch.as_tensor(np.stack([getattr(p, key) for p in prepared]))[:, None]  # noqa: E731
     return stack("fixed"), stack("moving")
 
@@ -60,10 +60,10 @@ def _acceptance(agent, theta_before: torch.Tensor, k: float) -> torch.Tensor:
 
 
 # -- fuzzy action control ----------------------------------------------------------------------------------------
-def test_fuzzy_acceptance_is_one_inside_k_sigma_and_the_gaussian_ratio_outside(agent, bundle):
+def test_fuzzy_acceptance_is_one_inside_k_sigma_and_the_gaussian_ratio_outside(agent, tiny_2d_bundle):
     """With the real SDM: the acceptance of a move to f of mode m is 1 when |f - mu| <= k sigma, else
     N(f; mu, sigma) / N(mu + k sigma; mu, sigma) (paper, 2.2)."""
-    k, sdm = 1.5, bundle.sdm
+    k, sdm = 1.5, tiny_2d_bundle.sdm
     d = sdm.num_modes
     z = np.linspace(-4.0, 4.0, 81)  # where each move lands, in standard deviations
     for a in range(2 * d):
@@ -93,17 +93,18 @@ class _NoisyQ(torch.nn.Module):
         return self.bias + torch.randn(fixed.shape[0], self.bias.numel(), generator=self.generator)
 
 
-def _stub_agent(bundle, **stub) -> Agent:
+def _stub_agent(tiny_2d_bundle, **stub) -> Agent:
     """The real agent (the bundle's SDM, action steps and image size) driven by :class:`_NoisyQ`."""
-    return Agent(_NoisyQ(2 * bundle.sdm.num_modes, **stub), bundle.sdm, bundle.geometry.size, bundle.action_steps, "cpu")
+    b = tiny_2d_bundle
+    return Agent(_NoisyQ(2 * b.sdm.num_modes, **stub), b.sdm, b.geometry.size, b.action_steps, "cpu")
 
 
-def test_agent_rejects_moves_with_the_fuzzy_acceptance_frequency(bundle, pairs):
+def test_agent_rejects_moves_with_the_fuzzy_acceptance_frequency(tiny_2d_bundle, pairs):
     """Over 20000 draws of the real agent (one real pair, five seeds, 500 steps, 8 actions; Q-values of
     :class:`_NoisyQ`, so that the moves reach every band of acceptance): moves that stay within mu +- k sigma are
     always accepted; outside, the acceptance frequency matches min(1, N(f)/N(h)) within sampling error, per band of
     acceptance probability."""
-    agent = _stub_agent(bundle, bias=0.5)
+    agent = _stub_agent(tiny_2d_bundle, bias=0.5)
     fixed, moving = (x[1:2] for x in pairs)
     p_all, rejected_all = [], []
     for seed in range(5):
@@ -137,12 +138,12 @@ def test_rejected_actions_are_never_chosen_while_an_action_is_accepted(default_r
     assert not (chosen_rejected & some_accepted).any()
 
 
-def test_when_every_action_is_rejected_the_best_q_is_taken(bundle, pairs):
+def test_when_every_action_is_rejected_the_best_q_is_taken(tiny_2d_bundle, pairs):
     """Rejection adds a large negative value to the Q-values (paper, 2.2), which keeps their order: when all
     are rejected the network's best action is taken. Here the plausible centre is moved 5 sigma away from the
     start, so every move stays implausible and is (almost always) rejected; the Q-values (:class:`_NoisyQ`) change
     from step to step, so the best action does too."""
-    far = _stub_agent(bundle)
+    far = _stub_agent(tiny_2d_bundle)
     far.mu = far.mu + 5 * far.sigma
     result = far.run(*pairs, AgentSettings(steps=60, seed=0, fuzzy_k=0.05, exploration=0.0))
     actions = torch.stack(result.trajectory.actions)
@@ -153,10 +154,10 @@ def test_when_every_action_is_rejected_the_best_q_is_taken(bundle, pairs):
     assert torch.equal(actions[all_rejected], q.argmax(dim=2)[all_rejected])
 
 
-def test_without_fuzzy_action_control_nothing_is_rejected(bundle, pairs):
+def test_without_fuzzy_action_control_nothing_is_rejected(tiny_2d_bundle, pairs):
     """Far from the plausible centre, where fuzzy control would reject almost every move: without it nothing is
     rejected and the best Q is always taken."""
-    agent = _stub_agent(bundle, bias=0.5)
+    agent = _stub_agent(tiny_2d_bundle, bias=0.5)
     agent.mu = agent.mu + 5 * agent.sigma
     result = agent.run(*pairs, AgentSettings(steps=200, seed=0, fuzzy_action_control=False, exploration=0.0))
     assert not torch.stack(result.trajectory.rejected).any()
@@ -229,11 +230,11 @@ class _ShiftedQ(torch.nn.Module):
         return self.network(fixed, moving) - self.shift
 
 
-def test_the_stop_rule_stops_a_pair_once_no_allowed_action_is_predicted_to_help(agent, bundle, pairs):
+def test_the_stop_rule_stops_a_pair_once_no_allowed_action_is_predicted_to_help(agent, tiny_2d_bundle, pairs):
     with torch.no_grad():
         q = agent.network(*pairs)
-    shifted = Agent(_ShiftedQ(bundle.network, float(q.max(1).values.median())), bundle.sdm, bundle.geometry.size,
-                    bundle.action_steps, "cpu")
+    b = tiny_2d_bundle
+    shifted = Agent(_ShiftedQ(b.network, float(q.max(1).values.median())), b.sdm, b.geometry.size, b.action_steps, "cpu")
     settings = AgentSettings(steps=200, seed=0, stop_when_no_action_helps=True, exploration=0.0)
     result = shifted.run(*pairs, settings)
     actions, qs = torch.stack(result.trajectory.actions), torch.stack(result.trajectory.q_values)

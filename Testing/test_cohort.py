@@ -9,7 +9,7 @@ so its warped image and label, displacement field and metrics (all but the secon
 identical to the bit. The Q-values in trajectory.csv may differ in their last printed digit: the network
 evaluates a batch of N pairs with other float32 kernels than one pair (the sums are not formed in the same
 order), which moves a Q-value by about 1e-6 of the largest; printed with 5 digits, one may change in the last.
-That changed no action here (nor on the 3-D validation pairs of scripts/benchmark_cohort.py).
+That changed no action here (nor on the 3-D validation pairs of scripts/benchmarks/benchmark_cohort.py).
 """
 
 import csv
@@ -55,7 +55,7 @@ def files(native_slice, grid128, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bundle2d():
+def shipped_2d_model():
     """The shipped 2-D model: crops on the organ (a label or its localiser places them), so no worker loads elastix."""
     return Path(__file__).resolve().parents[1] / "Resources" / "Models" / "prostate-2d.pt"
 
@@ -88,21 +88,21 @@ def _summary(out) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def batch(files, bundle2d, tmp_path_factory):
+def batch(files, shipped_2d_model, tmp_path_factory):
     """The three pairs in one agent batch."""
     root = tmp_path_factory.mktemp("cohort_batch")
-    assert main(_many(bundle2d, root / "out", "--pairs", _csv(root / "pairs.csv", files, PAIRS))) == 0
+    assert main(_many(shipped_2d_model, root / "out", "--pairs", _csv(root / "pairs.csv", files, PAIRS))) == 0
     return root / "out"
 
 
 @pytest.fixture(scope="module")
-def singles(files, bundle2d, tmp_path_factory):
+def singles(files, shipped_2d_model, tmp_path_factory):
     """Each pair of ``PAIRS`` by its own ``agentreg register``."""
     root = tmp_path_factory.mktemp("cohort_singles")
     for name, fixed, moving, labels in PAIRS:
         extra = ["--fixed-label", str(files[fixed + "_label"]), "--moving-label", str(files[moving + "_label"])]
         assert main(["register", "--fixed", str(files[fixed]), "--moving", str(files[moving]), "--model",
-                     str(bundle2d), "--output-dir", str(root / name), "--device", "cpu", "--steps", str(STEPS),
+                     str(shipped_2d_model), "--output-dir", str(root / name), "--device", "cpu", "--steps", str(STEPS),
                      *(extra if labels else [])]) == 0
     return root
 
@@ -160,13 +160,13 @@ def test_summary_has_a_row_per_pair_with_dice_and_hausdorff_where_both_labels_ex
 
 
 # -- resuming ------------------------------------------------------------------------------------------------------
-def test_a_rerun_skips_finished_pairs_and_redoes_an_incomplete_one(files, bundle2d, batch, tmp_path):
+def test_a_rerun_skips_finished_pairs_and_redoes_an_incomplete_one(files, shipped_2d_model, batch, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(batch, out)
     written = {name: (out / name / "warped.nii.gz").stat().st_mtime_ns for name in ("a", "b", "c")}
     (out / "b" / "trajectory.png").unlink()  # as if the run had been stopped while writing b
     pairs = _csv(tmp_path / "pairs.csv", files, PAIRS)
-    assert main(_many(bundle2d, out, "--pairs", pairs)) == 0
+    assert main(_many(shipped_2d_model, out, "--pairs", pairs)) == 0
     rows = _summary(out)
     assert [rows[n]["status"] for n in ("a", "b", "c")] == ["skipped", "registered", "skipped"]
     assert rows["a"]["dice_after"] == _summary(batch)["a"]["dice_after"]
@@ -175,16 +175,16 @@ def test_a_rerun_skips_finished_pairs_and_redoes_an_incomplete_one(files, bundle
     _same_results(out / "b", batch / "b")
 
 
-def test_a_rerun_with_other_settings_into_the_same_folder_is_refused(files, bundle2d, batch, tmp_path, capsys):
+def test_a_rerun_with_other_settings_into_the_same_folder_is_refused(files, shipped_2d_model, batch, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(batch, out)
-    assert main(_many(bundle2d, out, "--pairs", _csv(tmp_path / "pairs.csv", files, PAIRS), "--seed", "1")) == 1
+    assert main(_many(shipped_2d_model, out, "--pairs", _csv(tmp_path / "pairs.csv", files, PAIRS), "--seed", "1")) == 1
     err = capsys.readouterr().err
     assert "another model or other settings" in err and "agent" in err
 
 
 # -- failures ------------------------------------------------------------------------------------------------------
-def test_a_bad_pair_is_reported_and_the_others_finish(files, bundle2d, tmp_path, capsys):
+def test_a_bad_pair_is_reported_and_the_others_finish(files, shipped_2d_model, tmp_path, capsys):
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"not an image" * 50)
     empty = sitk.ReadImage(str(files["n19_label"])) * 0
@@ -193,7 +193,7 @@ def test_a_bad_pair_is_reported_and_the_others_finish(files, bundle2d, tmp_path,
              "n19e_label": tmp_path / "empty_label.nrrd"}
     rows = [("good", "n13", "n19", True), ("unreadable", "broken", "n19", False), ("empty", "n13", "n19e", True)]
     out = tmp_path / "out"
-    assert main(_many(bundle2d, out, "--pairs", _csv(tmp_path / "pairs.csv", paths, rows))) == 0
+    assert main(_many(shipped_2d_model, out, "--pairs", _csv(tmp_path / "pairs.csv", paths, rows))) == 0
     summary = _summary(out)
     assert [summary[n]["status"] for n in ("good", "unreadable", "empty")] == ["registered", "failed", "failed"]
     assert "cannot read fixed image" in summary["unreadable"]["message"] and str(broken) in summary["unreadable"]["message"]
@@ -203,16 +203,17 @@ def test_a_bad_pair_is_reported_and_the_others_finish(files, bundle2d, tmp_path,
     assert "unreadable: failed" in capsys.readouterr().err
 
 
-def test_every_pair_failing_exits_with_status_1(files, bundle2d, tmp_path, capsys):
+def test_every_pair_failing_exits_with_status_1(files, shipped_2d_model, tmp_path, capsys):
     missing = {**files, "gone": tmp_path / "gone.nii.gz", "gone_label": ""}
     out = tmp_path / "out"
-    assert main(_many(bundle2d, out, "--pairs", _csv(tmp_path / "pairs.csv", missing, [("x", "gone", "n19", False)]))) == 1
+    pairs = _csv(tmp_path / "pairs.csv", missing, [("x", "gone", "n19", False)])
+    assert main(_many(shipped_2d_model, out, "--pairs", pairs)) == 1
     assert "every pair failed" in capsys.readouterr().err
     assert _summary(out)["x"]["status"] == "failed"
 
 
 # -- an atlas against a folder of patients --------------------------------------------------------------------------
-def test_an_atlas_against_a_folder_writes_one_folder_per_patient(files, bundle2d, tmp_path, capsys):
+def test_an_atlas_against_a_folder_writes_one_folder_per_patient(files, shipped_2d_model, tmp_path, capsys):
     patients = tmp_path / "patients"
     patients.mkdir()
     shutil.copy(files["n19"], patients / "p1.nrrd")
@@ -220,7 +221,7 @@ def test_an_atlas_against_a_folder_writes_one_folder_per_patient(files, bundle2d
     shutil.copy(files["g00"], patients / "p2_image.mha")  # no label: warped, no Dice
     (patients / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    argv = _many(bundle2d, out, "--atlas", str(files["n13"]), "--atlas-label", str(files["n13_label"]), "--patients",
+    argv = _many(shipped_2d_model, out, "--atlas", str(files["n13"]), "--atlas-label", str(files["n13_label"]), "--patients",
                  str(patients), "--progress-json")
     assert main(argv) == 0
     messages = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -237,12 +238,12 @@ def test_an_atlas_against_a_folder_writes_one_folder_per_patient(files, bundle2d
 
 
 @pytest.mark.slow
-def test_a_worker_process_gives_the_same_results(files, bundle2d, batch, tmp_path):
+def test_a_worker_process_gives_the_same_results(files, shipped_2d_model, batch, tmp_path):
     """The path of --workers > 1 (one pair, so one worker process is started; it imports torch and loads the
     model: about 10 s on an idle 2-core machine, several times that under load)."""
     out = tmp_path / "out"
     pairs = _csv(tmp_path / "pairs.csv", files, PAIRS[1:2])
-    assert main(_many(bundle2d, out, "--pairs", pairs, "--workers", "2")) == 0
+    assert main(_many(shipped_2d_model, out, "--pairs", pairs, "--workers", "2")) == 0
     assert _summary(out)["b"]["status"] == "registered"
     _same_results(out / "b", batch / "b")
 
@@ -276,8 +277,8 @@ def test_patient_folder_pairs_images_with_their_labels(tmp_path):
                                         ("p2", tmp_path / "p2.nrrd", None)]
 
 
-def test_pairs_and_atlas_together_are_refused(files, bundle2d, tmp_path, capsys):
-    argv = _many(bundle2d, tmp_path / "out", "--pairs", "x.csv", "--atlas", str(files["n13"]))
+def test_pairs_and_atlas_together_are_refused(files, shipped_2d_model, tmp_path, capsys):
+    argv = _many(shipped_2d_model, tmp_path / "out", "--pairs", "x.csv", "--atlas", str(files["n13"]))
     assert main(argv) == 1
     assert "either --pairs" in capsys.readouterr().err
 
@@ -287,7 +288,7 @@ ATLASES = ("n13", "g00", "g04")
 
 
 @pytest.fixture(scope="module")
-def fused_run(files, bundle2d, tmp_path_factory):
+def fused_run(files, shipped_2d_model, tmp_path_factory):
     """Three atlases (real slices with their labels) onto two patients: p1 with its label, p2 without."""
     root = tmp_path_factory.mktemp("cohort_atlases")
     patients = root / "patients"
@@ -295,7 +296,7 @@ def fused_run(files, bundle2d, tmp_path_factory):
     shutil.copy(files["n19"], patients / "p1.nrrd")
     shutil.copy(files["n19_label"], patients / "p1_label.nrrd")
     shutil.copy(files["g04"], patients / "p2_image.mha")
-    argv = _many(bundle2d, root / "out", "--patients", str(patients))
+    argv = _many(shipped_2d_model, root / "out", "--patients", str(patients))
     for atlas in ATLASES:
         argv += ["--atlas", str(files[atlas]), "--atlas-label", str(files[atlas + "_label"])]
     assert main(argv) == 0
@@ -351,8 +352,8 @@ def test_majority_vote_ties_go_to_the_lowest_label():
     np.testing.assert_array_equal(majority_vote([a[:1], b[:1]]), [[0, 1, 2, 1]])  # two atlases: 0 vs 1 ties to 0
 
 
-def test_several_atlases_each_need_a_label(files, bundle2d, tmp_path, capsys):
-    argv = _many(bundle2d, tmp_path / "out", "--patients", str(tmp_path), "--atlas", str(files["n13"]), "--atlas-label",
+def test_several_atlases_each_need_a_label(files, shipped_2d_model, tmp_path, capsys):
+    argv = _many(shipped_2d_model, tmp_path / "out", "--patients", str(tmp_path), "--atlas", str(files["n13"]), "--atlas-label",
                  str(files["n13_label"]), "--atlas", str(files["g00"]))
     assert main(argv) == 1
     assert "one label per atlas" in capsys.readouterr().err
@@ -377,11 +378,11 @@ def dask_cluster():
 
 
 @pytest.mark.slow
-def test_register_many_on_a_dask_cluster_gives_the_local_results(files, bundle2d, batch, dask_cluster, tmp_path):
+def test_register_many_on_a_dask_cluster_gives_the_local_results(files, shipped_2d_model, batch, dask_cluster, tmp_path):
     """Two worker processes of a LocalCluster read, prepare and write the pairs; the results are those of the local
     run, pair by pair."""
     out = tmp_path / "out"
-    assert main(_many(bundle2d, out, "--pairs", _csv(tmp_path / "pairs.csv", files, PAIRS), "--scheduler",
+    assert main(_many(shipped_2d_model, out, "--pairs", _csv(tmp_path / "pairs.csv", files, PAIRS), "--scheduler",
                       dask_cluster)) == 0
     assert {r["status"] for r in _summary(out).values()} == {"registered"}
     for name, *_ in PAIRS:

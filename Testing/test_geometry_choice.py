@@ -169,8 +169,8 @@ def test_the_control_grid_is_the_one_elastix_lays_out(size, spacing):
     """``ControlGrid.for_image`` (and so every model geometry's basis) must be elastix's grid, else the ground truth
     of that geometry fails every pair ('elastix used control grid ...'): one elastix iteration on a smooth image."""
     from AgentRegistrationLib.core.bspline import ControlGrid
-    from AgentRegistrationLib.data.dataset import model_image
     from AgentRegistrationLib.elastix import wrapper as elastix
+    from AgentRegistrationLib.elastix.wrapper import model_image
     from scipy.ndimage import gaussian_filter
 
     image = gaussian_filter(np.random.default_rng(0).random(size[::-1]).astype(np.float32), 1.5)

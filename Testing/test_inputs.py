@@ -286,7 +286,7 @@ def test_steps_help_names_the_shipped_models_defaults():
 
 # -- what must run ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def bundle2d(tiny_pipeline):
+def tiny_2d_model(tiny_pipeline):
     return tiny_pipeline(2)["bundle"]
 
 
@@ -312,10 +312,10 @@ def _run(capsys, argv) -> tuple[dict, str]:
 
 
 @pytest.mark.parametrize("pixel", [sitk.sitkInt16, sitk.sitkUInt8, sitk.sitkFloat64])
-def test_integer_and_float64_images_register(tmp_path, capsys, bundle2d, real_slices, pixel):
+def test_integer_and_float64_images_register(tmp_path, capsys, tiny_2d_model, real_slices, pixel):
     images = {k: (sitk.Cast(sitk.RescaleIntensity(v, 0, 250), pixel) if "label" not in k else v)
               for k, v in real_slices.items()}
-    metrics, _ = _run(capsys, _argv(_write_pair(tmp_path, images), bundle2d, tmp_path / "out", "--steps", "3"))
+    metrics, _ = _run(capsys, _argv(_write_pair(tmp_path, images), tiny_2d_model, tmp_path / "out", "--steps", "3"))
     assert metrics["steps"] == 3 and 0.0 < metrics["dice_after"] <= 1.0
     assert sitk.ReadImage(str(tmp_path / "out" / register_folder.WARPED)).GetPixelID() == pixel
 
@@ -342,42 +342,42 @@ def _anisotropic(image: sitk.Image, factors: tuple[float, float], label: bool) -
                          image.GetOrigin(), spacing, image.GetDirection(), 0, image.GetPixelID())
 
 
-def test_flipped_anisotropic_images_register_in_the_fixed_geometry(tmp_path, capsys, bundle2d, real_slices):
+def test_flipped_anisotropic_images_register_in_the_fixed_geometry(tmp_path, capsys, tiny_2d_model, real_slices):
     images = {}
     for key, image in real_slices.items():
         fixed = key.startswith("fixed")
         image = _anisotropic(image, (0.75, 1.5) if fixed else (1.4, 0.8), "label" in key)
         images[key] = _stored_flipped(image, 0 if fixed else 1)
     paths = _write_pair(tmp_path, images)
-    metrics, _ = _run(capsys, _argv(paths, bundle2d, tmp_path / "out", "--steps", "3"))
+    metrics, _ = _run(capsys, _argv(paths, tiny_2d_model, tmp_path / "out", "--steps", "3"))
     warped = sitk.ReadImage(str(tmp_path / "out" / register_folder.WARPED))
     assert np.allclose(warped.GetDirection(), images["fixed"].GetDirection()) and warped.GetDirection()[0] < 0
     assert warped.GetSpacing() == pytest.approx(images["fixed"].GetSpacing())
     assert metrics["prealignment"] == "ok" and metrics["dice_before"] > 0.5 and metrics["dice_after"] > 0.5
 
 
-def test_zero_steps_runs_the_models_default(tmp_path, capsys, bundle2d, real_slices):
+def test_zero_steps_runs_the_models_default(tmp_path, capsys, tiny_2d_model, real_slices):
     from AgentRegistrationLib.model.bundle import load_bundle
 
     paths = _write_pair(tmp_path, {k: v for k, v in real_slices.items() if "label" not in k})
-    metrics, _ = _run(capsys, _argv(paths, bundle2d, tmp_path / "out", "--steps", "0"))
-    assert metrics["steps"] == load_bundle(bundle2d).agent_settings().steps > 0
+    metrics, _ = _run(capsys, _argv(paths, tiny_2d_model, tmp_path / "out", "--steps", "0"))
+    assert metrics["steps"] == load_bundle(tiny_2d_model).agent_settings().steps > 0
 
 
-def test_a_label_resampled_on_purpose_runs_and_says_so(tmp_path, capsys, bundle2d, real_slices):
+def test_a_label_resampled_on_purpose_runs_and_says_so(tmp_path, capsys, tiny_2d_model, real_slices):
     images = dict(real_slices)
     images["fixed_label"] = sitk.Resample(real_slices["fixed_label"], [200, 180], sitk.Transform(),
                                           sitk.sitkNearestNeighbor, real_slices["fixed"].GetOrigin(), (0.6, 0.6),
                                           real_slices["fixed"].GetDirection(), 0)
-    metrics, err = _run(capsys, _argv(_write_pair(tmp_path, images), bundle2d, tmp_path / "out", "--steps", "2",
+    metrics, err = _run(capsys, _argv(_write_pair(tmp_path, images), tiny_2d_model, tmp_path / "out", "--steps", "2",
                                       "--resample-labels"))
     assert "agentreg: warning: fixed label" in err and "was resampled onto the fixed image's grid" in err
     assert 0.0 < metrics["dice_before"] <= 1.0
 
 
-def test_progress_is_reported_from_the_first_line_stage_by_stage(tmp_path, capsys, bundle2d, real_slices):
+def test_progress_is_reported_from_the_first_line_stage_by_stage(tmp_path, capsys, tiny_2d_model, real_slices):
     paths = _write_pair(tmp_path, real_slices)
-    assert main(_argv(paths, bundle2d, tmp_path / "out", "--steps", "4", "--progress-json")) == 0
+    assert main(_argv(paths, tiny_2d_model, tmp_path / "out", "--steps", "4", "--progress-json")) == 0
     received = [messages.parse_progress_line(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert received[0] == {"stage": "read", "done": 0, "total": 5}  # before any file is read or torch imported
     stages = [m["stage"] for m in received]

@@ -35,7 +35,7 @@ def inputs(native_slice, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bundle2d(tiny_pipeline):
+def tiny_2d_model(tiny_pipeline):
     return tiny_pipeline(2)["bundle"]
 
 
@@ -45,10 +45,10 @@ def _register(inputs, model, out, *extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run(inputs, bundle2d, tmp_path_factory):
+def run(inputs, tiny_2d_model, tmp_path_factory):
     """One successful run with both labels, a few steps, and every K-th warped image."""
     out = tmp_path_factory.mktemp("register_run") / "result"
-    code = main(_register(inputs, bundle2d, out, "--fixed-label", str(inputs["fixed_label"]), "--moving-label",
+    code = main(_register(inputs, tiny_2d_model, out, "--fixed-label", str(inputs["fixed_label"]), "--moving-label",
                           str(inputs["moving_label"]), "--steps", str(STEPS), "--save-steps", str(SAVE_EVERY)))
     assert code == 0
     return out
@@ -126,21 +126,21 @@ def test_displacement_field_reproduces_the_warped_label(run, inputs):
 
 
 # -- errors a user can cause ---------------------------------------------------------------------------------------
-def test_a_2d_model_with_3d_images_asks_for_a_3d_model(native, bundle2d, tmp_path, capsys):
+def test_a_2d_model_with_3d_images_asks_for_a_3d_model(native, tiny_2d_model, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["register", "--fixed", str(native / "case13_image.nii.gz"), "--moving", str(native / "case19_image.nii.gz"),
-            "--model", str(bundle2d), "--output-dir", str(out), "--device", "cpu"]
+            "--model", str(tiny_2d_model), "--output-dir", str(out), "--device", "cpu"]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "use a 3-D model" in err and "2-D model" in err
     assert _leftovers(tmp_path) == []
 
 
-def test_images_that_do_not_overlap_are_a_clear_error(inputs, bundle2d, tmp_path, capsys):
+def test_images_that_do_not_overlap_are_a_clear_error(inputs, tiny_2d_model, tmp_path, capsys):
     far = sitk.ReadImage(str(inputs["moving"]))
     far.SetOrigin((5000.0, -4000.0))
     sitk.WriteImage(far, str(tmp_path / "far.nrrd"))
-    argv = _register({**inputs, "moving": tmp_path / "far.nrrd"}, bundle2d, tmp_path / "out")
+    argv = _register({**inputs, "moving": tmp_path / "far.nrrd"}, tiny_2d_model, tmp_path / "out")
     assert main(argv) == 1
     assert "do not overlap" in capsys.readouterr().err
     assert _leftovers(tmp_path) == ["far.nrrd"]
@@ -156,8 +156,8 @@ def test_a_corrupt_bundle_is_a_one_line_error(inputs, tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_a_gpu_is_a_clear_error(inputs, bundle2d, tmp_path, capsys):
-    argv = _register(inputs, bundle2d, tmp_path / "out")
+def test_cuda_without_a_gpu_is_a_clear_error(inputs, tiny_2d_model, tmp_path, capsys):
+    argv = _register(inputs, tiny_2d_model, tmp_path / "out")
     argv[argv.index("--device") + 1] = "cuda"
     assert main(argv) == 1
     err = capsys.readouterr().err

@@ -243,8 +243,7 @@ def import_cohort_results(output_dir: str | Path, scene: slicer.vtkMRMLScene, pa
         summary = output_dir / register_folder.COHORT_SUMMARY_CSV
         if not summary.is_file():
             raise ValueError(f"the run wrote no {register_folder.COHORT_SUMMARY_CSV} in {output_dir}")
-        with summary.open(newline="") as f:
-            rows = [row for row in csv.DictReader(f) if row.get("pair") in patients]
+        rows = [row for row in register_folder.read_cohort_summary(summary) if row.get("pair") in patients]
         volumes, segmentations = {}, {}
         for row in rows:
             pair = row["pair"]

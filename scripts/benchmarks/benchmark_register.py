@@ -219,8 +219,8 @@ def benchmark_model(model: Path, args, device: torch.device) -> dict:
         pairs = load_pairs(Path(args.data), dim, bundle.geometry, args.pairs)
     pair_name = "->".join(pairs[0].info["names"])
     try:
-        from AgentRegistrationLib.data.dataset import model_image
         from AgentRegistrationLib.elastix import wrapper as elastix
+        from AgentRegistrationLib.elastix.wrapper import model_image
     except ImportError:  # no itk-elastix / SimpleITK on this machine
         elastix = None
     agent = bundle.agent(device)

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from AgentRegistrationLib.contract import messages, training_folder
+from AgentRegistrationLib.contract import messages, register_folder, training_folder
 from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.contract.paths import recorded_path, shown
 from AgentRegistrationLib.data.pairs import ordered_pairs
-from AgentRegistrationLib.stages import evaluation, groundtruth
 
 
 class Reporter:
@@ -118,6 +117,7 @@ def _listed(values) -> str:
 def cmd_groundtruth(args) -> int:
     from AgentRegistrationLib.data.dataset import find_subjects
     from AgentRegistrationLib.data.geometry_choice import model_geometry, model_voxel_size
+    from AgentRegistrationLib.stages import groundtruth
 
     subjects = find_subjects(args.data, _subject_names(args))
     labels = _labels_of(subjects)  # read once: geometry, voxel size
@@ -400,7 +400,7 @@ def cmd_register_many(args) -> int:
 
     reports = register_cohort(pairs, bundle, output_dir, settings, device, options, progress)
     rep.close()
-    summary = output_dir / "summary.csv"
+    summary = output_dir / register_folder.COHORT_SUMMARY_CSV
     print(f"register-many: {summary_text(reports)} ({steps} steps on {device}); summary in {summary}",
           file=sys.stderr)
     failed = [r for r in reports if r.status == FAILED and not is_fusion(r)]
@@ -438,6 +438,7 @@ def cmd_evaluate(args) -> int:
     from AgentRegistrationLib.data.dataset import find_subjects, load_split
     from AgentRegistrationLib.data.geometry_choice import model_geometry
     from AgentRegistrationLib.model.devices import resolve_device
+    from AgentRegistrationLib.stages import evaluation
 
     methods = evaluation.parse_methods(args.methods)
     names = load_split(args.split)["validation"]

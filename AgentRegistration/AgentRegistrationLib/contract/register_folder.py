@@ -135,7 +135,31 @@ def read_trajectory(path: str | Path) -> dict[str, list]:
 
 
 COHORT_SUMMARY_CSV = "summary.csv"
-"""The table of a ``register-many`` run: one row per pair (``pair``, ``status``, Dice and Hausdorff distance before
-and after, ...: ``cohort.SUMMARY_COLUMNS``); each pair's files are in the folder named by its ``pair``."""
+"""The table of a ``register-many`` run: one row per pair (:data:`COHORT_SUMMARY_COLUMNS`); each pair's files are in
+the folder named by its ``pair``."""
+COHORT_JSON = "cohort.json"
+"""The record of a ``register-many`` run (model and settings), so that a rerun into the same folder resumes it."""
+COHORT_SUMMARY_COLUMNS = ("pair", "status", "fixed", "moving", "dice_before", "dice_after", "hausdorff_before",
+                          "hausdorff_after", "steps", "seconds", "warnings", "message")
+"""Columns of summary.csv: Dice and Hausdorff distance (fixed image's physical units) at the agent's start and
+after it, where both labels exist (as in metrics.json); ``seconds`` the pair's share of the run; ``warnings``
+what was accepted on purpose (e.g. a resampled label), separated by `` | ``; ``message`` why a pair failed.
+When the labels hold several values, per-label columns follow ``hausdorff_after``."""
+
+
+def read_cohort_summary(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a ``summary.csv`` (:data:`COHORT_SUMMARY_COLUMNS`), in order. ``ValueError`` when the file is not
+    such a table."""
+    path = Path(path)
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error) as err:
+        raise ValueError(f"cannot read the register-many summary {path}: {err}") from err
+    if rows and ("pair" not in rows[0] or "status" not in rows[0]):
+        raise ValueError(f"{path} is not a register-many summary (no pair and status columns)")
+    return rows
+
+
 COHORT_DONE = ("registered", "skipped")
 """Statuses of a pair of a ``register-many`` run whose folder holds its results (the others: ``failed``)."""

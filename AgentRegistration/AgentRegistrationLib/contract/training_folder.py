@@ -63,6 +63,45 @@ MODEL_SUFFIX = ".pt"
 
 
 @dataclass(frozen=True)
+class GroundTruthFolder:
+    """The folder ``agentreg groundtruth`` writes, defined once: one file per ordered pair (its B-spline coefficients
+    and Dice) under ``pairs/``, each subject on the model grid under ``subjects/``, the pairs' Dice in
+    ``gt_dice.csv``, the run's record in ``summary.json`` and the failed pairs in ``failures.json``."""
+
+    root: Path
+
+    @property
+    def pairs(self) -> Path:
+        return Path(self.root) / "pairs"
+
+    def pair_file(self, moving: str, fixed: str) -> Path:
+        return self.pairs / f"{moving}__to__{fixed}.npz"
+
+    def pair_files(self) -> list[Path]:
+        """Every pair file there, sorted."""
+        return sorted(self.pairs.glob("*.npz"))
+
+    @property
+    def subjects(self) -> Path:
+        return Path(self.root) / "subjects"
+
+    def subject_file(self, name: str) -> Path:
+        return self.subjects / f"{name}.npz"
+
+    @property
+    def dice_csv(self) -> Path:
+        return Path(self.root) / "gt_dice.csv"
+
+    @property
+    def summary_json(self) -> Path:
+        return Path(self.root) / "summary.json"
+
+    @property
+    def failures_json(self) -> Path:
+        return Path(self.root) / "failures.json"
+
+
+@dataclass(frozen=True)
 class TrainingFiles:
     """Where the three training stages write, under one output folder (each stage resumes from it)."""
 
@@ -75,7 +114,7 @@ class TrainingFiles:
 
     @property
     def gt_dice(self) -> Path:
-        return self.groundtruth / "gt_dice.csv"
+        return GroundTruthFolder(self.groundtruth).dice_csv
 
     @property
     def sdm(self) -> Path:

@@ -128,8 +128,3 @@ def prepare_subject(subject: Subject, template: sitk.Image, geometry: ModelGeome
         atomic_write(cache, lambda tmp: np.savez_compressed(tmp, image=prepared.image, label=prepared.label,
                                                             translation=translation))
     return prepared
-
-
-def model_image(array: np.ndarray) -> sitk.Image:
-    """A model-space array as a SimpleITK image (spacing 1, origin 0: coefficients in voxels)."""
-    return sitk.GetImageFromArray(np.asarray(array, dtype=np.float32))

@@ -88,9 +88,8 @@ def register_constrained(fixed: np.ndarray, moving: np.ndarray, fixed_label: np.
     (:data:`GT_WEIGHTS`), on each label's surface, label to label (:func:`corresponding_points`), ``num_points`` per
     label. ``distance``: mean squares of the masks' signed distance maps (:func:`signed_distance`) and bending energy,
     with the corresponding points where the labels hold several values (:data:`DISTANCE_WEIGHTS`)."""
-    # itk and SimpleITK: this module is also read where neither is installed (scripts/gpu_session.py), to read a
+    # itk and SimpleITK: this module is also read where neither is installed (scripts/recipes/gpu_session.py), to read a
     # ground-truth folder; only making one needs them
-    from AgentRegistrationLib.data.dataset import model_image
     from AgentRegistrationLib.elastix import wrapper as elastix
 
     if metric not in GT_METRICS:
@@ -103,13 +102,13 @@ def register_constrained(fixed: np.ndarray, moving: np.ndarray, fixed_label: np.
     if metric == "points":
         parameter_map = elastix.bspline_map(geometry.control_spacing, iterations, resolutions,
                                             points_weight=GT_WEIGHTS["points"], bending_weight=GT_WEIGHTS["bending"])
-        images = model_image(fixed), model_image(moving)
+        images = elastix.model_image(fixed), elastix.model_image(moving)
     else:
         parameter_map = elastix.bspline_map(geometry.control_spacing, iterations, resolutions,
                                             points_weight=DISTANCE_WEIGHTS["points"] if several else None,
                                             bending_weight=DISTANCE_WEIGHTS["bending"])
         parameter_map["Metric"] = ["AdvancedMeanSquares", *parameter_map["Metric"][1:]]
-        images = model_image(signed_distance(fixed_label)), model_image(signed_distance(moving_label))
+        images = elastix.model_image(signed_distance(fixed_label)), elastix.model_image(signed_distance(moving_label))
     maps = elastix.register(*images, [parameter_map], fixed_points, moving_points)
     coefficients, grid = elastix.bspline_coefficients(maps[-1])
     expected = geometry.control_grid()

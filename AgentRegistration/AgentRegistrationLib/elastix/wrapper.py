@@ -25,6 +25,12 @@ def single_threaded_worker() -> None:
     torch.set_num_threads(1)
 
 
+def model_image(array: np.ndarray) -> sitk.Image:
+    """A model-space array as a SimpleITK image (spacing 1, origin 0: coefficients in voxels), what elastix registers
+    on the model grid."""
+    return sitk.GetImageFromArray(np.asarray(array, dtype=np.float32))
+
+
 def to_itk(image: sitk.Image) -> itk.Image:
     """SimpleITK scalar image -> float32 ITK image with the same geometry."""
     arr = sitk.GetArrayFromImage(image).astype(np.float32)

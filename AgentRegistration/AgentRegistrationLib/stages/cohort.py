@@ -8,7 +8,7 @@ here on batches of prepared pairs on the device, pairs of different fixed images
 (:meth:`.Registrar.run_agent`: a pair's result does not depend on its batch); and the workers write each pair's
 results into its own folder exactly as ``agentreg register`` writes them
 (:func:`.outputs.write_registration_outputs`). A worker reads an atlas once, not once per pair. ``summary.csv``
-beside the pair folders has one row per pair (:data:`SUMMARY_COLUMNS`).
+beside the pair folders has one row per pair (:data:`COHORT_SUMMARY_COLUMNS`).
 
 - Several atlases: the folder of patient P holds one folder per atlas (``P/<atlas>``, the pair's files) and
   ``P/fused_label.nii.gz``, the majority vote of the atlases' warped labels (:func:`majority_vote`: a tie goes
@@ -42,6 +42,8 @@ import numpy as np
 from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.contract.register_folder import (
     COHORT_DONE,
+    COHORT_JSON,
+    COHORT_SUMMARY_COLUMNS,
     COHORT_SUMMARY_CSV,
     DISPLACEMENT,
     METRICS_JSON,
@@ -51,17 +53,10 @@ from AgentRegistrationLib.contract.register_folder import (
     TRAJECTORY_PNG,
     WARPED,
     WARPED_LABEL,
+    read_cohort_summary,
     read_metrics,
 )
 
-SUMMARY_CSV = COHORT_SUMMARY_CSV
-COHORT_JSON = "cohort.json"
-SUMMARY_COLUMNS = ("pair", "status", "fixed", "moving", "dice_before", "dice_after", "hausdorff_before",
-                   "hausdorff_after", "steps", "seconds", "warnings", "message")
-"""Columns of summary.csv: Dice and Hausdorff distance (fixed image's physical units) at the agent's start and
-after it, where both labels exist (as in metrics.json); ``seconds`` the pair's share of the run; ``warnings``
-what was accepted on purpose (e.g. a resampled label), separated by `` | ``; ``message`` why a pair failed.
-When the labels hold several values, the per-label columns of :func:`summary_columns` follow ``hausdorff_after``."""
 (REGISTERED, SKIPPED), FAILED = COHORT_DONE, "failed"
 """A pair's status: registered in this run, skipped (its folder was complete from an earlier run), failed."""
 CSV_COLUMNS = ("fixed", "moving", "fixed_label", "moving_label", "fixed_point", "name")
@@ -132,15 +127,15 @@ class PairReport:
 
 
 def summary_columns(reports: list[PairReport]) -> list[str]:
-    """The columns of summary.csv for ``reports``: :data:`SUMMARY_COLUMNS`, with, after ``hausdorff_after``, the
+    """The columns of summary.csv for ``reports``: :data:`COHORT_SUMMARY_COLUMNS`, with, after ``hausdorff_after``, the
     Dice and Hausdorff distance before and after of each label value alone (``dice_after_label_<n>``, ...; the keys
     of metrics.json) when some pair's labels hold several values."""
     values = sorted({int(found.group(3)) for r in reports for key in r.metrics
                      if (found := METRICS_PER_LABEL_KEY.match(key)) and found.group(2) != "none"})
     per_label = [f"{metric}_{when}_label_{v}" for v in values for metric in ("dice", "hausdorff")
                  for when in ("before", "after")]
-    at = SUMMARY_COLUMNS.index("hausdorff_after") + 1
-    return [*SUMMARY_COLUMNS[:at], *per_label, *SUMMARY_COLUMNS[at:]]
+    at = COHORT_SUMMARY_COLUMNS.index("hausdorff_after") + 1
+    return [*COHORT_SUMMARY_COLUMNS[:at], *per_label, *COHORT_SUMMARY_COLUMNS[at:]]
 
 
 # ----------------------------------------------------------------------------------------- the pairs
@@ -363,9 +358,8 @@ def finished_metrics(folder: Path, pair: CohortPair, save_steps: int = 0) -> dic
 def read_summary(path: Path) -> dict[str, dict[str, str]]:
     """The rows of an earlier summary.csv by pair name (none when absent or unreadable)."""
     try:
-        with path.open(newline="") as f:
-            return {row["pair"]: row for row in csv.DictReader(f) if row.get("pair")}
-    except (OSError, KeyError, csv.Error):
+        return {row["pair"]: row for row in read_cohort_summary(path) if row.get("pair")}
+    except ValueError:
         return {}
 
 
@@ -587,7 +581,7 @@ def register_cohort(pairs: list[CohortPair], bundle, output_dir: str | Path, set
     options = replace(options, model=Path(options.model).resolve())
     output_dir.mkdir(parents=True, exist_ok=True)
     check_record(output_dir, run_record(options.model, settings, options))
-    summary_path = output_dir / SUMMARY_CSV
+    summary_path = output_dir / COHORT_SUMMARY_CSV
     earlier = read_summary(summary_path)
     reports: dict[str, PairReport] = {}
     todo = []

@@ -23,7 +23,7 @@ from matplotlib.patches import Rectangle
 
 from AgentRegistrationLib.contract.paths import DATA_HINT, how_to_get_a_model
 from AgentRegistrationLib.core.metrics import dice
-from AgentRegistrationLib.data.dataset import find_subjects, load_split, model_image
+from AgentRegistrationLib.data.dataset import find_subjects, load_split
 from AgentRegistrationLib.data.image_io import read_image, read_label
 from AgentRegistrationLib.data.preprocessing import displacement_in_fixed_geometry, middle_slice, warp_to_fixed
 from AgentRegistrationLib.elastix import wrapper as elastix
@@ -173,7 +173,7 @@ def elastix_e16(result, fixed: sitk.Image, moving_label: sitk.Image, geometry) -
     """e16 on the agent's own preprocessed pair; its warped moving mask in the fixed geometry and seconds."""
     pair = result.pair
     start = time.perf_counter()
-    maps = elastix.register(model_image(pair.fixed), model_image(pair.moving),
+    maps = elastix.register(elastix.model_image(pair.fixed), elastix.model_image(pair.moving),
                             [elastix.bspline_map(geometry.control_spacing)])
     coefficients, grid = elastix.bspline_coefficients(maps[-1])
     field = displacement_in_fixed_geometry(coefficients, grid, pair.frame, fixed, pair.moving_frame)

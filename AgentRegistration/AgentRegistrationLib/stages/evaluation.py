@@ -258,7 +258,6 @@ def elastix_spacing(method: str, geometry: ModelGeometry) -> tuple[float, ...]:
 
 def run_elastix_method(method: str, pair: dict, geometry: ModelGeometry, settings: EvaluationSettings) -> dict:
     """e8 / e16 / gt on one prepared pair (model-space arrays)."""
-    from AgentRegistrationLib.data.dataset import model_image
     from AgentRegistrationLib.elastix import wrapper as elastix  # itk (see the imports)
 
     _load_elastix()
@@ -269,7 +268,7 @@ def run_elastix_method(method: str, pair: dict, geometry: ModelGeometry, setting
         grid = geometry.control_grid()
     else:
         parameter_map = elastix.bspline_map(elastix_spacing(method, geometry), settings.iterations)
-        maps = elastix.register(model_image(pair["fixed"]), model_image(pair["moving"]), [parameter_map])
+        maps = elastix.register(elastix.model_image(pair["fixed"]), elastix.model_image(pair["moving"]), [parameter_map])
         coefficients, grid = elastix.bspline_coefficients(maps[-1])
     seconds = time.perf_counter() - start
     u = bspline_field(coefficients, grid, geometry.size)

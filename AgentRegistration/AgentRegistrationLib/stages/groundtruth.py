@@ -22,14 +22,13 @@ from collections.abc import Callable
 from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
 
 from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.contract.paths import recorded_path
-from AgentRegistrationLib.contract.training_folder import GT_DICE_COLUMNS
+from AgentRegistrationLib.contract.training_folder import GT_DICE_COLUMNS, GroundTruthFolder
 from AgentRegistrationLib.core.bspline import ControlGrid, dense_displacement
 from AgentRegistrationLib.core.geometry import ModelGeometry
 from AgentRegistrationLib.core.metrics import dice, per_label
@@ -73,7 +72,7 @@ def _pair_job(args) -> PairResult:
 
 
 def pair_file(out_dir: Path, moving: str, fixed: str) -> Path:
-    return out_dir / "pairs" / f"{moving}__to__{fixed}.npz"
+    return GroundTruthFolder(out_dir).pair_file(moving, fixed)
 
 
 def save_pair(path: Path, r: PairResult) -> None:
@@ -112,7 +111,7 @@ def run_groundtruth(
     ``(moving, fixed, message)``; a failing pair never stops the run.
     """
     out_dir = Path(out_dir)
-    (out_dir / "pairs").mkdir(parents=True, exist_ok=True)
+    GroundTruthFolder(out_dir).pairs.mkdir(parents=True, exist_ok=True)
     pairs = pairs or [(m, f) for m in names for f in names if m != f]
     results: list[PairResult] = []
     todo = []
@@ -145,9 +144,9 @@ def run_groundtruth(
             if progress:
                 progress(done, len(pairs), r, None)
     if failures:
-        atomic_write(out_dir / "failures.json", lambda tmp: Path(tmp).write_text(json.dumps(failures, indent=1)))
+        atomic_write(GroundTruthFolder(out_dir).failures_json, lambda tmp: Path(tmp).write_text(json.dumps(failures, indent=1)))
     else:  # a rerun that redid an earlier run's failed pairs: no stale list of failures
-        (out_dir / "failures.json").unlink(missing_ok=True)
+        GroundTruthFolder(out_dir).failures_json.unlink(missing_ok=True)
     return results, failures
 
 
@@ -176,7 +175,7 @@ def make_groundtruth(subjects: list, template, geometry: ModelGeometry, out: Pat
         if differ:
             raise ValueError(f"{out} holds a ground truth of {differ[0]}; this run asks for {differ[1]}: give another "
                              "--out (a folder's finished pairs are reused only by the same settings)")
-    subject_dir = out / "subjects"
+    subject_dir = GroundTruthFolder(out).subjects
     start = time.perf_counter()
     template_image = read_image(template.image, "template image")
     for i, s in enumerate(subjects):
@@ -187,7 +186,7 @@ def make_groundtruth(subjects: list, template, geometry: ModelGeometry, out: Pat
     results, failures = run_groundtruth(subject_dir, names, geometry, out, pairs, workers, settings, on_pair,
                                         scheduler)
     results.sort(key=lambda r: (r.moving, r.fixed))
-    write_dice_csv(out / "gt_dice.csv", results)
+    write_dice_csv(GroundTruthFolder(out).dice_csv, results)
     summary = GroundTruthSummary.of_run(
         geometry, template.name, names, pairs, results, failures, settings=settings, workers=workers,
         max_pairs=max_pairs, seed=seed, wall_seconds=time.perf_counter() - start,
@@ -280,12 +279,13 @@ def run_report(summary: GroundTruthSummary, out: Path) -> tuple[list[str], str |
     if not failed_count:
         return lines, None
     failed = summary.failed
+    failures_file = GroundTruthFolder(out).failures_json
     lines += failure_lines(failed)
     if failed["too_many"] and not done and len(failed["groups"]) == 1 and failed_count > 1:
         return lines, (
             f"every ground-truth pair failed ({failed_count} of {requested}), all with the same error, so the cause is "
             "more likely the settings than the subjects: try another model geometry (--geometry, --grid-size, "
-            f"--control-spacing) or fewer --resolutions, and if it persists report the error with {out / 'failures.json'}")
+            f"--control-spacing) or fewer --resolutions, and if it persists report the error with {failures_file}")
     if failed["too_many"]:
         return lines, (
             f"too many ground-truth pairs failed ({failed_count} of {requested}; at most "
@@ -295,7 +295,7 @@ def run_report(summary: GroundTruthSummary, out: Path) -> tuple[list[str], str |
             f"command (finished pairs are kept); the {done} pairs that succeeded are saved in {out}")
     lines.append(f"warning: {failed_count} of {requested} ground-truth pairs failed (within the "
                  f"{100 * failed['max_fraction']:.0f} % allowed); the SDM and training use the {done} others; "
-                 f"rerun the same command to retry the failed pairs (listed in {out / 'failures.json'})")
+                 f"rerun the same command to retry the failed pairs (listed in {failures_file})")
     return lines, None
 
 
@@ -367,7 +367,6 @@ class GroundTruthSummary:
     the failure summary (:func:`failure_summary`) when some pairs failed. Stored with the same flat JSON keys as
     ever, so every earlier folder loads."""
 
-    FILE: ClassVar[str] = "summary.json"
 
     dim: int
     geometry: ModelGeometry
@@ -443,7 +442,7 @@ class GroundTruthSummary:
 
     @classmethod
     def path(cls, folder: str | Path) -> Path:
-        return Path(folder) / cls.FILE
+        return GroundTruthFolder(Path(folder)).summary_json
 
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/summary.json`` (atomically)."""
@@ -456,7 +455,7 @@ class GroundTruthSummary:
         ``ValueError`` when its summary cannot be read; both say to run ``agentreg groundtruth``."""
         file = cls.path(folder)
         if not file.is_file():
-            raise FileNotFoundError(f"{folder} is not a ground-truth folder (no {cls.FILE}): "
+            raise FileNotFoundError(f"{folder} is not a ground-truth folder (no {file.name}): "
                                     "run 'agentreg groundtruth' first")
         try:
             return cls.from_dict(json.loads(file.read_text()))

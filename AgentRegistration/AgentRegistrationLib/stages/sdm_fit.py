@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from AgentRegistrationLib.contract.files import atomic_write
+from AgentRegistrationLib.contract.training_folder import GroundTruthFolder
 from AgentRegistrationLib.core.geometry import ModelGeometry
 from AgentRegistrationLib.core.metrics import dice
 from AgentRegistrationLib.core.sdm import StatisticalDeformationModel
@@ -15,7 +16,7 @@ from AgentRegistrationLib.stages.groundtruth import ELASTIX_BASELINES, GroundTru
 
 def load_groundtruth(gt_dir: Path) -> tuple[ModelGeometry, list[PairResult]]:
     geometry = GroundTruthSummary.load(gt_dir).geometry
-    results = [load_pair(p) for p in sorted((Path(gt_dir) / "pairs").glob("*.npz"))]
+    results = [load_pair(p) for p in GroundTruthFolder(gt_dir).pair_files()]
     if len(results) < 3:
         raise ValueError(f"{gt_dir} holds {len(results)} GT deformations; fitting an SDM needs at least 3")
     return geometry, results
@@ -39,7 +40,7 @@ def reconstruction_report(gt_dir: Path, coefficients: np.ndarray, results: list[
 
     def label(name):
         if name not in labels:
-            with np.load(Path(gt_dir) / "subjects" / f"{name}.npz") as z:
+            with np.load(GroundTruthFolder(gt_dir).subject_file(name)) as z:
                 labels[name] = z["label"]
         return labels[name]
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from AgentRegistrationLib.contract.files import atomic_write
-from AgentRegistrationLib.contract.training_folder import LOSS_COLUMNS
+from AgentRegistrationLib.contract.training_folder import LOSS_COLUMNS, GroundTruthFolder
 from AgentRegistrationLib.core.agent import STOP_MARGINS, Agent, AgentSettings, choose_stop_margin, dice_batch, model_defaults
 from AgentRegistrationLib.core.geometry import ModelGeometry
 from AgentRegistrationLib.core.network import DualStreamQNetwork, NetworkConfig
@@ -121,7 +121,7 @@ class TrainingSet:
         names = sorted({r.moving for r in results} | {r.fixed for r in results})
         images, labels = [], []
         for n in names:
-            with np.load(Path(gt_dir) / "subjects" / f"{n}.npz") as z:
+            with np.load(GroundTruthFolder(gt_dir).subject_file(n)) as z:
                 images.append(z["image"])
                 labels.append(z["label"])
         index = {n: i for i, n in enumerate(names)}
@@ -558,7 +558,7 @@ def choose_steps(bundle: ModelBundle, training_set: TrainingSet, pairs: int, max
     """A new model's default number of agent steps: the step count (1 to ``max_steps``) with the best mean Dice on
     ``pairs`` random real GT pairs of its training subjects (never a validation subject), the agent run with the
     model's settings but without its stop rule, so that every step is measured (as
-    ``scripts/steps_on_training_pairs.py`` chose the shipped models' steps). Sets the bundle's default (it does not
+    ``scripts/experiments/steps_on_training_pairs.py`` chose the shipped models' steps). Sets the bundle's default (it does not
     save it) and returns ``{"steps", "pairs", "max_steps", "seed", "dice_mean_by_step"}``."""
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(training_set.pairs), size=min(pairs, len(training_set.pairs)), replace=False))
