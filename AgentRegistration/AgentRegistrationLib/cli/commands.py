@@ -153,7 +153,7 @@ def cmd_groundtruth(args) -> int:
     if error:
         raise ValueError(error)
     if args.progress_json:
-        print(json.dumps({"stage": "done", "summary": summary.to_dict()}), flush=True)
+        print(messages.encode(messages.done_message(summary=summary.to_dict())), flush=True)
     return 0
 
 
@@ -176,7 +176,7 @@ def cmd_sdm(args) -> int:
     if args.report:
         write_report(Path(args.report), gt, table, "agentreg " + " ".join(sys.argv[1:]), sdm)
     if args.progress_json:
-        print(json.dumps({"stage": "done", "reconstruction": table}), flush=True)
+        print(messages.encode(messages.done_message(reconstruction=table)), flush=True)
     return 0
 
 
@@ -217,7 +217,7 @@ def cmd_localiser(args) -> int:
           f"{len(subjects)} subjects: {log.iterations} batches in {log.seconds / 60:.1f} min; saved to {args.out}. "
           f"Give it to 'agentreg train --localiser {args.out}'.", file=sys.stderr)
     if args.progress_json:
-        print(json.dumps({"stage": "done", "localiser": str(args.out)}), flush=True)
+        print(messages.encode(messages.done_message(localiser=str(args.out))), flush=True)
     return 0
 
 
@@ -269,7 +269,7 @@ def cmd_train(args) -> int:
             print(note, file=sys.stderr)
     print(training.training_text(config, bundle, args.out), file=sys.stderr)
     if args.progress_json:
-        print(json.dumps({"stage": "done", "bundle": str(args.out)}), flush=True)
+        print(messages.encode(messages.done_message(bundle=str(args.out))), flush=True)
     return 0
 
 
@@ -488,7 +488,7 @@ def cmd_evaluate(args) -> int:
     print(f"report: {report}; per pair: {report.with_suffix('.csv')}; box plots: "
           f"{report.with_name(report.stem + '_boxplots.png')}", file=sys.stderr)
     if args.progress_json:
-        print(json.dumps({"stage": "done", "report": str(report), "summary": summary}), flush=True)
+        print(messages.encode(messages.done_message(report=str(report), summary=summary)), flush=True)
     return 0
 
 
