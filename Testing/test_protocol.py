@@ -99,6 +99,18 @@ def test_register_command_without_fuzzy_control():
     assert args.no_fuzzy and args.fuzzy_k is None
 
 
+def test_a_fixed_point_has_one_grammar_for_the_command_line_and_a_csv_of_pairs():
+    from AgentRegistrationLib.contract.points import parse_point, point_text
+
+    point = (-12.5, 30.0, 4.123456789)
+    assert parse_point(point_text(point)) == point  # as the worker command writes it, read back exactly
+    assert parse_point("1, 2.5;-3 4") == (1.0, 2.5, -3.0, 4.0)
+    assert parse_point("") is None and parse_point("  ") is None and parse_point(None) is None
+    assert commands._point("-12.5,30,4").tolist() == [-12.5, 30.0, 4.0]  # agentreg register's, as an array
+    with pytest.raises(ValueError, match=r"--fixed-point '12,x': give the point as numbers separated by commas"):
+        commands._point("12,x")
+
+
 @pytest.mark.parametrize("bad", [{"device": "TPU"}, {"steps": -1}, {"fuzzy_k": -1.0}])
 def test_register_command_refuses_bad_values(bad):
     with pytest.raises(ValueError, match=next(iter(bad)).split("_")[-1]):

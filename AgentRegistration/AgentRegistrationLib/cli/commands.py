@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from AgentRegistrationLib.contract import messages, register_folder, training_folder
+from AgentRegistrationLib.contract import messages, points, register_folder, training_folder
 from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.contract.paths import recorded_path, shown
 from AgentRegistrationLib.data.pairs import ordered_pairs
@@ -275,12 +275,9 @@ def cmd_train(args) -> int:
 
 # ----------------------------------------------------------------------------------------- register
 def _point(text: str | None) -> np.ndarray | None:
-    if not text:
-        return None
-    try:
-        return np.array([float(v) for v in text.split(",")])
-    except ValueError:
-        raise ValueError(f"--fixed-point {text!r}: give the point as comma-separated numbers, e.g. 12.5,-30,4") from None
+    """``--fixed-point`` (:func:`points.parse_point`) as an array."""
+    point = points.parse_point(text, "--fixed-point")
+    return None if point is None else np.array(point)
 
 
 def cmd_register(args) -> int:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from AgentRegistrationLib.contract.points import point_text
 from AgentRegistrationLib.contract.training_folder import (
     DEFAULT_GEOMETRY,
     DEFAULT_TRAINING_CONFIGURATION,
@@ -79,7 +80,7 @@ def register_command(python: str, fixed: Path, moving: Path, model: Path, output
         "moving_label": moving_label, "no_fuzzy": not fuzzy_action_control,
         "fuzzy_k": repr(float(fuzzy_k)) if fuzzy_k and fuzzy_action_control else None,
         "save_steps": int(save_steps) if save_steps and save_steps > 0 else None,
-        "fixed_point": ",".join(repr(float(v)) for v in fixed_point) if fixed_point is not None else None})
+        "fixed_point": point_text(fixed_point) if fixed_point is not None else None})
 
 
 class _HeaderUnpickler(pickle.Unpickler):

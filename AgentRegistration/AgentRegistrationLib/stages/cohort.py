@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from AgentRegistrationLib.contract.files import atomic_write
+from AgentRegistrationLib.contract.points import parse_point
 from AgentRegistrationLib.contract.register_folder import (
     COHORT_DONE,
     COHORT_JSON,
@@ -162,16 +163,6 @@ def _check_names(pairs: list[CohortPair], source: str) -> list[CohortPair]:
     if not pairs:
         raise ValueError(f"{source}: no pair to register")
     return pairs
-
-
-def parse_point(text: str, what: str = "fixed_point") -> tuple[float, ...] | None:
-    """A physical point written as numbers separated by commas, semicolons or spaces (``None`` when empty)."""
-    if not text or not text.strip():
-        return None
-    try:
-        return tuple(float(v) for v in re.split(r"[,; ]+", text.strip()))
-    except ValueError:
-        raise ValueError(f"{what} {text!r}: give the point as numbers separated by commas, e.g. 12.5,-30,4") from None
 
 
 def pairs_from_csv(path: str | Path) -> list[CohortPair]:
