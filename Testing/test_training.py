@@ -19,9 +19,10 @@ import pytest
 import torch
 from AgentRegistrationLib.cli import parser
 from AgentRegistrationLib.contract import messages, training_folder, worker_commands
-from AgentRegistrationLib.core.agent import Agent, dice_batch
+from AgentRegistrationLib.core.agent import Agent
 from AgentRegistrationLib.core.bspline import ControlGrid
 from AgentRegistrationLib.core.geometry import ModelGeometry
+from AgentRegistrationLib.core.metrics import dice_batch
 from AgentRegistrationLib.core.network import DualStreamQNetwork, NetworkConfig
 from AgentRegistrationLib.core.sdm import StatisticalDeformationModel
 from AgentRegistrationLib.core.synthetic import SyntheticPairGenerator, q_targets

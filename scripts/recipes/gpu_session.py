@@ -64,7 +64,7 @@ sys.path.insert(0, ENGINE)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ENGINE, os.environ.get("PYTHONPATH")]))  # subprocesses
 
 from AgentRegistrationLib.contract.paths import shipped_model  # noqa: E402
-from AgentRegistrationLib.core.agent import dice_batch  # noqa: E402
+from AgentRegistrationLib.core.metrics import dice_batch  # noqa: E402
 from AgentRegistrationLib.core.network import DualStreamQNetwork, NetworkConfig, count_parameters  # noqa: E402
 from AgentRegistrationLib.core.sdm import StatisticalDeformationModel  # noqa: E402
 from AgentRegistrationLib.core.warp import warp  # noqa: E402

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from AgentRegistrationLib.core.metrics import dice_batch
 from AgentRegistrationLib.core.network import DualStreamQNetwork
 from AgentRegistrationLib.core.sdm import StatisticalDeformationModel
 from AgentRegistrationLib.core.warp import warp
@@ -136,12 +137,6 @@ def fuzzy_acceptance(theta: torch.Tensor, deltas: torch.Tensor, mu: torch.Tensor
 def signed_steps(action_steps: torch.Tensor) -> torch.Tensor:
     """``(2d,)``: +step for action 2i, -step for action 2i+1."""
     return torch.stack([action_steps, -action_steps], dim=1).reshape(-1)
-
-
-def dice_batch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a, b = a.flatten(1) > 0, b.flatten(1) > 0
-    total = a.sum(1) + b.sum(1)
-    return torch.where(total > 0, 2.0 * (a & b).sum(1) / total.clamp(min=1), torch.ones_like(total, dtype=torch.float))
 
 
 class Agent:

@@ -26,8 +26,9 @@ import torch.distributed as dist
 
 from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.contract.training_folder import LOSS_COLUMNS, GroundTruthFolder
-from AgentRegistrationLib.core.agent import STOP_MARGINS, Agent, AgentSettings, choose_stop_margin, dice_batch, model_defaults
+from AgentRegistrationLib.core.agent import STOP_MARGINS, Agent, AgentSettings, choose_stop_margin, model_defaults
 from AgentRegistrationLib.core.geometry import ModelGeometry
+from AgentRegistrationLib.core.metrics import dice_batch
 from AgentRegistrationLib.core.network import DualStreamQNetwork, NetworkConfig
 from AgentRegistrationLib.core.sdm import StatisticalDeformationModel
 from AgentRegistrationLib.core.synthetic import SyntheticPairGenerator, augment_intensity, q_targets
