@@ -15,10 +15,12 @@ from AgentRegistrationGUILib import nodes, result_nodes
 from AgentRegistrationLib.cli import main
 from AgentRegistrationLib.contract import register_folder
 from AgentRegistrationLib.contract.paths import repo_file
+from AgentRegistrationLib.core.bspline import bspline_field
 from AgentRegistrationLib.core.metrics import dice, label_values, per_label, surface_distances
+from AgentRegistrationLib.core.warp import warp_label
 from AgentRegistrationLib.elastix.constrained import corresponding_points, ray_directions, surface_points
 from AgentRegistrationLib.stages import evaluation
-from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary, load_pair, warp_label
+from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary, load_pair
 
 SLICE = 16  # the middle slice of the grid128 volumes (32 slices)
 
@@ -121,7 +123,7 @@ def test_groundtruth_reports_dice_per_label(two_label_groundtruth):
     after = {1: [], 2: []}
     for path in sorted((two_label_groundtruth / "pairs").glob("*.npz")):
         r = load_pair(path)
-        warped = warp_label(labels[r.moving], r.coefficients, grid, bases)
+        warped = warp_label(labels[r.moving], bspline_field(r.coefficients, grid, bases))
         assert label_values(warped) == [1, 2]  # nearest neighbour on the label values
         for v in (1, 2):
             by_hand = (dice(labels[r.moving] == v, labels[r.fixed] == v), dice(warped == v, labels[r.fixed] == v))

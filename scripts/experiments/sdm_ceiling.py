@@ -33,9 +33,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
+from AgentRegistrationLib.core.bspline import bspline_field
 from AgentRegistrationLib.core.warp import warp_label
 from AgentRegistrationLib.model.bundle import load_bundle
-from AgentRegistrationLib.stages.evaluation import bspline_field, figures, file_hash, pair_dir, prepared_pairs
+from AgentRegistrationLib.stages.evaluation import figures, file_hash, pair_dir, prepared_pairs
 from AgentRegistrationLib.stages.training import TrainingConfig, action_steps_for
 
 
@@ -55,7 +57,8 @@ def groundtruth_coefficients(job: tuple) -> np.ndarray:
 
 
 def dice_of(coefficients: np.ndarray, pair: dict, geometry) -> float:
-    u = bspline_field(coefficients, geometry.control_grid(), geometry.size)
+    grid = geometry.control_grid()
+    u = bspline_field(coefficients, grid, grid.image_bases(geometry.size, dtype=torch.float64))
     return figures(warp_label(pair["moving_label"], u), pair["fixed_label"], None)["dice"]
 
 

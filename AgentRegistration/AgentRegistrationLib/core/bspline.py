@@ -135,3 +135,9 @@ def dense_displacement(coefficients: torch.Tensor, grid: ControlGrid, bases: lis
         return torch.einsum("bcji,yj,xi->bcyx", c, by, bx)
     bx, by, bz = bases
     return torch.einsum("bckji,zk,yj,xi->bczyx", c, bz, by, bx)
+
+
+def bspline_field(coefficients: np.ndarray, grid: ControlGrid, bases: list[torch.Tensor]) -> torch.Tensor:
+    """Dense displacement ``(dim, *spatial)`` of one elastix-ordered coefficient vector, in model voxels and in the
+    dtype of ``bases`` (:meth:`ControlGrid.image_bases`; float64 for figures, float32 where many are warped)."""
+    return dense_displacement(torch.as_tensor(coefficients, dtype=torch.float64)[None], grid, bases)[0]

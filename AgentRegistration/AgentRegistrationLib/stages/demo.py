@@ -21,12 +21,13 @@ import SimpleITK as sitk
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.contract.paths import DATA_HINT, how_to_get_a_model
 from AgentRegistrationLib.core.metrics import dice
 from AgentRegistrationLib.data.dataset import find_subjects, load_split
 from AgentRegistrationLib.data.image_io import read_image, read_label
 from AgentRegistrationLib.data.preprocessing import displacement_in_fixed_geometry, middle_slice, warp_to_fixed
-from AgentRegistrationLib.elastix import wrapper as elastix
+from AgentRegistrationLib.elastix.baselines import register_baseline
 from AgentRegistrationLib.model.bundle import load_bundle
 from AgentRegistrationLib.model.devices import resolve_device
 from AgentRegistrationLib.stages.outputs import write_registration_outputs
@@ -146,7 +147,8 @@ def pair_figure(fixed, moving, warped, fixed_label, moving_label, warped_label, 
 
 def plot_pair(path: Path, *args, **kwargs) -> None:
     """Write :func:`pair_figure` (same arguments) as a PNG."""
-    pair_figure(*args, **kwargs).savefig(path, dpi=100)
+    figure = pair_figure(*args, **kwargs)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
 
 
 def summary_lines(rows: list[tuple], control_spacing) -> list[str]:
@@ -170,12 +172,11 @@ def summary_lines(rows: list[tuple], control_spacing) -> list[str]:
 
 
 def elastix_e16(result, fixed: sitk.Image, moving_label: sitk.Image, geometry) -> tuple[sitk.Image, float]:
-    """e16 on the agent's own preprocessed pair; its warped moving mask in the fixed geometry and seconds."""
+    """e16 (:func:`.baselines.register_baseline`) on the agent's own preprocessed pair; its warped moving mask in the
+    fixed geometry and seconds."""
     pair = result.pair
     start = time.perf_counter()
-    maps = elastix.register(elastix.model_image(pair.fixed), elastix.model_image(pair.moving),
-                            [elastix.bspline_map(geometry.control_spacing)])
-    coefficients, grid = elastix.bspline_coefficients(maps[-1])
+    coefficients, grid = register_baseline("e16", pair.fixed, pair.moving, geometry)
     field = displacement_in_fixed_geometry(coefficients, grid, pair.frame, fixed, pair.moving_frame)
     warped_label = warp_to_fixed(moving_label, field, label=True)
     return warped_label, time.perf_counter() - start

@@ -42,11 +42,12 @@ import torch
 
 from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.contract.paths import how_to_get_a_model, shipped_model, shown
-from AgentRegistrationLib.core.bspline import dense_displacement
+from AgentRegistrationLib.core.bspline import bspline_field
 from AgentRegistrationLib.core.geometry import ModelGeometry
 from AgentRegistrationLib.core.metrics import dice, jacobian_statistics, per_label, surface_distances
 from AgentRegistrationLib.core.warp import warp_label
 from AgentRegistrationLib.data.pairs import ordered_pairs
+from AgentRegistrationLib.elastix.baselines import BASELINE_ITERATIONS, baseline_spacing, register_baseline
 from AgentRegistrationLib.elastix.constrained import register_constrained
 from AgentRegistrationLib.model.bundle import ModelBundle, load_bundle
 
@@ -66,7 +67,7 @@ Progress = Callable[[str, int, int], None]
 class EvaluationSettings:
     steps: int = 200  # agent steps (ours, nfc)
     seed: int = 0  # agent seed
-    iterations: int = 500  # elastix iterations per resolution for e8 / e16
+    iterations: int = BASELINE_ITERATIONS  # elastix iterations per resolution for e8 / e16
     gt_iterations: int = 300  # for gt (as the training GT)
     gt_metric: str = "points"  # for gt: the metric of the model's ground truth (GT_METRICS)
     batch_size: int = 16  # pairs per agent batch
@@ -245,21 +246,8 @@ def label_figures(results: list[dict]) -> list[str]:
     return sorted(keys, key=lambda k: (int(k.rsplit("_", 1)[1]), k))
 
 
-def bspline_field(coefficients: np.ndarray, grid, size: tuple[int, ...]) -> torch.Tensor:
-    """Dense displacement ``(dim, *spatial)`` (float64, model voxels) of B-spline coefficients."""
-    bases = grid.image_bases(size, dtype=torch.float64)
-    return dense_displacement(torch.as_tensor(coefficients, dtype=torch.float64)[None], grid, bases)[0]
-
-
-def elastix_spacing(method: str, geometry: ModelGeometry) -> tuple[float, ...]:
-    """e16: the GT/SDM control grid (16x16 / 16x16x8 model voxels); e8: half of it."""
-    return tuple(s / 2 if method == "e8" else s for s in geometry.control_spacing)
-
-
 def run_elastix_method(method: str, pair: dict, geometry: ModelGeometry, settings: EvaluationSettings) -> dict:
-    """e8 / e16 / gt on one prepared pair (model-space arrays)."""
-    from AgentRegistrationLib.elastix import wrapper as elastix  # itk (see the imports)
-
+    """e8 / e16 (:mod:`.baselines`) / gt on one prepared pair (model-space arrays)."""
     _load_elastix()
     start = time.perf_counter()
     if method == "gt":
@@ -267,11 +255,9 @@ def run_elastix_method(method: str, pair: dict, geometry: ModelGeometry, setting
                                             geometry, iterations=settings.gt_iterations, metric=settings.gt_metric)
         grid = geometry.control_grid()
     else:
-        parameter_map = elastix.bspline_map(elastix_spacing(method, geometry), settings.iterations)
-        maps = elastix.register(elastix.model_image(pair["fixed"]), elastix.model_image(pair["moving"]), [parameter_map])
-        coefficients, grid = elastix.bspline_coefficients(maps[-1])
+        coefficients, grid = register_baseline(method, pair["fixed"], pair["moving"], geometry, settings.iterations)
     seconds = time.perf_counter() - start
-    u = bspline_field(coefficients, grid, geometry.size)
+    u = bspline_field(coefficients, grid, grid.image_bases(geometry.size, dtype=torch.float64))
     return {**figures(warp_label(pair["moving_label"], u), pair["fixed_label"], u.numpy()), "seconds": seconds}
 
 
@@ -282,7 +268,7 @@ def method_signature(method: str, geometry: ModelGeometry, settings: EvaluationS
     if localiser:
         sig["localiser"] = localiser
     if method in ("e8", "e16"):
-        sig.update(spacing=list(elastix_spacing(method, geometry)), iterations=settings.iterations)
+        sig.update(spacing=list(baseline_spacing(method, geometry)), iterations=settings.iterations)
     elif method == "gt":
         sig.update(iterations=settings.gt_iterations)
         if settings.gt_metric != "points":  # results cached before the choice are the paper's metric's

@@ -29,10 +29,11 @@ import torch
 from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.contract.paths import recorded_path
 from AgentRegistrationLib.contract.training_folder import GT_DICE_COLUMNS, GroundTruthFolder
-from AgentRegistrationLib.core.bspline import ControlGrid, dense_displacement
+from AgentRegistrationLib.core.bspline import bspline_field
 from AgentRegistrationLib.core.geometry import ModelGeometry
 from AgentRegistrationLib.core.metrics import dice, per_label
-from AgentRegistrationLib.core.warp import warp_label as warp_dense
+from AgentRegistrationLib.core.warp import warp_label
+from AgentRegistrationLib.elastix.baselines import BASELINE_ITERATIONS, ELASTIX_BASELINES, register_baseline
 from AgentRegistrationLib.elastix.constrained import register_constrained
 from AgentRegistrationLib.stages.cluster import job_executor
 
@@ -48,11 +49,6 @@ class PairResult:
     label_dice: dict[int, tuple[float, float]] = field(default_factory=dict)  # value: (before, after); several labels
 
 
-def warp_label(label: np.ndarray, coefficients: np.ndarray, grid: ControlGrid, bases: list[torch.Tensor]) -> np.ndarray:
-    """Warp a model-space label with a coefficient vector (nearest neighbour)."""
-    return warp_dense(label, dense_displacement(torch.as_tensor(coefficients, dtype=torch.float64)[None], grid, bases)[0])
-
-
 def _pair_job(args) -> PairResult:
     moving_name, fixed_name, subject_dir, geometry_dict, settings = args
     from AgentRegistrationLib.elastix.wrapper import single_threaded_worker  # itk (see register_constrained)
@@ -64,7 +60,7 @@ def _pair_job(args) -> PairResult:
     start = time.perf_counter()
     coefficients = register_constrained(fixed, moving, fixed_label, moving_label, geometry, **settings)
     grid = geometry.control_grid()
-    warped = warp_label(moving_label, coefficients, grid, grid.image_bases(geometry.size))
+    warped = warp_label(moving_label, bspline_field(coefficients, grid, grid.image_bases(geometry.size)))
     before, after = per_label(moving_label, fixed_label, hausdorff=False), per_label(warped, fixed_label, hausdorff=False)
     return PairResult(moving_name, fixed_name, coefficients, dice(moving_label, fixed_label),
                       dice(warped, fixed_label), time.perf_counter() - start,
@@ -197,30 +193,24 @@ def make_groundtruth(subjects: list, template, geometry: ModelGeometry, out: Pat
     return summary, results, failures
 
 
-ELASTIX_BASELINES = ("e8", "e16")  # plain elastix B-spline at half the model's control spacing, and at it
-
-
 def elastix_comparison(subject_dir: Path, results: list[PairResult], geometry: ModelGeometry, count: int, seed: int,
                        settings: dict) -> dict:
     """Is the ground truth better than plain elastix? A seeded sample of ``count`` of the registered pairs, each
     also registered with plain elastix B-spline (Mattes MI, no points, no bending energy; :data:`ELASTIX_BASELINES`,
     as ``agentreg evaluate``'s e8 / e16, with the GT's iterations): Dice on the model grid of each, and of the
     ground truth on the same pairs."""
-    from AgentRegistrationLib.stages.evaluation import (
-        EvaluationSettings,  # itk (see register_constrained)
-        run_elastix_method,
-    )
-
     sample = sorted(random.Random(seed).sample(results, min(count, len(results))), key=lambda r: (r.moving, r.fixed))
-    evaluation = EvaluationSettings(iterations=settings.get("iterations") or EvaluationSettings.iterations)
+    iterations = settings.get("iterations") or BASELINE_ITERATIONS
     dices: dict[str, list[float]] = {m: [] for m in ELASTIX_BASELINES}
     start = time.perf_counter()
     for r in sample:
         with np.load(Path(subject_dir) / f"{r.moving}.npz") as zm, np.load(Path(subject_dir) / f"{r.fixed}.npz") as zf:
             pair = {"moving": zm["image"], "moving_label": zm["label"], "fixed": zf["image"], "fixed_label": zf["label"]}
         for method in ELASTIX_BASELINES:
-            dices[method].append(run_elastix_method(method, pair, geometry, evaluation)["dice"])
-    return {"pairs": [[r.moving, r.fixed] for r in sample], "iterations": evaluation.iterations,
+            coefficients, grid = register_baseline(method, pair["fixed"], pair["moving"], geometry, iterations)
+            u = bspline_field(coefficients, grid, grid.image_bases(geometry.size, dtype=torch.float64))
+            dices[method].append(dice(warp_label(pair["moving_label"], u), pair["fixed_label"]))
+    return {"pairs": [[r.moving, r.fixed] for r in sample], "iterations": iterations,
             "groundtruth": dice_summary([r.dice_after for r in sample]),
             **{m: dice_summary(v) for m, v in dices.items()}, "seconds": time.perf_counter() - start}
 

@@ -8,10 +8,13 @@ import numpy as np
 
 from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.contract.training_folder import GroundTruthFolder
+from AgentRegistrationLib.core.bspline import bspline_field
 from AgentRegistrationLib.core.geometry import ModelGeometry
 from AgentRegistrationLib.core.metrics import dice
 from AgentRegistrationLib.core.sdm import StatisticalDeformationModel
-from AgentRegistrationLib.stages.groundtruth import ELASTIX_BASELINES, GroundTruthSummary, PairResult, load_pair, warp_label
+from AgentRegistrationLib.core.warp import warp_label
+from AgentRegistrationLib.elastix.baselines import ELASTIX_BASELINES
+from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary, PairResult, load_pair
 
 
 def load_groundtruth(gt_dir: Path) -> tuple[ModelGeometry, list[PairResult]]:
@@ -44,13 +47,14 @@ def reconstruction_report(gt_dir: Path, coefficients: np.ndarray, results: list[
                 labels[name] = z["label"]
         return labels[name]
 
-    full = np.array([dice(warp_label(label(r.moving), r.coefficients, grid, bases), label(r.fixed)) for r in results])
+    full = np.array([dice(warp_label(label(r.moving), bspline_field(r.coefficients, grid, bases)), label(r.fixed))
+                     for r in results])
     table = []
     for d in modes_list:
         d_eff = min(d, len(results) - 1)
         sdm = StatisticalDeformationModel.fit(coefficients, d_eff, grid)
         recon = sdm.reconstruct(sdm.project(coefficients))
-        dices = np.array([dice(warp_label(label(r.moving), c, grid, bases), label(r.fixed))
+        dices = np.array([dice(warp_label(label(r.moving), bspline_field(c, grid, bases)), label(r.fixed))
                           for r, c in zip(results, recon, strict=True)])
         loss = full - dices
         table.append({"modes": d, "modes_used": d_eff, "loss_mean": float(loss.mean()),
