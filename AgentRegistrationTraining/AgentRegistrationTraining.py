@@ -17,7 +17,7 @@ import qt
 import SimpleITK as sitk
 import slicer
 from AgentRegistrationGUILib import job_panel, jobs, nodes, result_nodes
-from AgentRegistrationLib.contract import layout, training_folder, worker_commands
+from AgentRegistrationLib.contract import layout, training_config, training_folder, worker_commands
 from slicer import vtkMRMLPlotChartNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
@@ -37,7 +37,7 @@ if not (MODULE_DIR / "AgentRegistrationLib").is_dir() and str(_SOURCE_ENGINE_DIR
 
 from AgentRegistrationGUILib import slicer_setup  # noqa: E402
 
-CONFIGURATIONS = list(training_folder.TRAINING_CONFIGURATIONS)
+CONFIGURATIONS = list(training_config.TRAINING_CONFIGURATIONS)
 DIMENSIONS = {"3-D": 3, "2-D": 2}
 """Model dimension choices: 3-D volumes, or 2-D (one axial slice of each volume)."""
 GEOMETRY_DEFAULT = "as the geometry"  # the ground-truth metric of the chosen geometry (training_folder.default_gt_metric)
@@ -66,7 +66,7 @@ class AgentRegistrationTrainingParameterNode:
     outputFolder: Path
     modelName: str = "my-prostate"
     dimension: Annotated[str, Choice(list(DIMENSIONS))] = "3-D"
-    configuration: Annotated[str, Choice(CONFIGURATIONS)] = training_folder.DEFAULT_TRAINING_CONFIGURATION
+    configuration: Annotated[str, Choice(CONFIGURATIONS)] = training_config.DEFAULT_TRAINING_CONFIGURATION
     device: Annotated[str, Choice(list(worker_commands.DEVICE_CHOICES))] = "Auto"
     resume: bool = True
     timeLimitMinutes: float = 0.0  # training stage; 0: none
@@ -100,6 +100,7 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.ui.configurationComboBox.toolTip = _("Training configuration: ") + training_config.configurations_text()
         self.logic = AgentRegistrationTrainingLogic()
         self._panel = job_panel.JobPanel(
             self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel, apply_text=_("Train"), cancel_text=_("Cancel"),
@@ -209,7 +210,7 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
             sitk.WriteImage(nodes.segmentation_to_labelmap_sitk(label, volume), str(folder / f"{name}_label.nii.gz"))
 
     def startTraining(self, volumes: list, dataFolder: Path, outputFolder: Path, modelName: str,
-                      configuration: str = training_folder.DEFAULT_TRAINING_CONFIGURATION, device: str = "Auto",
+                      configuration: str = training_config.DEFAULT_TRAINING_CONFIGURATION, device: str = "Auto",
                       resume: bool = True,
                       dim: int = 3, maxMinutes: float | None = None, geometry: str = "auto",
                       geometryOverrides: dict | None = None, metric: str | None = None,

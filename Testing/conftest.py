@@ -125,12 +125,13 @@ def tiny_pipeline(grid128, tmp_path_factory):
     template, the paper's box) or ``"organ"`` (each subject's box on its own prostate; trained with the
     ``converge`` configuration). Tests must not write into its folders (copy them first)."""
     import torch
+    from AgentRegistrationLib.contract.training_config import config_by_name
     from AgentRegistrationLib.data.dataset import find_subjects, prepare_subject
     from AgentRegistrationLib.data.geometry_choice import model_geometry
     from AgentRegistrationLib.data.image_io import read_image
     from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary, run_groundtruth
     from AgentRegistrationLib.stages.sdm_fit import fit_from_groundtruth
-    from AgentRegistrationLib.stages.training import TrainingSet, config_by_name, train
+    from AgentRegistrationLib.stages.training import TrainingSet, train
 
     shared = _shared_folder(tmp_path_factory)
     built: dict[tuple[int, str], dict] = {}

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 from AgentRegistrationGUILib import dependencies, jobs
 from AgentRegistrationLib.cli import commands, main, parser
-from AgentRegistrationLib.contract import layout, messages, register_folder, training_folder, worker_commands
+from AgentRegistrationLib.contract import (
+    layout,
+    messages,
+    register_folder,
+    training_config,
+    training_folder,
+    worker_commands,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_FILE = REPO / "AgentRegistration" / "AgentRegistration.py"
@@ -131,25 +138,28 @@ def test_training_commands_parse_with_the_engine_parser(tmp_path):
                                      stage_options={"train": {"set": ["iterations=10"]}})[-1]
     overrides = parser.build_parser().parse_args(few[3:]).set
     assert overrides == ["iterations=10", "augment=0.5", "new_subjects=0.25"]
-    from AgentRegistrationLib.stages.training import config_by_name
-
-    configured = config_by_name("converge").with_overrides(overrides)
+    configured = training_config.config_by_name("converge").with_overrides(overrides)
     assert (configured.augment, configured.new_subjects, configured.iterations) == (0.5, 0.25, 10)
     plain = worker_commands.training_commands("python", tmp_path / "data", files, dim=2)[-1]
     assert parser.build_parser().parse_args(plain[3:]).set is None  # none given: the named configuration as it is
 
 
-def test_training_configuration_names_are_the_engine_configurations():
-    from AgentRegistrationLib.stages.training import CONFIGS
-
-    assert set(training_folder.TRAINING_CONFIGURATIONS) == set(CONFIGS)
+def test_every_training_configuration_is_described_in_the_help_and_the_module_tooltip(capsys):
+    text = training_config.configurations_text()
+    assert all(f"{name} (" in text for name in training_config.TRAINING_CONFIGURATIONS)
+    assert "converge (" in text and text.count("; the default") == 1
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert " ".join(text.split()) in " ".join(capsys.readouterr().out.split())
+    module = TRAINING_MODULE_FILE.read_text()  # the combo box's tooltip is the same text, set when the module starts
+    assert "configurationComboBox.toolTip = " in module and "training_config.configurations_text()" in module
 
 
 def test_the_module_and_the_command_line_train_with_the_same_default_configuration(tmp_path):
     command = worker_commands.training_commands("python", tmp_path, training_folder.TrainingFiles(tmp_path, "mine"))[-1]
     from_module = parser.build_parser().parse_args(command[3:]).config
     typed = parser.build_parser().parse_args(["train", "--groundtruth", "g", "--sdm", "s", "--out", "o.pt"]).config
-    assert from_module == typed == training_folder.DEFAULT_TRAINING_CONFIGURATION == "converge"
+    assert from_module == typed == training_config.DEFAULT_TRAINING_CONFIGURATION == "converge"
 
 
 @pytest.mark.parametrize("bad", [{"dim": 4}, {"configuration": "huge"}, {"device": "TPU"},

@@ -19,6 +19,7 @@ import pytest
 import torch
 from AgentRegistrationLib.cli import parser
 from AgentRegistrationLib.contract import messages, training_folder, worker_commands
+from AgentRegistrationLib.contract.training_config import TrainingConfig, config_by_name
 from AgentRegistrationLib.core.agent import Agent
 from AgentRegistrationLib.core.bspline import ControlGrid
 from AgentRegistrationLib.core.geometry import ModelGeometry
@@ -31,12 +32,10 @@ from AgentRegistrationLib.model.bundle import BundleError, ModelBundle, load_bun
 from AgentRegistrationLib.model.devices import resolve_device
 from AgentRegistrationLib.stages.sdm_fit import load_groundtruth
 from AgentRegistrationLib.stages.training import (
-    TrainingConfig,
     TrainingSet,
     ValidationPair,
     action_steps_for,
     choose_steps,
-    config_by_name,
     held_out_accuracy,
     train,
     validation_pairs_from_split,

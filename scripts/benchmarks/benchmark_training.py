@@ -21,13 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "AgentRegistration"))
 
+from AgentRegistrationLib.contract.training_config import config_by_name  # noqa: E402
 from AgentRegistrationLib.core.agent import Agent  # noqa: E402
 from AgentRegistrationLib.core.network import DualStreamQNetwork, NetworkConfig, count_parameters  # noqa: E402
 from AgentRegistrationLib.core.sdm import StatisticalDeformationModel  # noqa: E402
 from AgentRegistrationLib.core.synthetic import SyntheticPairGenerator, q_targets  # noqa: E402
 from AgentRegistrationLib.model.devices import device_name  # noqa: E402
 from AgentRegistrationLib.stages.sdm_fit import load_groundtruth  # noqa: E402
-from AgentRegistrationLib.stages.training import TrainingSet, action_steps_for, config_by_name  # noqa: E402
+from AgentRegistrationLib.stages.training import TrainingSet, action_steps_for  # noqa: E402
 
 
 def device_text(device: torch.device) -> str:

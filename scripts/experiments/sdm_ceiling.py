@@ -34,11 +34,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from AgentRegistrationLib.contract.training_config import TrainingConfig
 from AgentRegistrationLib.core.bspline import bspline_field
 from AgentRegistrationLib.core.warp import warp_label
 from AgentRegistrationLib.model.bundle import load_bundle
 from AgentRegistrationLib.stages.evaluation import figures, file_hash, pair_dir, prepared_pairs
-from AgentRegistrationLib.stages.training import TrainingConfig, action_steps_for
+from AgentRegistrationLib.stages.training import action_steps_for
 
 
 def groundtruth_coefficients(job: tuple) -> np.ndarray:

@@ -64,6 +64,7 @@ sys.path.insert(0, ENGINE)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ENGINE, os.environ.get("PYTHONPATH")]))  # subprocesses
 
 from AgentRegistrationLib.contract.paths import shipped_model  # noqa: E402
+from AgentRegistrationLib.contract.training_config import config_by_name  # noqa: E402
 from AgentRegistrationLib.core.metrics import dice_batch  # noqa: E402
 from AgentRegistrationLib.core.network import DualStreamQNetwork, NetworkConfig, count_parameters  # noqa: E402
 from AgentRegistrationLib.core.sdm import StatisticalDeformationModel  # noqa: E402
@@ -79,7 +80,7 @@ from AgentRegistrationLib.stages.evaluation import (  # noqa: E402
     write_report,
 )
 from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary  # noqa: E402
-from AgentRegistrationLib.stages.training import TrainingSet, config_by_name, train  # noqa: E402
+from AgentRegistrationLib.stages.training import TrainingSet, train  # noqa: E402
 
 MAX_RETURNED_FILE = 15 * 2**20
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a rehearsal (run --allow-cpu)

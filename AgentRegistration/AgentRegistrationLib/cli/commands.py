@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from AgentRegistrationLib.contract import messages, points, register_folder, training_folder
+from AgentRegistrationLib.contract import messages, points, register_folder, training_config, training_folder
 from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.contract.paths import recorded_path, shown
 from AgentRegistrationLib.data.pairs import ordered_pairs
@@ -235,7 +235,7 @@ def cmd_train(args) -> int:
     if args.init and not Path(args.init).is_file():
         raise ValueError(f"--init {args.init}: no such model file (give a model bundle made by agentreg train)")
     device = resolve_device(args.device)
-    config = training.config_by_name(args.config).with_overrides(args.set or [])
+    config = training_config.config_by_name(args.config).with_overrides(args.set or [])
     geometry, _ = load_groundtruth(Path(args.groundtruth))
     sdm = StatisticalDeformationModel.load(args.sdm)
     training_set = training.TrainingSet.from_groundtruth(Path(args.groundtruth))

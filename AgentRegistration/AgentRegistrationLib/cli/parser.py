@@ -18,7 +18,7 @@ from AgentRegistrationLib.cli.commands import (
     cmd_sdm,
     cmd_train,
 )
-from AgentRegistrationLib.contract import training_folder
+from AgentRegistrationLib.contract import training_config, training_folder
 from AgentRegistrationLib.contract.paths import repo_file
 
 
@@ -144,10 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groundtruth", required=True, help="output folder of 'agentreg groundtruth' (training subjects and GT)")
     p.add_argument("--sdm", required=True, help="SDM file of 'agentreg sdm'")
     p.add_argument("--out", required=True, help="model bundle to write (.pt)")
-    p.add_argument("--config", default=training_folder.DEFAULT_TRAINING_CONFIGURATION,
-                   help="training configuration by name: converge (the default and the shipped models'; stop rule "
-                        "on), recover (converge, plus training states off the way to the answer), compact (no stop rule) or "
-                        "paper (the paper's network; no stop rule)")
+    p.add_argument("--config", default=training_config.DEFAULT_TRAINING_CONFIGURATION,
+                   help="training configuration by name: " + training_config.configurations_text())
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a configuration field (repeatable)")
     p.add_argument("--checkpoint", help="checkpoint file (default: OUT with .checkpoint.pt); an existing one is resumed")
     p.add_argument("--data", help="data folder or CSV, for validation on real pairs (with --split)")

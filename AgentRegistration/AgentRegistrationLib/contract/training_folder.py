@@ -1,5 +1,6 @@
 """The training folder (where ``groundtruth``/``sdm``/``train`` write, and their CSV columns) and the choices of a
-training: configurations, crops, geometries, ground-truth metrics. Standard library only."""
+training: crops, geometries, ground-truth metrics (the configurations: :mod:`.training_config`). Standard library
+only."""
 
 from __future__ import annotations
 
@@ -10,10 +11,6 @@ from pathlib import Path
 from AgentRegistrationLib.contract.register_folder import read_csv_columns
 
 # ====================================================================================== training output folder
-TRAINING_CONFIGURATIONS = ("compact", "paper", "converge", "recover")
-"""Training configurations by name (``agentreg train --config``); a test keeps them equal to ``training.CONFIGS``."""
-DEFAULT_TRAINING_CONFIGURATION = "converge"
-"""The configuration ``agentreg train`` and the training module use unless told otherwise (the shipped models')."""
 CROPS = ("organ", "paper")
 """Crop boxes by name (``--crop``): ``organ`` centres each image's box on its organ and sizes it to it, ``paper`` is
 the paper's centred box after translation pre-alignment (:func:`preprocessing.model_geometry`)."""

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from AgentRegistrationLib.contract.points import point_text
+from AgentRegistrationLib.contract.training_config import DEFAULT_TRAINING_CONFIGURATION, TRAINING_CONFIGURATIONS
 from AgentRegistrationLib.contract.training_folder import (
     DEFAULT_GEOMETRY,
-    DEFAULT_TRAINING_CONFIGURATION,
     GEOMETRY_CHOICES,
     GEOMETRY_OVERRIDES,
     GT_METRICS,
     PAPER_MODES,
-    TRAINING_CONFIGURATIONS,
     TrainingFiles,
     parse_numbers,
 )
