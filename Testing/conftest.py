@@ -131,7 +131,8 @@ def tiny_pipeline(grid128, tmp_path_factory):
     from AgentRegistrationLib.data.image_io import read_image
     from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary, run_groundtruth
     from AgentRegistrationLib.stages.sdm_fit import fit_from_groundtruth
-    from AgentRegistrationLib.stages.training import TrainingSet, train
+    from AgentRegistrationLib.stages.training import train
+    from AgentRegistrationLib.stages.training_set import TrainingSet
 
     shared = _shared_folder(tmp_path_factory)
     built: dict[tuple[int, str], dict] = {}
@@ -155,7 +156,7 @@ def tiny_pipeline(grid128, tmp_path_factory):
         config = config_by_name("compact" if crop == "paper" else "converge").with_overrides(
             ["iterations=30", "batch_size=8", "checkpoint_every=1000", "validate_every=1000"])
         torch.manual_seed(0)
-        train(config, TrainingSet.from_groundtruth(root / "gt"), sdm, geometry, root / "bundle.pt", torch.device("cpu"))
+        train(config, TrainingSet.from_groundtruth(root / "gt"), sdm, geometry, torch.device("cpu")).save(root / "bundle.pt")
 
     def build(dim: int, crop: str = "paper") -> dict:
         if (dim, crop) not in built:

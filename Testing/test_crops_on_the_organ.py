@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from AgentRegistrationLib.cli import main
 from AgentRegistrationLib.data.organ_box import localisation_from_label
 from AgentRegistrationLib.model.bundle import load_bundle
-from AgentRegistrationLib.stages.training import add_localisation
+from AgentRegistrationLib.stages.training_finish import add_localisation
 
 STEPS = 10
 
@@ -64,7 +64,9 @@ def test_a_moving_image_stored_40_mm_away_registers_as_well_as_the_original(orga
                         str(subjects / f"fixed_{kind}.nii.gz"))
         sitk.WriteImage(sitk.ReadImage(str(inputs["moving" if kind == "image" else "moving_label"])),
                         str(subjects / f"moving_{kind}.nii.gz"))
-    add_localisation(load_bundle(organ2d["bundle"]), tmp_path / "model.pt", None, str(subjects), ["fixed", "moving"])
+    bundle = load_bundle(organ2d["bundle"])
+    add_localisation(bundle, None, str(subjects), ["fixed", "moving"])
+    bundle.save(tmp_path / "model.pt")
     assert load_bundle(tmp_path / "model.pt").typical_spread(2).shape == (2,)
     point = "--fixed-point=" + ",".join(f"{v:.3f}" for v in inputs["centre"])
     assert _register(inputs, tmp_path / "model.pt", tmp_path / "near", "moving", point) == 0
@@ -83,7 +85,8 @@ def test_the_models_localiser_places_the_fixed_crop(organ2d, inputs, native_slic
     localiser = train_localiser(list(images), list(labels), LocaliserConfig.default(2), iterations=3, seed=0)
     save_localiser(localiser, tmp_path / "localiser-2d.pt")
     bundle = load_bundle(organ2d["bundle"])
-    add_localisation(bundle, tmp_path / "model.pt", [str(tmp_path / "localiser-2d.pt")], None, [])
+    add_localisation(bundle, [str(tmp_path / "localiser-2d.pt")], None, [])
+    bundle.save(tmp_path / "model.pt")
     assert sorted(load_bundle(tmp_path / "model.pt").localisers) == ["2"]
     assert _register(inputs, tmp_path / "model.pt", tmp_path / "out") == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())

@@ -30,16 +30,9 @@ from AgentRegistrationLib.core.synthetic import SyntheticPairGenerator, q_target
 from AgentRegistrationLib.core.warp import compose, warp
 from AgentRegistrationLib.model.bundle import BundleError, ModelBundle, load_bundle
 from AgentRegistrationLib.model.devices import resolve_device
-from AgentRegistrationLib.stages.sdm_fit import load_groundtruth
-from AgentRegistrationLib.stages.training import (
-    TrainingSet,
-    ValidationPair,
-    action_steps_for,
-    choose_steps,
-    held_out_accuracy,
-    train,
-    validation_pairs_from_split,
-)
+from AgentRegistrationLib.stages.training import action_steps_for, held_out_accuracy, train
+from AgentRegistrationLib.stages.training_finish import choose_steps
+from AgentRegistrationLib.stages.training_set import TrainingSet, ValidationPair, validation_pairs_from_split
 
 ENGINE_DIR = Path(__file__).resolve().parents[1] / "AgentRegistration"
 
@@ -56,9 +49,8 @@ class Tiny:
 @pytest.fixture(scope="module")
 def tiny(tiny_pipeline) -> Tiny:
     p = tiny_pipeline(2)
-    geometry, _ = load_groundtruth(p["gt"])
-    return Tiny(p["gt"], StatisticalDeformationModel.load(p["sdm"]), geometry, TrainingSet.from_groundtruth(p["gt"]),
-                p["bundle"])
+    training_set = TrainingSet.from_groundtruth(p["gt"])
+    return Tiny(p["gt"], StatisticalDeformationModel.load(p["sdm"]), training_set.geometry, training_set, p["bundle"])
 
 
 def _agent(tiny: Tiny) -> Agent:
@@ -188,8 +180,7 @@ def test_intra_and_inter_pairs_are_drawn_with_equal_probability(tiny):
 def test_short_training_lowers_the_loss_and_beats_chance(tiny, tmp_path):
     torch.manual_seed(0)
     config = _config(iterations=100, batch_size=12, checkpoint_every=100)
-    bundle = train(config, tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "b.pt", torch.device("cpu"),
-                   checkpoint=tmp_path / "c.pt")
+    bundle = train(config, tiny.training_set, tiny.sdm, tiny.geometry, torch.device("cpu"), checkpoint=tmp_path / "c.pt")
 
     columns = training_folder.read_training_loss(tmp_path / "loss.csv")
     assert columns["iteration"] == [50, 100]
@@ -209,7 +200,7 @@ def test_short_training_lowers_the_loss_and_beats_chance(tiny, tmp_path):
 
 def test_resumed_training_continues_where_it_stopped(tiny, tmp_path):
     run = lambda config, name: train(config, tiny.training_set, tiny.sdm, tiny.geometry,  # noqa: E731
-                                     tmp_path / f"{name}.pt", torch.device("cpu"), checkpoint=tmp_path / name / "c.pt")
+                                     torch.device("cpu"), checkpoint=tmp_path / name / "c.pt")
     (tmp_path / "whole").mkdir()
     (tmp_path / "resumed").mkdir()
     whole = run(_config(iterations=20), "whole")
@@ -225,7 +216,7 @@ def test_resumed_training_continues_where_it_stopped(tiny, tmp_path):
 
 def test_a_checkpoint_older_than_a_configuration_field_resumes_with_its_default(tiny, tmp_path):
     checkpoint = tmp_path / "c.pt"
-    run = lambda config: train(config, tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "b.pt",  # noqa: E731
+    run = lambda config: train(config, tiny.training_set, tiny.sdm, tiny.geometry,  # noqa: E731
                                torch.device("cpu"), checkpoint=checkpoint)
     run(_config(iterations=4))
     state = torch.load(checkpoint, weights_only=True)
@@ -241,7 +232,7 @@ def test_a_checkpoint_older_than_a_configuration_field_resumes_with_its_default(
 def test_the_training_record_names_the_device_its_batches_ran_on(tiny, tmp_path):
     checkpoint = tmp_path / "c.pt"
     run = lambda iterations: train(_config(iterations=iterations), tiny.training_set, tiny.sdm,  # noqa: E731
-                                   tiny.geometry, tmp_path / "b.pt", torch.device("cpu"), checkpoint=checkpoint)
+                                   tiny.geometry, torch.device("cpu"), checkpoint=checkpoint)
     here = run(4).training["device"]
     assert here.startswith("cpu (") and torch.load(checkpoint, weights_only=True)["device"] == here
     state = torch.load(checkpoint, weights_only=True)
@@ -253,16 +244,15 @@ def test_the_training_record_names_the_device_its_batches_ran_on(tiny, tmp_path)
     assert run(6).training["device"] == f"cuda (NVIDIA H200), then {here}"  # resumed here
 
 
-def test_time_limited_training_stops_saves_and_resumes(tiny, tmp_path):
+def test_time_limited_training_stops_checkpoints_and_resumes(tiny, tmp_path):
     checkpoint = tmp_path / "c.pt"
     config = _config(iterations=100_000, checkpoint_every=100_000)
-    bundle = train(config, tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "b.pt", torch.device("cpu"),
-                   checkpoint=checkpoint, time_limit=1.0)
+    bundle = train(config, tiny.training_set, tiny.sdm, tiny.geometry, torch.device("cpu"), checkpoint=checkpoint,
+                   time_limit=1.0)
     first = torch.load(checkpoint, weights_only=True)["iteration"]
     assert 1 <= first < 100_000
-    assert bundle.training["iterations"] == first == load_bundle(tmp_path / "b.pt").training["iterations"]
-    train(config, tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "b.pt", torch.device("cpu"),
-          checkpoint=checkpoint, time_limit=0.5)
+    assert bundle.training["iterations"] == first  # the bundle of the checkpointed iteration
+    train(config, tiny.training_set, tiny.sdm, tiny.geometry, torch.device("cpu"), checkpoint=checkpoint, time_limit=0.5)
     state = torch.load(checkpoint, weights_only=True)
     assert state["iteration"] > first
     assert state["history"][-1][0] == state["iteration"]  # the stopping iteration is logged
@@ -274,8 +264,8 @@ def test_validation_during_training_equals_validation_of_the_saved_bundle(tiny, 
     pairs = [ValidationPair(ts.images[f], ts.images[m], ts.labels[f], ts.labels[m], f"{m}->{f}")
              for m, f in ts.pairs[:4]]
     config = _config(iterations=20, validate_every=20, validation_steps=30)
-    bundle = train(config, ts, tiny.sdm, tiny.geometry, tmp_path / "b.pt", torch.device("cpu"),
-                   checkpoint=tmp_path / "c.pt", validation=pairs)
+    bundle = train(config, ts, tiny.sdm, tiny.geometry, torch.device("cpu"), checkpoint=tmp_path / "c.pt",
+                   validation=pairs)
     logged = torch.load(tmp_path / "c.pt", weights_only=True)["history"][-1][3]
     assert logged == pytest.approx(bundle.validation["dice_median"], abs=1e-6)
 
@@ -318,10 +308,9 @@ def test_default_steps_are_chosen_by_the_dice_of_real_runs_on_training_pairs(tin
 
 
 def test_resuming_with_another_configuration_is_refused(tiny, tmp_path):
-    train(_config(), tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "b.pt", torch.device("cpu"),
-          checkpoint=tmp_path / "c.pt")
+    train(_config(), tiny.training_set, tiny.sdm, tiny.geometry, torch.device("cpu"), checkpoint=tmp_path / "c.pt")
     with pytest.raises(ValueError, match=r"another training configuration \(learning_rate differ\)"):
-        train(_config(learning_rate=0.01, iterations=20), tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "b.pt",
+        train(_config(learning_rate=0.01, iterations=20), tiny.training_set, tiny.sdm, tiny.geometry,
               torch.device("cpu"), checkpoint=tmp_path / "c.pt")
 
 
@@ -334,7 +323,7 @@ def test_distributed_training_writes_one_bundle(tiny, tmp_path):
     split.write_text('{"train": ["case00", "case04", "case06", "case07"], "validation": ["case02", "case09"]}')
     data = Path(__file__).resolve().parents[2] / "shared" / "data" / "promise12" / "grid128"
     # prepared here once into the copy's cache (as a first training run would), so that neither rank loads elastix
-    validation_pairs_from_split(gt, data, split, tiny.geometry, 2)
+    validation_pairs_from_split(TrainingSet.from_groundtruth(gt), data, split, 2)
     out = tmp_path / "ddp" / "bundle.pt"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ENGINE_DIR), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
@@ -605,11 +594,12 @@ def test_intensity_augmentation_changes_contrast_not_geometry_and_is_off_by_defa
 
 
 def test_fine_tuning_starts_from_the_given_model_and_refuses_another_sdm(tiny, tmp_path):
-    start = train(_config(iterations=4), tiny.training_set, tiny.sdm, tiny.geometry, tmp_path / "start.pt",
-                  torch.device("cpu"))
+    start = train(_config(iterations=4), tiny.training_set, tiny.sdm, tiny.geometry, torch.device("cpu"))
+    start.save(tmp_path / "start.pt")
     # learning rate 0: the fine-tuned weights must be exactly those it started from (batch-norm statistics move on)
     tuned = train(_config(iterations=2, learning_rate=0.0, augment=0.5), tiny.training_set, tiny.sdm, tiny.geometry,
-                  tmp_path / "tuned.pt", torch.device("cpu"), checkpoint=tmp_path / "c.pt", init=tmp_path / "start.pt")
+                  torch.device("cpu"), checkpoint=tmp_path / "c.pt", init=tmp_path / "start.pt")
+    tuned.save(tmp_path / "tuned.pt")
     tuned_weights = dict(tuned.network.named_parameters())
     for name, value in start.network.named_parameters():
         assert torch.equal(tuned_weights[name], value), name
@@ -619,9 +609,9 @@ def test_fine_tuning_starts_from_the_given_model_and_refuses_another_sdm(tiny, t
 
     assert "fine-tuning `start.pt` (compact, 4 batches)" in model_card(load_bundle(tmp_path / "tuned.pt"), "tuned")
     resumed = train(_config(iterations=3, learning_rate=0.0, augment=0.5), tiny.training_set, tiny.sdm, tiny.geometry,
-                    tmp_path / "tuned.pt", torch.device("cpu"), checkpoint=tmp_path / "c.pt")
+                    torch.device("cpu"), checkpoint=tmp_path / "c.pt")
     assert resumed.training["initialised_from"] == record  # kept in the checkpoint
     fewer = StatisticalDeformationModel.fit(tiny.training_set.coefficients, tiny.sdm.num_modes - 1, tiny.sdm.grid)
     with pytest.raises(ValueError, match="fine-tuning needs the same architecture"):
-        train(_config(iterations=1), tiny.training_set, fewer, tiny.geometry, tmp_path / "x.pt", torch.device("cpu"),
+        train(_config(iterations=1), tiny.training_set, fewer, tiny.geometry, torch.device("cpu"),
               init=tmp_path / "start.pt")

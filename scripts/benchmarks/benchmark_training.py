@@ -27,8 +27,8 @@ from AgentRegistrationLib.core.network import DualStreamQNetwork, NetworkConfig,
 from AgentRegistrationLib.core.sdm import StatisticalDeformationModel  # noqa: E402
 from AgentRegistrationLib.core.synthetic import SyntheticPairGenerator, q_targets  # noqa: E402
 from AgentRegistrationLib.model.devices import device_name  # noqa: E402
-from AgentRegistrationLib.stages.sdm_fit import load_groundtruth  # noqa: E402
-from AgentRegistrationLib.stages.training import TrainingSet, action_steps_for  # noqa: E402
+from AgentRegistrationLib.stages.training import action_steps_for  # noqa: E402
+from AgentRegistrationLib.stages.training_set import TrainingSet  # noqa: E402
 
 
 def device_text(device: torch.device) -> str:
@@ -45,9 +45,9 @@ def _sync(device: torch.device) -> None:
 
 def pairs_per_second(gt: Path, sdm_path: Path, architecture: str, device: torch.device, batch: int,
                      warmup: int, iterations: int) -> dict:
-    geometry, _ = load_groundtruth(gt)
-    sdm = StatisticalDeformationModel.load(sdm_path)
     training_set = TrainingSet.from_groundtruth(gt)
+    geometry = training_set.geometry
+    sdm = StatisticalDeformationModel.load(sdm_path)
     config = config_by_name(architecture)
     batch = batch or config.batch(geometry.dim)
     torch.manual_seed(0)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from AgentRegistrationLib.contract.training_folder import GroundTruthFolder
 from AgentRegistrationLib.core.synthetic import SyntheticPairGenerator, q_targets
 from AgentRegistrationLib.model.bundle import load_bundle
 
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="Markdown file to write (default: print only)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    sets = {"training": args.groundtruth / "subjects", "validation": args.groundtruth / "validation_subjects"}
+    folder = GroundTruthFolder(args.groundtruth)
+    sets = {"training": folder.subjects, "validation": folder.validation_subjects}
     loaded = {name: load_subjects(folder) for name, folder in sets.items()}
     lines = [
         "# Drift: distance to the answer after each step, on synthetic pairs", "",

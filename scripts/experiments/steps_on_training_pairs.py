@@ -13,7 +13,7 @@ the curve covers every step) and its trajectory records the Dice of the warped m
 ``agentreg register``, ``demo``, ``evaluate`` and the Slicer module use unless told otherwise). The curves are
 measured with 200 steps (the paper's number), so a rerun gives the same choice.
 
-``agentreg train --step-pairs N`` (``stages.training.choose_steps``) makes the same choice for a new model: the same
+``agentreg train --step-pairs N`` (``stages.training_finish.choose_steps``) makes the same choice for a new model: the same
 rule (the best mean Dice over 1 to 200 steps, then the stop margin with ``choose_stop_margin``), but on pairs drawn
 from the ground truth's pairs rather than from all ordered pairs of the training subjects, and it keeps only the
 mean by step. This script stays for what it alone gives: the shipped 2-D model's choice (66 steps, margin 4,

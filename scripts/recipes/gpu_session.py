@@ -80,7 +80,8 @@ from AgentRegistrationLib.stages.evaluation import (  # noqa: E402
     write_report,
 )
 from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary  # noqa: E402
-from AgentRegistrationLib.stages.training import TrainingSet, train  # noqa: E402
+from AgentRegistrationLib.stages.training import train  # noqa: E402
+from AgentRegistrationLib.stages.training_set import TrainingSet  # noqa: E402
 
 MAX_RETURNED_FILE = 15 * 2**20
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a rehearsal (run --allow-cpu)
@@ -204,8 +205,8 @@ def benchmark(inputs: Path, out: Path, args) -> dict:
 
 def training_inputs(gt: Path, sdm_file: Path) -> tuple:
     """``(geometry, sdm, training_set)`` of a ground-truth folder and its SDM, as ``agentreg train`` reads them."""
-    return (GroundTruthSummary.load(gt).geometry, StatisticalDeformationModel.load(sdm_file),
-            TrainingSet.from_groundtruth(gt))
+    training_set = TrainingSet.from_groundtruth(gt)
+    return training_set.geometry, StatisticalDeformationModel.load(sdm_file), training_set
 
 
 def train_run(inputs: Path, work: Path, name: str, dim: int, config_name: str, seconds: float,
@@ -221,8 +222,9 @@ def train_run(inputs: Path, work: Path, name: str, dim: int, config_name: str, s
     # the time limit ends the run; one checkpoint, at the end (the 3-D paper network's is ~300 MB)
     config = config_by_name(config_name).with_overrides(["iterations=1000000", "checkpoint_every=1000000"])
     torch.backends.cudnn.benchmark = True
-    bundle = train(config, training_set, sdm, geometry, run_dir / "model.pt", torch.device(DEVICE), checkpoint,
-                   validation=None, time_limit=seconds)
+    bundle = train(config, training_set, sdm, geometry, torch.device(DEVICE), checkpoint, validation=None,
+                   time_limit=seconds)
+    bundle.save(run_dir / "model.pt")
     return {k: v for k, v in bundle.training.items() if k != "subjects"}
 
 
@@ -375,8 +377,9 @@ def train_config(args) -> None:
         if left < 20.0:
             break
         config = config_by_name(args.config).with_overrides([*(args.set or []), f"iterations={iterations}"])
-        bundle = train(config, training_set, sdm, geometry, run_dir / "model.pt", torch.device(DEVICE), checkpoint,
-                       validation=None, progress=progress, time_limit=left)
+        bundle = train(config, training_set, sdm, geometry, torch.device(DEVICE), checkpoint, validation=None,
+                       progress=progress, time_limit=left)
+        bundle.save(run_dir / "model.pt")
         reached = int(bundle.training["iterations"])
         shutil.copy(checkpoint, Path(args.out) / f"{args.config}-{reached}.pt")
         print(f"[{time.perf_counter() - t0:6.1f} s] {args.config}: {reached} batches, checkpoint "

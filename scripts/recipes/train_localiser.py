@@ -49,7 +49,7 @@ from AgentRegistrationLib.data.localiser import (
 )
 from AgentRegistrationLib.data.organ_box import BOX_SPREADS, Localisation, localisation_from_label
 from AgentRegistrationLib.model.bundle import load_bundle
-from AgentRegistrationLib.stages.training import add_localisation
+from AgentRegistrationLib.stages.training_finish import add_localisation
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "promise12"
@@ -230,7 +230,9 @@ def main(argv=None) -> int:
                                                       "runs": runs}})
     size_kb = args.out.stat().st_size / 1024
     for model in args.into or []:  # the models that carry this localiser get the new one
-        add_localisation(load_bundle(model), model, [str(args.out)], None, [])
+        bundle = load_bundle(model)
+        add_localisation(bundle, [str(args.out)], None, [])
+        bundle.save(model)
         print(f"put {args.out} into {model}")
 
     lines = [f"# Learned localiser, {args.dim}-D: validation", "",

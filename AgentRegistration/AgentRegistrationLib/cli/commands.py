@@ -226,7 +226,8 @@ def cmd_train(args) -> int:
     from AgentRegistrationLib.core.sdm import StatisticalDeformationModel
     from AgentRegistrationLib.model.devices import resolve_device
     from AgentRegistrationLib.stages import training
-    from AgentRegistrationLib.stages.sdm_fit import load_groundtruth
+    from AgentRegistrationLib.stages.training_finish import finish_bundle, training_text
+    from AgentRegistrationLib.stages.training_set import TrainingSet, validation_pairs_from_split
 
     if args.split and not args.data:
         raise ValueError("--split needs --data: the data folder or CSV that holds the split's validation subjects")
@@ -236,38 +237,35 @@ def cmd_train(args) -> int:
         raise ValueError(f"--init {args.init}: no such model file (give a model bundle made by agentreg train)")
     device = resolve_device(args.device)
     config = training_config.config_by_name(args.config).with_overrides(args.set or [])
-    geometry, _ = load_groundtruth(Path(args.groundtruth))
+    training_set = TrainingSet.from_groundtruth(Path(args.groundtruth))  # the ground-truth folder, read once
     sdm = StatisticalDeformationModel.load(args.sdm)
-    training_set = training.TrainingSet.from_groundtruth(Path(args.groundtruth))
     validation = None
     if args.data and args.split:
-        validation = training.validation_pairs_from_split(Path(args.groundtruth), args.data, args.split, geometry,
-                                                          config.validation_pairs, config.seed)
+        validation = validation_pairs_from_split(training_set, args.data, args.split, config.validation_pairs,
+                                                 config.seed)
     if device.type == "cpu":
         _torch_threads(args.threads)
     rep = Reporter("train", config.iterations, args.progress_json)
     checkpoint = Path(args.checkpoint) if args.checkpoint else Path(args.out).with_suffix(".checkpoint.pt")
-    bundle = training.train(config, training_set, sdm, geometry, Path(args.out), device, checkpoint, validation,
+    bundle = training.train(config, training_set, sdm, training_set.geometry, device, checkpoint, validation,
                             lambda i, n, info: rep.update(i, **info),
                             time_limit=None if args.max_minutes is None else 60.0 * args.max_minutes,
                             init=Path(args.init) if args.init else None)
     rep.close()
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes)
         return 0
-    if bundle.validation:
-        bundle.validation.update(data=recorded_path(args.data), split=recorded_path(args.split))
-    if args.step_pairs:
-        rep = Reporter("agent", 0, args.progress_json)
-        rep.message(f"choosing the model's default number of steps on {min(args.step_pairs, len(training_set.pairs))} "
-                    "real pairs of training subjects (up to 200 steps each)")
-        bundle.training["step_choice"] = training.choose_steps(bundle, training_set, args.step_pairs, device=device)
-        rep.close()
-    bundle.save(args.out)
-    if geometry.localised:
-        note = training.add_localisation(bundle, Path(args.out), args.localiser, args.data, training_set.names)
-        if note:
-            print(note, file=sys.stderr)
-    print(training.training_text(config, bundle, args.out), file=sys.stderr)
+
+    def step_choice(pairs: int) -> None:
+        Reporter("agent", 0, args.progress_json).message(
+            f"choosing the model's default number of steps on {pairs} real pairs of training subjects (up to 200 steps "
+            "each)")
+
+    note = finish_bundle(bundle, training_set, step_pairs=args.step_pairs, device=device, localisers=args.localiser,
+                         data=args.data, split=args.split, on_step_choice=step_choice)
+    bundle.save(args.out)  # once, finished
+    if note:
+        print(note, file=sys.stderr)
+    print(training_text(config, bundle, args.out), file=sys.stderr)
     if args.progress_json:
         print(messages.encode(messages.done_message(bundle=str(args.out))), flush=True)
     return 0

@@ -63,7 +63,8 @@ MODEL_SUFFIX = ".pt"
 class GroundTruthFolder:
     """The folder ``agentreg groundtruth`` writes, defined once: one file per ordered pair (its B-spline coefficients
     and Dice) under ``pairs/``, each subject on the model grid under ``subjects/``, the pairs' Dice in
-    ``gt_dice.csv``, the run's record in ``summary.json`` and the failed pairs in ``failures.json``."""
+    ``gt_dice.csv``, the run's record in ``summary.json`` and the failed pairs in ``failures.json``; ``agentreg train``
+    adds its validation subjects on the model grid under ``validation_subjects/``."""
 
     root: Path
 
@@ -84,6 +85,11 @@ class GroundTruthFolder:
 
     def subject_file(self, name: str) -> Path:
         return self.subjects / f"{name}.npz"
+
+    @property
+    def validation_subjects(self) -> Path:
+        """The validation subjects on the model grid, as ``agentreg train --data --split`` prepares them (a cache)."""
+        return Path(self.root) / "validation_subjects"
 
     @property
     def dice_csv(self) -> Path:

@@ -33,3 +33,10 @@ def cpu_name() -> str:
 def device_name(device: torch.device) -> str:
     """The hardware behind ``device``, for records and reports: the GPU's name for CUDA, else the CPU's."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def device_record(device: torch.device) -> str:
+    """The device as a model's training record names it: ``cuda (<the GPU>)``, or ``cpu (<n> threads)``."""
+    if device.type == "cuda":
+        return f"cuda ({device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"

@@ -18,11 +18,17 @@ from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary, PairResu
 
 
 def load_groundtruth(gt_dir: Path) -> tuple[ModelGeometry, list[PairResult]]:
+    """The model geometry and the deformations (:func:`load_pairs`) of the ground-truth folder ``gt_dir``."""
     geometry = GroundTruthSummary.load(gt_dir).geometry
+    return geometry, load_pairs(gt_dir)
+
+
+def load_pairs(gt_dir: Path) -> list[PairResult]:
+    """The ground-truth deformations of the folder ``gt_dir``, 3 or more."""
     results = [load_pair(p) for p in GroundTruthFolder(gt_dir).pair_files()]
     if len(results) < 3:
         raise ValueError(f"{gt_dir} holds {len(results)} GT deformations; fitting an SDM needs at least 3")
-    return geometry, results
+    return results
 
 
 def fit_from_groundtruth(gt_dir: Path, modes: int):

@@ -7,6 +7,9 @@ batches, batch 65 (2-D) / 30 (3-D), as in the paper; all overridable. Periodical
 runs on real validation pairs and its Dice is reported. Checkpoints hold model, optimizer,
 scheduler, step, history and config; a rerun resumes from them. Under ``torchrun`` (``RANK``
 set) it trains with DistributedDataParallel; only rank 0 writes.
+
+What it trains on: :mod:`.training_set`; its configurations: :mod:`..contract.training_config`; what ``agentreg
+train`` adds to the trained bundle before saving it: :mod:`.training_finish`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +28,8 @@ import torch.distributed as dist
 
 from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.contract.training_config import TrainingConfig
-from AgentRegistrationLib.contract.training_folder import LOSS_COLUMNS, GroundTruthFolder
-from AgentRegistrationLib.core.agent import STOP_MARGINS, Agent, AgentSettings, choose_stop_margin, model_defaults
+from AgentRegistrationLib.contract.training_folder import LOSS_COLUMNS
+from AgentRegistrationLib.core.agent import Agent, AgentSettings, model_defaults
 from AgentRegistrationLib.core.geometry import ModelGeometry
 from AgentRegistrationLib.core.metrics import dice_batch
 from AgentRegistrationLib.core.network import DualStreamQNetwork, NetworkConfig
@@ -35,45 +37,8 @@ from AgentRegistrationLib.core.sdm import StatisticalDeformationModel
 from AgentRegistrationLib.core.synthetic import SyntheticPairGenerator, augment_intensity, q_targets
 from AgentRegistrationLib.core.warp import warp
 from AgentRegistrationLib.model.bundle import ModelBundle, bundle_from_payload, load_bundle
-from AgentRegistrationLib.model.devices import device_name
-from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary
-from AgentRegistrationLib.stages.sdm_fit import load_groundtruth
-
-
-@dataclass
-class TrainingSet:
-    """Training subjects on the model grid and the real GT deformations between them."""
-
-    names: list[str]
-    images: np.ndarray  # (S, *spatial) float32
-    labels: np.ndarray  # (S, *spatial) uint8
-    pairs: list[tuple[int, int]]  # (moving, fixed) subject indices
-    coefficients: np.ndarray  # (P, n_coefficients)
-    source: dict = dataclasses.field(default_factory=dict)  # where the subjects came from (for the model card)
-
-    @classmethod
-    def from_groundtruth(cls, gt_dir: Path) -> TrainingSet:
-        _, results = load_groundtruth(gt_dir)
-        summary = GroundTruthSummary.load(gt_dir)
-        source = {"groundtruth": str(Path(gt_dir).resolve()), "groundtruth_metric": summary.metric, **summary.source}
-        names = sorted({r.moving for r in results} | {r.fixed for r in results})
-        images, labels = [], []
-        for n in names:
-            with np.load(GroundTruthFolder(gt_dir).subject_file(n)) as z:
-                images.append(z["image"])
-                labels.append(z["label"])
-        index = {n: i for i, n in enumerate(names)}
-        pairs = [(index[r.moving], index[r.fixed]) for r in results]
-        return cls(names, np.stack(images), np.stack(labels), pairs, np.stack([r.coefficients for r in results]), source)
-
-
-@dataclass
-class ValidationPair:
-    fixed: np.ndarray
-    moving: np.ndarray
-    fixed_label: np.ndarray
-    moving_label: np.ndarray
-    name: str
+from AgentRegistrationLib.model.devices import device_record
+from AgentRegistrationLib.stages.training_set import TrainingSet, ValidationPair
 
 
 def _distributed() -> tuple[int, int]:
@@ -82,13 +47,6 @@ def _distributed() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _device_name(device: torch.device) -> str:
-    """The device as a model's training record names it."""
-    if device.type == "cuda":
-        return f"cuda ({device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def action_steps_for(sdm: StatisticalDeformationModel, config: TrainingConfig) -> np.ndarray:
@@ -100,7 +58,6 @@ def train(
     training_set: TrainingSet,
     sdm: StatisticalDeformationModel,
     geometry: ModelGeometry,
-    out_bundle: Path,
     device: torch.device,
     checkpoint: Path | None = None,
     validation: list[ValidationPair] | None = None,
@@ -108,11 +65,12 @@ def train(
     time_limit: float | None = None,
     init: Path | None = None,
 ) -> ModelBundle:
-    """Train (or resume from ``checkpoint``) and save the model bundle ``out_bundle``; a new run starts from the
-    network of the model bundle ``init`` when given (fine-tuning), else from random weights.
+    """Train (or resume from ``checkpoint``) and return the model bundle, validated on ``validation`` (rank 0); the
+    caller saves it. A new run starts from the network of the model bundle ``init`` when given (fine-tuning), else
+    from random weights.
 
     With ``time_limit`` (seconds of this call), training stops after the iteration that passes it,
-    checkpoints, and saves the bundle of that iteration; the checkpoint resumes it later.
+    checkpoints, and returns the bundle of that iteration; the checkpoint resumes it later.
     """
     rank, world = _distributed()
     if time_limit is not None and world > 1:
@@ -132,8 +90,6 @@ def train(
     if validation and rank == 0:
         # The bundle's validation is measured on the network as saved and reloaded, as users will run it.
         bundle.validation = validate_bundle(bundle, validation, config)
-    if rank == 0:
-        bundle.save(out_bundle)
     run.network.to(device)
     return bundle
 
@@ -318,7 +274,7 @@ class _TrainingRun:
         self.seconds += time.perf_counter() - t0
 
     def device_text(self) -> str:
-        return _device_name(self.device) + (f" x{self.world}" if self.world > 1 else "")
+        return device_record(self.device) + (f" x{self.world}" if self.world > 1 else "")
 
     def bundle(self) -> ModelBundle:
         """The model bundle of the run (its network on the CPU), with the training record; no validation yet."""
@@ -401,130 +357,3 @@ def validate_bundle(bundle: ModelBundle, pairs: list[ValidationPair], config: Tr
     return validate(reloaded.agent(), pairs, config)
 
 
-def validation_pairs_from_subjects(subjects, count: int, seed: int = 0) -> list[ValidationPair]:
-    """``count`` random ordered pairs of prepared validation subjects (already on the model grid)."""
-    rng = np.random.default_rng(seed)
-    pairs = [(m, f) for m in range(len(subjects)) for f in range(len(subjects)) if m != f]
-    chosen = rng.choice(len(pairs), size=min(count, len(pairs)), replace=False)
-    out = []
-    for i in sorted(chosen):
-        m, f = pairs[i]
-        out.append(ValidationPair(subjects[f].image, subjects[m].image, subjects[f].label, subjects[m].label,
-                                  f"{subjects[m].name}->{subjects[f].name}"))
-    return out
-
-
-def validation_pairs_from_split(groundtruth: Path, data: str | Path, split: str | Path, geometry: ModelGeometry,
-                                count: int, seed: int = 0) -> list[ValidationPair]:
-    """``count`` random pairs of the ``validation`` subjects of ``split`` found in ``data``, prepared onto the model
-    grid as the training subjects of the ground-truth folder ``groundtruth`` were (cached in
-    ``groundtruth/validation_subjects``)."""
-    # SimpleITK: training runs without it on prepared subjects (GPU machines); only new validation subjects need it
-    from AgentRegistrationLib.data.dataset import find_subjects, load_split, prepare_subject
-    from AgentRegistrationLib.data.image_io import read_image
-
-    summary = GroundTruthSummary.load(groundtruth)
-    all_subjects = find_subjects(data)
-    template = next(s for s in all_subjects if s.name == summary.template)
-    names = load_split(split)["validation"]
-    chosen = [s for s in all_subjects if s.name in set(names)]
-    if len(chosen) < 2:
-        raise ValueError(f"validation needs 2 or more of the validation subjects of {split} in {data}; "
-                         f"found {len(chosen)} ({', '.join(s.name for s in chosen) or 'none'})")
-    template_image = read_image(template.image, "template image")
-    cache = Path(groundtruth) / "validation_subjects"
-    prepared = [prepare_subject(s, template_image, geometry, cache) for s in chosen]
-    return validation_pairs_from_subjects(prepared, count, seed)
-
-
-NO_VALIDATION = "no validation (give --data and --split for validation on real pairs)"
-
-
-def validation_text(validation: dict) -> str:
-    """A bundle's validation in words (``agentreg train``'s last line)."""
-    if not validation:
-        return NO_VALIDATION
-    return (f"validation on {len(validation.get('pairs', []))} real pairs of the validation subjects "
-            f"({validation.get('steps')} steps): Dice median {validation['dice_before_median']:.3f} -> "
-            f"{validation['dice_median']:.3f}, mean {validation['dice_before_mean']:.3f} -> {validation['dice_mean']:.3f}")
-
-
-def training_text(config: TrainingConfig, bundle: ModelBundle, out: str | Path) -> str:
-    """What ``agentreg train`` says at the end: the run, its validation and the model's agent defaults."""
-    t = bundle.training
-    steps = bundle.agent_defaults["steps"]
-    return (f"trained {config.name} ({config.architecture}) for {t['iterations']} batches in {t['seconds'] / 60:.1f} min "
-            f"on {t['device']}" + (f", fine-tuning {t['initialised_from']['model']}" if t.get("initialised_from") else "")
-            + f"; final loss {t['final_loss']:.4g}, held-out best-action accuracy "
-            f"{t['held_out_accuracy']:.2f} (chance {t['chance_accuracy']:.3f}); {validation_text(bundle.validation)}; "
-            f"default {steps} agent steps"
-            + (f" (best on {t['step_choice']['pairs']} training pairs)" if "step_choice" in t else "")
-            + (", stop rule on" if bundle.agent_defaults.get("stop_when_no_action_helps") else ", no stop rule")
-            + f"; saved {out}")
-
-
-def add_localisation(bundle: ModelBundle, out: Path, localisers: list[str] | None, data: str | None,
-                     names: list[str]) -> str | None:
-    """Give a model that crops on the organ what it needs to place the fixed crop: organ localisers (files of
-    ``agentreg localiser``, one per image dimension) and the training subjects' median organ spread (for a
-    point placed by hand); save it to ``out``. Returns a note for the user when it has no localiser."""
-    # SimpleITK (the training labels are read again): only for models that crop on the organ
-    from AgentRegistrationLib.data.dataset import find_subjects
-    from AgentRegistrationLib.data.image_io import read_label
-    from AgentRegistrationLib.data.localiser import load_localiser, localiser_to_payload
-    from AgentRegistrationLib.data.organ_box import localisation_from_label
-
-    for path in localisers or []:
-        localiser = load_localiser(path)
-        bundle.localisers[str(localiser.config.dim)] = localiser_to_payload(localiser)
-    if data:
-        spreads = np.array([localisation_from_label(read_label(s.label)).spread for s in find_subjects(data, names)])
-        if spreads.shape[1] == 3:
-            bundle.organ_spread = {"3": np.median(spreads, 0).tolist(), "2": np.median(spreads[:, :2], 0).tolist()}
-        else:
-            bundle.organ_spread = {"2": np.median(spreads, 0).tolist()}
-    bundle.save(out)
-    if not localisers:
-        return ("note: this model crops on the organ but has no localiser: users must place the fixed crop with a "
-                "point (--fixed-point); add one with --localiser")
-    return None
-
-
-@torch.no_grad()
-def choose_steps(bundle: ModelBundle, training_set: TrainingSet, pairs: int, max_steps: int = 200,
-                 seed: int = 1, device: torch.device | str = "cpu", batch: int = 16) -> dict:
-    """A new model's default number of agent steps: the step count (1 to ``max_steps``) with the best mean Dice on
-    ``pairs`` random real GT pairs of its training subjects (never a validation subject), the agent run with the
-    model's settings but without its stop rule, so that every step is measured (as
-    ``scripts/experiments/steps_on_training_pairs.py`` chose the shipped models' steps). Sets the bundle's default (it does not
-    save it) and returns ``{"steps", "pairs", "max_steps", "seed", "dice_mean_by_step"}``."""
-    rng = np.random.default_rng(seed)
-    chosen = sorted(rng.choice(len(training_set.pairs), size=min(pairs, len(training_set.pairs)), replace=False))
-    agent = bundle.agent(device)
-    settings = bundle.agent_settings(steps=max_steps, seed=0, stop_when_no_action_helps=False)
-    dice, best_q = [], []
-    for first in range(0, len(chosen), batch):
-        moving, fixed = zip(*[training_set.pairs[i] for i in chosen[first:first + batch]], strict=True)
-        take = lambda array, index: torch.as_tensor(array[list(index)])[:, None]  # noqa: E731
-        moving_label, fixed_label = take(training_set.labels, moving), take(training_set.labels, fixed)
-        result = agent.run(take(training_set.images, fixed), take(training_set.images, moving), settings,
-                           moving_label, fixed_label)
-        start_dice = agent.start_dice(moving_label, fixed_label)
-        dice.append(torch.cat([start_dice[None], torch.stack(result.trajectory.dice)]).cpu().numpy())  # (1 + steps, B)
-        best_q.append(result.trajectory.best_allowed_q().cpu().numpy())
-    dice, best_q = np.concatenate(dice, axis=1), np.concatenate(best_q, axis=1)
-    mean = dice[1:].mean(axis=1)
-    best = int(mean.argmax()) + 1
-    bundle.agent_defaults["steps"] = best
-    bundle.agent_defaults["steps_chosen_by"] = (
-        f"the best mean Dice over 1 to {max_steps} steps on {len(chosen)} real pairs of training subjects, chosen by "
-        "'agentreg train'; the paper used 200")
-    choice = {"steps": best, "pairs": len(chosen), "max_steps": max_steps, "seed": seed,
-              "dice_mean_by_step": [float(x) for x in mean]}
-    if bundle.agent_defaults.get("stop_when_no_action_helps"):
-        margin = choose_stop_margin(best_q, dice, max_steps)
-        bundle.agent_defaults["stop_margin"] = margin
-        bundle.agent_defaults["stop_margin_chosen_by"] = (
-            f"the best mean Dice at {max_steps} steps on the same pairs among {list(STOP_MARGINS)}")
-        choice["stop_margin"] = margin
-    return choice
