@@ -68,7 +68,7 @@ def test_groundtruth_is_an_upper_bound_of_the_translation(evaluation):
 
 def test_prepared_pairs_are_read_back_from_the_cache_by_geometry(evaluation):
     from AgentRegistrationLib.core.geometry import ModelGeometry
-    from AgentRegistrationLib.stages.evaluation import prepared_pairs
+    from AgentRegistrationLib.stages.evaluation_pairs import prepared_pairs
 
     found = prepared_pairs(evaluation["out"] / "cache", ModelGeometry.paper(2))
     assert sorted(names for names, _ in found) == sorted({(r["moving"], r["fixed"]) for r in _rows(evaluation)})

@@ -19,7 +19,7 @@ from AgentRegistrationLib.core.bspline import bspline_field
 from AgentRegistrationLib.core.metrics import dice, label_values, per_label, surface_distances
 from AgentRegistrationLib.core.warp import warp_label
 from AgentRegistrationLib.elastix.constrained import corresponding_points, ray_directions, surface_points
-from AgentRegistrationLib.stages import evaluation
+from AgentRegistrationLib.stages.evaluation_pairs import pair_dir
 from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary, load_pair
 
 SLICE = 16  # the middle slice of the grid128 volumes (32 slices)
@@ -220,7 +220,7 @@ def test_evaluate_reports_dice_and_hausdorff_per_label(volumes, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 * 3
     for row in rows:
-        with np.load(evaluation.pair_dir(out, row["moving"], row["fixed"]) / "prepared.npz") as z:
+        with np.load(pair_dir(out, row["moving"], row["fixed"]) / "prepared.npz") as z:
             fixed, moving = z["fixed_label"], z["unregistered_label" if row["method"] == "none" else "moving_label"]
         assert label_values(fixed) == [1, 2]
         if row["method"] == "ours":

@@ -281,6 +281,8 @@ def test_the_learned_core_imports_without_simpleitk_or_itk():
         "sys.meta_path.insert(0, Block())\n"
         "import AgentRegistrationLib.stages.training, AgentRegistrationLib.stages.evaluation\n"
         "import AgentRegistrationLib.stages.sdm_fit, AgentRegistrationLib.model.bundle\n"
+        "import AgentRegistrationLib.stages.training_set, AgentRegistrationLib.stages.training_finish\n"
+        "import AgentRegistrationLib.stages.evaluation_pairs, AgentRegistrationLib.stages.evaluation_report\n"
         "assert 'SimpleITK' not in sys.modules and 'itk' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ENGINE_DIR)

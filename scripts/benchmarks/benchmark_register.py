@@ -145,7 +145,7 @@ class CachedPair:
 
 def load_prepared_pairs(folders: list[str], geometry, count: int) -> list[CachedPair] | None:
     """The first ``count`` cached pairs (sorted by name) of the first folder that has pairs on ``geometry``'s grid."""
-    from AgentRegistrationLib.stages.evaluation import prepared_pairs
+    from AgentRegistrationLib.stages.evaluation_pairs import prepared_pairs
 
     for folder in folders:
         pairs = prepared_pairs(folder, geometry, count)

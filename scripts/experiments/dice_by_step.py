@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from AgentRegistrationLib.core.agent import dice_by_margin, stop_steps
 from AgentRegistrationLib.model.bundle import load_bundle
-from AgentRegistrationLib.stages.evaluation import prepared_pairs
+from AgentRegistrationLib.stages.evaluation_pairs import prepared_pairs
 
 STEPS = 200
 SHOWN = (0, 10, 25, 50, 100, 150, 200)

@@ -38,7 +38,8 @@ from AgentRegistrationLib.contract.training_config import TrainingConfig
 from AgentRegistrationLib.core.bspline import bspline_field
 from AgentRegistrationLib.core.warp import warp_label
 from AgentRegistrationLib.model.bundle import load_bundle
-from AgentRegistrationLib.stages.evaluation import figures, file_hash, pair_dir, prepared_pairs
+from AgentRegistrationLib.stages.evaluation import figures, file_hash
+from AgentRegistrationLib.stages.evaluation_pairs import pair_dir, prepared_pairs
 from AgentRegistrationLib.stages.training import action_steps_for
 
 

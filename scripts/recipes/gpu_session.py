@@ -71,14 +71,9 @@ from AgentRegistrationLib.core.sdm import StatisticalDeformationModel  # noqa: E
 from AgentRegistrationLib.core.warp import warp  # noqa: E402
 from AgentRegistrationLib.model.bundle import load_bundle  # noqa: E402
 from AgentRegistrationLib.model.devices import device_name  # noqa: E402
-from AgentRegistrationLib.stages.evaluation import (  # noqa: E402
-    EvaluationSettings,
-    evaluate,
-    pair_dir,
-    prepared_pairs,
-    select_pairs,
-    write_report,
-)
+from AgentRegistrationLib.stages.evaluation import EvaluationSettings, evaluate, select_pairs  # noqa: E402
+from AgentRegistrationLib.stages.evaluation_pairs import pair_dir, prepared_pairs  # noqa: E402
+from AgentRegistrationLib.stages.evaluation_report import write_report  # noqa: E402
 from AgentRegistrationLib.stages.groundtruth import GroundTruthSummary  # noqa: E402
 from AgentRegistrationLib.stages.training import train  # noqa: E402
 from AgentRegistrationLib.stages.training_set import TrainingSet  # noqa: E402

@@ -433,7 +433,7 @@ def cmd_evaluate(args) -> int:
     from AgentRegistrationLib.data.dataset import find_subjects, load_split
     from AgentRegistrationLib.data.geometry_choice import model_geometry
     from AgentRegistrationLib.model.devices import resolve_device
-    from AgentRegistrationLib.stages import evaluation
+    from AgentRegistrationLib.stages import evaluation, evaluation_report
 
     methods = evaluation.parse_methods(args.methods)
     names = load_split(args.split)["validation"]
@@ -472,14 +472,14 @@ def cmd_evaluate(args) -> int:
                                             args.workers, progress, localiser=localiser)
     for bar in bars.values():
         bar.close()
-    notes = evaluation.report_notes(pairs, names, args.split, args.data, args.dim, geometry, settings, model, device,
-                                    results, failures, time.perf_counter() - start, args.workers)
+    notes = evaluation_report.report_notes(pairs, names, args.split, args.data, args.dim, geometry, settings, model,
+                                           device, results, failures, time.perf_counter() - start, args.workers)
     report = Path(args.report) if args.report else Path(args.out) / "evaluation.md"
-    summary = evaluation.write_report(
+    summary = evaluation_report.write_report(
         report, results, methods, args.dim, "agentreg " + shlex.join(args.argv), notes,
         {"failures": failures, "pairs": pairs, "methods": methods, "model": shown(model) if model else None,
          "model_hash": evaluation.file_hash(model) if model else None})
-    print("\n".join(evaluation.summary_lines(summary, methods)), file=sys.stderr)
+    print("\n".join(evaluation_report.summary_lines(summary, methods)), file=sys.stderr)
     print(f"report: {report}; per pair: {report.with_suffix('.csv')}; box plots: "
           f"{report.with_name(report.stem + '_boxplots.png')}", file=sys.stderr)
     if args.progress_json:

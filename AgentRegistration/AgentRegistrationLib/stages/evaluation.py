@@ -21,14 +21,17 @@ For every ordered pair (moving m -> fixed n) of the validation subjects:
    fixed mask, Hausdorff distance in model-grid voxels, % of voxels with det J <= 0, seconds.
 
 Each (pair, method) result is cached as one JSON file with the settings that made it; a rerun
-loads what matches and computes only the rest.
+loads what matches and computes only the rest. The shared preprocessing is :mod:`.evaluation_pairs`'s, the report
+:mod:`.evaluation_report`'s.
+
+The module imports without SimpleITK and itk (a GPU machine evaluates prepared pairs without them): the worker jobs
+and the functions that register with elastix import them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import multiprocessing
 import time
 from collections.abc import Callable
@@ -41,7 +44,7 @@ import numpy as np
 import torch
 
 from AgentRegistrationLib.contract.files import atomic_write
-from AgentRegistrationLib.contract.paths import how_to_get_a_model, shipped_model, shown
+from AgentRegistrationLib.contract.paths import how_to_get_a_model, shipped_model
 from AgentRegistrationLib.core.bspline import bspline_field
 from AgentRegistrationLib.core.geometry import ModelGeometry
 from AgentRegistrationLib.core.metrics import dice, jacobian_statistics, per_label, surface_distances
@@ -50,6 +53,14 @@ from AgentRegistrationLib.data.pairs import ordered_pairs
 from AgentRegistrationLib.elastix.baselines import BASELINE_ITERATIONS, baseline_spacing, register_baseline
 from AgentRegistrationLib.elastix.constrained import register_constrained
 from AgentRegistrationLib.model.bundle import ModelBundle, load_bundle
+from AgentRegistrationLib.stages.evaluation_pairs import (
+    load_elastix,
+    load_prepared,
+    localiser_hash,
+    pair_dir,
+    prepare_evaluation_pair,
+    save_prepared,
+)
 
 if TYPE_CHECKING:
     from AgentRegistrationLib.data.dataset import Subject
@@ -58,7 +69,6 @@ METHODS = ("none", "T", "localised", "e8", "e16", "ours", "nfc", "gt")
 START_METHODS = ("T", "localised")  # the start of every other method: the paper's translation, or the organ's boxes
 ELASTIX_METHODS = ("e8", "e16", "gt")
 AGENT_METHODS = ("ours", "nfc")
-FIGURES = ("dice", "hausdorff", "folding_percent", "seconds")
 
 Progress = Callable[[str, int, int], None]
 
@@ -103,127 +113,6 @@ def select_pairs(names: list[str], max_pairs: int = 0, pairs: str | None = None,
     return ordered_pairs(names, max_pairs, seed)
 
 
-def pair_dir(out: Path, moving: str, fixed: str) -> Path:
-    return Path(out) / "pairs" / f"{moving}__to__{fixed}"
-
-
-# ----------------------------------------------------------------------------------------- preprocessing
-def _load_elastix() -> None:
-    """Load itk-elastix's lazily imported parts, so that the first pair's time does not include it."""
-    import itk  # (see the imports)
-
-    _ = itk.ParameterObject, itk.elastix_registration_method, itk.TransformixFilter
-
-
-def prepare_evaluation_pair(fixed: Subject, moving: Subject, geometry: ModelGeometry,
-                            localiser_path: str | None = None) -> dict:
-    """Both images on the fixed image's model grid, by the preprocessing of ``geometry``: the paper's translation
-    pre-alignment (elastix, on the 3-D volumes), or each crop on its organ, the moving one placed by the moving
-    label (the atlas case) and the fixed one by the localiser in ``localiser_path`` (a model bundle or a localiser
-    file; without one, by the fixed label: an oracle start, reported as such). Also the moving label with no
-    registration at all (``none``)."""
-    from AgentRegistrationLib.data.dataset import subject_frame  # SimpleITK (see the imports)
-    from AgentRegistrationLib.data.image_io import read_image, read_label
-    from AgentRegistrationLib.data.localiser import localise
-    from AgentRegistrationLib.data.organ_box import localisation_from_label
-    from AgentRegistrationLib.data.preprocessing import normalise_intensity, organ_frames, prealign_translation, resample_to_frame
-
-    fixed_image = read_image(fixed.image, f"image of {fixed.name}")
-    moving_image = read_image(moving.image, f"image of {moving.name}")
-    fixed_label = read_label(fixed.label, f"label of {fixed.name}")
-    moving_label = read_label(moving.label, f"label of {moving.name}")
-    start = time.perf_counter()
-    if geometry.localised:
-        if localiser_path:
-            localiser = _localiser(localiser_path, fixed_image.GetDimension())
-            fixed_place, placed_by = localise(localiser, fixed_image), "localiser"
-        else:
-            fixed_place, placed_by = localisation_from_label(fixed_label, "fixed label"), "fixed label (oracle)"
-        frame, moving_frame = organ_frames(fixed_image, moving_image, geometry, fixed_place,
-                                           localisation_from_label(moving_label, "moving label"))
-        status = f"boxes on the organ; fixed placed by the {placed_by}"
-    else:
-        _load_elastix()
-        start = time.perf_counter()
-        translation, status = prealign_translation(fixed_image, moving_image, geometry)
-        frame = subject_frame(fixed_image, geometry)
-        moving_frame = frame.translated(translation)
-    seconds = time.perf_counter() - start
-    shape = geometry.array_shape
-
-    def on_grid(image, box, label=False):
-        return resample_to_frame(image, box, label=label).reshape(shape)
-
-    return {
-        "fixed": normalise_intensity(on_grid(fixed_image, frame)),
-        "moving": normalise_intensity(on_grid(moving_image, moving_frame)),
-        "fixed_label": on_grid(fixed_label, frame, label=True),
-        "moving_label": on_grid(moving_label, moving_frame, label=True),
-        "unregistered_label": on_grid(moving_label, frame, label=True),
-        "translation": moving_frame.origin - frame.origin,
-        "prealignment": status,
-        "seconds": seconds,
-        "geometry": json.dumps(geometry.to_dict()),
-        "localiser": localiser_hash(localiser_path, fixed_image.GetDimension()),
-    }
-
-
-def _localiser(path: str, dim: int):
-    """The organ localiser for ``dim``-D images of a model bundle, or of a localiser file."""
-    from AgentRegistrationLib.data.localiser import load_localiser, localiser_from_payload  # SimpleITK (see the imports)
-
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(payload, dict) and payload.get("format") is not None:  # a model bundle
-        if str(dim) not in payload.get("localisers", {}):
-            raise ValueError(f"{path} has no organ localiser for {dim}-D images: train one (agentreg localiser) "
-                             "and add it to the model (agentreg train --localiser)")
-        return localiser_from_payload(payload["localisers"][str(dim)])
-    return load_localiser(path)
-
-
-def localiser_hash(path: str | None, dim: int) -> str:
-    """What identifies the localiser that placed the fixed crops of ``dim``-D images (``""`` for none)."""
-    if not path:
-        return ""
-    localiser = _localiser(path, dim)
-    digest = hashlib.sha256()
-    for key, value in sorted(localiser.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().numpy().tobytes())
-    digest.update(json.dumps(localiser.config.to_dict(), sort_keys=True).encode())
-    return digest.hexdigest()[:16]
-
-
-def load_prepared(path: Path, geometry: ModelGeometry, localiser: str | None = None) -> dict | None:
-    """The cached prepared pair, or ``None`` when absent, made for another geometry or (``localiser``: its hash)
-    with crops placed by another localiser."""
-    if not path.is_file():
-        return None
-    with np.load(path) as z:
-        pair = {k: z[k] for k in z.files}
-    if str(pair["geometry"]) != json.dumps(geometry.to_dict()):
-        return None
-    if localiser is not None and str(pair.get("localiser", "")) != localiser:
-        return None
-    pair["prealignment"], pair["seconds"] = str(pair["prealignment"]), float(pair["seconds"])
-    return pair
-
-
-def prepared_pairs(out: str | Path, geometry: ModelGeometry, count: int | None = None) -> list[tuple[tuple[str, str], dict]]:
-    """The first ``count`` cached prepared pairs of the evaluation folder ``out`` (sorted by name) that are on
-    ``geometry``'s grid: ``((moving, fixed), pair)``."""
-    found = []
-    for path in sorted(Path(out).glob("pairs/*__to__*/prepared.npz")):
-        pair = load_prepared(path, geometry)
-        if pair is not None:
-            found.append((tuple(path.parent.name.split("__to__")), pair))
-    return found[:count]
-
-
-def _save_prepared(path: Path, pair: dict) -> None:
-    atomic_write(path, lambda tmp: np.savez_compressed(tmp, **pair))
-
-
 # ----------------------------------------------------------------------------------------- figures
 def figures(warped_label: np.ndarray, fixed_label: np.ndarray, displacement: np.ndarray | None) -> dict:
     """Dice, Hausdorff (model-grid voxels; NaN if a mask is empty) of the union of the labels and % folding of
@@ -240,15 +129,9 @@ def figures(warped_label: np.ndarray, fixed_label: np.ndarray, displacement: np.
     return out
 
 
-def label_figures(results: list[dict]) -> list[str]:
-    """The per-label figures (:func:`figures`) found in ``results``, by label value."""
-    keys = {k for r in results for k in r if k.startswith(("dice_label_", "hausdorff_label_"))}
-    return sorted(keys, key=lambda k: (int(k.rsplit("_", 1)[1]), k))
-
-
 def run_elastix_method(method: str, pair: dict, geometry: ModelGeometry, settings: EvaluationSettings) -> dict:
     """e8 / e16 (:mod:`.baselines`) / gt on one prepared pair (model-space arrays)."""
-    _load_elastix()
+    load_elastix()
     start = time.perf_counter()
     if method == "gt":
         coefficients = register_constrained(pair["fixed"], pair["moving"], pair["fixed_label"], pair["moving_label"],
@@ -292,17 +175,17 @@ def _save_result(path: Path, result: dict) -> None:
 # ----------------------------------------------------------------------------------------- worker jobs
 def _prepare_job(args) -> tuple[str, str, dict]:
     fixed, moving, geometry_dict, path, localiser_path = args
-    from AgentRegistrationLib.elastix.wrapper import single_threaded_worker  # itk (see the imports)
+    from AgentRegistrationLib.elastix.wrapper import single_threaded_worker  # itk (see the module's docstring)
 
     single_threaded_worker()
     pair = prepare_evaluation_pair(fixed, moving, ModelGeometry.from_dict(geometry_dict), localiser_path)
-    _save_prepared(Path(path), pair)
+    save_prepared(Path(path), pair)
     return moving.name, fixed.name, {"prealignment": pair["prealignment"]}
 
 
 def _elastix_job(args) -> dict:
     method, prepared_path, geometry_dict, settings_dict = args
-    from AgentRegistrationLib.elastix.wrapper import single_threaded_worker  # itk (see the imports)
+    from AgentRegistrationLib.elastix.wrapper import single_threaded_worker  # itk (see the module's docstring)
 
     single_threaded_worker()
     geometry = ModelGeometry.from_dict(geometry_dict)
@@ -511,146 +394,3 @@ def model_to_evaluate(model: str | Path | None, dim: int, crop: str | None, meth
     return model, bundle
 
 
-def report_notes(pairs: list[tuple[str, str]], names: list[str], split: str | Path, data: str | Path, dim: int,
-                 geometry: ModelGeometry, settings: EvaluationSettings, model: Path | None, device: torch.device,
-                 results: list[dict], failures: list[dict], seconds: float, workers: int) -> list[str]:
-    """The notes under an ``agentreg evaluate`` report's table: the pairs, what each method is, the figures, the
-    failures and the run's wall time (``seconds``)."""
-    prealign_failed = sorted({(r["moving"], r["fixed"]) for r in results if r.get("prealignment", "ok") != "ok"})
-    by_label = {(r["moving"], r["fixed"]) for r in results if "fixed label (oracle)" in str(r.get("prealignment", ""))}
-    placed = ("by the fixed label (an oracle start: the model has no localiser for these images; train one with "
-              "'agentreg localiser' and give it to agentreg train --localiser)" if by_label
-              else "by the model's localiser (no fixed label is used)")
-    return [
-        f"{len(pairs)} ordered pairs of the {len(names)} validation subjects of `{shown(split)}` ({data}), "
-        f"{dim}-D" + ((" (the slice nearest each image's organ centre)" if geometry.localised else
-                       " (the middle slice of the crop box of the 3-D-aligned pair)") if dim == 2 else "")
-        + f"; model grid {'x'.join(map(str, geometry.size))} of the fixed image.",
-        (f"- Every method starts from the same crops, each centred on its image's organ and sized to it: the "
-         f"moving crop placed by the moving label (the atlas case), the fixed one {placed}; 'localised' is those "
-         "crops alone, and its seconds are the localisation's."
-         if geometry.localised else
-         "- Every method starts from the same translation pre-alignment (elastix, on the 3-D volumes); "
-         "T is that pre-alignment alone, and its seconds are the pre-alignment's."),
-        "- none: no registration at all (the moving mask where it lies, on the fixed crop).",
-        f"- e8 / e16: elastix's default B-spline map (Mattes mutual information, adaptive stochastic gradient "
-        f"descent, 3 resolutions, {settings.iterations} iterations each), final grid spacing "
-        f"{'x'.join(f'{s / 2:g}' for s in geometry.control_spacing)} / {'x'.join(f'{s:g}' for s in geometry.control_spacing)} "
-        "model voxels (e16 is the GT/SDM control grid).",
-        f"- our / nfc: the agent, {settings.steps} steps, with / without fuzzy action control "
-        + (f"(model `{shown(model)}`, device {device}); seconds = agent time of a batch of up to {settings.batch_size} pairs "
-           "divided by its pairs." if model else "(not run)."),
-        "- GT: the constrained elastix registration with both masks ("
-        + ("MI + bending energy + surface points" if settings.gt_metric == "points" else
-           "mean squares of the masks' signed distance maps + bending energy")
-        + f", the `{settings.gt_metric}` ground truth, {settings.gt_iterations} iterations): an upper bound, not a method.",
-        "- Dice of the warped moving mask with the fixed mask and Hausdorff distance in model-grid voxels (not mm), "
-        "both on the model grid; % folding = voxels with det J <= 0.",
-        f"- Failed (pair, method): {len(failures)}" + (": " + "; ".join(
-            f"{f['moving']}->{f['fixed']} {f['method']}: {f['error']}" for f in failures) if failures else "."),
-        *([] if geometry.localised else
-          [f"- Pairs whose translation pre-alignment was rejected (no translation applied): {len(prealign_failed)}."]),
-        f"- Wall time of this run (cached results are not recomputed): {seconds:.0f} s, {workers} worker(s).",
-    ]
-
-
-def write_report(report: Path, results: list[dict], methods: list[str], dim: int, command: str, notes: list[str],
-                 record: dict | None = None) -> dict[str, dict]:
-    """An evaluation's files: the markdown ``report`` (Table 1 and ``notes``), the per-pair CSV and the box plots
-    beside it (``<report>.csv``, ``<report>_boxplots.png``) and, with ``record``, ``<report>.json`` (the summary and
-    ``record``). Returns the summary (:func:`summarise`)."""
-    summary = summarise(results, methods)
-    csv_path = report.with_suffix(".csv")
-    png_path = report.with_name(report.stem + "_boxplots.png")
-    write_csv(csv_path, results)
-    plot_boxplots(png_path, results, methods, dim)
-    info = {"dim": dim, "command": command, "notes": notes, "csv": csv_path.name, "png": png_path.name}
-    atomic_write(report, lambda tmp: Path(tmp).write_text(report_markdown(summary, methods, info)))
-    if record is not None:
-        atomic_write(report.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(
-            {"summary": summary, **record}, indent=1)))
-    return summary
-
-
-def summary_lines(summary: dict[str, dict], methods: list[str]) -> list[str]:
-    """One line per method: Dice (and per label value, where the labels hold several), Hausdorff, folding, seconds,
-    pairs (what ``agentreg evaluate`` prints)."""
-    def labels(s: dict) -> str:
-        return "".join(f"; label {k.rsplit('_', 1)[1]} {v['median']:.3f}" for k, v in s.items()
-                       if k.startswith("dice_label_"))
-
-    return [f"{m:>4}: Dice median {s['dice']['median']:.3f} (mean {s['dice']['mean']:.3f}{labels(s)}), Hausdorff "
-            f"median {s['hausdorff']['median']:.1f} voxels, folding {s['folding_percent']['mean']:.3f} %, "
-            f"{s['seconds']['mean']:.2f} s/pair, {s['n']} pairs" for m, s in ((m, summary[m]) for m in methods)]
-
-
-# ----------------------------------------------------------------------------------------- summary and report
-def summarise(results: list[dict], methods: list[str]) -> dict[str, dict]:
-    """Per method: mean / median / std of Dice and Hausdorff (also per label value, where the labels hold several),
-    mean folding % and seconds, n."""
-    summary = {}
-    for method in methods:
-        rows = [r for r in results if r["method"] == method]
-        s = {"n": len(rows)}
-        for key in (*FIGURES, *label_figures(rows)):
-            v = np.array([r[key] for r in rows if key in r], dtype=float)
-            v = v[np.isfinite(v)]
-            s[key] = ({"mean": float(v.mean()), "median": float(np.median(v)), "std": float(v.std()), "n": int(v.size)}
-                      if v.size else {"mean": math.nan, "median": math.nan, "std": math.nan, "n": 0})
-        summary[method] = s
-    return summary
-
-
-METHOD_TITLES = {"none": "none", "T": "T", "localised": "localised", "e8": "e8", "e16": "e16", "ours": "our",
-                 "nfc": "nfc", "gt": "GT (upper bound)"}
-
-
-def report_markdown(summary: dict, methods: list[str], info: dict) -> str:
-    """Table 1 layout: figures as rows, methods as columns."""
-    rows = [("DICE Mean", "dice", "mean", ".3f"), ("DICE Med.", "dice", "median", ".3f"), ("DICE StD.", "dice", "std", ".3f"),
-            ("HD Mean", "hausdorff", "mean", ".1f"), ("HD Med.", "hausdorff", "median", ".1f"),
-            ("HD StD.", "hausdorff", "std", ".1f"), ("% folding (det J <= 0), mean", "folding_percent", "mean", ".3f"),
-            ("seconds per pair, mean", "seconds", "mean", ".2f"), ("pairs", None, None, "d")]
-    lines = [f"# Evaluation on the validation pairs ({info['dim']}-D): the paper's Table 1 protocol", "",
-             "Command:", "", "```", info["command"], "```", "",
-             "| | " + " | ".join(METHOD_TITLES[m] for m in methods) + " |",
-             "|---|" + "---:|" * len(methods)]
-    labels = sorted({int(k.rsplit("_", 1)[1]) for m in methods for k in summary[m] if k.startswith("dice_label_")})
-    per_label = [(f"label {v} alone: {title}", f"{key}_label_{v}", "median", fmt) for v in labels
-                 for title, key, fmt in (("DICE Med.", "dice", ".3f"), ("HD Med.", "hausdorff", ".1f"))]
-    rows = rows[:6] + per_label + rows[6:]  # after the union's Dice and Hausdorff
-    missing = {"median": math.nan}
-    for title, key, stat, fmt in rows:
-        cells = [format(summary[m]["n"], fmt) if key is None else format(summary[m].get(key, missing)[stat], fmt)
-                 for m in methods]
-        lines.append(f"| {title} | " + " | ".join(cells) + " |")
-    lines += ["", *info["notes"], "", f"Per pair: [{info['csv']}]({info['csv']}); box plots: ![box plots]({info['png']})", ""]
-    return "\n".join(lines)
-
-
-def write_csv(path: Path, results: list[dict]) -> None:
-    header = ["moving", "fixed", "method", *FIGURES, "prealignment", *label_figures(results)]
-    lines = [",".join(header)] + [",".join(str(r.get(k, "")) if k in ("moving", "fixed", "method", "prealignment")
-                                           else f"{r[k]:.6g}" if k in r else "" for k in header) for r in results]
-    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
-
-
-def plot_boxplots(path: Path, results: list[dict], methods: list[str], dim: int) -> None:
-    import matplotlib  # seconds to import: only where a figure is drawn
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.3 * len(methods), 4))
-    for ax, key, title in zip(axes, ("dice", "hausdorff"), ("Dice", "Hausdorff (model-grid voxels)"), strict=True):
-        data = []
-        for m in methods:
-            v = np.array([r[key] for r in results if r["method"] == m], dtype=float)
-            data.append(v[np.isfinite(v)])
-        ax.boxplot(data, showmeans=True)
-        ax.set_xticks(range(1, len(methods) + 1), [METHOD_TITLES[m].split(" ")[0] for m in methods])
-        ax.set_title(f"{title}, {dim}-D")
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
