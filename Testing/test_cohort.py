@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from AgentRegistrationLib.cli import main
-from AgentRegistrationLib.stages.cohort import pairs_from_csv, patient_images
+from AgentRegistrationLib.stages.cohort_pairs import pairs_from_csv, patient_images
 
 STEPS = 8
 TIMING = ("seconds_total", "seconds_preprocessing", "seconds_agent", "seconds_outputs", "pairs_in_batch")
@@ -342,7 +342,7 @@ def test_the_fused_row_has_the_dice_of_the_fused_label_where_the_patient_has_a_l
 
 
 def test_majority_vote_ties_go_to_the_lowest_label():
-    from AgentRegistrationLib.stages.cohort import majority_vote
+    from AgentRegistrationLib.stages.cohort_results import majority_vote
 
     a = np.array([[0, 1, 2, 2], [1, 1, 0, 3]], np.uint8)
     b = np.array([[1, 1, 2, 1], [2, 0, 0, 3]], np.uint8)

@@ -182,7 +182,7 @@ def start_cohort_registration(python: str, engine_dir: str | Path, atlas_node, m
     model_dim = worker_commands.model_header(model)["dim"]
     patients: dict[str, Any] = {}
     if patients_folder is not None:
-        from AgentRegistrationLib.stages.cohort import patient_images
+        from AgentRegistrationLib.stages.cohort_pairs import patient_images
 
         patients = {patient: None for patient, _, _ in patient_images(patients_folder)}
     # one process reads and writes while the agent runs; from 4 patients on, two (each loads torch: memory)
