@@ -104,11 +104,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ----------------------------------------------------------------------------------------- data
 def load_pairs(data: Path, dim: int, geometry, count: int) -> list:
     """``count`` ordered pairs of the validation subjects, preprocessed as ``agentreg register`` does."""
@@ -161,25 +156,29 @@ def stack(pairs: list, key: str, count: int, device: torch.device) -> torch.Tens
 
 # ----------------------------------------------------------------------------------------- timing
 def median_seconds(run, repeats: int, device: torch.device) -> float:
+    from AgentRegistrationLib.model.devices import synchronize
+
     times = []
     for _ in range(repeats):
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         run()
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def peak_memory(run, device: torch.device) -> dict:
     """Peak memory of ``run()`` (one pair's agent run)."""
+    from AgentRegistrationLib.model.devices import synchronize
+
     if device.type == "cuda":
         run()  # warm-up: the measured run then holds only what registration itself needs
-        sync(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         run()
-        sync(device)
+        synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return {"peak_mib": peak / 2**20, "increase_mib": (peak - base) / 2**20,
                 "how": "torch.cuda.max_memory_allocated during one pair's run, after a warm-up run"}

@@ -26,7 +26,7 @@ from AgentRegistrationLib.core.agent import Agent  # noqa: E402
 from AgentRegistrationLib.core.network import DualStreamQNetwork, NetworkConfig, count_parameters  # noqa: E402
 from AgentRegistrationLib.core.sdm import StatisticalDeformationModel  # noqa: E402
 from AgentRegistrationLib.core.synthetic import SyntheticPairGenerator, q_targets  # noqa: E402
-from AgentRegistrationLib.model.devices import device_name  # noqa: E402
+from AgentRegistrationLib.model.devices import device_name, synchronize  # noqa: E402
 from AgentRegistrationLib.stages.training import action_steps_for  # noqa: E402
 from AgentRegistrationLib.stages.training_set import TrainingSet  # noqa: E402
 
@@ -36,11 +36,6 @@ def device_text(device: torch.device) -> str:
     if device.type == "cuda":
         return device_name(device)
     return f"{device_name(device)} ({torch.get_num_threads()} threads)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def pairs_per_second(gt: Path, sdm_path: Path, architecture: str, device: torch.device, batch: int,
@@ -73,11 +68,11 @@ def pairs_per_second(gt: Path, sdm_path: Path, architecture: str, device: torch.
 
     for _ in range(warmup):
         step()
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(iterations):
         step()
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     return {"dim": geometry.dim, "architecture": architecture, "device": device.type, "batch": batch,
             "parameters": count_parameters(network), "pairs_per_second": batch * iterations / seconds,

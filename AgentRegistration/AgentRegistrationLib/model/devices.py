@@ -1,4 +1,4 @@
-"""Torch devices: the one place ``auto``/``cpu``/``cuda`` is resolved, and how a device is named in reports."""
+"""Torch devices: the one place ``auto``/``cpu``/``cuda`` is resolved, waited for (timings) and named in records and reports."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ def cpu_name() -> str:
 def device_name(device: torch.device) -> str:
     """The hardware behind ``device``, for records and reports: the GPU's name for CUDA, else the CPU's."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a CUDA GPU runs it asynchronously), so that a timer measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def device_record(device: torch.device) -> str:

@@ -53,6 +53,7 @@ from AgentRegistrationLib.data.pairs import ordered_pairs
 from AgentRegistrationLib.elastix.baselines import BASELINE_ITERATIONS, baseline_spacing, register_baseline
 from AgentRegistrationLib.elastix.constrained import register_constrained
 from AgentRegistrationLib.model.bundle import ModelBundle, load_bundle
+from AgentRegistrationLib.model.devices import synchronize
 from AgentRegistrationLib.stages.evaluation_pairs import (
     load_elastix,
     load_prepared,
@@ -363,8 +364,7 @@ def run_agent_methods(todo: list[tuple[str, tuple[str, str]]], prepared_path: di
             fixed, moving = (torch.as_tensor(np.stack([p[key] for p in pairs]))[:, None] for key in ("fixed", "moving"))
             t0 = time.perf_counter()
             result = agent.run(fixed, moving, agent_settings)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             seconds = (time.perf_counter() - t0) / len(batch)
             u = result.displacement.double().cpu()
             for i, ((m, f), pair) in enumerate(zip(batch, pairs, strict=True)):
