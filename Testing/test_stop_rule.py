@@ -41,7 +41,7 @@ def test_a_run_with_a_margin_is_the_run_without_the_rule_cut_where_the_rule_stop
     for margin in sorted({0.0, *np.quantile(best_q, [0.5, 0.9, 0.99]).clip(min=0.0)}):
         expected = stop_steps(best_q, float(margin), STEPS)
         ruled = agent.run(*pairs, AgentSettings(steps=STEPS, seed=3, stop_when_no_action_helps=True,
-                                                stop_margin=float(margin)))
+                                                stop_margin=float(margin), similarity_guard=False))  # the MDP's end
         np.testing.assert_array_equal(ruled.steps_taken, expected)
         np.testing.assert_allclose(ruled.theta, thetas[expected, np.arange(len(PAIRS))], atol=1e-5)
         stopped_early += int((expected < STEPS).sum())

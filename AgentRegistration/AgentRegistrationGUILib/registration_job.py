@@ -11,7 +11,7 @@ from typing import Any
 
 import SimpleITK as sitk
 import slicer
-from AgentRegistrationLib.contract import worker_commands
+from AgentRegistrationLib.contract import register_folder, worker_commands
 
 from AgentRegistrationGUILib import jobs
 from AgentRegistrationGUILib.nodes import (
@@ -158,7 +158,11 @@ def summary_text(metrics: dict) -> str:
     text = f"Done: {metrics['steps']} agent steps in {metrics['seconds_total']:.1f} s"
     if "dice_after" in metrics:
         text += f"; Dice {metrics['dice_before']:.3f} -> {metrics['dice_after']:.3f}"
-    return text + "."
+    notes = register_folder.metrics_notes(metrics)
+    if metrics.get("localisation_warning"):  # in Slicer the remedy is a markups point
+        notes[0] = notes[0].replace("--fixed-point X,Y[,Z] on the command line, a markups point in Slicer",
+                                    "a markups point, then Apply again")
+    return text + "." + "".join(f" {note[0].upper()}{note[1:]}." for note in notes)
 
 
 def load_volume_pair(files: dict[str, Path], scene: slicer.vtkMRMLScene, prefix: str = "") -> dict[str, Any]:

@@ -68,11 +68,17 @@ def placements(bundle, images: dict[str, tuple]) -> dict[str, dict[str, Localisa
     return out
 
 
-def crop_dice(geometry, images: dict[str, tuple], places: dict) -> dict[str, list[float]]:
-    """Per placement: the Dice of the two crops' labels over all ordered pairs (the moving crop on its label)."""
+def crop_dice(geometry, images: dict[str, tuple], places: dict, moving_by: str = "label",
+              same: bool = False) -> dict[str, list[float]]:
+    """Per placement: the Dice of the two crops' labels over all ordered pairs, the moving crop placed by its label
+    (``moving_by="label"``) or by the localiser, as the fixed one (``"localiser"``); ``same``: each subject against
+    itself instead (self-registration's start)."""
     result: dict[str, list[float]] = {key: [] for key in next(iter(places.values()))}
-    for moving, fixed in itertools.permutations(sorted(images), 2):
+    pairs = [(s, s) for s in sorted(images)] if same else itertools.permutations(sorted(images), 2)
+    for moving, fixed in pairs:
         (fixed_image, fixed_label, _), (moving_image, moving_label, moving_place) = images[fixed], images[moving]
+        if moving_by == "localiser":
+            moving_place = places[moving]["localiser"]
         for key, place in places[fixed].items():
             frame, moving_frame = organ_frames(fixed_image, moving_image, geometry, place, moving_place)
             result[key].append(dice(resample_to_frame(fixed_label, frame, label=True) > 0,
@@ -88,6 +94,10 @@ def main(argv=None) -> int:
     p.add_argument("--split", type=Path, default=REPO / "Resources" / "promise12_split.json")
     p.add_argument("--out", type=Path, required=True, help="Markdown report")
     p.add_argument("--note", default="", help="a sentence for the report (e.g. where each model comes from)")
+    p.add_argument("--moving", choices=("label", "localiser"), default="label",
+                   help="what places the moving crop: its label (the atlas case, as agentreg evaluate) or the "
+                        "localiser, the fixed crop's estimator (one rule for both crops)")
+    p.add_argument("--same", action="store_true", help="each subject against itself (self-registration's start)")
     p.add_argument("--slices", action="store_true",
                    help="pairs of single slices (through each prostate's centroid), placed by the 2-D localiser")
     args = p.parse_args(argv)
@@ -114,7 +124,7 @@ def main(argv=None) -> int:
     for model in args.model:
         bundle = load_bundle(model)
         places = placements(bundle, images)
-        for key, values in crop_dice(bundle.geometry, images, places).items():
+        for key, values in crop_dice(bundle.geometry, images, places, args.moving, args.same).items():
             lines.append(f"| `{model.name}` | {key} | {np.median(values):.3f} | {np.mean(values):.3f} | "
                          f"{np.min(values):.3f} |")
             print(lines[-1], flush=True)

@@ -312,6 +312,7 @@ def cmd_register(args) -> int:
             rep.message(f"warning: {note}")
     settings = bundle.agent_settings(steps=steps, seed=args.seed, fuzzy_k=args.fuzzy_k,
                                      stop_on_convergence=args.stop_on_convergence,
+                                     similarity_guard=not args.no_similarity_guard,
                                      fuzzy_action_control=not args.no_fuzzy)
     registrar = Registrar(bundle, device)
     rep.begin("localise" if bundle.geometry.localised else "prealign", 0)
@@ -335,6 +336,8 @@ def cmd_register(args) -> int:
     if "dice_after" in m:
         summary += f"; Dice {m['dice_before']:.3f} -> {m['dice_after']:.3f}"
     print(summary + f"; outputs in {args.output_dir}", file=sys.stderr)
+    for note in register_folder.metrics_notes(m):
+        print(f"agentreg: {note}", file=sys.stderr)
     if args.progress_json:
         print(messages.encode(messages.done_message(output_dir=str(args.output_dir), metrics=m)), flush=True)
     return 0
@@ -382,6 +385,7 @@ def cmd_register_many(args) -> int:
     steps, warning = inputs.agent_steps(args.steps, bundle.agent_settings().steps)
     settings = bundle.agent_settings(steps=steps, seed=args.seed, fuzzy_k=args.fuzzy_k,
                                      stop_on_convergence=args.stop_on_convergence,
+                                     similarity_guard=not args.no_similarity_guard,
                                      fuzzy_action_control=not args.no_fuzzy)
     rep = Reporter("register", len(pairs), args.progress_json)
     if warning:

@@ -34,6 +34,9 @@ def add_agent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fuzzy", action="store_true", help="switch fuzzy action control off (the paper's nfc)")
     p.add_argument("--fuzzy-k", type=float, help="fuzzy action control k (default: the model's, 1.5 as in the paper)")
     p.add_argument("--stop-on-convergence", action="store_true", help="stop early when the agent oscillates")
+    p.add_argument("--no-similarity-guard", action="store_true",
+                   help="keep the agent's end even when its crops are no more alike than at its start (the paper's "
+                        "agent; by default the start is kept then: first, do no harm)")
     p.add_argument("--save-steps", type=int, default=0, metavar="K",
                    help="also write the warped image every K agent steps into steps/ of the output folder (for "
                         "stepping through them)")

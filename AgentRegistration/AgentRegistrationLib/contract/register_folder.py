@@ -53,6 +53,16 @@ METRICS_SCHEMA = {
     "fixed_crop_size": "its extent along each of its axes, physical units",
     "fixed_crop_axes": "its axes (the fixed image's direction matrix, row by row)",
     "fixed_crop_placed_by": "what placed it: 'localiser', 'point on the fixed image' or \"paper's centred crop\"",
+    "moving_crop_placed_by": "what placed the moving crop: its label, or the fixed crop's rule (the localiser) when "
+                             "the two images are already aligned anatomy (crop_correlation at least 0.8)",
+    "crop_correlation": "correlation of the two crops placed by one rule (1.0: the same image content)",
+    "start_kept": "1 when the agent's end made the crops no more alike than its start, so the start was kept "
+                  "(first, do no harm); 0 otherwise",
+    "similarity_before": "correlation of the fixed crop and the moving crop at the agent's start (organ region)",
+    "similarity_after": "the same after the agent (of the result kept)",
+    "localisation_confidence": "how sure the localiser is of the fixed organ (0..1; below the model's threshold "
+                               "the registration warns: place a point on the organ)",
+    "localisation_warning": "why the fixed organ may be misplaced, and what to do (empty when confident)",
     "seconds_total": "wall time of the registration, seconds (without writing the files)",
     "seconds_preprocessing": "of which pre-alignment, cropping and resampling",
     "seconds_agent": "of which the agent's steps",
@@ -97,6 +107,19 @@ def check_metrics(metrics: dict[str, Any], source: str = "metrics") -> dict[str,
         raise ValueError(f"{source} does not follow the metrics schema (unknown keys {unknown}, missing {missing}, "
                          f"nested {nested}); was it written by this version of agentreg?")
     return metrics
+
+
+def metrics_notes(metrics: dict[str, Any]) -> list[str]:
+    """What a user must know about a registration beyond its numbers, one line each: a localisation that may have
+    missed the organ (with its remedy), and a start kept by the similarity guard."""
+    notes = []
+    if metrics.get("localisation_warning"):
+        notes.append(f"warning: {metrics['localisation_warning']} (localisation confidence "
+                     f"{metrics.get('localisation_confidence', 0):.2f})")
+    if metrics.get("start_kept"):
+        notes.append("note: the agent's steps made the crops no more alike than its start, so the start was kept "
+                     "(the crops alone; --no-similarity-guard keeps the agent's end)")
+    return notes
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:

@@ -45,6 +45,7 @@ class AgentSettings:
     stop_when_no_action_helps: bool = False  # stop a pair once its best allowed Q-value is <= stop_margin
     stop_margin: float = 0.0  # with the stop rule: the predicted gain (the Q-value's units) that is not worth a step
     seed: int = 0
+    similarity_guard: bool = True  # first, do no harm: keep the start when the end's crops are no more alike
 
     def __post_init__(self):
         if self.steps < 0:
@@ -97,6 +98,26 @@ class AgentResult:
     displacement: torch.Tensor  # (B, dim, *spatial), model voxels
     trajectory: Trajectory
     steps_taken: np.ndarray  # (B,)
+    similarity_start: np.ndarray | None = None  # (B,) organ_region_correlation at the start
+    similarity_end: np.ndarray | None = None  # (B,) of the result (the start where it was kept)
+    start_kept: np.ndarray | None = None  # (B,) bool: the similarity guard kept the start
+
+
+ORGAN_REGION = 0.6
+"""The organ region of a crop for :func:`organ_region_correlation`: the middle 60 % of the crop along each axis (a
+crop spans 10 (7 in z) standard deviations of the organ, which spans about 4.5: the organ and its rim)."""
+
+
+def organ_region_correlation(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` Pearson correlation of ``fixed`` and ``warped`` ``(B, 1, *spatial)`` over the organ region
+    (:data:`ORGAN_REGION`): how alike the two crops are where the organ is."""
+    region = tuple(slice(int(n * (1 - ORGAN_REGION) / 2), int(n * (1 + ORGAN_REGION) / 2) + 1)
+                   for n in fixed.shape[2:])
+    a = fixed[(slice(None), slice(None), *region)].flatten(1).double()
+    b = warped[(slice(None), slice(None), *region)].flatten(1).double()
+    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    norm = (a.square().sum(dim=1) * b.square().sum(dim=1)).sqrt()
+    return torch.where(norm > 0, (a * b).sum(dim=1) / norm.clamp(min=1e-12), torch.zeros_like(norm))
 
 
 STOP_MARGINS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -254,5 +275,22 @@ class Agent:
                 if callback is not None and step + 1 < settings.steps:
                     callback(settings.steps, settings.steps)  # every pair stopped: the run is done, say so once
                 break
-        return AgentResult(theta.cpu().double().numpy(), self.theta_start.cpu().double().numpy(), u, trajectory,
-                           steps_taken.cpu().numpy())
+        result = AgentResult(theta.cpu().double().numpy(), self.theta_start.cpu().double().numpy(), u, trajectory,
+                             steps_taken.cpu().numpy())
+        if settings.similarity_guard:
+            self._keep_start_unless_more_alike(fixed, moving, result)
+        return result
+
+    def _keep_start_unless_more_alike(self, fixed: torch.Tensor, moving: torch.Tensor, result: AgentResult) -> None:
+        """First, do no harm: where the agent's end makes the crops no more alike over the organ region than its
+        start (the same image: alike already), the result is the start. The trajectory stays as the agent walked."""
+        start = self.displacement(self.theta_start[None].expand(fixed.shape[0], -1))
+        before = organ_region_correlation(fixed, warp(moving, start))
+        after = organ_region_correlation(fixed, warp(moving, result.displacement))
+        kept = after <= before
+        result.displacement = torch.where(kept.view(-1, *([1] * (start.dim() - 1))), start, result.displacement)
+        kept_np = kept.cpu().numpy()
+        result.theta = np.where(kept_np[:, None], result.theta_start[None], result.theta)
+        result.similarity_start = before.cpu().numpy()
+        result.similarity_end = torch.where(kept, before, after).cpu().numpy()
+        result.start_kept = kept_np

@@ -28,10 +28,15 @@ class Localisation:
     centre: np.ndarray  # (dim,) physical point
     spread: np.ndarray  # (dim,) standard deviation of the organ along each image axis, physical units
     source: str  # "label", "point", "localiser", ...
+    confidence: float | None = None  # the localiser's, 0..1 (localiser.LocalisationConfidence); None: not a guess
+    warning: str = ""  # why it may be misplaced and what to do; empty when confident
 
     def to_dict(self) -> dict:
-        return {"centre": np.asarray(self.centre).tolist(), "spread": np.asarray(self.spread).tolist(),
-                "source": self.source}
+        out = {"centre": np.asarray(self.centre).tolist(), "spread": np.asarray(self.spread).tolist(),
+               "source": self.source}
+        if self.confidence is not None:
+            out.update(confidence=self.confidence, warning=self.warning)
+        return out
 
 
 def localisation_from_weights(weights: np.ndarray, image: sitk.Image, source: str) -> Localisation:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -14,9 +14,15 @@ import torch
 
 from AgentRegistrationLib.core.agent import AgentSettings
 from AgentRegistrationLib.core.metrics import dice, jacobian_statistics, per_label, surface_distances
-from AgentRegistrationLib.data.localiser import localise, localiser_from_payload
+from AgentRegistrationLib.data.localiser import localise_with_confidence, localiser_from_payload
 from AgentRegistrationLib.data.organ_box import Localisation, localisation_at_point, localisation_from_label
-from AgentRegistrationLib.data.preprocessing import PreparedPair, displacement_in_fixed_geometry, prepare_pair, warp_to_fixed
+from AgentRegistrationLib.data.preprocessing import (
+    PreparedPair,
+    displacement_in_fixed_geometry,
+    one_rule_for_aligned_images,
+    prepare_pair,
+    warp_to_fixed,
+)
 from AgentRegistrationLib.model.bundle import ModelBundle
 
 
@@ -40,6 +46,7 @@ class AgentOutcome:
     theta: np.ndarray  # (d,)
     trajectory: dict[str, np.ndarray]
     steps: int
+    guard: dict = field(default_factory=dict)  # similarity_before/after and start_kept, when the guard ran
 
 
 class Registrar:
@@ -63,7 +70,7 @@ class Registrar:
         if label is not None:
             return localisation_from_label(label, f"{what}'s label")
         localiser = self.localisers.get(image.GetDimension())
-        found = localise(localiser, image) if localiser is not None else None
+        found = self._localise(localiser, image, what) if localiser is not None else None
         if point is not None:
             if len(point) != image.GetDimension():
                 raise ValueError(f"the point on the {what} has {len(point)} coordinates but the image is "
@@ -76,6 +83,21 @@ class Registrar:
                              f"{what} (--fixed-point in agentreg register, a markups point in Slicer)"
                              + ("" if what == "fixed image" else " or a moving label"))
         return found
+
+    def _localise(self, localiser, image: sitk.Image, what: str) -> Localisation:
+        """The localiser's answer, with its confidence and, below the threshold, a warning that names the remedy."""
+        try:
+            typical = self.bundle.typical_spread(image.GetDimension())
+        except ValueError:  # a model that does not know its organ's typical size: the map's own measures only
+            typical = None
+        found, confidence = localise_with_confidence(localiser, image, typical_spread=typical)
+        warning = ""
+        if not confidence.confident:
+            warning = (f"the localiser may have missed the organ in the {what} ({'; '.join(confidence.reasons)}): "
+                       "check the crop box, and if it is off, place a point on the organ's centre (--fixed-point "
+                       "X,Y[,Z] on the command line, a markups point in Slicer)"
+                       + ("" if what == "fixed image" else " or give the moving label"))
+        return replace(found, confidence=confidence.score, warning=warning)
 
     def register(
         self,
@@ -122,9 +144,19 @@ class Registrar:
         (or the paper's translation pre-alignment)."""
         if fixed_localisation is None:
             fixed_localisation = self.localise(fixed, point=fixed_point, what="fixed image")
-        return prepare_pair(fixed, moving, self.bundle.geometry, fixed_label, moving_label, translation=translation,
-                            fixed_localisation=fixed_localisation,
-                            moving_localisation=self.localise(moving, label=moving_label, what="moving image"))
+        moving_localisation = self.localise(moving, label=moving_label, what="moving image")
+        correlation = None
+        if (moving_label is not None and fixed_localisation is not None and fixed_localisation.source == "localiser"
+                and moving.GetDimension() in self.localisers):
+            # one rule for both crops when the images are already aligned anatomy (the same image, anywhere)
+            moving_localisation, correlation = one_rule_for_aligned_images(
+                fixed, moving, self.bundle.geometry, fixed_localisation, moving_localisation,
+                self.localise(moving, what="moving image"))
+        pair = prepare_pair(fixed, moving, self.bundle.geometry, fixed_label, moving_label, translation=translation,
+                            fixed_localisation=fixed_localisation, moving_localisation=moving_localisation)
+        if correlation is not None:
+            pair.info["crop_correlation"] = correlation
+        return pair
 
     def run_agent(self, pairs: list[PreparedPair], settings: AgentSettings,
                   callback: Callable[[int, int], bool | None] | None = None) -> list[AgentOutcome]:
@@ -148,8 +180,11 @@ class Registrar:
         outcomes = []
         for i, has in enumerate(labelled):
             steps = int(result.steps_taken[i])
+            guard = ({"similarity_before": float(result.similarity_start[i]),
+                      "similarity_after": float(result.similarity_end[i]), "start_kept": int(result.start_kept[i])}
+                     if result.start_kept is not None else {})
             outcomes.append(AgentOutcome(result.theta[i], {k: v[:steps, i] for k, v in trajectory.items()
-                                                           if has or k != "dice"}, steps))
+                                                           if has or k != "dice"}, steps, guard))
         return outcomes
 
     def finish(self, pair: PreparedPair, outcome: AgentOutcome, fixed: sitk.Image, moving: sitk.Image,
@@ -169,6 +204,7 @@ class Registrar:
             "translation": pair.translation.tolist(),
             "jacobian_folding_percent": jacobian["folding_percent"],
             "log_jacobian_std": jacobian["log_jacobian_std"],
+            **outcome.guard,
         }
         metrics.update(fixed_crop_metrics(pair))
         if warped_label is not None and fixed_label is not None:
@@ -185,11 +221,20 @@ def fixed_crop_metrics(pair: PreparedPair) -> dict:
     see it (an ROI in Slicer) and correct a misplaced one with a point."""
     frame = pair.frame
     size = np.array(frame.size, dtype=float)
-    placed_by = pair.info.get("localisation", {}).get("fixed", {}).get("source", "paper's centred crop")
-    return {"fixed_crop_centre": frame.to_physical((size - 1) / 2).tolist(),
-            "fixed_crop_size": (size * frame.spacing).tolist(),
-            "fixed_crop_axes": np.asarray(frame.direction).ravel().tolist(),
-            "fixed_crop_placed_by": placed_by}
+    placed = pair.info.get("localisation", {})
+    out = {"fixed_crop_centre": frame.to_physical((size - 1) / 2).tolist(),
+           "fixed_crop_size": (size * frame.spacing).tolist(),
+           "fixed_crop_axes": np.asarray(frame.direction).ravel().tolist(),
+           "fixed_crop_placed_by": placed.get("fixed", {}).get("source", "paper's centred crop")}
+    if "moving" in placed:
+        out["moving_crop_placed_by"] = placed["moving"]["source"]
+    guessed = [placed[k] for k in ("fixed", "moving") if "confidence" in placed.get(k, {})]
+    if guessed:  # the crops the localiser placed: the least sure, and every warning
+        out["localisation_confidence"] = min(g["confidence"] for g in guessed)
+        out["localisation_warning"] = "; ".join(g["warning"] for g in guessed if g["warning"])
+    if "crop_correlation" in pair.info:
+        out["crop_correlation"] = pair.info["crop_correlation"]
+    return out
 
 
 def label_metrics(fixed_label: sitk.Image, moving_label: sitk.Image, warped_label: sitk.Image,
