@@ -160,3 +160,17 @@ def test_a_localiser_miss_is_said_with_its_remedy_everywhere(grid128, tmp_path, 
     assert written["localisation_warning"] == metrics["localisation_warning"]
     status = registration_job.summary_text(written)  # the Slicer status line, from the worker's real metrics
     assert "may have missed the organ" in status and "markups point" in status and "--fixed-point" not in status
+
+
+@pytest.mark.slow
+def test_the_evaluations_self_registration_finds_every_case_unchanged(grid128):
+    """What ``agentreg evaluate`` reports for each subject (stages/self_registration.py), on one validation subject."""
+    from AgentRegistrationLib.data.dataset import find_subjects
+    from AgentRegistrationLib.stages.registration import Registrar
+    from AgentRegistrationLib.stages.self_registration import CASES, self_registration, self_registration_lines
+
+    bundle = load_bundle(SHIPPED_3D)
+    subjects = {s.name: s for s in find_subjects(grid128, ["case13", "case17"]) if s.name == "case13"}
+    results = self_registration(subjects, Registrar(bundle, torch.device("cpu")), bundle.agent_settings(), 3)
+    assert set(results["case13"]) == set(CASES) and min(results["case13"].values()) >= 0.99
+    assert self_registration_lines(results)[-1].startswith("| lowest | ")

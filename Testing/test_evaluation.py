@@ -13,6 +13,7 @@ import json
 import pytest
 from AgentRegistrationLib.cli import main
 from AgentRegistrationLib.model.bundle import load_bundle
+from AgentRegistrationLib.stages.evaluation_report import gains_over_start
 
 METHODS = ["T", "e16", "ours", "nfc", "gt"]
 
@@ -188,3 +189,13 @@ def test_pairs_are_checked(grid128, tmp_path, capsys):
     assert main(["evaluate", "--data", str(grid128), "--out", str(tmp_path), "--methods", "T",
                  "--pairs", "case02:case00"]) == 1
     assert "MOVING:FIXED" in capsys.readouterr().err
+
+
+def test_the_gain_over_the_start_is_per_pair_and_counts_the_pairs_made_worse():
+    rows = [("a", "b", 0.80, 0.85), ("b", "a", 0.70, 0.60), ("a", "c", 0.90, 0.89), ("c", "a", 0.50, 0.50)]
+    results = [{"moving": m, "fixed": f, "method": method, "dice": d} for m, f, start, end in rows
+               for method, d in (("localised", start), ("ours", end))]
+    gains = gains_over_start(results, ["none", "localised", "ours"])["ours"]
+    assert gains["n"] == 4 and gains["improved"] == 0.25 and gains["worse"] == 0.25  # -0.01 is not worse than 0.02
+    assert gains["median"] == pytest.approx(-0.005) and gains["mean"] == pytest.approx(-0.015)
+    assert gains_over_start(results, ["none", "ours"]) == {}  # no start evaluated: no gain to report

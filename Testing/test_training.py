@@ -134,6 +134,19 @@ def test_composed_inter_subject_gt_against_sequential_warps(tiny):
     assert composed.mean() > before.mean() + 0.1, figure
 
 
+def test_aligned_pairs_are_identical_images_whose_gt_is_the_start_where_every_move_is_worse(tiny):
+    """``aligned=1``: every intra-subject pair has no synthetic difference, so its images are the same and its
+    ground truth is the start; Eq. 1's target of every action is then negative (every move is worse)."""
+    agent = _agent(tiny)
+    fixed, moving, theta_gt, intra = _generator(tiny, agent, seed=5, intra_probability=1.0, aligned=1.0).sample(32)
+    assert bool(intra.all()) and torch.equal(fixed, moving)
+    torch.testing.assert_close(theta_gt, agent.theta_start.expand(32, -1))
+    start = agent.theta_start.expand(32, -1)
+    assert bool((q_targets(theta_gt, start, agent.deltas) < 0).all())
+    fixed, moving, theta_gt, _ = _generator(tiny, agent, seed=5, intra_probability=1.0, aligned=0.0).sample(32)
+    assert not torch.equal(fixed, moving)  # without it, two different draws
+
+
 @pytest.mark.parametrize("new_subjects", [0.0, 1.0])
 def test_intra_pair_gt_reproduces_the_fixed_image(tiny, new_subjects):
     """Intra-subject pairs: the moving image warped by the displacement of theta_gt (what the agent applies at

@@ -450,7 +450,8 @@ def cmd_evaluate(args) -> int:
     gt_metric = args.gt_metric or (bundle.groundtruth_metric if bundle else "points")
     settings = evaluation.EvaluationSettings(steps=steps, seed=args.agent_seed, iterations=args.iterations,
                                              gt_iterations=args.gt_iterations, gt_metric=gt_metric,
-                                             batch_size=args.batch_size)
+                                             batch_size=args.batch_size,
+                                             similarity_guard=not args.no_similarity_guard)
     device = resolve_device(args.device)
     _torch_threads(args.threads)
     bars: dict[str, Reporter] = {}
@@ -474,16 +475,40 @@ def cmd_evaluate(args) -> int:
     start = time.perf_counter()
     results, failures = evaluation.evaluate(subjects, pairs, geometry, Path(args.out), methods, settings, model, device,
                                             args.workers, progress, localiser=localiser)
+    seconds = time.perf_counter() - start
+    itself = {}
+    # registering a subject to itself needs what a user's registration needs: a localiser for the model's images
+    if (model and "ours" in methods and not args.no_self_registration
+            and (not geometry.localised or str(args.dim) in bundle.localisers)):
+        from AgentRegistrationLib.stages.registration import Registrar
+        from AgentRegistrationLib.stages.self_registration import self_registration
+
+        itself = self_registration(subjects, Registrar(bundle, device),
+                                   bundle.agent_settings(steps=settings.steps, seed=settings.seed,
+                                                         similarity_guard=settings.similarity_guard),
+                                   args.dim, progress)
     for bar in bars.values():
         bar.close()
     notes = evaluation_report.report_notes(pairs, names, args.split, args.data, args.dim, geometry, settings, model,
-                                           device, results, failures, time.perf_counter() - start, args.workers)
+                                           device, results, failures, seconds, args.workers)
+    if itself:
+        from AgentRegistrationLib.stages.self_registration import OFFSET_MM, self_registration_lines
+
+        notes += ["", *self_registration_lines(itself)]
     report = Path(args.report) if args.report else Path(args.out) / "evaluation.md"
     summary = evaluation_report.write_report(
         report, results, methods, args.dim, "agentreg " + shlex.join(args.argv), notes,
         {"failures": failures, "pairs": pairs, "methods": methods, "model": shown(model) if model else None,
-         "model_hash": evaluation.file_hash(model) if model else None})
+         "model_hash": evaluation.file_hash(model) if model else None, "self_registration": itself})
     print("\n".join(evaluation_report.summary_lines(summary, methods)), file=sys.stderr)
+    for method, g in evaluation_report.gains_over_start(results, methods).items():
+        print(f"{method:>4}: gain over its start per pair: median {g['median']:+.3f}, mean {g['mean']:+.3f}; "
+              f"{100 * g['improved']:.0f} % of the pairs improved, {100 * g['worse']:.0f} % worse by more than "
+              f"{evaluation_report.WORSE}", file=sys.stderr)
+    if itself:
+        lowest = min(min(row.values()) for row in itself.values())
+        print(f"self-registration of {len(itself)} subjects (same file and {OFFSET_MM:g} mm away, with and without labels): "
+              f"lowest Dice {lowest:.3f}", file=sys.stderr)
     print(f"report: {report}; per pair: {report.with_suffix('.csv')}; box plots: "
           f"{report.with_name(report.stem + '_boxplots.png')}", file=sys.stderr)
     if args.progress_json:

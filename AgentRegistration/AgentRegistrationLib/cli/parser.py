@@ -278,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="device of the agent: auto, cpu or cuda")
     p.add_argument("--steps", type=int, help="agent steps (default: the model's; the paper's were 200)")
     p.add_argument("--agent-seed", type=int, default=0, help="seed of the agent's exploration and fuzzy action control")
+    p.add_argument("--no-similarity-guard", action="store_true",
+                   help="ours / nfc keep the agent's end even when its crops are no more alike than at its start")
+    p.add_argument("--no-self-registration", action="store_true",
+                   help="skip registering every validation subject to itself (with ours, by default: the same file "
+                        "and 40 mm away, with and without labels; a table in the report)")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per agent batch")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the agent's torch (default: torch's choice)")
     p.add_argument("--iterations", type=int, default=500, help="elastix iterations per resolution for e8/e16")

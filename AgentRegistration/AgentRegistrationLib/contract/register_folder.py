@@ -163,10 +163,13 @@ the folder named by its ``pair``."""
 COHORT_JSON = "cohort.json"
 """The record of a ``register-many`` run (model and settings), so that a rerun into the same folder resumes it."""
 COHORT_SUMMARY_COLUMNS = ("pair", "status", "fixed", "moving", "dice_before", "dice_after", "hausdorff_before",
-                          "hausdorff_after", "steps", "seconds", "warnings", "message")
+                          "hausdorff_after", "steps", "start_kept", "localisation_confidence", "seconds", "warnings",
+                          "message")
 """Columns of summary.csv: Dice and Hausdorff distance (fixed image's physical units) at the agent's start and
-after it, where both labels exist (as in metrics.json); ``seconds`` the pair's share of the run; ``warnings``
-what was accepted on purpose (e.g. a resampled label), separated by `` | ``; ``message`` why a pair failed.
+after it, where both labels exist (as in metrics.json); ``start_kept`` and ``localisation_confidence`` as in
+metrics.json; ``seconds`` the pair's share of the run; ``warnings`` what was accepted on purpose (e.g. a resampled
+label) and what to check (a localiser that may have missed the organ), separated by `` | ``; ``message`` why a pair
+failed.
 When the labels hold several values, per-label columns follow ``hausdorff_after``."""
 
 

@@ -27,6 +27,7 @@ class TrainingConfig:
     target_units: str = "paper"  # Eq. 1 as written ("paper") or per mode in units of its action step ("steps")
     augment: float = 0.0  # fraction of training images given random intensity changes (synthetic.augment_intensity)
     new_subjects: float = 0.0  # fraction of intra-subject pairs made from a virtual subject (SyntheticPairGenerator)
+    aligned: float = 0.0  # fraction of intra-subject pairs with no synthetic difference: aligned, every move worse
     stop_rule: int = 0  # 1: the bundle's agent stops a pair when no action is predicted to help (steps = a cap)
     validate_every: int = 1000
     validation_pairs: int = 8

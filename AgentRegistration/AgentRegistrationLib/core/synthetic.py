@@ -49,10 +49,12 @@ class SyntheticPairGenerator:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, real_pairs: list[tuple[int, int]],
                  real_theta: np.ndarray, sdm: StatisticalDeformationModel, mode_fields: torch.Tensor,
                  theta_start: torch.Tensor, intra_probability: float = 0.5, draw_scale: float = 1.0,
-                 generator: torch.Generator | None = None, new_subjects: float = 0.0):
+                 generator: torch.Generator | None = None, new_subjects: float = 0.0, aligned: float = 0.0):
         """``new_subjects``: the fraction of intra-subject pairs made from a new, virtual subject (the subject's
         image mirrored left-right at random and deformed by a random SDM draw) instead of the subject itself:
-        more subjects than the training set holds, with the same exact ground truth."""
+        more subjects than the training set holds, with the same exact ground truth. ``aligned``: the fraction of
+        intra-subject pairs with no synthetic difference (both images the same draw): the ground truth is the
+        start, where every move is worse, so the agent learns what "aligned" looks like."""
         self.device = images.device
         self.images = images  # (S, 1, *spatial)
         self.labels = labels
@@ -65,6 +67,7 @@ class SyntheticPairGenerator:
         self.high = torch.as_tensor(sdm.theta_max - sdm.mu, dtype=torch.float32, device=self.device)
         self.intra_probability = intra_probability
         self.new_subjects = new_subjects
+        self.aligned = aligned
         self.gen = generator or torch.Generator(device=self.device).manual_seed(0)
 
     def draw(self, batch: int) -> torch.Tensor:
@@ -85,6 +88,9 @@ class SyntheticPairGenerator:
         fixed_idx = torch.where(intra, subject, self.real_pairs[pick, 1])
         base = torch.where(intra[:, None], self.theta_start.expand(batch, -1), self.real_theta[pick])
         tb, tc = self.draw(batch), self.draw(batch)
+        if self.aligned > 0:  # no draw otherwise: the other configurations draw as before
+            same = intra & (torch.rand(batch, generator=self.gen, device=self.device) < self.aligned)
+            tc = torch.where(same[:, None], tb, tc)
         moving_field, fixed_field = self.field(tb), self.field(tc)
         moving_image, fixed_image = self.images[moving_idx], self.images[fixed_idx]
         moving_label, fixed_label = (self.labels[moving_idx], self.labels[fixed_idx]) if with_labels else (None, None)

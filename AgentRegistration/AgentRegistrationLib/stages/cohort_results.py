@@ -18,6 +18,7 @@ from AgentRegistrationLib.contract.register_folder import (
     COHORT_SUMMARY_COLUMNS,
     METRICS_PER_LABEL_KEY,
     WARPED_LABEL,
+    metrics_notes,
     read_cohort_summary,
 )
 from AgentRegistrationLib.stages.cohort_pairs import FUSED, CohortPair
@@ -48,8 +49,9 @@ class PairReport:
                 "moving": str(self.pair.moving), "dice_before": number("dice_before", ".4f"),
                 "dice_after": number("dice_after", ".4f"), "hausdorff_before": number("hausdorff_before", ".4g"),
                 "hausdorff_after": number("hausdorff_after", ".4g"), **per_label, "steps": number("steps", "d"),
+                "start_kept": number("start_kept", "d"), "localisation_confidence": number("localisation_confidence", ".2f"),
                 "seconds": "" if self.seconds is None else f"{self.seconds:.2f}",
-                "warnings": " | ".join(self.warnings), "message": self.message}
+                "warnings": " | ".join([*self.warnings, *metrics_notes(m)]), "message": self.message}
 
 
 def summary_columns(reports: list[PairReport]) -> list[str]:

@@ -82,6 +82,7 @@ class EvaluationSettings:
     gt_iterations: int = 300  # for gt (as the training GT)
     gt_metric: str = "points"  # for gt: the metric of the model's ground truth (GT_METRICS)
     batch_size: int = 16  # pairs per agent batch
+    similarity_guard: bool = True  # ours / nfc: keep the start when the end is no more alike (AgentSettings)
 
 
 def parse_methods(text: str, geometry: ModelGeometry | None = None) -> list[str]:
@@ -158,7 +159,7 @@ def method_signature(method: str, geometry: ModelGeometry, settings: EvaluationS
         if settings.gt_metric != "points":  # results cached before the choice are the paper's metric's
             sig.update(metric=settings.gt_metric)
     elif method in AGENT_METHODS:
-        sig.update(model=model_hash, steps=settings.steps, seed=settings.seed)
+        sig.update(model=model_hash, steps=settings.steps, seed=settings.seed, similarity_guard=settings.similarity_guard)
     return json.loads(json.dumps(sig))
 
 
@@ -357,7 +358,8 @@ def run_agent_methods(todo: list[tuple[str, tuple[str, str]]], prepared_path: di
     for method in AGENT_METHODS:
         items = [p for meth, p in todo if meth == method]
         agent_settings = bundle.agent_settings(steps=settings.steps, seed=settings.seed,
-                                            fuzzy_action_control=method == "ours")
+                                            fuzzy_action_control=method == "ours",
+                                            similarity_guard=settings.similarity_guard)
         for start in range(0, len(items), settings.batch_size):
             batch = items[start:start + settings.batch_size]
             pairs = [load_prepared(prepared_path[p], geometry) for p in batch]

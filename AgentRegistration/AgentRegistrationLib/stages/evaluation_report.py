@@ -79,11 +79,13 @@ def write_report(report: Path, results: list[dict], methods: list[str], dim: int
     png_path = report.with_name(report.stem + "_boxplots.png")
     write_csv(csv_path, results)
     plot_boxplots(png_path, results, methods, dim)
-    info = {"dim": dim, "command": command, "notes": notes, "csv": csv_path.name, "png": png_path.name}
+    gains = gains_over_start(results, methods)
+    info = {"dim": dim, "command": command, "notes": notes, "csv": csv_path.name, "png": png_path.name,
+            "gains": gains}
     atomic_write(report, lambda tmp: Path(tmp).write_text(report_markdown(summary, methods, info)))
     if record is not None:
         atomic_write(report.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(
-            {"summary": summary, **record}, indent=1)))
+            {"summary": summary, "gains": gains, **record}, indent=1)))
     return summary
 
 
@@ -138,8 +140,39 @@ def report_markdown(summary: dict, methods: list[str], info: dict) -> str:
         cells = [format(summary[m]["n"], fmt) if key is None else format(summary[m].get(key, missing)[stat], fmt)
                  for m in methods]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    gains = info.get("gains") or {}
+    if gains:
+        lines += ["", "What the agent adds to its own start, per pair (Dice after minus Dice of the crops alone, the "
+                  "start every method begins from):", "",
+                  "| | median gain | mean gain | pairs improved | pairs worse by more than 0.02 | pairs |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {METHOD_TITLES[m]} | {g['median']:+.3f} | {g['mean']:+.3f} | {100 * g['improved']:.0f} % | "
+                  f"{100 * g['worse']:.0f} % | {g['n']} |" for m, g in gains.items()]
     lines += ["", *info["notes"], "", f"Per pair: [{info['csv']}]({info['csv']}); box plots: ![box plots]({info['png']})", ""]
     return "\n".join(lines)
+
+
+WORSE = 0.02
+"""A pair is worse than its start when the agent lost more than this much Dice."""
+
+
+def gains_over_start(results: list[dict], methods: list[str]) -> dict[str, dict]:
+    """Per agent method of ``methods``: the per-pair gain of Dice over the start method of the run (``localised`` or
+    ``T``, whichever was evaluated) on the pairs both have: median, mean, share improved, share worse by more
+    than :data:`WORSE`, n."""
+    start = next((m for m in ("localised", "T") if m in methods), None)
+    if start is None:
+        return {}
+    dice = {(r["moving"], r["fixed"], r["method"]): r["dice"] for r in results if "dice" in r}
+    out = {}
+    for method in (m for m in methods if m in ("ours", "nfc")):
+        gain = np.array([d - dice[(m, f, start)] for (m, f, meth), d in dice.items()
+                         if meth == method and (m, f, start) in dice], dtype=float)
+        if gain.size:
+            out[method] = {"median": float(np.median(gain)), "mean": float(gain.mean()),
+                           "improved": float((gain > 0).mean()), "worse": float((gain < -WORSE).mean()),
+                           "n": int(gain.size)}
+    return out
 
 
 def write_csv(path: Path, results: list[dict]) -> None:

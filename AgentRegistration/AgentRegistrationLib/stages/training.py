@@ -114,7 +114,7 @@ class _TrainingRun:
         self.generator = SyntheticPairGenerator(
             images, labels, training_set.pairs, real_theta, sdm, agent.mode_fields, agent.theta_start,
             config.intra_probability, config.draw_scale,
-            torch.Generator(device=device).manual_seed(config.seed * 1000 + rank), config.new_subjects)
+            torch.Generator(device=device).manual_seed(config.seed * 1000 + rank), config.new_subjects, config.aligned)
         held_out = SyntheticPairGenerator(
             images, labels, training_set.pairs, real_theta, sdm, agent.mode_fields, agent.theta_start,
             config.intra_probability, config.draw_scale, torch.Generator(device=device).manual_seed(987654))
