@@ -157,11 +157,11 @@ def summary_text(metrics: dict) -> str:
     """One line for the status label after a registration."""
     text = f"Done: {metrics['steps']} agent steps in {metrics['seconds_total']:.1f} s"
     if "dice_after" in metrics:
-        text += f"; Dice {metrics['dice_before']:.3f} -> {metrics['dice_after']:.3f}"
-    notes = register_folder.metrics_notes(metrics)
-    if metrics.get("localisation_warning"):  # in Slicer the remedy is a markups point
-        notes[0] = notes[0].replace("--fixed-point X,Y[,Z] on the command line, a markups point in Slicer",
-                                    "a markups point, then Apply again")
+        text += f"; {register_folder.dice_text(metrics)}"
+    notes = [note.replace("--fixed-point X,Y[,Z] on the command line, a markups point in Slicer",  # Slicer's remedy
+                          "a markups point, then Apply again").replace(" (the crops alone; --no-similarity-guard keeps "
+                                                                       "the agent's end)", "")
+             for note in register_folder.metrics_notes(metrics)]
     return text + "." + "".join(f" {note[0].upper()}{note[1:]}." for note in notes)
 
 

@@ -28,6 +28,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agentreg: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("agentreg: interrupted; cached results are kept, rerun the same command to resume", file=sys.stderr)
+        if args.command in RESUMABLE:
+            print("agentreg: interrupted; cached results are kept, rerun the same command to resume", file=sys.stderr)
+        else:
+            print("agentreg: interrupted; no output was written (its files are written only once all are complete)",
+                  file=sys.stderr)
         return 130
+
+
+RESUMABLE = ("groundtruth", "train", "evaluate", "register-many")
+"""The commands that keep their finished work when interrupted (per-pair caches, checkpoints) and resume it."""
 

@@ -334,7 +334,7 @@ def cmd_register(args) -> int:
     m = result.metrics
     summary = f"registered in {m['seconds_total']:.2f} s (agent {m['seconds_agent']:.2f} s, {m['steps']} steps on {device})"
     if "dice_after" in m:
-        summary += f"; Dice {m['dice_before']:.3f} -> {m['dice_after']:.3f}"
+        summary += f"; {register_folder.dice_text(m)}"
     print(summary + f"; outputs in {args.output_dir}", file=sys.stderr)
     for note in register_folder.metrics_notes(m):
         print(f"agentreg: {note}", file=sys.stderr)
@@ -347,15 +347,10 @@ def cmd_register(args) -> int:
 def cmd_register_many(args) -> int:
     """Many pairs with one model load (the engine is :mod:`.cohort`); exit 1 only when every pair failed."""
     from AgentRegistrationLib.data import inputs
-    from AgentRegistrationLib.stages.cohort import (
-        FAILED,
-        CohortOptions,
-        is_fusion,
-        multi_atlas_pairs,
-        pairs_from_csv,
-        register_cohort,
-        summary_text,
-    )
+    from AgentRegistrationLib.stages.cohort import register_cohort
+    from AgentRegistrationLib.stages.cohort_pairs import multi_atlas_pairs, pairs_from_csv
+    from AgentRegistrationLib.stages.cohort_results import FAILED, is_fusion, summary_text
+    from AgentRegistrationLib.stages.cohort_worker import CohortOptions
 
     atlases, labels = args.atlas or [], args.atlas_label or []
     if bool(args.pairs) == bool(atlases or args.patients):

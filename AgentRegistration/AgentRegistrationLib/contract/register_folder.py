@@ -109,10 +109,38 @@ def check_metrics(metrics: dict[str, Any], source: str = "metrics") -> dict[str,
     return metrics
 
 
+def made_worse(dice_before: float, dice_after: float) -> bool:
+    """The registration lowered the Dice, as printed (3 decimals)."""
+    return round(float(dice_after), 3) < round(float(dice_before), 3)
+
+
+def worse_than(metrics: dict[str, Any]) -> list[str]:
+    """What the result is worse than, by its Dice: ``"no registration"`` (``dice_none``) and/or ``"its start"``
+    (``dice_before``, the crops alone); empty without labels or when it is not worse."""
+    if "dice_after" not in metrics:
+        return []
+    return [name for key, name in (("dice_none", "no registration"), ("dice_before", "its start"))
+            if key in metrics and made_worse(metrics[key], metrics["dice_after"])]
+
+
+def dice_text(metrics: dict[str, Any]) -> str:
+    """``Dice none 0.249, start 0.715 -> 0.779`` (empty without labels), led by ``WORSE`` when the result is below no
+    registration or below its start."""
+    if "dice_after" not in metrics:
+        return ""
+    none = f"none {metrics['dice_none']:.3f}, " if "dice_none" in metrics else ""
+    text = f"Dice {none}start {metrics['dice_before']:.3f} -> {metrics['dice_after']:.3f}"
+    return ("WORSE: " if worse_than(metrics) else "") + text
+
+
 def metrics_notes(metrics: dict[str, Any]) -> list[str]:
-    """What a user must know about a registration beyond its numbers, one line each: a localisation that may have
-    missed the organ (with its remedy), and a start kept by the similarity guard."""
+    """What a user must know about a registration beyond its numbers, one line each: a result worse than no
+    registration or its start, a localisation that may have missed the organ (with its remedy), and a start kept by
+    the similarity guard."""
     notes = []
+    if worse_than(metrics):
+        notes.append(f"warning: the result's Dice is below that of {' and of '.join(worse_than(metrics))} "
+                     f"({dice_text(metrics).removeprefix('WORSE: ')}): check it before you use it")
     if metrics.get("localisation_warning"):
         notes.append(f"warning: {metrics['localisation_warning']} (localisation confidence "
                      f"{metrics.get('localisation_confidence', 0):.2f})")
@@ -162,11 +190,12 @@ COHORT_SUMMARY_CSV = "summary.csv"
 the folder named by its ``pair``."""
 COHORT_JSON = "cohort.json"
 """The record of a ``register-many`` run (model and settings), so that a rerun into the same folder resumes it."""
-COHORT_SUMMARY_COLUMNS = ("pair", "status", "fixed", "moving", "dice_before", "dice_after", "hausdorff_before",
-                          "hausdorff_after", "steps", "start_kept", "localisation_confidence", "seconds", "warnings",
-                          "message")
-"""Columns of summary.csv: Dice and Hausdorff distance (fixed image's physical units) at the agent's start and
-after it, where both labels exist (as in metrics.json); ``start_kept`` and ``localisation_confidence`` as in
+COHORT_SUMMARY_COLUMNS = ("pair", "status", "fixed", "moving", "dice_none", "dice_before", "dice_after", "worse",
+                          "hausdorff_before", "hausdorff_after", "steps", "start_kept", "localisation_confidence",
+                          "seconds", "warnings", "message")
+"""Columns of summary.csv: Dice with no registration, and Dice and Hausdorff distance (fixed image's physical units)
+at the agent's start and after it, where both labels exist (as in metrics.json); ``worse`` WORSE when the result is
+below no registration or its start; ``start_kept`` and ``localisation_confidence`` as in
 metrics.json; ``seconds`` the pair's share of the run; ``warnings`` what was accepted on purpose (e.g. a resampled
 label) and what to check (a localiser that may have missed the organ), separated by `` | ``; ``message`` why a pair
 failed.

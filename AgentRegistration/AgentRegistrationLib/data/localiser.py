@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.data.organ_box import Localisation, localisation_from_weights
 
 PAYLOAD_KIND = "agentregistration.organ_localiser"
@@ -378,14 +379,8 @@ def localiser_from_payload(payload: dict) -> OrganLocaliser:
 
 
 def save_localiser(localiser: OrganLocaliser, path, extra: dict | None = None) -> None:
-    """Write the payload (plus plain ``extra`` entries) to ``path`` through a temporary name."""
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({**localiser_to_payload(localiser), **(extra or {})}, tmp)
-    tmp.replace(path)
+    """Write the payload (plus plain ``extra`` entries) to ``path``, atomically."""
+    atomic_write(path, lambda tmp: torch.save({**localiser_to_payload(localiser), **(extra or {})}, tmp))
 
 
 def load_localiser(path) -> OrganLocaliser:

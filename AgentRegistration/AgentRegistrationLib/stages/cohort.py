@@ -51,16 +51,14 @@ from AgentRegistrationLib.contract.register_folder import (
     WARPED_LABEL,
     read_metrics,
 )
-from AgentRegistrationLib.stages.cohort_pairs import CohortPair, multi_atlas_pairs, pairs_from_csv
+from AgentRegistrationLib.stages.cohort_pairs import CohortPair
 from AgentRegistrationLib.stages.cohort_results import (
     FAILED,
     SKIPPED,
     PairReport,
     failure_message,
     fuse_patients,
-    is_fusion,
     read_summary,
-    summary_text,
     write_summary,
 )
 from AgentRegistrationLib.stages.cohort_worker import (
@@ -73,11 +71,6 @@ from AgentRegistrationLib.stages.cohort_worker import (
     make_executor,
     prepare_job,
 )
-
-__all__ = ["FAILED", "CohortOptions", "CohortPair", "PairReport", "is_fusion", "multi_atlas_pairs", "pairs_from_csv",
-           "register_cohort", "summary_text"]
-"""The cohort's entry points (``agentreg register-many`` imports them from here; each has its home in
-:mod:`.cohort_pairs`, :mod:`.cohort_results` or :mod:`.cohort_worker`)."""
 
 
 def output_files(pair: CohortPair, save_steps: int = 0) -> list[str]:

@@ -20,6 +20,7 @@ from AgentRegistrationLib.contract.register_folder import (
     WARPED_LABEL,
     metrics_notes,
     read_cohort_summary,
+    worse_than,
 )
 from AgentRegistrationLib.stages.cohort_pairs import FUSED, CohortPair
 
@@ -46,8 +47,9 @@ class PairReport:
         per_label = {key: number(key, ".4f" if key.startswith("dice") else ".4g") for key in m
                      if (found := METRICS_PER_LABEL_KEY.match(key)) and found.group(2) != "none"}
         return {"pair": self.pair.name, "status": self.status, "fixed": str(self.pair.fixed),
-                "moving": str(self.pair.moving), "dice_before": number("dice_before", ".4f"),
-                "dice_after": number("dice_after", ".4f"), "hausdorff_before": number("hausdorff_before", ".4g"),
+                "moving": str(self.pair.moving), "dice_none": number("dice_none", ".4f"),
+                "dice_before": number("dice_before", ".4f"), "dice_after": number("dice_after", ".4f"),
+                "worse": "WORSE" if worse_than(m) else "", "hausdorff_before": number("hausdorff_before", ".4g"),
                 "hausdorff_after": number("hausdorff_after", ".4g"), **per_label, "steps": number("steps", "d"),
                 "start_kept": number("start_kept", "d"), "localisation_confidence": number("localisation_confidence", ".2f"),
                 "seconds": "" if self.seconds is None else f"{self.seconds:.2f}",

@@ -23,6 +23,7 @@ from matplotlib.patches import Rectangle
 
 from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.contract.paths import DATA_HINT, how_to_get_a_model
+from AgentRegistrationLib.contract.register_folder import made_worse
 from AgentRegistrationLib.core.metrics import dice
 from AgentRegistrationLib.data.dataset import find_subjects, load_split
 from AgentRegistrationLib.data.image_io import read_image, read_label
@@ -79,11 +80,6 @@ def slice_caption(image: sitk.Image, source_slices: int | None = None) -> str:
         return "2-D image"
     k = source_slices // 2
     return f"middle axial slice, {k + 1} of {source_slices} (index {k})"
-
-
-def made_worse(dice_before: float, dice_after: float) -> bool:
-    """The registration lowered the Dice, as printed (3 decimals)."""
-    return round(float(dice_after), 3) < round(float(dice_before), 3)
 
 
 def pair_headline(moving_name: str, fixed_name: str, dice_before: float, dice_after: float) -> str:

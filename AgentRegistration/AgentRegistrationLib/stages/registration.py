@@ -24,6 +24,7 @@ from AgentRegistrationLib.data.preprocessing import (
     warp_to_fixed,
 )
 from AgentRegistrationLib.model.bundle import ModelBundle
+from AgentRegistrationLib.model.devices import synchronize
 
 
 @dataclass
@@ -174,8 +175,7 @@ class Registrar:
             stack([p.fixed_label if has else blank for p, has in zip(pairs, labelled, strict=True)]) if labels else None,
             callback,
         )
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(self.device)
         trajectory = result.trajectory.stacked()
         outcomes = []
         for i, has in enumerate(labelled):
