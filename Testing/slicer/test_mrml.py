@@ -27,8 +27,8 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is n
 
 
 CASE = "case00"
-MODULE_FILE = Path(__file__).resolve().parents[1] / "AgentRegistration" / "AgentRegistration.py"
-REPO_MODELS = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+MODULE_FILE = Path(__file__).resolve().parents[2] / "AgentRegistration" / "AgentRegistration.py"
+REPO_MODELS = Path(__file__).resolve().parents[2] / "Resources" / "Models"
 
 
 def _rotation(angles_deg: tuple[float, float, float]) -> np.ndarray:

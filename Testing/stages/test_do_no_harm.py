@@ -22,7 +22,7 @@ from AgentRegistrationLib.data.localiser import CONFIDENCE_THRESHOLD, localise_w
 from AgentRegistrationLib.data.preprocessing import SAME_ANATOMY_CORRELATION, crop_correlation, organ_frames
 from AgentRegistrationLib.model.bundle import load_bundle
 
-SHIPPED_3D = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "prostate-3d.pt"
+SHIPPED_3D = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "prostate-3d.pt"
 
 
 def _register(tmp_path: Path, name: str, fixed: Path, moving: Path, labels: tuple[Path, Path] | None = None,

@@ -24,7 +24,7 @@ from AgentRegistrationLib.contract import layout, messages, register_folder, wor
 slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is needed for the glue tests")
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODULE_FILE = ROOT / "AgentRegistration" / "AgentRegistration.py"
 MODEL = ROOT / "Resources" / "Models" / "prostate-2d.pt"
 STEPS = 3

@@ -22,7 +22,7 @@ from AgentRegistrationLib.cli.parser import build_parser
 from AgentRegistrationLib.contract import messages, register_folder, worker_commands
 from AgentRegistrationLib.data import inputs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "Resources" / "Models"
 
 

@@ -34,7 +34,7 @@ from AgentRegistrationLib.stages.training import action_steps_for, held_out_accu
 from AgentRegistrationLib.stages.training_finish import choose_steps
 from AgentRegistrationLib.stages.training_set import TrainingSet, ValidationPair, validation_pairs_from_split
 
-ENGINE_DIR = Path(__file__).resolve().parents[1] / "AgentRegistration"
+ENGINE_DIR = Path(__file__).resolve().parents[2] / "AgentRegistration"
 
 
 @dataclasses.dataclass
@@ -336,7 +336,7 @@ def test_distributed_training_writes_one_bundle(tiny, tmp_path):
     shutil.copytree(tiny.gt, gt)
     split = tmp_path / "split.json"
     split.write_text('{"train": ["case00", "case04", "case06", "case07"], "validation": ["case02", "case09"]}')
-    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "promise12" / "grid128"
+    data = Path(__file__).resolve().parents[3] / "shared" / "data" / "promise12" / "grid128"
     # prepared here once into the copy's cache (as a first training run would), so that neither rank loads elastix
     validation_pairs_from_split(TrainingSet.from_groundtruth(gt), data, split, 2)
     out = tmp_path / "ddp" / "bundle.pt"

@@ -22,7 +22,7 @@ from AgentRegistrationLib.contract import (
     worker_commands,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE_FILE = REPO / "AgentRegistration" / "AgentRegistration.py"
 TRAINING_MODULE_FILE = REPO / "AgentRegistrationTraining" / "AgentRegistrationTraining.py"
 

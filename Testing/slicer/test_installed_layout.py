@@ -15,7 +15,7 @@ import pytest
 from AgentRegistrationGUILib import jobs
 from AgentRegistrationLib.contract import layout, register_folder, worker_commands
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULES = ("AgentRegistration", "AgentRegistrationTraining")
 INSTALL_DIR_VARIABLE = "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}"
 

@@ -23,7 +23,7 @@ from AgentRegistrationLib.data.localiser import (
 )
 from AgentRegistrationLib.data.organ_box import BOX_SPREADS, localisation_from_label
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "Resources" / "Models"
 TINY3 = LocaliserConfig(dim=3, grid=(16, 16, 8), channels=(2, 4))
 TINY2 = LocaliserConfig(dim=2, grid=(16, 16), channels=(2, 4), spread_scale=(1.0, 1.0))

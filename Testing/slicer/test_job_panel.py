@@ -20,7 +20,7 @@ from AgentRegistrationGUILib import jobs
 from AgentRegistrationGUILib.job_panel import JobPanel, progress_percent
 from AgentRegistrationGUILib.jobs import JobState
 
-ENGINE_DIR = Path(__file__).resolve().parents[1] / "AgentRegistration"
+ENGINE_DIR = Path(__file__).resolve().parents[2] / "AgentRegistration"
 
 # argv: ready file (written once the first lines are out), go file (waited for), then "succeed" or "fail".
 WORKER = """

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODULES = ["AgentRegistration", "AgentRegistrationTraining"]
 KNOWN_DYNAMIC_PROPERTIES = {"SlicerParameterName", "SlicerPackParameterName"}
 

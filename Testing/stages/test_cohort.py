@@ -57,7 +57,7 @@ def files(native_slice, grid128, tmp_path_factory):
 @pytest.fixture(scope="module")
 def shipped_2d_model():
     """The shipped 2-D model: crops on the organ (a label or its localiser places them), so no worker loads elastix."""
-    return Path(__file__).resolve().parents[1] / "Resources" / "Models" / "prostate-2d.pt"
+    return Path(__file__).resolve().parents[2] / "Resources" / "Models" / "prostate-2d.pt"
 
 
 PAIRS = [  # name, fixed, moving, labels: two fixed images, and a pair without labels in the same batch
