@@ -138,6 +138,31 @@ def unfindable(tmp_path_factory, grid128) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def prostate_blanked(tmp_path_factory, grid128) -> Path:
+    """A validation subject's image whose prostate (and a rim of 6 voxels) is replaced by the image's median."""
+    from scipy import ndimage
+
+    image = sitk.ReadImage(str(grid128 / "case13_image.nii.gz"), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    mask = ndimage.binary_dilation(sitk.GetArrayFromImage(sitk.ReadImage(str(grid128 / "case13_label.nii.gz"))) > 0,
+                                   iterations=6)
+    array[mask] = np.median(array)
+    blanked = sitk.GetImageFromArray(array)
+    blanked.CopyInformation(image)
+    path = tmp_path_factory.mktemp("blanked") / "blanked.nii.gz"
+    sitk.WriteImage(blanked, str(path))
+    return path
+
+
+def test_an_image_whose_prostate_is_made_unfindable_is_flagged(prostate_blanked):
+    bundle = load_bundle(SHIPPED_3D)
+    localiser = localiser_from_payload(bundle.localisers["3"])
+    _, confidence = localise_with_confidence(localiser, sitk.ReadImage(str(prostate_blanked)),
+                                             typical_spread=bundle.typical_spread(3))
+    assert not confidence.confident and "typical organ" in confidence.reasons[0]
+
+
 def test_the_localiser_is_sure_of_every_validation_subject_and_not_of_noise(load_case, unfindable):
     bundle = load_bundle(SHIPPED_3D)
     localiser = localiser_from_payload(bundle.localisers["3"])

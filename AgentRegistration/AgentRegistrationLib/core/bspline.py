@@ -63,7 +63,7 @@ class ControlGrid:
         """The grid elastix builds for an image (``FinalGridSpacingInPhysicalUnits``): enough cells to cover the
         image's ``n`` voxels *with their extent* (``n`` x spacing, one voxel more than from the first voxel centre to
         the last), centred on the voxel centres' extent, plus one point before and two after for the cubic support.
-        (Checked against elastix on 120 random axes, exact multiples included: ``Testing/test_geometry_choice.py``.)"""
+        (Checked against elastix on 120 random axes, exact multiples included: ``Testing/data/test_geometry_choice.py``.)"""
         dim = len(image_size)
         image_spacing = image_spacing or (1.0,) * dim
         image_origin = image_origin or (0.0,) * dim
