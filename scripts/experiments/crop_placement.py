@@ -31,7 +31,7 @@ from AgentRegistrationLib.data.dataset import find_subjects, load_split
 from AgentRegistrationLib.data.image_io import read_image, read_label
 from AgentRegistrationLib.data.localiser import centroid_slice, localise, localiser_from_payload
 from AgentRegistrationLib.data.organ_box import Localisation, localisation_from_label
-from AgentRegistrationLib.data.preprocessing import organ_frames, resample_to_frame
+from AgentRegistrationLib.data.preprocessing import crop_correlation, organ_frames, resample_to_frame
 from AgentRegistrationLib.model.bundle import load_bundle
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,6 +86,17 @@ def crop_dice(geometry, images: dict[str, tuple], places: dict, moving_by: str =
     return result
 
 
+def crop_correlations(geometry, images: dict[str, tuple], places: dict, same: bool = False) -> list[float]:
+    """Per pair: the correlation of the two crops both placed by the localiser (the fixed crop's rule)."""
+    pairs = [(s, s) for s in sorted(images)] if same else itertools.permutations(sorted(images), 2)
+    out = []
+    for moving, fixed in pairs:
+        frames = organ_frames(images[fixed][0], images[moving][0], geometry, places[fixed]["localiser"],
+                              places[moving]["localiser"])
+        out.append(crop_correlation(images[fixed][0], images[moving][0], *frames))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", required=True, type=Path,
@@ -124,6 +135,11 @@ def main(argv=None) -> int:
     for model in args.model:
         bundle = load_bundle(model)
         places = placements(bundle, images)
+        if args.moving == "localiser":  # how alike the one-rule crops are (preprocessing.SAME_ANATOMY_CORRELATION)
+            r = crop_correlations(bundle.geometry, images, places, args.same)
+            details += ["", f"`{model.name}`: correlation of the two crops placed by the localiser on both images, over "
+                        f"the {len(r)} pairs: median {np.median(r):.3f}, max {np.max(r):.3f}, min {np.min(r):.3f}."]
+            print(details[-1], flush=True)
         for key, values in crop_dice(bundle.geometry, images, places, args.moving, args.same).items():
             lines.append(f"| `{model.name}` | {key} | {np.median(values):.3f} | {np.mean(values):.3f} | "
                          f"{np.min(values):.3f} |")

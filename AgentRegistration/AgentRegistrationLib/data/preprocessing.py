@@ -216,8 +216,9 @@ def organ_frames(fixed: sitk.Image, moving: sitk.Image, geometry: ModelGeometry,
 SAME_ANATOMY_CORRELATION = 0.8
 """Two crops placed by one rule (the fixed crop's estimator on both images) whose intensities correlate at least this
 much show the same anatomy in the same place: the same image, or the same patient's series. On the 72 ordered
-pairs of different validation subjects the crops the localiser places correlate at most 0.63 (3-D); the same image
-stored anywhere correlates 1.0 (scripts/experiments/crop_placement.py --moving localiser, and Testing)."""
+pairs of different validation subjects the crops the localiser places correlate at most 0.63 (3-D) and 0.67 (a 2-D
+model's slabs); the same image stored anywhere correlates 1.0 (results/crop_placement_{3d,2d}_one_rule.md, made by
+scripts/experiments/crop_placement.py --moving localiser; Testing/stages/test_do_no_harm.py)."""
 
 
 def crop_correlation(fixed: sitk.Image, moving: sitk.Image, frame: ModelFrame, moving_frame: ModelFrame) -> float:
