@@ -45,6 +45,10 @@ def test_evaluate_writes_table_csv_and_box_plots(evaluation):
     rows = _rows(evaluation)
     assert len(rows) == 2 * len(METHODS)
     assert {r["method"] for r in rows} == set(METHODS)
+    assert "| | median gain | mean gain | pairs improved |" in text  # what the agent adds to its start
+    record = json.loads(evaluation["report"].with_suffix(".json").read_text())
+    evaluated = {name for pair in record["pairs"] for name in pair}
+    assert set(record["self_registration"]) == evaluated and "registered to itself" in text  # each subject to itself
 
 
 def test_every_method_has_every_figure(evaluation):

@@ -478,7 +478,8 @@ def cmd_evaluate(args) -> int:
         from AgentRegistrationLib.stages.registration import Registrar
         from AgentRegistrationLib.stages.self_registration import self_registration
 
-        itself = self_registration(subjects, Registrar(bundle, device),
+        evaluated = {name for pair in pairs for name in pair}
+        itself = self_registration({n: s for n, s in subjects.items() if n in evaluated}, Registrar(bundle, device),
                                    bundle.agent_settings(steps=settings.steps, seed=settings.seed,
                                                          similarity_guard=settings.similarity_guard),
                                    args.dim, progress)

@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-similarity-guard", action="store_true",
                    help="ours / nfc keep the agent's end even when its crops are no more alike than at its start")
     p.add_argument("--no-self-registration", action="store_true",
-                   help="skip registering every validation subject to itself (with ours, by default: the same file "
+                   help="skip registering every evaluated subject to itself (with ours, by default: the same file "
                         "and 40 mm away, with and without labels; a table in the report)")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per agent batch")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the agent's torch (default: torch's choice)")
