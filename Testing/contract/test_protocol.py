@@ -1,4 +1,4 @@
-"""The engine-module contract (``AgentRegistrationLib.protocol``): received as the engine's real ``Reporter``
+"""The engine-module contract (``AgentRegistrationLib.contract``): messages as the engine's real ``Reporter``
 and workers print them, the command lines as the real ``agentreg`` parser reads them, and the training
 stages run for real (ground truth, SDM, training on grid128 subjects) through the worker job the training
 module uses, each of their progress lines rendered by the widget's functions."""
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from AgentRegistrationGUILib import dependencies, jobs
 from AgentRegistrationLib.cli import commands, main, parser
+from AgentRegistrationLib.cli.progress import Reporter
 from AgentRegistrationLib.contract import (
     layout,
     messages,
@@ -33,7 +34,7 @@ def _printed(capsys) -> list[dict]:
 
 
 def test_the_engine_reporter_prints_messages_the_widget_renders(capsys):
-    reporter = commands.Reporter("train", 2000, json_lines=True)
+    reporter = Reporter("train", 2000, json_lines=True)
     reporter.update(150, loss=0.0123, accuracy=0.41, val_dice=0.8)
     reporter.message("pair case00 -> case04 failed")
     (progress, note) = _printed(capsys)

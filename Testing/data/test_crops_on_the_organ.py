@@ -78,7 +78,8 @@ def test_a_moving_image_stored_40_mm_away_registers_as_well_as_the_original(orga
 
 
 def test_the_models_localiser_places_the_fixed_crop(organ2d, inputs, native_slice, tmp_path):
-    from AgentRegistrationLib.data.localiser import LocaliserConfig, save_localiser, train_localiser
+    from AgentRegistrationLib.data.localiser import LocaliserConfig, save_localiser
+    from AgentRegistrationLib.data.localiser_training import train_localiser
 
     images, labels = zip(*[native_slice(case, None, (0.0, 0.0), (0.6, 0.6)) for case in ("00", "04", "06", "07")],
                          strict=True)

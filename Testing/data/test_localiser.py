@@ -12,15 +12,15 @@ import torch
 from AgentRegistrationLib.data.localiser import (
     LocaliserConfig,
     OrganLocaliser,
-    _resample,
     load_localiser,
     localisation_from_probability,
     localise,
     localiser_from_payload,
     localiser_grid,
     localiser_to_payload,
-    train_localiser,
+    resample_to_grid,
 )
+from AgentRegistrationLib.data.localiser_training import train_localiser
 from AgentRegistrationLib.data.organ_box import BOX_SPREADS, localisation_from_label
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +76,7 @@ def test_a_mask_mapped_through_the_localiser_grid_keeps_its_centre_and_spread(ge
     label = image_of(blob(), **geometry)
     mask = sitk.Cast(label, sitk.sitkFloat32)
     grid = localiser_grid(label, (20, 16, 12))
-    p = _resample(mask, grid).astype(np.float64)
+    p = resample_to_grid(mask, grid).astype(np.float64)
     true = localisation_from_label(label)
     found = localisation_from_probability(p, grid, "p")
     voxel = np.array(grid.GetSpacing())
@@ -90,7 +90,7 @@ def test_the_ellipsoid_fit_finds_an_ellipsoids_centre_and_spread(geometry):
     """A map that is a solid ellipsoid: the fit gives the mask's centre and spread back, in physical space."""
     label = image_of(blob(), **geometry)
     grid = localiser_grid(label, (20, 16, 12))
-    p = _resample(sitk.Cast(label, sitk.sitkFloat32), grid).astype(np.float64)
+    p = resample_to_grid(sitk.Cast(label, sitk.sitkFloat32), grid).astype(np.float64)
     true = localisation_from_label(label)
     found = localisation_from_probability(p, grid, "ellipsoid")
     voxel = np.array(grid.GetSpacing())
@@ -203,7 +203,7 @@ def test_short_real_training_returns_a_finite_localisation(grid128):
 
 def test_agentreg_localiser_trains_on_the_organ_slices_of_the_named_subjects(grid128, tmp_path, capsys):
     from AgentRegistrationLib.cli import main
-    from AgentRegistrationLib.data.localiser import organ_slices
+    from AgentRegistrationLib.data.localiser_training import organ_slices
 
     out = tmp_path / "localiser.pt"
     argv = ["localiser", str(grid128), "--dim", "2", "--subjects", "case00,case04", "--iterations", "4", "--out", str(out)]

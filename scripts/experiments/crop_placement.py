@@ -29,7 +29,8 @@ import torch
 from AgentRegistrationLib.core.metrics import dice
 from AgentRegistrationLib.data.dataset import find_subjects, load_split
 from AgentRegistrationLib.data.image_io import read_image, read_label
-from AgentRegistrationLib.data.localiser import centroid_slice, localise, localiser_from_payload
+from AgentRegistrationLib.data.localiser import localise, localiser_from_payload
+from AgentRegistrationLib.data.localiser_training import centroid_slice
 from AgentRegistrationLib.data.organ_box import Localisation, localisation_from_label
 from AgentRegistrationLib.data.preprocessing import crop_correlation, organ_frames, resample_to_frame
 from AgentRegistrationLib.model.bundle import load_bundle

@@ -38,13 +38,15 @@ from AgentRegistrationLib.data.localiser import (
     WEIGHTINGS,
     LocaliserConfig,
     OrganLocaliser,
+    load_localiser,
+    localise,
+    save_localiser,
+)
+from AgentRegistrationLib.data.localiser_training import (
     TrainingLog,
     calibrate_spread,
     centroid_slice,
-    load_localiser,
-    localise,
     organ_slices,
-    save_localiser,
     train_localiser,
 )
 from AgentRegistrationLib.data.organ_box import BOX_SPREADS, Localisation, localisation_from_label

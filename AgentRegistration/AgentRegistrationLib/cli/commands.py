@@ -22,54 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from AgentRegistrationLib.cli.progress import Reporter
 from AgentRegistrationLib.contract import messages, points, register_folder, training_config, training_folder
 from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.contract.paths import recorded_path, shown
 from AgentRegistrationLib.data.pairs import ordered_pairs
-
-
-class Reporter:
-    """Progress on stderr (tqdm) or as JSON lines on stdout, in the format of ``protocol`` (messages)."""
-
-    def __init__(self, stage: str, total: int, json_lines: bool, delay: float = 0.0):
-        self.json_lines = json_lines
-        self.delay = delay  # seconds before a bar appears (a quick stage shows none)
-        self.bar = None
-        self.begin(stage, total, announce=False)
-
-    def begin(self, stage: str, total: int, announce: bool = True) -> None:
-        """Start reporting ``stage`` (``total`` units; 0: one piece of work of unknown length, shown as busy)."""
-        self.close()
-        self.stage, self.total = stage, total
-        if self.json_lines:
-            if announce:
-                print(messages.encode(messages.progress_message(stage, 0, total)), flush=True)
-        elif total > 0:
-            from tqdm import tqdm  # only for a bar on a terminal (not for the Slicer worker's JSON lines)
-            self.bar = tqdm(total=total, desc=stage, file=sys.stderr, dynamic_ncols=True, delay=self.delay)
-        elif announce:
-            print(f"{messages.STAGE_TITLES.get(stage, stage)} ...", file=sys.stderr, flush=True)
-
-    def update(self, done: int, **info) -> None:
-        if self.json_lines:
-            print(messages.encode(messages.progress_message(self.stage, done, self.total, **info)), flush=True)
-        elif self.bar is not None:
-            if info:
-                self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in info.items()},
-                                     refresh=False)
-            self.bar.update(done - self.bar.n)  # shown at most every 0.1 s, and not before ``delay``
-
-    def message(self, text: str) -> None:
-        if self.json_lines:
-            print(messages.encode(messages.text_message(self.stage, text)), flush=True)
-        else:
-            (self.bar.write if self.bar else print)(text, file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
 
 STEP_CHOICE_PAIRS = 24  # 'agentreg train': real training pairs on which a new model's default steps are chosen
 MAX_FAILED_FRACTION = 0.10  # 'agentreg groundtruth' fails when more pairs fail (or a subject loses all its pairs)
@@ -185,7 +142,8 @@ def cmd_localiser(args) -> int:
     """Train the organ localiser that places the fixed crop of a model that crops on the organ."""
     from AgentRegistrationLib.data.dataset import find_subjects
     from AgentRegistrationLib.data.image_io import read_image
-    from AgentRegistrationLib.data.localiser import LocaliserConfig, TrainingLog, organ_slices, save_localiser, train_localiser
+    from AgentRegistrationLib.data.localiser import LocaliserConfig, save_localiser
+    from AgentRegistrationLib.data.localiser_training import TrainingLog, organ_slices, train_localiser
 
     if args.minutes <= 0 or args.iterations <= 0:
         raise ValueError(f"--minutes and --iterations must be positive, not {args.minutes:g} and {args.iterations}")
