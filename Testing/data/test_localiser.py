@@ -239,6 +239,24 @@ def test_agentreg_localiser_names_a_subject_it_cannot_learn_from(grid128, tmp_pa
     assert "--minutes and --iterations must be positive" in capsys.readouterr().err and not out.exists()
 
 
+def test_agentreg_localiser_continues_a_localiser_with_other_settings(grid128, tmp_path):
+    """--init continues a localiser (its network and training record), --weighting / --refine change how its map
+    is read: the options that were only in scripts/recipes/train_localiser.py."""
+    from AgentRegistrationLib.cli import main
+    from AgentRegistrationLib.data.localiser import localiser_record
+
+    first, second = tmp_path / "first.pt", tmp_path / "second.pt"
+    argv = ["localiser", str(grid128), "--dim", "2", "--subjects", "case00,case04"]
+    assert main([*argv, "--iterations", "3", "--out", str(first)]) == 0
+    assert main([*argv, "--iterations", "2", "--out", str(second), "--init", str(first), "--weighting", "largest",
+                 "--refine", "no"]) == 0
+    config = load_localiser(second).config
+    assert (config.weighting, config.refine) == ("largest", False)
+    assert localiser_record(second)["iterations"] == 5  # 3 before, 2 now
+    assert main([*argv, "--iterations", "0", "--out", str(tmp_path / "x.pt")]) == 1  # 0 only to recalibrate --init
+    assert main([*argv, "--iterations", "1", "--out", str(tmp_path / "x.pt"), "--init", str(tmp_path / "none.pt")]) == 1
+
+
 def _model_voxel_error(loc, true, dim):
     model_size = np.array({2: (100, 100), 3: (75, 75, 20)}[dim])
     return np.linalg.norm((loc.centre - true.centre) / (np.array(BOX_SPREADS[dim]) * true.spread / (model_size - 1)))
@@ -278,7 +296,7 @@ def test_the_shipped_models_carry_the_shipped_localisers(model, dim):
 
 
 def test_model_cards_can_name_every_localiser_weighting():
-    from AgentRegistrationLib.data.localiser import WEIGHTINGS
-    from AgentRegistrationLib.model.bundle import LOCALISER_WEIGHTINGS
+    from AgentRegistrationLib.contract.training_folder import LOCALISER_WEIGHTINGS as WEIGHTINGS
+    from AgentRegistrationLib.model.bundle import LOCALISER_WEIGHTING_TEXT as LOCALISER_WEIGHTINGS
 
     assert set(LOCALISER_WEIGHTINGS) == set(WEIGHTINGS)

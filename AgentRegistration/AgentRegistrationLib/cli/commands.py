@@ -18,6 +18,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -142,11 +143,32 @@ def cmd_localiser(args) -> int:
     """Train the organ localiser that places the fixed crop of a model that crops on the organ."""
     from AgentRegistrationLib.data.dataset import find_subjects
     from AgentRegistrationLib.data.image_io import read_image
-    from AgentRegistrationLib.data.localiser import LocaliserConfig, save_localiser
+    from AgentRegistrationLib.data.localiser import (
+        LocaliserConfig,
+        OrganLocaliser,
+        load_localiser,
+        localiser_record,
+        save_localiser,
+    )
     from AgentRegistrationLib.data.localiser_training import TrainingLog, organ_slices, train_localiser
 
-    if args.minutes <= 0 or args.iterations <= 0:
-        raise ValueError(f"--minutes and --iterations must be positive, not {args.minutes:g} and {args.iterations}")
+    if args.minutes <= 0 or args.iterations < 0 or (args.iterations == 0 and not args.init):
+        raise ValueError(f"--minutes and --iterations must be positive (--iterations 0 only with --init), not "
+                         f"{args.minutes:g} and {args.iterations}")
+    settings = {key: value for key, value in (("weighting", args.weighting),
+                                              ("refine", None if args.refine is None else args.refine == "yes"))
+                if value is not None}
+    config, initial, before = replace(LocaliserConfig.default(args.dim), **settings), None, {}
+    if args.init:  # its network and settings (those given here replace them), and its training record
+        if not Path(args.init).is_file():
+            raise ValueError(f"--init {args.init}: no such localiser file")
+        loaded = load_localiser(args.init)
+        if loaded.config.dim != args.dim:
+            raise ValueError(f"--init {args.init} is a {loaded.config.dim}-D localiser: give --dim {loaded.config.dim}")
+        config = replace(loaded.config, **settings)
+        initial = OrganLocaliser(config)
+        initial.load_state_dict(loaded.state_dict())
+        before = localiser_record(args.init)
     subjects = find_subjects(args.data, _subject_names(args))
     images, labels = [], []
     for s, label in zip(subjects, _labels_of(subjects), strict=True):
@@ -165,11 +187,12 @@ def cmd_localiser(args) -> int:
     def progress(iteration: int, loss: float, seconds: float) -> None:
         rep.update(min(100, int(100 * max(iteration / args.iterations, seconds / (60.0 * args.minutes)))), loss=loss)
 
-    localiser = train_localiser(images, labels, LocaliserConfig.default(args.dim), iterations=args.iterations,
-                                time_limit=60.0 * args.minutes, seed=args.seed, log=log, progress=progress)
+    localiser = train_localiser(images, labels, config, iterations=args.iterations, time_limit=60.0 * args.minutes,
+                                seed=args.seed, log=log, progress=progress, initial=initial)
     rep.close()
-    record = {"subjects": [s.name for s in subjects], "data": recorded_path(args.data), "iterations": log.iterations,
-              "seconds": round(log.seconds, 1), "seed": args.seed}
+    record = {"subjects": [s.name for s in subjects], "data": recorded_path(args.data),
+              "iterations": int(before.get("iterations", 0)) + log.iterations,
+              "seconds": round(float(before.get("seconds", 0.0)) + log.seconds, 1), "seed": args.seed}
     save_localiser(localiser, args.out, {"training": record})
     print(f"organ localiser ({args.dim}-D) trained on {len(images)} {'slices' if args.dim == 2 else 'volumes'} of "
           f"{len(subjects)} subjects: {log.iterations} batches in {log.seconds / 60:.1f} min; saved to {args.out}. "

@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=100_000, help="batches at most (default: the time limit ends it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--init", help="a localiser file to continue training (its network, settings and training record; "
+                                  "with --iterations 0 it is only recalibrated and resaved with the settings below)")
+    p.add_argument("--weighting", choices=training_folder.LOCALISER_WEIGHTINGS,
+                   help="how the organ map becomes a centre and size: p, p2 (p squared), largest (the largest "
+                        "component), ellipsoid (a fitted solid ellipsoid); default: the localiser's own (p2 new)")
+    p.add_argument("--refine", choices=("yes", "no"),
+                   help="a second, finer pass on a box around the first answer (default: the localiser's own, yes new)")
     common(p)
     p.set_defaults(func=cmd_localiser)
 

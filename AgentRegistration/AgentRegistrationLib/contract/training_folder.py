@@ -36,6 +36,9 @@ def parse_numbers(text: str | Sequence[float], kind: type, option: str, counts: 
     if len(values) not in counts or min(values) <= 0:
         raise ValueError(f"{option} {text!r}: give {how_many} comma-separated positive numbers")
     return values
+LOCALISER_WEIGHTINGS = ("p", "p2", "largest", "ellipsoid")
+"""How the learned localiser turns its organ map into a centre and a size (``agentreg localiser --weighting``)."""
+
 PAPER_MODES = {2: 15, 3: 25}
 """The paper's number of SDM modes d per dimension."""
 GT_METRICS = ("points", "distance")

@@ -37,11 +37,11 @@ from scipy import ndimage
 from torch import nn
 
 from AgentRegistrationLib.contract.files import atomic_write
+from AgentRegistrationLib.contract.training_folder import LOCALISER_WEIGHTINGS
 from AgentRegistrationLib.data.organ_box import Localisation, localisation_from_weights
 
 PAYLOAD_KIND = "agentregistration.organ_localiser"
 PAYLOAD_VERSION = 1
-WEIGHTINGS = ("p", "p2", "largest", "ellipsoid")
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ class LocaliserConfig:
         if any(g % step or g <= 0 for g in self.grid) or not self.channels:
             raise ValueError(f"localiser grid {self.grid} must be positive multiples of {step} "
                              f"({len(self.channels)} levels of channels {self.channels})")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"localiser weighting {self.weighting!r}: choose one of {WEIGHTINGS}")
+        if self.weighting not in LOCALISER_WEIGHTINGS:
+            raise ValueError(f"localiser weighting {self.weighting!r}: choose one of {LOCALISER_WEIGHTINGS}")
         if not 0 < self.fov_min <= 1 <= self.fov_max:
             raise ValueError(f"localiser crop range fov_min={self.fov_min}, fov_max={self.fov_max}: need 0 < min <= 1 <= max")
 
@@ -223,7 +223,7 @@ def weights_from_probability(p: np.ndarray, weighting: str) -> np.ndarray:
             return p**2
         mass = ndimage.sum(p, components, index=np.arange(1, count + 1))
         return np.where(components == 1 + int(np.argmax(mass)), p, 0.0)
-    raise ValueError(f"unknown weighting {weighting!r}: choose one of {WEIGHTINGS}")
+    raise ValueError(f"unknown weighting {weighting!r}: choose one of {LOCALISER_WEIGHTINGS}")
 
 
 def ellipsoid_fit(p: np.ndarray, start: Localisation, grid: sitk.Image, edge: float = 0.15) -> Localisation:
@@ -383,6 +383,12 @@ def localiser_from_payload(payload: dict) -> OrganLocaliser:
 def save_localiser(localiser: OrganLocaliser, path, extra: dict | None = None) -> None:
     """Write the payload (plus plain ``extra`` entries) to ``path``, atomically."""
     atomic_write(path, lambda tmp: torch.save({**localiser_to_payload(localiser), **(extra or {})}, tmp))
+
+
+def localiser_record(path) -> dict:
+    """The training record a localiser file carries (``{}`` when it has none): subjects, iterations, seconds, ..."""
+    record = torch.load(path, map_location="cpu", weights_only=True).get("training", {})
+    return record if isinstance(record, dict) else {}
 
 
 def load_localiser(path) -> OrganLocaliser:

@@ -159,6 +159,7 @@ def bundle_from_payload(payload, source: str = "bundle") -> ModelBundle:
 PROJECT_SPLIT = "Resources/promise12_split.json"  # the project's PROMISE12 split, as a model records it
 
 
-LOCALISER_WEIGHTINGS = {"p": "the moments of p", "p2": "the moments of p squared",
-                        "largest": "the moments of its largest p > 0.5 component", "ellipsoid": "the fitted ellipsoid"}
-"""How each localiser weighting (``localiser.WEIGHTINGS``) turns its probability map p into a centre and a size."""
+LOCALISER_WEIGHTING_TEXT = {"p": "the moments of p", "p2": "the moments of p squared",
+                            "largest": "the moments of its largest p > 0.5 component", "ellipsoid": "the fitted ellipsoid"}
+"""How each localiser weighting (``training_folder.LOCALISER_WEIGHTINGS``) turns its probability map p into a centre and
+a size."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from AgentRegistrationLib.model.bundle import LOCALISER_WEIGHTINGS, PROJECT_SPLIT, ModelBundle
+from AgentRegistrationLib.model.bundle import LOCALISER_WEIGHTING_TEXT, PROJECT_SPLIT, ModelBundle
 
 
 def _project_split_subjects(subset: str) -> list[str] | None:
@@ -62,7 +62,7 @@ def _localisers_text(bundle: ModelBundle) -> str:
     for dim, payload in sorted(bundle.localisers.items()):
         weighting = payload["config"].get("weighting", "p2")
         finer = ", looking again at a finer grid around its first answer" if payload["config"].get("refine") else ""
-        how.append(f"{LOCALISER_WEIGHTINGS.get(weighting, weighting)}{finer} ({dim}-D)")
+        how.append(f"{LOCALISER_WEIGHTING_TEXT.get(weighting, weighting)}{finer} ({dim}-D)")
     return (f"for {' and '.join(sorted(bundle.localisers))}-D images; centre and size from its probability map by "
             + "; ".join(how))
 
