@@ -145,6 +145,8 @@ def test_the_summary_says_which_pairs_got_worse():
     assert "case02 -> case01 (Dice" not in "\n".join(lines)
     lines = summary_lines(rows[1:], (16, 16))
     assert "The agent made none of the 1 pair(s) worse." in lines and not any("WORSE" in line for line in lines)
+    assert "'before' = after the translation pre-alignment" in lines[-1]  # the paper's start
+    assert "'before' = the crops on the organ alone" in summary_lines(rows, (16, 16), localised=True)[-1]
 
 
 def _trajectory(steps: int, modes: int = 3, actions: int = 6) -> dict[str, np.ndarray]:

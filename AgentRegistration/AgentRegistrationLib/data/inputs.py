@@ -35,8 +35,8 @@ def agent_steps(steps: int | None, default: int) -> tuple[int, str | None]:
     if steps is None or steps == 0:
         return int(default), None
     if steps < 0:
-        raise ValueError(f"--steps {steps}: give a positive number of agent steps, or 0 for the model's default "
-                         f"({default})")
+        raise ValueError(f"--steps {steps}: give a positive number of agent steps, or 0 for the model's default"
+                         + (f" ({default})" if default else ""))
     if steps > MANY_STEPS:
         return int(steps), (f"--steps {steps} is far more than this model's default of {default} steps: the "
                             f"registration takes about {steps / default:.0f} times as long and the agent rarely "
