@@ -388,3 +388,26 @@ def test_progress_is_reported_from_the_first_line_stage_by_stage(tmp_path, capsy
     assert messages.progress_range(received[6]) == (0, 0, 0)  # busy while the pre-alignment runs
     assert messages.progress_range(received[3]) == (0, 5, 3)
     assert messages.progress_range(received[-1]) is None
+
+
+# -- mix-ups: each names the argument and the likely swap ----------------------------------------------------------
+def test_a_label_given_as_the_fixed_image_is_named_as_a_likely_mix_up(grid128, tmp_path, capsys):
+    code = main(["register", "--fixed", str(grid128 / "case02_label.nii.gz"), "--moving",
+                 str(grid128 / "case30_image.nii.gz"), "--model", str(SHIPPED / "prostate-3d.pt"),
+                 "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "holds only the values 0, 1: it looks like a label map" in err
+    assert "as the fixed image (--fixed) and its label as the fixed label (--fixed-label)" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("which", ["fixed", "moving"])
+def test_an_image_given_as_a_label_is_named_as_a_likely_mix_up(grid128, tmp_path, capsys, which):
+    case = "02" if which == "fixed" else "30"
+    code = main(["register", "--fixed", str(grid128 / "case02_image.nii.gz"), "--moving",
+                 str(grid128 / "case30_image.nii.gz"), f"--{which}-label", str(grid128 / f"case{case}_image.nii.gz"),
+                 "--model", str(SHIPPED / "prostate-3d.pt"), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "it looks like a grey-level image, not a label map" in err
+    assert f"as the {which} label (--{which}-label) and the image as the {which} image (--{which})" in err
+    assert "do not overlap" not in err and not (tmp_path / "out").exists()

@@ -44,6 +44,22 @@ def agent_steps(steps: int | None, default: int) -> tuple[int, str | None]:
     return int(steps), None
 
 
+OPTIONS = {"fixed image": "--fixed", "moving image": "--moving", "fixed label": "--fixed-label",
+           "moving label": "--moving-label"}
+"""The command-line option of each input, named in the messages about a likely mix-up."""
+LABEL_LIKE_VALUES = 8
+"""An image of at most this many distinct whole values, 0 among them, looks like a label map, not a grey-level image."""
+MAX_LABEL_VALUE = 255
+"""A label map holds values 0..255 (the engine keeps at most 255 labels)."""
+MANY_LABELS = 64
+"""A label map of more distinct values than this is taken for a grey-level image (an 8-bit image given as a label)."""
+
+
+def _as(what: str) -> str:
+    """``fixed image`` -> ``the fixed image (--fixed)``."""
+    return f"the {what} ({OPTIONS[what]})" if what in OPTIONS else f"the {what}"
+
+
 def check_image(image: sitk.Image, what: str, source: str | Path = "") -> tuple[sitk.Image, str | None]:
     """A 2-D or 3-D scalar image with varying, finite values; non-finite voxels are replaced (with a note).
 
@@ -70,6 +86,12 @@ def check_image(image: sitk.Image, what: str, source: str | Path = "") -> tuple[
     if low == high:
         raise ValueError(f"{name} is constant (every voxel is {low:g}): it holds no image to register; check that "
                          "the right file was given")
+    values = np.unique(array[finite]) if array.dtype.kind in "iub" or np.all(np.mod(array[finite], 1) == 0) else None
+    if values is not None and len(values) <= LABEL_LIKE_VALUES and values[0] == 0:
+        label_what = what.replace("image", "label") if "image" in what else f"{what}'s segmentation"
+        raise ValueError(f"{name} holds only the values {', '.join(f'{v:g}' for v in values)}: it looks like a label "
+                         f"map, not a grey-level image. Give the image as {_as(what)} and its label as "
+                         f"{_as(label_what)}")
     note = None
     if not finite.all():
         clean = np.where(finite, array, low).astype(array.dtype)
@@ -109,6 +131,13 @@ def check_label(label: sitk.Image, image: sitk.Image, what: str, image_what: str
     if label.GetDimension() != image.GetDimension():
         raise ValueError(f"{name} is {label.GetDimension()}-D but the {image_what} is {image.GetDimension()}-D: "
                          f"give the {image_what}'s own label")
+    array = sitk.GetArrayViewFromImage(label)
+    if array.size and (int(array.max()) > MAX_LABEL_VALUE or int(array.min()) < 0
+                       or len(np.unique(array)) > MANY_LABELS):
+        raise ValueError(f"{name} holds {len(np.unique(array))} values from {int(array.min())} to {int(array.max())}: it "
+                         f"looks like a grey-level image, not a label map (values 0..{MAX_LABEL_VALUE}, at most "
+                         f"{MANY_LABELS} of them). Give the label as "
+                         f"{_as(what)} and the image as {_as(image_what)}")
     note = None
     if not same_grid(label, image):
         if not resample:
