@@ -158,10 +158,7 @@ def summary_text(metrics: dict) -> str:
     text = f"Done: {metrics['steps']} agent steps in {metrics['seconds_total']:.1f} s"
     if "dice_after" in metrics:
         text += f"; {register_folder.dice_text(metrics)}"
-    notes = [note.replace("--fixed-point X,Y[,Z] on the command line, a markups point in Slicer",  # Slicer's remedy
-                          "a markups point, then Apply again").replace(" (the crops alone; --no-similarity-guard keeps "
-                                                                       "the agent's end)", "")
-             for note in register_folder.metrics_notes(metrics)]
+    notes = register_folder.metrics_notes(metrics, slicer=True)
     return text + "." + "".join(f" {note[0].upper()}{note[1:]}." for note in notes)
 
 

@@ -457,7 +457,11 @@ def cmd_evaluate(args) -> int:
     if (model and "ours" in methods and not args.no_self_registration
             and (not geometry.localised or str(args.dim) in bundle.localisers)):
         from AgentRegistrationLib.stages.registration import Registrar
-        from AgentRegistrationLib.stages.self_registration import self_registration
+        from AgentRegistrationLib.stages.self_registration import (
+            self_registration,
+            self_registration_lines,
+            self_registration_summary,
+        )
 
         evaluated = {name for pair in pairs for name in pair}
         itself = self_registration({n: s for n, s in subjects.items() if n in evaluated}, Registrar(bundle, device),
@@ -469,8 +473,6 @@ def cmd_evaluate(args) -> int:
     notes = evaluation_report.report_notes(pairs, names, args.split, args.data, args.dim, geometry, settings, model,
                                            device, results, failures, seconds, args.workers)
     if itself:
-        from AgentRegistrationLib.stages.self_registration import OFFSET_MM, self_registration_lines
-
         notes += ["", *self_registration_lines(itself)]
     report = Path(args.report) if args.report else Path(args.out) / "evaluation.md"
     summary = evaluation_report.write_report(
@@ -483,9 +485,7 @@ def cmd_evaluate(args) -> int:
               f"{100 * g['improved']:.0f} % of the pairs improved, {100 * g['worse']:.0f} % worse by more than "
               f"{evaluation_report.WORSE}", file=sys.stderr)
     if itself:
-        lowest = min(min(row.values()) for row in itself.values())
-        print(f"self-registration of {len(itself)} subjects (same file and {OFFSET_MM:g} mm away, with and without labels): "
-              f"lowest Dice {lowest:.3f}", file=sys.stderr)
+        print(self_registration_summary(itself), file=sys.stderr)
     print(f"report: {report}; per pair: {report.with_suffix('.csv')}; box plots: "
           f"{report.with_name(report.stem + '_boxplots.png')}", file=sys.stderr)
     if args.progress_json:

@@ -133,20 +133,27 @@ def dice_text(metrics: dict[str, Any]) -> str:
     return ("WORSE: " if worse_than(metrics) else "") + text
 
 
-def metrics_notes(metrics: dict[str, Any]) -> list[str]:
+POINT_REMEDY = "--fixed-point X,Y[,Z] on the command line, a markups point in Slicer"
+"""How a user places the fixed crop by hand, as ``localisation_warning`` names it."""
+SLICER_POINT_REMEDY = "a markups point, then Apply again"
+"""The same remedy as the Slicer module words it (:func:`metrics_notes` with ``slicer``)."""
+
+
+def metrics_notes(metrics: dict[str, Any], slicer: bool = False) -> list[str]:
     """What a user must know about a registration beyond its numbers, one line each: a result worse than no
     registration or its start, a localisation that may have missed the organ (with its remedy), and a start kept by
-    the similarity guard."""
+    the similarity guard. ``slicer``: worded for the Slicer module's status line (its remedy, no command options)."""
     notes = []
     if worse_than(metrics):
         notes.append(f"warning: the result's Dice is below that of {' and of '.join(worse_than(metrics))} "
                      f"({dice_text(metrics).removeprefix('WORSE: ')}): check it before you use it")
     if metrics.get("localisation_warning"):
-        notes.append(f"warning: {metrics['localisation_warning']} (localisation confidence "
-                     f"{metrics.get('localisation_confidence', 0):.2f})")
+        warning = metrics["localisation_warning"]
+        warning = warning.replace(POINT_REMEDY, SLICER_POINT_REMEDY) if slicer else warning
+        notes.append(f"warning: {warning} (localisation confidence {metrics.get('localisation_confidence', 0):.2f})")
     if metrics.get("start_kept"):
-        notes.append("note: the agent's steps made the crops no more alike than its start, so the start was kept "
-                     "(the crops alone; --no-similarity-guard keeps the agent's end)")
+        notes.append("note: the agent's steps made the crops no more alike than its start, so the start was kept"
+                     + ("" if slicer else " (the crops alone; --no-similarity-guard keeps the agent's end)"))
     return notes
 
 

@@ -131,10 +131,9 @@ def check_label(label: sitk.Image, image: sitk.Image, what: str, image_what: str
     if label.GetDimension() != image.GetDimension():
         raise ValueError(f"{name} is {label.GetDimension()}-D but the {image_what} is {image.GetDimension()}-D: "
                          f"give the {image_what}'s own label")
-    array = sitk.GetArrayViewFromImage(label)
-    if array.size and (int(array.max()) > MAX_LABEL_VALUE or int(array.min()) < 0
-                       or len(np.unique(array)) > MANY_LABELS):
-        raise ValueError(f"{name} holds {len(np.unique(array))} values from {int(array.min())} to {int(array.max())}: it "
+    values = np.unique(sitk.GetArrayViewFromImage(label))
+    if values.size and (values[-1] > MAX_LABEL_VALUE or values[0] < 0 or values.size > MANY_LABELS):
+        raise ValueError(f"{name} holds {values.size} values from {int(values[0])} to {int(values[-1])}: it "
                          f"looks like a grey-level image, not a label map (values 0..{MAX_LABEL_VALUE}, at most "
                          f"{MANY_LABELS} of them). Give the label as "
                          f"{_as(what)} and the image as {_as(image_what)}")

@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from AgentRegistrationLib.contract.register_folder import POINT_REMEDY
 from AgentRegistrationLib.core.agent import AgentSettings
 from AgentRegistrationLib.core.metrics import dice, jacobian_statistics, per_label, surface_distances
 from AgentRegistrationLib.data.localiser import localise_with_confidence, localiser_from_payload
@@ -95,8 +96,7 @@ class Registrar:
         warning = ""
         if not confidence.confident:
             warning = (f"the localiser may have missed the organ in the {what} ({'; '.join(confidence.reasons)}): "
-                       "check the crop box, and if it is off, place a point on the organ's centre (--fixed-point "
-                       "X,Y[,Z] on the command line, a markups point in Slicer)"
+                       f"check the crop box, and if it is off, place a point on the organ's centre ({POINT_REMEDY})"
                        + ("" if what == "fixed image" else " or give the moving label"))
         return replace(found, confidence=confidence.score, warning=warning)
 

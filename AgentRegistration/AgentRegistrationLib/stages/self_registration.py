@@ -67,3 +67,10 @@ def self_registration_lines(results: dict[str, dict[str, float]]) -> list[str]:
     if results:
         lines.append("| lowest | " + " | ".join(f"{min(r[c] for r in results.values()):.3f}" for c in CASES) + " |")
     return lines
+
+
+def self_registration_summary(results: dict[str, dict[str, float]]) -> str:
+    """One line: how many subjects, and the lowest Dice of any case."""
+    lowest = min(min(row.values()) for row in results.values())
+    return (f"self-registration of {len(results)} subjects (same file and {OFFSET_MM:g} mm away, with and without "
+            f"labels): lowest Dice {lowest:.3f}")
