@@ -22,6 +22,7 @@ from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.core.geometry import ModelGeometry
 from AgentRegistrationLib.data.image_io import read_image, read_label
 from AgentRegistrationLib.data.organ_box import Localisation, localisation_from_label
+from AgentRegistrationLib.data.orientation import canonical
 from AgentRegistrationLib.data.preprocessing import ModelFrame, normalise_intensity, resample_to_frame
 
 
@@ -106,8 +107,8 @@ def prepare_subject(subject: Subject, template: sitk.Image, geometry: ModelGeome
     if cache is not None and cache.is_file():
         with np.load(cache) as z:
             return PreparedSubject(subject.name, z["image"], z["label"])
-    image = read_image(subject.image, f"image of {subject.name}")
-    label = read_label(subject.label, f"label of {subject.name}")
+    image = canonical(read_image(subject.image, f"image of {subject.name}"))  # the voxel order registration uses
+    label = canonical(read_label(subject.label, f"label of {subject.name}"))
     if not sitk.GetArrayViewFromImage(label).any():
         raise ValueError(f"subject {subject.name}: the label {subject.label} is empty")
     if geometry.localised:

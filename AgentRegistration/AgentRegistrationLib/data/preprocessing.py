@@ -22,6 +22,7 @@ import torch
 from AgentRegistrationLib.core.bspline import ControlGrid, dense_displacement
 from AgentRegistrationLib.core.geometry import ModelGeometry
 from AgentRegistrationLib.data.organ_box import Localisation
+from AgentRegistrationLib.data.orientation import canonical, on_grid_of
 from AgentRegistrationLib.elastix import wrapper as elastix
 
 
@@ -310,9 +311,19 @@ def displacement_in_fixed_geometry(
 
     Fixed point ``p`` is model voxel ``q`` of the fixed box ``frame``; the model-space FFD moves it to
     ``q + u(q)``, which is the physical point ``moving_frame.to_physical(q + u(q))``. The FFD is evaluated
-    exactly at each fixed voxel (no interpolation of a coarse field). Requires the fixed image's direction
-    to equal both frames' (``ModelFrame`` guarantees it), so each model axis depends on one image axis only.
+    exactly at each fixed voxel (no interpolation of a coarse field). Requires the frames' direction to be the
+    fixed image's, or that of the fixed image in the canonical voxel order (:mod:`orientation`; the field is then
+    computed there and brought back onto the fixed image's own voxels), so each model axis depends on one image
+    axis only.
     """
+    if not np.allclose(frame.direction.ravel(), fixed.GetDirection(), atol=1e-6):
+        blank = sitk.Image(fixed.GetSize(), sitk.sitkUInt8)
+        blank.CopyInformation(fixed)
+        ordered = canonical(blank)
+        if not np.allclose(frame.direction.ravel(), ordered.GetDirection(), atol=1e-6):
+            raise ValueError("the crop box's axes are neither the fixed image's nor its canonical ones")
+        field = displacement_in_fixed_geometry(coefficients, grid, frame, ordered, moving_frame)
+        return on_grid_of(field, fixed)
     dim = fixed.GetDimension()
     f_origin = np.array(fixed.GetOrigin())
     f_spacing = np.array(fixed.GetSpacing())

@@ -17,6 +17,7 @@ from AgentRegistrationLib.core.agent import AgentSettings
 from AgentRegistrationLib.core.metrics import dice, jacobian_statistics, per_label, surface_distances
 from AgentRegistrationLib.data.localiser import localise_with_confidence, localiser_from_payload
 from AgentRegistrationLib.data.organ_box import Localisation, localisation_at_point, localisation_from_label
+from AgentRegistrationLib.data.orientation import canonical
 from AgentRegistrationLib.data.preprocessing import (
     PreparedPair,
     displacement_in_fixed_geometry,
@@ -66,9 +67,11 @@ class Registrar:
                  what: str = "image") -> Localisation | None:
         """Where the organ is in ``image`` for a model that crops on it (``None`` for the paper's crop): from
         its label, else at ``point`` (with the spread the localiser finds, else the training subjects' median),
-        else where the bundle's localiser finds it."""
+        else where the bundle's localiser finds it. Measured on the image in the canonical voxel order
+        (:mod:`orientation`), so that the answer does not depend on how the image is stored."""
         if not self.bundle.geometry.localised:
             return None
+        image, label = canonical(image), canonical(label)
         if label is not None:
             return localisation_from_label(label, f"{what}'s label")
         localiser = self.localisers.get(image.GetDimension())
@@ -142,7 +145,9 @@ class Registrar:
                 fixed_localisation: Localisation | None = None) -> PreparedPair:
         """One pair on the model grid, as :meth:`register` prepares it: the fixed crop on ``fixed_localisation``
         (else localised here, at ``fixed_point`` or by the localiser), the moving crop on its label or localiser
-        (or the paper's translation pre-alignment)."""
+        (or the paper's translation pre-alignment). The crops are taken from the images in the canonical voxel
+        order, so the agent sees the same crops however the images are stored."""
+        fixed, moving, fixed_label, moving_label = (canonical(i) for i in (fixed, moving, fixed_label, moving_label))
         if fixed_localisation is None:
             fixed_localisation = self.localise(fixed, point=fixed_point, what="fixed image")
         moving_localisation = self.localise(moving, label=moving_label, what="moving image")
