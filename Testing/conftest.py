@@ -85,6 +85,39 @@ def load_case(grid128):
     return load
 
 
+@pytest.fixture(scope="session")
+def write_dicom_series():
+    """``write_dicom_series(volume, folder, description, uid)`` -> folder: ``volume`` (3-D, integer) written into
+    ``folder`` (files named after ``description``, so that several series may share a folder) as a
+    DICOM series of one file per slice, with the position, orientation and spacing tags a scanner writes, read back
+    by SimpleITK's series reader."""
+    import time
+
+    def write(volume: sitk.Image, folder: Path, description: str = "T2 axial", uid: str = "1.2.826.0.1.3680043.2.1125.1"
+              ) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        direction = volume.GetDirection()
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        tags = {"0008|0060": "MR", "0008|103e": description, "0020|000e": uid, "0020|000d": uid + ".0",
+                "0008|0020": time.strftime("%Y%m%d"), "0010|0020": "anonymous",
+                "0020|0037": "\\".join(f"{v:.6f}" for v in (*direction[0:7:3], *direction[1:8:3])),
+                "0018|0050": f"{volume.GetSpacing()[2]:.6f}"}
+        for z in range(volume.GetDepth()):
+            piece = volume[:, :, z]
+            for tag, value in tags.items():
+                piece.SetMetaData(tag, value)
+            position = volume.TransformIndexToPhysicalPoint((0, 0, z))
+            piece.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in position))
+            piece.SetMetaData("0020|0013", str(z + 1))
+            piece.SetMetaData("0008|0018", f"{uid}.{z + 1}")
+            writer.SetFileName(str(folder / f"{description.replace(' ', '_')}_{z:03d}.dcm"))
+            writer.Execute(piece)
+        return folder
+
+    return write
+
+
 # -- a small but real pipeline, shared by the tests of training, registration and evaluation --------------------
 TINY_SUBJECTS = ["case00", "case04", "case06", "case07"]
 

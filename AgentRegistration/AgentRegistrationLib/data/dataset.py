@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.core.geometry import ModelGeometry
-from AgentRegistrationLib.data.image_io import read_image, read_label
+from AgentRegistrationLib.data.image_io import image_exists, read_image, read_label
 from AgentRegistrationLib.data.organ_box import Localisation, localisation_from_label
 from AgentRegistrationLib.data.orientation import canonical
 from AgentRegistrationLib.data.preprocessing import ModelFrame, normalise_intensity, resample_to_frame
@@ -34,7 +34,8 @@ class Subject:
 
 
 def find_subjects(source: str | Path, names: list[str] | None = None) -> list[Subject]:
-    """Subjects from a folder of ``<name>_image.*`` / ``<name>_label.*`` files, or from a CSV
+    """Subjects from a folder of ``<name>_image.*`` / ``<name>_label.*`` files (an image may be a ``<name>_image``
+    folder of a DICOM series), or from a CSV
     with columns ``image,label`` (optional ``name``; relative paths are relative to the CSV)."""
     source = Path(source)
     subjects: list[Subject] = []
@@ -47,9 +48,9 @@ def find_subjects(source: str | Path, names: list[str] | None = None) -> list[Su
                 image, label = (Path(row[k]) if Path(row[k]).is_absolute() else source.parent / row[k]
                                 for k in ("image", "label"))
                 subjects.append(Subject(row.get("name") or f"subject{i:03d}", image, label))
-    elif source.is_dir():
-        for image in sorted(source.glob("*_image.*")):
-            name = image.name.split("_image.")[0]
+    elif source.is_dir():  # <name>_image.<ext> files, or <name>_image folders of a DICOM series
+        for image in sorted(p for p in source.glob("*_image*") if p.name.endswith("_image") or "_image." in p.name):
+            name = image.name.split("_image")[0]
             labels = sorted(source.glob(f"{name}_label.*"))
             if labels:
                 subjects.append(Subject(name, image, labels[0]))
@@ -65,7 +66,7 @@ def find_subjects(source: str | Path, names: list[str] | None = None) -> list[Su
         raise ValueError(f"{source}: found {len(subjects)} subject(s) with image and label; at least 2 are needed")
     for s in subjects:
         for p in (s.image, s.label):
-            if not p.is_file():
+            if not (image_exists(p) if p == s.image else p.is_file()):
                 raise FileNotFoundError(f"subject {s.name}: file not found: {p}")
     return subjects
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from AgentRegistrationLib.data.image_io import read_image, read_label
+from AgentRegistrationLib.data.image_io import read_image_noted, read_label
 
 MANY_STEPS = 2000
 """Agent step counts above this get a warning: the shipped models run at most a few dozen steps by default."""
@@ -147,7 +147,7 @@ def check_label(label: sitk.Image, image: sitk.Image, what: str, image_what: str
         note = f"{name} was resampled onto the {image_what}'s grid (nearest neighbour), as --resample-labels asks"
     if not np.any(sitk.GetArrayViewFromImage(label)):
         where = " inside the " + image_what + " after resampling: they do not overlap" if note else ""
-        raise ValueError(f"{name} is empty (no non-zero voxel{where}): give the prostate mask of the {image_what}, "
+        raise ValueError(f"{name} is empty (no non-zero voxel{where}): give the organ's label map of the {image_what}, "
                          "or leave the label out")
     return label, note
 
@@ -202,7 +202,9 @@ def read_register_inputs(fixed: str | Path, moving: str | Path, fixed_label: str
         if moving_cache is not None and key in moving_cache:
             images[what], note = moving_cache[key]
         elif what.endswith("image"):
-            images[what], note = check_image(read_image(path, what), what, path)
+            image, series = read_image_noted(path, what)  # a DICOM series folder: which series was read
+            images[what], note = check_image(image, what, path)
+            note = "; ".join(n for n in (series, note) if n) or None
         else:
             image_what = what.replace("label", "image")
             images[what], note = check_label(read_label(path, what), images[image_what], what, image_what, path,

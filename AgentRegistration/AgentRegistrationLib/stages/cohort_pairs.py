@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from AgentRegistrationLib.contract.points import parse_point
+from AgentRegistrationLib.data.image_io import SERIES_SEPARATOR, dicom_series, image_exists
 
 CSV_COLUMNS = ("fixed", "moving", "fixed_label", "moving_label", "fixed_point", "name")
 """Columns of a CSV of pairs: ``fixed`` and ``moving`` are required; a relative path is relative to the CSV."""
@@ -37,7 +38,7 @@ class CohortPair:
 
 
 def _stem(path: Path) -> str:
-    name = Path(path).name
+    name = Path(path).name.split(SERIES_SEPARATOR)[0]  # FOLDER@SeriesInstanceUID: the folder's name
     for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -98,14 +99,17 @@ def pairs_from_csv(path: str | Path) -> list[CohortPair]:
 
 def patient_images(folder: str | Path) -> list[tuple[str, Path, Path | None]]:
     """``(name, image, label or None)`` of each image in ``folder``: ``<name>.<ext>`` or ``<name>_image.<ext>``,
-    its label ``<name>_label.<ext>`` when present (:data:`IMAGE_SUFFIXES`; other files are ignored)."""
+    its label ``<name>_label.<ext>`` when present (:data:`IMAGE_SUFFIXES`; other files are ignored). A subfolder
+    holding a DICOM series is an image too, named after the folder."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"patient folder not found: {folder} (give a folder of images, each with an "
                                 f"optional <name>{LABEL_SUFFIX} file beside it)")
     images, labels = {}, {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or not path.name.lower().endswith(IMAGE_SUFFIXES):
+        dicom = path.is_dir() and not path.name.startswith(".") and bool(dicom_series(path))  # a DICOM series folder
+        if not dicom and (path.name.startswith(".") or not path.is_file()
+                          or not path.name.lower().endswith(IMAGE_SUFFIXES)):
             continue
         stem = _stem(path)
         if stem.endswith(LABEL_SUFFIX):
@@ -138,7 +142,7 @@ def multi_atlas_pairs(atlases: list[tuple[str | Path, str | Path | None]], patie
         raise ValueError("give at least one atlas (--atlas IMAGE --atlas-label LABEL)")
     for image, label in atlases:
         for what, path in (("atlas image", image), ("atlas label", label)):
-            if path is not None and not path.is_file():
+            if path is not None and not (image_exists(path) if what == "atlas image" else path.is_file()):
                 raise FileNotFoundError(f"{what} file not found: {path}")
     names = [_stem(image) for image, _ in atlases]
     if len(atlases) > 1:
