@@ -14,7 +14,15 @@ from typing import Annotated, Union
 import qt
 import slicer
 import vtk
-from AgentRegistrationGUILib import cohort_job, job_panel, jobs, nodes, registration_job, result_nodes, slicer_setup
+from AgentRegistrationGUILib import (
+    cohort_job,
+    definitions,
+    job_panel,
+    jobs,
+    registration_job,
+    result_nodes,
+    slicer_setup,
+)
 from AgentRegistrationLib.contract import layout, worker_commands
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
@@ -53,8 +61,14 @@ def modelFolders() -> list[Path]:
 
 
 def availableModels() -> dict[str, Path]:
-    """Models by name, read afresh (a model trained or copied in meanwhile is listed)."""
+    """Model files by name, read afresh (a model trained or copied in meanwhile is listed)."""
     return layout.available_models(modelFolders())
+
+
+def modelChoices(chosen: Path | None = None) -> list[definitions.ModelChoice]:
+    """The registration models a user can pick (the shipped ones, then the trained ones; ``chosen``, a file picked
+    elsewhere, last), each with the defaults it carries."""
+    return definitions.model_choices(availableModels(), chosen)
 
 
 JobState = jobs.JobState
@@ -77,7 +91,8 @@ class AgentRegistration(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Non-rigid registration of prostate MR by a trained agent that predicts, step by step, "
             "changes of a statistical deformation model (Krebs et al., MICCAI 2017). Outputs a warped "
-            "volume, a transform, Dice/Hausdorff and the agent's trajectory.")
+            "volume, a transform, the moving segmentation carried onto the fixed volume, Dice/Hausdorff and the "
+            "agent's trajectory. First time: press Load sample data, then Apply.")
         self.parent.acknowledgementText = _(
             "Method: Krebs J. et al., Robust non-rigid registration through agent-based action learning, "
             "MICCAI 2017.")
@@ -97,7 +112,7 @@ class AgentRegistrationParameterNode:
     fixedSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]  # noqa: UP007
     movingSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]  # noqa: UP007
     fixedPoint: vtkMRMLMarkupsFiducialNode  # its first point: the prostate's centre on the fixed volume
-    modelPath: Path
+    modelPath: Path  # shown by modelComboBox (FIELDS_SET_IN_CODE): the listed models, then "Other file..."
     device: Annotated[str, Choice(list(worker_commands.DEVICE_CHOICES))] = "Auto"
     steps: Annotated[int, WithinRange(0, 10000)] = 0  # 0: the model's default
     fuzzyActionControl: bool = True
@@ -109,7 +124,14 @@ class AgentRegistrationParameterNode:
     outputTransform: vtkMRMLTransformNode
     propagatedSegmentation: vtkMRMLSegmentationNode
     metricsTable: vtkMRMLTableNode
+    atlasVolume: vtkMRMLScalarVolumeNode  # several patients: the atlas registered to each of them
+    atlasSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]  # noqa: UP007  # carried onto them
     cohortPatientsFolder: Path  # several patients: a folder of images (used when no patient volume is checked)
+
+
+FIELDS_SET_IN_CODE = {"modelPath": "modelComboBox"}
+"""Parameter node fields no widget binds through ``SlicerParameterName``, and the widget that shows each: the model
+combo box lists models found at run time (no fixed ``Choice``), so the widget keeps it and the field in step."""
 
 
 #
@@ -127,6 +149,7 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job: registration_job.RegistrationJob | None = None
+        self.lastResult: result_nodes.RegistrationResultNodes | None = None  # the nodes of the last registration
         self._panel: job_panel.JobPanel | None = None  # its Apply/Cancel button, progress bar and status (setup)
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
@@ -149,20 +172,23 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._panel = job_panel.JobPanel(
             self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel, apply_text=_("Apply"), **busyTexts,
             inputs=(self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton, self.ui.loadSampleDataButton))
+        cohortInputs = (self.ui.cohortAtlasVolumeSelector, self.ui.cohortAtlasSegmentationSelector,
+                        self.ui.cohortFixedVolumesSelector, self.ui.cohortPatientsFolderLineEdit)
         self._cohortPanel = job_panel.JobPanel(
             self.ui.cohortApplyButton, self.ui.cohortProgressBar, self.ui.cohortStatusLabel,
             apply_text=_("Register all patients"), **busyTexts,
-            inputs=(self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton,
-                    self.ui.cohortFixedVolumesSelector, self.ui.cohortPatientsFolderLineEdit))
+            inputs=(self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton, *cohortInputs))
 
-        self.ui.shippedModelComboBox.currentTextChanged.connect(self.onShippedModelSelected)
-        self.ui.modelPathLineEdit.filters = self.ui.modelPathLineEdit.Files
-        self.ui.modelPathLineEdit.nameFilters = ["Model bundle (*.pt)"]
+        # Choices and tooltips from the engine's definitions (definitions.py), so they say what the engine does.
+        self._modelChoices: list[definitions.ModelChoice] = []
+        self._listedModelPath: Path | None = None  # the parameter node's model when the list was last made
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
+        self.ui.deviceComboBox.toolTip = definitions.device_tooltip()
+        self.ui.cohortPatientsFolderLineEdit.toolTip = definitions.patients_folder_tooltip()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.propagateButton.connect("clicked(bool)", self.onPropagateButton)
         self.ui.loadSampleDataButton.connect("clicked(bool)", self.onLoadSampleData)
         self.ui.cohortPatientsFolderLineEdit.filters = self.ui.cohortPatientsFolderLineEdit.Dirs
         self.ui.cohortFixedVolumesSelector.connect("checkedNodesChanged()", self._checkCanApply)
@@ -194,23 +220,41 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.initializeParameterNode()
 
     def refreshModelList(self) -> None:
-        """List the shipped and trained models afresh (called on entering the module and after training)."""
-        models = availableModels()
-        combo = self.ui.shippedModelComboBox
+        """List the models afresh (on entering the module, so that one trained meanwhile is listed), each with its
+        defaults as its tooltip, then "Other file..."; select the parameter node's model."""
+        p = self._parameterNode
+        self._listedModelPath = p.modelPath if p else None
+        self._modelChoices = modelChoices(self._listedModelPath)
+        combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        combo.addItem(_("(choose a file)"))
-        for name in models:
-            combo.addItem(name)
-        p = self._parameterNode
-        current = next((name for name, path in models.items() if p and path == p.modelPath), None)
-        combo.setCurrentText(current or _("(choose a file)"))
+        for index, choice in enumerate(self._modelChoices):
+            combo.addItem(choice.name)
+            combo.setItemData(index, choice.tooltip, qt.Qt.ToolTipRole)
+        combo.addItem(_("Other file..."))
+        combo.setItemData(len(self._modelChoices), _("Choose a model bundle (.pt) saved by Agent Registration Training"),
+                          qt.Qt.ToolTipRole)
+        index = definitions.choice_index(self._modelChoices, p.modelPath if p else None)
+        combo.setCurrentIndex(index if index is not None else -1)
         combo.blockSignals(wasBlocked)
+        self._showModelDefaults()
+
+    def _currentModelChoice(self) -> definitions.ModelChoice | None:
+        p = self._parameterNode
+        index = definitions.choice_index(self._modelChoices, p.modelPath if p else None)
+        return self._modelChoices[index] if index is not None else None
+
+    def _showModelDefaults(self) -> None:
+        """The tooltips that say what "model's default" is for the chosen model."""
+        choice = self._currentModelChoice()
+        self.ui.stepsSpinBox.toolTip = definitions.steps_tooltip(choice)
+        self.ui.fuzzyKSpinBox.toolTip = definitions.fuzzy_k_tooltip(choice)
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.modelPath.is_file():
-            model = layout.default_model(availableModels())
+            choices = modelChoices()
+            model = layout.default_model({c.name: c.path for c in choices})
             if model is not None:
                 self._parameterNode.modelPath = model
         self.refreshModelList()
@@ -225,34 +269,49 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self._checkCanApply()
 
-    def onShippedModelSelected(self, name: str) -> None:
-        model = availableModels().get(name)
-        if model is not None and self._parameterNode:
-            self._parameterNode.modelPath = model
+    def onModelSelected(self, index: int) -> None:
+        p = self._parameterNode
+        if p is None or index < 0:
+            return
+        if index < len(self._modelChoices):
+            p.modelPath = self._modelChoices[index].path
+            self._showModelDefaults()
+            return
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Choose a model bundle"),
+                                              str(userModelsFolder()), _("Model bundle") + " (*.pt)")
+        if path and definitions.ModelChoice.of(Path(path).stem, Path(path)) is None:
+            slicer.util.errorDisplay(_("{path} is not a registration model: choose a .pt file saved by Agent "
+                                       "Registration Training, or a listed model.").format(path=path))
+        elif path:
+            p.modelPath = Path(path)
+        self.refreshModelList()  # the chosen file, listed last; or the model chosen before
 
     def onLoadSampleData(self) -> None:
+        """Load the shipped pair and select it: the first registration is then Apply."""
         with slicer.util.tryWithErrorDisplay(_("Failed to load the sample data."), waitCursor=True):
             sample = self.logic.loadSampleData()
             p = self._parameterNode
             p.fixedVolume, p.movingVolume = sample["fixed"], sample["moving"]
             p.fixedSegmentation, p.movingSegmentation = sample["fixed_label"], sample["moving_label"]
             slicer.util.setSliceViewerLayers(background=sample["fixed"], fit=True)
+            self.ui.statusLabel.text = _("Sample data loaded: press Apply.")
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        ready = bool(p and p.fixedVolume and p.movingVolume and p.modelPath.is_file())
+        if p is not None and p.modelPath != self._listedModelPath and self._currentModelChoice() is None:
+            self.refreshModelList()  # the model was set elsewhere (a scene loaded, a script): show it
+        hint = definitions.apply_hint(p and p.fixedVolume, p and p.movingVolume, p.modelPath if p else None)
         if not self._cohortPanel.busy:
             patients = bool(self.ui.cohortFixedVolumesSelector.checkedNodes()) or self._cohortFolder() is not None
-            cohortReady = bool(p and p.movingVolume and p.modelPath.is_file() and patients)
+            cohortReady = bool(p and p.atlasVolume and p.modelPath.is_file() and patients)
             self.ui.cohortApplyButton.enabled = cohortReady and not self._panel.busy
-            self.ui.cohortApplyButton.toolTip = _("Register the atlas (moving volume) to every patient") \
-                if cohortReady else _("Select the moving volume (atlas), a model, and patient volumes or a folder")
+            self.ui.cohortApplyButton.toolTip = _("Register the atlas to every patient") if cohortReady else \
+                _("Select the atlas volume, a model, and patient volumes or a folder of images")
         if self._panel.busy:
             return
-        self.ui.applyButton.enabled = ready and not self._cohortPanel.busy
-        self.ui.applyButton.toolTip = _("Register the moving volume to the fixed volume") if ready else \
-            _("Select fixed and moving volumes and a model bundle (.pt)")
-        self.ui.propagateButton.enabled = bool(p and p.outputTransform and p.movingSegmentation and p.fixedVolume)
+        self.ui.applyButton.enabled = not hint and not self._cohortPanel.busy
+        self.ui.applyButton.toolTip = hint or _(
+            "Register the moving volume to the fixed volume (and carry the moving segmentation onto it)")
 
     def onApplyButton(self) -> None:
         if self._panel.state == JobState.RUNNING:
@@ -281,8 +340,9 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         p = self._parameterNode
         try:
             result = registration_job.finish_registration(registration, slicer.modules.sequences.logic(),
-                                              warped_node=p.warpedVolume, transform_node=p.outputTransform,
-                                              metrics_node=p.metricsTable)
+                                                          warped_node=p.warpedVolume, transform_node=p.outputTransform,
+                                                          metrics_node=p.metricsTable,
+                                                          propagated_node=p.propagatedSegmentation)
         except Exception as error:
             self._panel.fail(_("Failed: {error}").format(error=error))
             slicer.util.errorDisplay(_("Registration failed."), detailedText=str(error))
@@ -295,6 +355,9 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         p.warpedVolume = result.warped_volume
         p.outputTransform = result.transform
         p.metricsTable = result.metrics_table
+        if result.propagated_segmentation is not None:
+            p.propagatedSegmentation = result.propagated_segmentation
+        self.lastResult = result
         slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=result.warped_volume,
                                          foregroundOpacity=0.5, fit=True)
         slicer.modules.plots.logic().ShowChartInLayout(result.trajectory_chart)
@@ -316,7 +379,7 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             p = self._parameterNode
             checked = list(self.ui.cohortFixedVolumesSelector.checkedNodes())
             self._cohort = self.logic.startCohortRegistration(
-                p.movingVolume, p.modelPath, p.movingSegmentation, fixedVolumes=checked,
+                p.atlasVolume, p.modelPath, p.atlasSegmentation, fixedVolumes=checked,
                 patientsFolder=None if checked else self._cohortFolder(), device=p.device, steps=p.steps,
                 fuzzyActionControl=p.fuzzyActionControl, fuzzyK=p.fuzzyK, seed=p.seed,
                 keepTemporaryFiles=p.keepTemporaryFiles)
@@ -346,13 +409,6 @@ class AgentRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.summary_table.GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
         self._cohortPanel.succeed(cohort_job.cohort_summary_text(result))
-
-    def onPropagateButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Failed to propagate the segmentation."), waitCursor=True):
-            p = self._parameterNode
-            p.propagatedSegmentation = nodes.propagate_segmentation(
-                p.movingSegmentation, p.outputTransform, p.fixedVolume,
-                slicer.mrmlScene.GenerateUniqueName(f"{p.movingSegmentation.GetName()} on fixed"))
 
 
 #
@@ -425,41 +481,69 @@ class AgentRegistrationLogic(ScriptedLoadableModuleLogic):
 
 
 class AgentRegistrationTest(ScriptedLoadableModuleTest):
-    """Registers the shipped real prostate pair with the shipped 3-D model inside Slicer (never skipped)."""
+    """A user's first registration, through the module's own widget: load sample, Apply, look. Then the same pair as
+    an atlas and a patient under "Several patients". The real worker on the shipped pair with the shipped 3-D model
+    (never skipped; the Python packages are installed first when missing)."""
+
+    TIMEOUT_S = 600
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
         self.setUp()
-        self.test_register_sample_pair()
-        self.test_propagate_atlas_to_patients()
-
-    def test_register_sample_pair(self) -> None:
-        models = availableModels()
-        self.assertIn("prostate-3d", models, "the shipped 3-D model is missing: reinstall the extension")
-        sample = AgentRegistrationLogic.loadSampleData()  # raises when the sample data is missing
-        self.assertTrue(slicer_setup.ensure_dependencies("AgentRegistration"))
-        before = slicer.mrmlScene.GetNumberOfNodes()
-        result = AgentRegistrationLogic().process(sample["fixed"], sample["moving"], "prostate-3d",
-                                                  fixedSegmentation=sample["fixed_label"],
-                                                  movingSegmentation=sample["moving_label"], saveStepsEvery=10,
-                                                  timeout=600)
-        self.assertGreater(slicer.mrmlScene.GetNumberOfNodes(), before)
-        self.assertIn("dice_after", result.metrics)
-        self.assertIsNotNone(result.step_sequence)
-        propagated = nodes.propagate_segmentation(sample["moving_label"], result.transform, sample["fixed"], "propagated")
-        self.assertEqual(propagated.GetSegmentation().GetNumberOfSegments(), 1)
-        self.delayDisplay("Registration test passed")
-
-    def test_propagate_atlas_to_patients(self) -> None:
-        """The moving sample volume as an atlas onto the fixed one (as a patient volume), through register-many."""
+        self.test_first_registration_load_sample_apply_look()
         self.setUp()
+        self.test_atlas_onto_a_patient()
+
+    def _waitWhileBusy(self, panel: job_panel.JobPanel) -> None:
+        deadline = time.monotonic() + self.TIMEOUT_S
+        while panel.busy:
+            self.assertLess(time.monotonic(), deadline, f"still running after {self.TIMEOUT_S} s")
+            slicer.app.processEvents()  # the widget's timer reads the worker's progress and imports its results
+            time.sleep(0.05)
+
+    def test_first_registration_load_sample_apply_look(self) -> None:
+        slicer.util.selectModule("AgentRegistration")
+        widget = slicer.util.getModuleWidget("AgentRegistration")
+        self.assertTrue(slicer_setup.ensure_dependencies("AgentRegistration"))  # now, so that Apply asks nothing
+
+        self.delayDisplay("Load sample data")
+        widget.ui.loadSampleDataButton.click()
+        p = widget.logic.getParameterNode()
+        for node in (p.fixedVolume, p.movingVolume, p.fixedSegmentation, p.movingSegmentation):
+            self.assertIsNotNone(node, "Load sample data selects both volumes and both segmentations")
+        self.assertEqual(widget.ui.modelComboBox.currentText, "prostate-3d")  # the model a first user meets
+        self.assertTrue(widget.ui.applyButton.enabled, widget.ui.applyButton.toolTip)
+
+        self.delayDisplay("Apply")
+        widget.ui.applyButton.click()
+        self.assertEqual(widget.ui.applyButton.text, widget._panel.cancel_text)  # Apply is Cancel while it runs
+        self._waitWhileBusy(widget._panel)
+        self.assertEqual(widget._panel.state, JobState.SUCCEEDED, widget.ui.statusLabel.text)
+
+        self.delayDisplay("Look")
+        result = widget.lastResult
+        self.assertIs(p.warpedVolume, result.warped_volume)
+        self.assertIs(p.outputTransform, result.transform)
+        self.assertIs(p.metricsTable, result.metrics_table)
+        self.assertIs(p.propagatedSegmentation, result.propagated_segmentation)  # Apply carried the segmentation
+        self.assertEqual(result.propagated_segmentation.GetSegmentation().GetNumberOfSegments(), 1)
+        self.assertIsNotNone(result.step_sequence)
+        self.assertIsNotNone(result.trajectory_chart)
+        metrics = result.metrics
+        self.assertGreater(metrics["dice_after"], metrics["dice_none"], "registration must improve on none")
+        self.assertGreaterEqual(round(metrics["dice_after"], 3), round(metrics["dice_before"], 3),
+                                "the agent must not end worse than its start")
+        self.delayDisplay(widget.ui.statusLabel.text)
+
+    def test_atlas_onto_a_patient(self) -> None:
+        """The moving sample volume as the atlas, the fixed one as the patient: its segmentation comes onto it."""
         sample = AgentRegistrationLogic.loadSampleData()
         self.assertTrue(slicer_setup.ensure_dependencies("AgentRegistration"))
         cohort = AgentRegistrationLogic().startCohortRegistration(sample["moving"], "prostate-3d", sample["moving_label"],
                                                                   fixedVolumes=[sample["fixed"]])
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + self.TIMEOUT_S
         while not cohort.job.done():
             cohort.job.poll()
             slicer.app.processEvents()

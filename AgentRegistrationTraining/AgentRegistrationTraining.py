@@ -1,9 +1,10 @@
 """AgentRegistrationTraining: train an agent for the AgentRegistration module.
 
-Three worker processes run in turn, each resumable from the output folder:
-``agentreg groundtruth`` (elastix ground-truth deformations), ``agentreg sdm`` (statistical
-deformation model) and ``agentreg train`` (the dual-stream Q-network). The bundle they
-produce is copied where the AgentRegistration module lists it.
+Worker processes run in turn, each resumable from the output folder: ``agentreg groundtruth`` (elastix
+ground-truth deformations), ``agentreg sdm`` (statistical deformation model), ``agentreg localiser`` (the organ
+localiser; not for the paper's geometry) and ``agentreg train`` (the dual-stream Q-network); the list comes from
+``worker_commands.training_commands`` (``definitions.training_stages``). The bundle they produce is copied where the
+AgentRegistration module lists it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Annotated
 import qt
 import SimpleITK as sitk
 import slicer
+import vtk
 from AgentRegistrationGUILib import job_panel, jobs, nodes, result_nodes
-from AgentRegistrationLib.contract import layout, training_config, training_folder, worker_commands
+from AgentRegistrationLib.contract import layout, messages, training_config, training_folder, worker_commands
 from slicer import vtkMRMLPlotChartNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
@@ -35,7 +37,7 @@ _SOURCE_ENGINE_DIR = MODULE_DIR.parent / "AgentRegistration"
 if not (MODULE_DIR / "AgentRegistrationLib").is_dir() and str(_SOURCE_ENGINE_DIR) not in sys.path:
     sys.path.append(str(_SOURCE_ENGINE_DIR))
 
-from AgentRegistrationGUILib import slicer_setup  # noqa: E402
+from AgentRegistrationGUILib import definitions, slicer_setup  # noqa: E402
 
 CONFIGURATIONS = list(training_config.TRAINING_CONFIGURATIONS)
 DIMENSIONS = {"3-D": 3, "2-D": 2}
@@ -100,7 +102,10 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        # Tooltips from the engine's definitions (definitions.py), so they say what the engine does.
         self.ui.configurationComboBox.toolTip = _("Training configuration: ") + training_config.configurations_text()
+        self.ui.deviceComboBox.toolTip = definitions.device_tooltip()
+        self.ui.dataDirectoryButton.toolTip = definitions.training_data_tooltip()
         self.logic = AgentRegistrationTrainingLogic()
         self._panel = job_panel.JobPanel(
             self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel, apply_text=_("Train"), cancel_text=_("Cancel"),
@@ -123,17 +128,28 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._showStages)
 
     def onSceneStartClose(self, caller, event) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._showStages)
         self._parameterNode = None
 
     def initializeParameterNode(self) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._showStages)
         self._parameterNode = self.logic.getParameterNode()
         self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+        self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._showStages)
+        self._showStages()
+
+    def _showStages(self, caller=None, event=None) -> None:
+        """The Train button's tooltip: the stages the chosen geometry runs (the engine's commands)."""
+        if self._parameterNode and not self._panel.busy:
+            self.ui.applyButton.toolTip = _("Train: ") + definitions.training_stages_text(self._parameterNode.geometry) \
+                + _(". Each shows its progress; Cancel stops it, and Train again with Resume goes on.")
 
     def onApplyButton(self) -> None:
         if self._panel.state == JobState.RUNNING:
@@ -222,7 +238,7 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
         training images with random intensity changes and of intra-subject pairs from virtual subjects (for few
         subjects; the training configuration's ``augment`` and ``new_subjects``).
 
-        ``maxMinutes`` ends the training stage after that many minutes (checkpointed: Apply again goes on).
+        ``maxMinutes`` ends the training stage after that many minutes (checkpointed: Train again goes on).
 
         With ``resume`` a rerun continues: finished GT pairs are reused and training continues from its
         checkpoint. Without it, the training checkpoint (and its loss.csv) is removed first, so training
@@ -285,14 +301,26 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
 
 
 class AgentRegistrationTrainingTest(ScriptedLoadableModuleTest):
-    """Inside Slicer: the widget loads and the inputs are checked before anything runs."""
+    """Inside Slicer: the widget loads and names the stages Train runs, and the inputs are checked, with a message that
+    says what to do, before anything runs (a whole training takes hours: ``agentreg train`` is tested by pytest)."""
 
     def runTest(self) -> None:
         slicer.mrmlScene.Clear()
-        self.test_refuses_missing_output_folder()
+        self.test_the_train_button_names_the_stages()
+        self.test_refuses_missing_inputs_with_what_to_do()
 
-    def test_refuses_missing_output_folder(self) -> None:
+    def test_the_train_button_names_the_stages(self) -> None:
+        slicer.util.selectModule("AgentRegistrationTraining")
+        widget = slicer.util.getModuleWidget("AgentRegistrationTraining")
+        self.assertEqual(widget.ui.applyButton.text, widget._panel.apply_text)
+        for stage in definitions.training_stages(widget.logic.getParameterNode().geometry):
+            self.assertIn(messages.STAGE_TITLES[stage], widget.ui.applyButton.toolTip)
+        self.delayDisplay("The Train button names its stages")
+
+    def test_refuses_missing_inputs_with_what_to_do(self) -> None:
         logic = AgentRegistrationTrainingLogic()
-        with self.assertRaises(ValueError):
+        with self.assertRaisesRegex(ValueError, "Choose an output folder"):
             logic.startTraining([], Path("/nonexistent"), Path(""), "m")
+        with self.assertRaisesRegex(ValueError, "Check loaded volumes or pick a folder"):
+            logic.startTraining([], Path("/nonexistent"), Path(slicer.app.temporaryPath) / "training", "m")
         self.delayDisplay("Training input checks passed")

@@ -400,13 +400,14 @@ def _segment_labels_sitk(segmentation_node: slicer.vtkMRMLSegmentationNode) -> t
 
 def propagate_segmentation(segmentation_node: slicer.vtkMRMLNode, transform_node: slicer.vtkMRMLTransformNode,
                            fixed_volume_node: slicer.vtkMRMLVolumeNode, name: str,
-                           ) -> slicer.vtkMRMLSegmentationNode:
+                           node: slicer.vtkMRMLSegmentationNode | None = None) -> slicer.vtkMRMLSegmentationNode:
     """Carry a moving segmentation (or labelmap volume) onto the fixed volume's grid.
 
     The moving labels are resampled once, through the transform node, onto the fixed grid
     (hardening a non-linear transform on a segmentation and then changing its geometry would
     resample twice and lose boundary voxels). Segment names and colours are kept; the input
-    node is not changed.
+    node is not changed. ``node``: a segmentation node to fill instead of making one (its segments are replaced,
+    and only once the propagated segmentation is complete).
     """
     scene = fixed_volume_node.GetScene()
     reference = sitk_from_volume_node(fixed_volume_node)
@@ -431,4 +432,10 @@ def propagate_segmentation(segmentation_node: slicer.vtkMRMLNode, transform_node
             original = source.GetSegment(segment_ids[value - 1])
             segment.SetName(original.GetName())
             segment.SetColor(original.GetColor())
-    return result
+    if node is None:
+        return result
+    node.GetSegmentation().DeepCopy(target)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(fixed_volume_node)
+    node.CreateDefaultDisplayNodes()
+    scene.RemoveNode(result)
+    return node

@@ -37,6 +37,7 @@ class RegistrationJob:
     moving_node: slicer.vtkMRMLScalarVolumeNode
     name: str
     plane: SlicePlane | None = None  # a single-slice fixed volume registered by a 2-D model
+    moving_segmentation: Any = None  # carried onto the fixed volume when the results are imported
 
     @property
     def output_dir(self) -> Path:
@@ -131,12 +132,14 @@ def start_registration(python: str, engine_dir: str | Path, fixed_node, moving_n
     scene = fixed_node.GetScene()
     if name is None:
         name = scene.GenerateUniqueName(f"{moving_node.GetName()} to {fixed_node.GetName()}")
-    return RegistrationJob(job, folder, fixed_node, moving_node, name, plane)
+    return RegistrationJob(job, folder, fixed_node, moving_node, name, plane, moving_segmentation)
 
 
 def finish_registration(registration: RegistrationJob, sequences_logic: Any = None,
                         **output_nodes: Any) -> RegistrationResultNodes:
-    """Once the worker has ended: the result nodes (all or nothing); the temporary folder is removed unless kept.
+    """Once the worker has ended: the result nodes (all or nothing), the moving segmentation given at the start
+    carried onto the fixed volume among them; the temporary folder is removed unless kept. ``output_nodes``: the
+    nodes to fill in place (:func:`import_register_results`).
 
     Raises ``RuntimeError`` with the worker's error text when it failed or was cancelled.
     """
@@ -148,7 +151,8 @@ def finish_registration(registration: RegistrationJob, sequences_logic: Any = No
             raise RuntimeError(job.error or f"the worker exited with status {job.worker.returncode}")
         return import_register_results(registration.output_dir, registration.fixed_node.GetScene(),
                                        registration.fixed_node, registration.moving_node, registration.name,
-                                       sequences_logic, plane=registration.plane, **output_nodes)
+                                       sequences_logic, plane=registration.plane,
+                                       moving_segmentation=registration.moving_segmentation, **output_nodes)
     finally:
         job.cleanup()
 

@@ -24,6 +24,7 @@ from AgentRegistrationGUILib.nodes import (
     _vtk_matrix,
     grid_transform_node_from_displacement,
     ijk_to_ras_from_sitk,
+    propagate_segmentation,
     ras_from_lps,
     volume_node_from_sitk,
 )
@@ -213,12 +214,14 @@ class RegistrationResultNodes:
     step_sequence: slicer.vtkMRMLSequenceNode | None = None
     step_browser: slicer.vtkMRMLSequenceBrowserNode | None = None
     fixed_crop: slicer.vtkMRMLMarkupsROINode | None = None
+    propagated_segmentation: slicer.vtkMRMLSegmentationNode | None = None  # the moving segmentation on the fixed volume
     extra_nodes: list = field(default_factory=list)
 
     def all_nodes(self) -> list:
         """Every node of the result that is in the scene (for clean-up)."""
         nodes = [self.warped_volume, self.transform, self.trajectory_table, self.trajectory_chart,
-                 self.metrics_table, self.step_sequence, self.step_browser, self.fixed_crop, *self.extra_nodes]
+                 self.metrics_table, self.step_sequence, self.step_browser, self.fixed_crop,
+                 self.propagated_segmentation, *self.extra_nodes]
         return [n for n in nodes if n is not None]
 
 
@@ -238,14 +241,19 @@ def import_register_results(output_dir: str | Path, scene: slicer.vtkMRMLScene,
                             warped_node: slicer.vtkMRMLScalarVolumeNode | None = None,
                             transform_node: slicer.vtkMRMLGridTransformNode | None = None,
                             metrics_node: slicer.vtkMRMLTableNode | None = None,
-                            plane: SlicePlane | None = None) -> RegistrationResultNodes:
+                            plane: SlicePlane | None = None, moving_segmentation: slicer.vtkMRMLNode | None = None,
+                            propagated_node: slicer.vtkMRMLSegmentationNode | None = None) -> RegistrationResultNodes:
     """Make the result nodes from the folder a successful ``agentreg register`` wrote.
 
     ``plane``: the fixed slice whose 2-D frame the worker's images were in (a 2-D model on a single-slice volume);
     its 2-D outputs are brought back onto the slice's 3-D position and orientation.
 
-    ``warped_node``, ``transform_node``, ``metrics_node``: output nodes the user chose (filled in place);
-    the others are created. All or nothing: if anything fails, every node created here is removed again
+    ``moving_segmentation``: the moving volume's segmentation (or labelmap volume), carried onto the fixed volume
+    through the transform (:func:`nodes.propagate_segmentation`): the propagated segmentation
+    ``<segmentation> on <fixed>``, segment names and colours kept.
+
+    ``warped_node``, ``transform_node``, ``metrics_node``, ``propagated_node``: output nodes the user chose (filled in
+    place); the others are created. All or nothing: if anything fails, every node created here is removed again
     (nodes the user chose keep their new content only on success: they are filled last).
     """
     output_dir = Path(output_dir)
@@ -264,11 +272,17 @@ def import_register_results(output_dir: str | Path, scene: slicer.vtkMRMLScene,
             sequence, browser = step_sequence_nodes(step_files, scene, f"{name} steps", sequences_logic, on_slice)
         transform = grid_transform_node_from_displacement(displacement, scene, f"{name} transform", fixed_node,
                                                           moving_node, node=transform_node)
+        propagated = None
+        if moving_segmentation is not None:
+            propagated = propagate_segmentation(
+                moving_segmentation, transform, fixed_node,
+                scene.GenerateUniqueName(f"{moving_segmentation.GetName()} on {fixed_node.GetName()}"),
+                node=propagated_node)
         warped = volume_node_from_sitk(warped_image, scene, f"{name} warped", node=warped_node)
         table = metrics_table_node(metrics, scene, f"{name} metrics", node=metrics_node)
         crop = fixed_crop_roi_node(metrics, scene, f"{name} fixed crop", plane)
         result = RegistrationResultNodes(warped, transform, trajectory_table, chart, metrics, table, sequence, browser,
-                                         crop)
+                                         crop, propagated)
         known = {n.GetID() for n in result.all_nodes()}
         result.extra_nodes = [n for n in _new_nodes_since(scene, before) if n.GetID() not in known
                               and not n.IsA("vtkMRMLDisplayNode") and not n.IsA("vtkMRMLStorageNode")]

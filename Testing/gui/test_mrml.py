@@ -333,10 +333,15 @@ def test_transform_node_references_the_input_volumes(real_run):
     assert transform.GetNodeReference(transform.GetMovingNodeReferenceRole()) is inputs["moving"]
 
 
-def test_label_propagated_through_the_imported_transform_is_the_engine_warped_label(real_run):
+def test_the_moving_segmentation_comes_back_on_the_fixed_volume_as_the_engine_warped_it(real_run):
+    """Apply with a moving segmentation gives it on the fixed volume (no separate step): resampled through the
+    imported transform, it is the label the engine warped."""
     inputs = real_run["nodes"]
-    propagated = nodes.propagate_segmentation(inputs["moving_label"], real_run["result"].transform, inputs["fixed"],
-                                             "propagated")
+    propagated = real_run["result"].propagated_segmentation
+    assert propagated is not None and propagated.GetName() == "moving prostate on fixed"
+    assert propagated.GetSegmentation().GetNumberOfSegments() == 1
+    assert propagated.GetSegmentation().GetNthSegment(0).GetName() == \
+        inputs["moving_label"].GetSegmentation().GetNthSegment(0).GetName()
     slicer_label = sitk.GetArrayFromImage(nodes.segmentation_to_labelmap_sitk(propagated, inputs["fixed"]))
     engine_label = sitk.GetArrayFromImage(sitk.ReadImage(str(real_run["output"] / register_folder.WARPED_LABEL)))
     assert engine_label.sum() > 1000
@@ -421,9 +426,20 @@ def test_chosen_output_nodes_are_filled_in_place(real_run):
     warped = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my warped")
     transform = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "my transform")
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", "my metrics")
+    propagated = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my propagated")
+    propagated.GetSegmentation().AddEmptySegment("an earlier segment")
     result = result_nodes.import_register_results(real_run["output"], scene, inputs["fixed"], inputs["moving"], "again",
-                                          warped_node=warped, transform_node=transform, metrics_node=table)
+                                          warped_node=warped, transform_node=transform, metrics_node=table,
+                                          moving_segmentation=inputs["moving_label"], propagated_node=propagated)
     assert (result.warped_volume, result.transform, result.metrics_table) == (warped, transform, table)
+    assert result.propagated_segmentation is propagated
+    assert [propagated.GetSegmentation().GetNthSegment(i).GetName()
+            for i in range(propagated.GetSegmentation().GetNumberOfSegments())] == [
+        inputs["moving_label"].GetSegmentation().GetNthSegment(0).GetName()]  # the earlier segment replaced
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(nodes.segmentation_to_labelmap_sitk(propagated, inputs["fixed"])),
+        sitk.GetArrayFromImage(nodes.segmentation_to_labelmap_sitk(real_run["result"].propagated_segmentation,
+                                                                   inputs["fixed"])))
     np.testing.assert_allclose(slicer.util.arrayFromVolume(warped),
                                slicer.util.arrayFromVolume(real_run["result"].warped_volume))
     assert _table_column(table, "Metric")[0] == "Dice"
@@ -604,8 +620,7 @@ def test_a_2d_model_registers_a_single_slice_volume(slice_run):
 
 def test_the_slice_label_propagated_through_the_imported_transform_is_the_engine_warped_label(slice_run):
     inputs = slice_run["nodes"]
-    propagated = nodes.propagate_segmentation(inputs["moving_label"], slice_run["result"].transform, inputs["fixed"],
-                                             "propagated")
+    propagated = slice_run["result"].propagated_segmentation  # carried onto the fixed slice on import
     slicer_label = sitk.GetArrayFromImage(nodes.segmentation_to_labelmap_sitk(propagated, inputs["fixed"]))[0]
     engine_label = sitk.GetArrayFromImage(sitk.ReadImage(str(slice_run["output"] / register_folder.WARPED_LABEL)))
     assert engine_label.sum() > 100

@@ -95,6 +95,14 @@ def test_every_widget_the_code_uses_exists(module):
     assert not missing, f"{module}.py uses widgets missing from {module}.ui: {sorted(missing)}"
 
 
+def _fields_set_in_code(module: str) -> dict[str, str]:
+    """The module's ``FIELDS_SET_IN_CODE`` (field -> the widget the code keeps in step with it), or {}."""
+    for node in ast.parse(_module_source(module)).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "FIELDS_SET_IN_CODE" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return {}
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_every_parameter_field_is_bound_once(module):
     fields = _parameter_fields(module)
@@ -105,7 +113,7 @@ def test_every_parameter_field_is_bound_once(module):
             bound.setdefault(parameter, []).append(name)
     unknown = set(bound) - set(fields)
     assert not unknown, f"SlicerParameterName values with no parameter node field: {sorted(unknown)}"
-    unbound = set(fields) - set(bound)
+    unbound = set(fields) - set(bound) - set(_fields_set_in_code(module))
     assert not unbound, f"parameter node fields bound by no widget: {sorted(unbound)}"
     twice = {k: v for k, v in bound.items() if len(v) > 1}
     assert not twice, f"fields bound by several widgets: {twice}"
@@ -167,3 +175,16 @@ def test_the_mrml_glue_imports_no_qt_and_uses_no_slicer_app(path):
     uses_app = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "app"
                 and isinstance(n.value, ast.Name) and n.value.id == "slicer"]
     assert not uses_app, f"{path.name} must not use slicer.app"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_a_field_set_in_code_has_its_widget_and_is_written_by_it(module):
+    """A field the code keeps in step with a widget (the model combo box lists models found at run time) is bound by no
+    ``SlicerParameterName``, its widget exists, and the code both listens to that widget and writes the field."""
+    source = _module_source(module)
+    for field_name, widget_name in _fields_set_in_code(module).items():
+        assert field_name in _parameter_fields(module)
+        assert widget_name in _widgets(module), f"{widget_name} missing from {module}.ui"
+        assert _parameter_name(_widgets(module)[widget_name]) is None
+        assert f"self.ui.{widget_name}.connect(" in source, f"the code never listens to {widget_name}"
+        assert re.search(rf"\.{field_name} = ", source), f"the code never writes {field_name}"
