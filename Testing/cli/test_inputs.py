@@ -411,3 +411,26 @@ def test_an_image_given_as_a_label_is_named_as_a_likely_mix_up(grid128, tmp_path
     assert code == 1 and "it looks like a grey-level image, not a label map" in err
     assert f"as the {which} label (--{which}-label) and the image as the {which} image (--{which})" in err
     assert "do not overlap" not in err and not (tmp_path / "out").exists()
+
+
+def _labelled_run(grid128, tmp_path, capsys, fixed: str, moving: str, fixed_label: str, moving_label: str):
+    out = tmp_path / f"{fixed_label}_{moving_label}"
+    code = main(["register", "--fixed", str(grid128 / f"{fixed}_image.nii.gz"), "--moving",
+                 str(grid128 / f"{moving}_image.nii.gz"), "--fixed-label", str(grid128 / f"{fixed_label}_label.nii.gz"),
+                 "--moving-label", str(grid128 / f"{moving_label}_label.nii.gz"), "--model",
+                 str(SHIPPED / "prostate-3d.pt"), "--output-dir", str(out), "--steps", "5"])
+    assert code == 0
+    return capsys.readouterr().err, register_folder.read_metrics(out / register_folder.METRICS_JSON)
+
+
+def test_swapped_labels_and_a_label_off_its_organ_are_warned(grid128, tmp_path, capsys):
+    """Swapped on the same grid (validation subjects case09 and case32), the labels lie on each other's organ; a
+    label of another subject lies off the fixed organ; the right labels get no warning."""
+    err, metrics = _labelled_run(grid128, tmp_path, capsys, "case09", "case32", "case32", "case09")
+    assert "warning: the fixed and moving labels look swapped" in err and "give each image its own label" in err
+    assert "look swapped" in metrics["label_warning"]
+    err, metrics = _labelled_run(grid128, tmp_path, capsys, "case09", "case32", "case17", "case32")
+    assert "the fixed label does not lie on the organ the localiser finds in the fixed image" in err
+    assert "moving label does not" not in err and "look swapped" not in err
+    err, metrics = _labelled_run(grid128, tmp_path, capsys, "case09", "case32", "case09", "case32")
+    assert "label_warning" not in metrics and "does not lie on the organ" not in err

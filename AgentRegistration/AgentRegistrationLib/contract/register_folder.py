@@ -63,6 +63,7 @@ METRICS_SCHEMA = {
     "localisation_confidence": "how sure the localiser is of the fixed organ (0..1; below the model's threshold "
                                "the registration warns: place a point on the organ)",
     "localisation_warning": "why the fixed organ may be misplaced, and what to do (empty when confident)",
+    "label_warning": "why a given label may not be its image's (off its organ, or the two swapped); absent when none",
     "seconds_total": "wall time of the registration, seconds (without writing the files)",
     "seconds_preprocessing": "of which pre-alignment, cropping and resampling",
     "seconds_agent": "of which the agent's steps",
@@ -151,6 +152,8 @@ def metrics_notes(metrics: dict[str, Any], slicer: bool = False) -> list[str]:
         warning = metrics["localisation_warning"]
         warning = warning.replace(POINT_REMEDY, SLICER_POINT_REMEDY) if slicer else warning
         notes.append(f"warning: {warning} (localisation confidence {metrics.get('localisation_confidence', 0):.2f})")
+    if metrics.get("label_warning"):
+        notes.append(f"warning: {metrics['label_warning']}")
     if metrics.get("start_kept"):
         notes.append("note: the agent's steps made the crops no more alike than its start, so the start was kept"
                      + ("" if slicer else " (the crops alone; --no-similarity-guard keeps the agent's end)"))

@@ -260,8 +260,8 @@ def localisation_from_probability(p: np.ndarray, grid: sitk.Image, weighting: st
     p = np.asarray(p, dtype=np.float64)
     weights = weights_from_probability(p, "p2" if weighting == "ellipsoid" else weighting)
     if not weights.sum() > 1e-6:
-        raise ValueError("the localiser found no organ in this image (its probability map is empty): is it a "
-                         "prostate MR? Place the centre by hand (a point or a box) instead")
+        raise ValueError("the localiser found no organ in this image (its probability map is empty): is it an "
+                         "image of the model's organ? Place the centre by hand (a point or a box) instead")
     loc = localisation_from_weights(weights, grid, "localiser")
     if weighting == "ellipsoid":
         loc = ellipsoid_fit(p, loc, grid)
@@ -354,6 +354,23 @@ def localise_with_confidence(localiser: OrganLocaliser, image: sitk.Image, refin
         return loc, map_confidence(p, grid, loc, math.inf, typical_spread)
     shift = float(np.linalg.norm((fine.centre - loc.centre) / fine.spread))
     return fine, map_confidence(p2, grid2, fine, shift, typical_spread)
+
+
+LABEL_AGREEMENT = 0.5
+"""Below this :func:`label_agreement` a label is said not to lie on its image's organ. With the shipped 3-D localiser
+on the 40 grid128 subjects, each subject's own label scores 0.66-0.96 (median 0.88), another subject's label on the
+same grid 0.06-0.84 (median 0.47; 55 % of them below 0.5)."""
+
+
+def label_agreement(localiser: OrganLocaliser, image: sitk.Image, label: sitk.Image) -> float:
+    """How well ``label`` lies on the organ the localiser sees in ``image``: the soft Dice of the organ probability
+    (one pass over the whole field of view) and the label (every non-zero voxel), on the localiser's grid."""
+    p, grid = probability_map(localiser, image)
+    mask = sitk.Cast(sitk.NotEqual(label, 0), sitk.sitkFloat32)
+    on_grid = sitk.GetArrayFromImage(sitk.Resample(mask, grid, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                   sitk.sitkFloat32)).astype(np.float64)
+    total = p.sum() + on_grid.sum()
+    return float(2 * (p * on_grid).sum() / total) if total > 0 else 0.0
 
 
 # -- storage -------------------------------------------------------------------------------------------------------

@@ -15,7 +15,12 @@ import torch
 from AgentRegistrationLib.contract.register_folder import POINT_REMEDY
 from AgentRegistrationLib.core.agent import AgentSettings
 from AgentRegistrationLib.core.metrics import dice, jacobian_statistics, per_label, surface_distances
-from AgentRegistrationLib.data.localiser import localise_with_confidence, localiser_from_payload
+from AgentRegistrationLib.data.localiser import (
+    LABEL_AGREEMENT,
+    label_agreement,
+    localise_with_confidence,
+    localiser_from_payload,
+)
 from AgentRegistrationLib.data.organ_box import Localisation, localisation_at_point, localisation_from_label
 from AgentRegistrationLib.data.orientation import canonical
 from AgentRegistrationLib.data.preprocessing import (
@@ -162,7 +167,34 @@ class Registrar:
                             fixed_localisation=fixed_localisation, moving_localisation=moving_localisation)
         if correlation is not None:
             pair.info["crop_correlation"] = correlation
+        warning = self.label_warning(fixed, fixed_label, moving, moving_label)
+        if warning:
+            pair.info["label_warning"] = warning
         return pair
+
+    def label_warning(self, fixed: sitk.Image, fixed_label: sitk.Image | None, moving: sitk.Image,
+                      moving_label: sitk.Image | None) -> str:
+        """Why a given label may not be its image's (empty when each lies on the organ the bundle's localiser sees
+        in its own image, or when there is no localiser): a label off its image's organ, or the two labels swapped
+        (each on the other image's organ)."""
+        localiser = self.localisers.get(fixed.GetDimension())
+        given = {w: (image, label) for w, image, label in (("fixed", fixed, fixed_label), ("moving", moving, moving_label))
+                 if label is not None}
+        if localiser is None or not given:
+            return ""
+        own = {w: label_agreement(localiser, image, label) for w, (image, label) in given.items()}
+        off = [w for w, a in own.items() if a < LABEL_AGREEMENT]
+        if not off:
+            return ""
+        if len(off) == 2:
+            crossed = [label_agreement(localiser, fixed, moving_label), label_agreement(localiser, moving, fixed_label)]
+            if min(crossed) >= LABEL_AGREEMENT:
+                return (f"the fixed and moving labels look swapped: each lies on the other image's organ, not on its own "
+                        f"(agreement with the localiser {own['fixed']:.2f} and {own['moving']:.2f} on their own images, "
+                        f"{crossed[0]:.2f} and {crossed[1]:.2f} crossed; below {LABEL_AGREEMENT} is off): give each image "
+                        "its own label")
+        return "; ".join(f"the {w} label does not lie on the organ the localiser finds in the {w} image (agreement "
+                         f"{own[w]:.2f}, below {LABEL_AGREEMENT}): check that it is the {w} image's label" for w in off)
 
     def run_agent(self, pairs: list[PreparedPair], settings: AgentSettings,
                   callback: Callable[[int, int], bool | None] | None = None) -> list[AgentOutcome]:
@@ -239,6 +271,8 @@ def fixed_crop_metrics(pair: PreparedPair) -> dict:
         out["localisation_warning"] = "; ".join(g["warning"] for g in guessed if g["warning"])
     if "crop_correlation" in pair.info:
         out["crop_correlation"] = pair.info["crop_correlation"]
+    if pair.info.get("label_warning"):
+        out["label_warning"] = pair.info["label_warning"]
     return out
 
 
