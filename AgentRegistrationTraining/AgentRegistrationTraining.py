@@ -112,6 +112,7 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
             cancelling_text=_("Cancelling..."), inputs=(self.ui.inputsCollapsibleButton, self.ui.geometryCollapsibleButton),
             stage_label=self.ui.stageLabel, progress=job_panel.progress_percent, start_bar=None)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.initializeParameterNode()
         self._panel.show(JobState.IDLE)
@@ -131,19 +132,24 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._showStages)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._showStages)
-        self._parameterNode = None
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._showStages)
-        self._parameterNode = self.logic.getParameterNode()
-        self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-        self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._showStages)
-        self._showStages()
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._showStages)
+            self._showStages()
 
     def _showStages(self, caller=None, event=None) -> None:
         """The Train button's tooltip: the stages the chosen geometry runs (the engine's commands)."""
