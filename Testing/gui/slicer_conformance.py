@@ -131,8 +131,8 @@ def _string(node: ast.expr) -> str | None:
 
 
 class _Types:
-    """The classes of the expressions of one function (flow-insensitive: a name keeps a class only if every
-    assignment to it gives that class, or None)."""
+    """The classes of the expressions of one function. Flow-insensitive: a name has the classes its assignments
+    (None aside) and its annotation give, and none when one of them is an expression the checker cannot tell."""
 
     def __init__(self, api: SlicerApi, ui: dict[str, str], self_types: dict[str, set[str]]):
         self.api = api
