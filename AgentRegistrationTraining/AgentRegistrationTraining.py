@@ -40,8 +40,8 @@ if not (MODULE_DIR / "AgentRegistrationLib").is_dir() and str(_SOURCE_ENGINE_DIR
 from AgentRegistrationGUILib import definitions, slicer_setup  # noqa: E402
 
 CONFIGURATIONS = list(training_config.TRAINING_CONFIGURATIONS)
-DIMENSIONS = {"3-D": 3, "2-D": 2}
-"""Model dimension choices: 3-D volumes, or 2-D (one axial slice of each volume)."""
+DIMENSIONS = {f"{dim}-D": dim for dim in sorted(training_folder.PAPER_MODES, reverse=True)}
+"""Model dimension choices, the engine's (3-D volumes, or 2-D: one axial slice of each volume), 3-D first."""
 GEOMETRY_DEFAULT = "as the geometry"  # the ground-truth metric of the chosen geometry (training_folder.default_gt_metric)
 
 

@@ -158,3 +158,22 @@ def test_the_registration_module_sets_its_generated_tooltips():
     for call in ("definitions.device_tooltip()", "definitions.patients_folder_tooltip()",
                  "definitions.steps_tooltip(", "definitions.fuzzy_k_tooltip(", "definitions.apply_hint("):
         assert call in source, call
+
+
+@pytest.mark.parametrize(("module", "field", "source"), [
+    ("AgentRegistration", "device", "Choice(list(worker_commands.DEVICE_CHOICES))"),
+    ("AgentRegistrationTraining", "device", "Choice(list(worker_commands.DEVICE_CHOICES))"),
+    ("AgentRegistrationTraining", "configuration", "Choice(CONFIGURATIONS)"),
+    ("AgentRegistrationTraining", "dimension", "Choice(list(DIMENSIONS))"),
+    ("AgentRegistrationTraining", "geometry", "Choice(list(training_folder.GEOMETRY_CHOICES))"),
+    ("AgentRegistrationTraining", "groundTruthMetric", "*training_folder.GT_METRICS"),
+])
+def test_every_choice_list_is_the_engines(module, field, source):
+    """Each combo box's choices are a parameter node ``Choice`` made from an engine constant, never a list typed here."""
+    line = next(line for line in _source(module).splitlines() if re.match(rf"\s+{field}: Annotated\[", line))
+    assert source in line, line
+
+
+def test_the_dimension_choices_are_the_engines_dimensions():
+    source = _source("AgentRegistrationTraining")
+    assert 'DIMENSIONS = {f"{dim}-D": dim for dim in sorted(training_folder.PAPER_MODES, reverse=True)}' in source
