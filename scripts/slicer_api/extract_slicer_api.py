@@ -194,6 +194,7 @@ def decorated_members(text: str) -> dict[str, set[str]]:
 
 
 def read_classes(git: Git, paths: list[str]) -> dict[str, dict]:
+    """The ``vtk*``, ``q*`` and ``ctk*`` classes of these headers, with the members their PythonQt decorators add."""
     classes: dict[str, dict] = {}
     texts = git.read_many(paths)
     for path, text in texts.items():
