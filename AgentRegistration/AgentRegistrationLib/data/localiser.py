@@ -334,11 +334,13 @@ def map_confidence(p: np.ndarray, grid: sitk.Image, found: Localisation, pass_sh
 
 
 def localise_with_confidence(localiser: OrganLocaliser, image: sitk.Image, refine: bool | None = None,
-                             typical_spread: Sequence[float] | None = None
+                             typical_spread: Sequence[float] | None = None,
+                             whole: tuple[np.ndarray, sitk.Image] | None = None
                              ) -> tuple[Localisation, LocalisationConfidence]:
-    """:func:`localise`, and how sure it is (:func:`map_confidence` of the last pass's map)."""
+    """:func:`localise`, and how sure it is (:func:`map_confidence` of the last pass's map). ``whole``: the
+    :func:`probability_map` of the whole image when the caller has it already (its first pass)."""
     config = localiser.config
-    p, grid = probability_map(localiser, image)
+    p, grid = whole if whole is not None else probability_map(localiser, image)
     loc = localisation_from_probability(p, grid, config.weighting, config.spread_scale)
     if not (config.refine if refine is None else refine):
         return loc, map_confidence(p, grid, loc, 0.0, typical_spread)
@@ -362,10 +364,12 @@ on the 40 grid128 subjects, each subject's own label scores 0.66-0.96 (median 0.
 same grid 0.06-0.84 (median 0.47; 55 % of them below 0.5)."""
 
 
-def label_agreement(localiser: OrganLocaliser, image: sitk.Image, label: sitk.Image) -> float:
+def label_agreement(localiser: OrganLocaliser, image: sitk.Image, label: sitk.Image,
+                    whole: tuple[np.ndarray, sitk.Image] | None = None) -> float:
     """How well ``label`` lies on the organ the localiser sees in ``image``: the soft Dice of the organ probability
-    (one pass over the whole field of view) and the label (every non-zero voxel), on the localiser's grid."""
-    p, grid = probability_map(localiser, image)
+    (one pass over the whole field of view; ``whole`` when the caller has it) and the label (every non-zero voxel),
+    on the localiser's grid."""
+    p, grid = whole if whole is not None else probability_map(localiser, image)
     mask = sitk.Cast(sitk.NotEqual(label, 0), sitk.sitkFloat32)
     on_grid = sitk.GetArrayFromImage(sitk.Resample(mask, grid, sitk.Transform(), sitk.sitkLinear, 0.0,
                                                    sitk.sitkFloat32)).astype(np.float64)

@@ -20,6 +20,7 @@ from AgentRegistrationLib.data.localiser import (
     label_agreement,
     localise_with_confidence,
     localiser_from_payload,
+    probability_map,
 )
 from AgentRegistrationLib.data.organ_box import Localisation, localisation_at_point, localisation_from_label
 from AgentRegistrationLib.data.orientation import canonical
@@ -67,6 +68,7 @@ class Registrar:
         self.device = device
         self.agent = bundle.agent(device) if agent else None
         self.localisers = {int(d): localiser_from_payload(p) for d, p in bundle.localisers.items()}
+        self._maps: dict[tuple[int, int], tuple[sitk.Image, tuple[np.ndarray, sitk.Image]]] = {}
 
     def localise(self, image: sitk.Image, label: sitk.Image | None = None, point: np.ndarray | None = None,
                  what: str = "image") -> Localisation | None:
@@ -94,13 +96,24 @@ class Registrar:
                              + ("" if what == "fixed image" else " or a moving label"))
         return found
 
+    def _whole_map(self, localiser, image: sitk.Image) -> tuple[np.ndarray, sitk.Image]:
+        """The localiser's map of the whole ``image``, computed once for the images of the last pair: the first
+        pass of the localisation and the label check share it."""
+        key = (id(localiser), id(image))
+        if key not in self._maps:
+            if len(self._maps) >= 4:
+                self._maps.clear()
+            self._maps[key] = image, probability_map(localiser, image)  # the image kept: its id stays its own
+        return self._maps[key][1]
+
     def _localise(self, localiser, image: sitk.Image, what: str) -> Localisation:
         """The localiser's answer, with its confidence and, below the threshold, a warning that names the remedy."""
         try:
             typical = self.bundle.typical_spread(image.GetDimension())
         except ValueError:  # a model that does not know its organ's typical size: the map's own measures only
             typical = None
-        found, confidence = localise_with_confidence(localiser, image, typical_spread=typical)
+        found, confidence = localise_with_confidence(localiser, image, typical_spread=typical,
+                                                     whole=self._whole_map(localiser, image))
         warning = ""
         if not confidence.confident:
             warning = (f"the localiser may have missed the organ in the {what} ({'; '.join(confidence.reasons)}): "
@@ -182,12 +195,14 @@ class Registrar:
                  if label is not None}
         if localiser is None or not given:
             return ""
-        own = {w: label_agreement(localiser, image, label) for w, (image, label) in given.items()}
+        own = {w: label_agreement(localiser, image, label, self._whole_map(localiser, image))
+               for w, (image, label) in given.items()}
         off = [w for w, a in own.items() if a < LABEL_AGREEMENT]
         if not off:
             return ""
         if len(off) == 2:
-            crossed = [label_agreement(localiser, fixed, moving_label), label_agreement(localiser, moving, fixed_label)]
+            crossed = [label_agreement(localiser, fixed, moving_label, self._whole_map(localiser, fixed)),
+                       label_agreement(localiser, moving, fixed_label, self._whole_map(localiser, moving))]
             if min(crossed) >= LABEL_AGREEMENT:
                 return (f"the fixed and moving labels look swapped: each lies on the other image's organ, not on its own "
                         f"(agreement with the localiser {own['fixed']:.2f} and {own['moving']:.2f} on their own images, "
