@@ -68,7 +68,7 @@ def _leftovers(folder) -> list[str]:
 # -- a successful run ------------------------------------------------------------------------------------------------
 def test_register_writes_every_output_file(run):
     for name in ("warped.nii.gz", "warped_label.nii.gz", "displacement.nii.gz", "trajectory.csv", "trajectory.png",
-                 "metrics.json"):
+                 "qa.png", "metrics.json"):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     steps = sorted(p.name for p in (run / "steps").iterdir())
     assert steps == [f"warped_{s:04d}.nii.gz" for s in range(0, STEPS + 1, SAVE_EVERY)]

@@ -148,6 +148,17 @@ def test_each_pair_folder_holds_the_files_of_agentreg_register(batch, singles):
     assert not [p for p in batch.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+def test_each_pair_has_its_qa_figure_with_the_outlines_of_its_labels(batch):
+    """qa.png per pair: a 2-D model's pair is one slice with the fixed (green) and warped moving (red) outlines where
+    both labels were given, and none where they were not."""
+    import matplotlib.image
+
+    for name, _, _, labels in PAIRS:
+        pixels = matplotlib.image.imread(str(batch / name / "qa.png"))[..., :3]
+        red, green = (int(np.all(np.abs(pixels - colour) < 0.1, axis=-1).sum()) for colour in ((1, 0, 0), (0, 1, 0)))
+        assert (red > 50 and green > 50) if labels else (red == green == 0), name
+
+
 def test_summary_has_a_row_per_pair_with_dice_and_hausdorff_where_both_labels_exist(batch):
     rows = _summary(batch)
     assert list(rows) == ["a", "b", "c"] and {r["status"] for r in rows.values()} == {"registered"}

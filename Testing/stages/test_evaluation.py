@@ -161,7 +161,7 @@ def test_demo_registers_a_pair_and_writes_its_outputs(grid128, tiny_pipeline, tm
     assert "Dice before" in printed and "e16" in printed
     (pair,) = [p for p in out.iterdir() if p.is_dir()]
     for name in ("warped.nii.gz", "warped_label.nii.gz", "displacement.nii.gz", "trajectory.csv", "trajectory.png",
-                 "metrics.json", "figure.png"):
+                 "qa.png", "metrics.json", "figure.png"):
         assert (pair / name).is_file(), name
     metrics = json.loads((pair / "metrics.json").read_text())
     before, after = metrics["dice_before"], metrics["dice_after"]

@@ -157,13 +157,12 @@ def _trajectory(steps: int, modes: int = 3, actions: int = 6) -> dict[str, np.nd
 
 
 def test_trajectory_plot_names_the_pair_and_its_stop():
-    metrics = {"dice_before": 0.594, "dice_after": 0.781}
-    fig = trajectory_figure(_trajectory(7), metrics, "case01 to case00", step_limit=44)
+    metrics = {"dice_none": 0.249, "dice_before": 0.594, "dice_after": 0.781}
+    fig = trajectory_figure(_trajectory(7), metrics, "case01 to case00", step_limit=44, start_dice=0.55)
     top, bottom = fig.axes
-    assert top.get_title() == "case01 to case00"
-    assert top.get_ylabel() == "Dice" and bottom.get_xlabel() == "agent step" and "SDM parameters" in bottom.get_ylabel()
+    assert top.get_title().splitlines()[0] == "case01 to case00"
+    assert bottom.get_xlabel() == "agent step (0: the start)" and "SDM parameters" in bottom.get_ylabel()
     legend = [t.get_text() for t in top.get_legend().get_texts()]
-    assert "Dice before, fixed image: 0.594" in legend and "Dice after, fixed image: 0.781" in legend
     assert "stopped at step 7 (the stop rule)" in legend
     ticks = [t for t in bottom.get_xticks() if bottom.get_xlim()[0] <= t <= bottom.get_xlim()[1]]
     assert ticks and all(float(t).is_integer() for t in ticks)
@@ -172,3 +171,28 @@ def test_trajectory_plot_names_the_pair_and_its_stop():
 
     at_limit = trajectory_figure(_trajectory(44), metrics, "x", step_limit=44)
     assert "stopped at step 44 (the step limit)" in [t.get_text() for t in at_limit.axes[0].get_legend().get_texts()]
+
+
+def test_the_dice_plot_is_on_one_grid_and_names_it():
+    """Everything drawn on the Dice axes is on the model grid (the crop): the start at step 0, each step, and the end;
+    the fixed image's Dice (none, start, after, from metrics.json) are words in the title, not points on the axes."""
+    metrics = {"dice_none": 0.249, "dice_before": 0.594, "dice_after": 0.781}
+    trajectory = _trajectory(7)
+    top = trajectory_figure(trajectory, metrics, "case01 to case00", step_limit=44, start_dice=0.55).axes[0]
+    assert top.get_ylabel() == "Dice on the model grid\n(the fixed crop)"
+    assert top.get_title().splitlines()[1] == "Dice on the fixed image (metrics.json): none 0.249, start 0.594, after 0.781"
+    drawn = np.concatenate([line.get_ydata() for line in top.get_lines() if line.get_linestyle() != "--"])
+    grid_values = np.r_[0.55, trajectory["dice"]]
+    assert all(np.isclose(grid_values, y).any() for y in drawn)  # nothing of another grid
+    assert not any(np.isclose(drawn, v).any() for v in (0.249, 0.594, 0.781))
+    legend = [t.get_text() for t in top.get_legend().get_texts()]
+    assert "start: 0.550" in legend and f"after: {trajectory['dice'][-1]:.3f}" in legend
+    steps = np.concatenate([line.get_xdata() for line in top.get_lines() if line.get_linestyle() != "--"])
+    assert steps.min() == 0 and steps.max() == 7
+
+    kept = trajectory_figure(trajectory, {**metrics, "start_kept": 1}, "x", start_dice=0.55).axes[0]
+    kept_legend = [t.get_text() for t in kept.get_legend().get_texts()]
+    assert any(t.startswith("result: the start, kept") for t in kept_legend)
+    assert f"the agent's end, not kept: {trajectory['dice'][-1]:.3f}" in kept_legend
+    worse = trajectory_figure(trajectory, {**metrics, "dice_after": 0.5}, "x", start_dice=0.55).axes[0]
+    assert "WORSE" in worse.get_title() and worse.title.get_color() == "red"

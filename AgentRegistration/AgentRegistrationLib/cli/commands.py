@@ -310,7 +310,7 @@ def cmd_register(args) -> int:
     rep.begin("write", 0)
     write_registration_outputs(result, output_dir, given.moving, bundle.sdm, bundle.geometry, given.fixed,
                                args.save_steps, title=f"{Path(args.moving).name} to {Path(args.fixed).name}",
-                               step_limit=settings.steps)
+                               step_limit=settings.steps, fixed_label=given.fixed_label)
     rep.close()
     m = result.metrics
     summary = f"registered in {m['seconds_total']:.2f} s (agent {m['seconds_agent']:.2f} s, {m['steps']} steps on {device})"

@@ -17,9 +17,12 @@ WARPED_LABEL = "warped_label.nii.gz"
 DISPLACEMENT = "displacement.nii.gz"
 TRAJECTORY_CSV = "trajectory.csv"
 TRAJECTORY_PNG = "trajectory.png"
+QA_PNG = "qa.png"
+"""The picture of the result: three orthogonal slices through the fixed crop (one in 2-D), the fixed image with the
+warped moving label's outline (and the fixed label's), and a checkerboard of fixed and warped."""
 METRICS_JSON = "metrics.json"
 STEPS_DIR = "steps"
-OUTPUT_NAMES = (WARPED, WARPED_LABEL, DISPLACEMENT, TRAJECTORY_CSV, TRAJECTORY_PNG, METRICS_JSON, STEPS_DIR)
+OUTPUT_NAMES = (WARPED, WARPED_LABEL, DISPLACEMENT, TRAJECTORY_CSV, TRAJECTORY_PNG, QA_PNG, METRICS_JSON, STEPS_DIR)
 """Everything ``agentreg register --output-dir`` writes (warped_label only with a moving label, steps only
 with ``--save-steps``). Geometry of every image: the fixed image's. ``displacement.nii.gz`` is ITK's
 displacement field (a fixed point x maps to the moving point x + u(x), LPS)."""

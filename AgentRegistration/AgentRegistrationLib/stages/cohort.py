@@ -44,6 +44,7 @@ from AgentRegistrationLib.contract.register_folder import (
     COHORT_SUMMARY_CSV,
     DISPLACEMENT,
     METRICS_JSON,
+    QA_PNG,
     STEPS_DIR,
     TRAJECTORY_CSV,
     TRAJECTORY_PNG,
@@ -75,7 +76,7 @@ from AgentRegistrationLib.stages.cohort_worker import (
 
 def output_files(pair: CohortPair, save_steps: int = 0) -> list[str]:
     """The files (and folder) a complete output folder of ``pair`` holds."""
-    names = [WARPED, DISPLACEMENT, TRAJECTORY_CSV, TRAJECTORY_PNG, METRICS_JSON]
+    names = [WARPED, DISPLACEMENT, TRAJECTORY_CSV, TRAJECTORY_PNG, QA_PNG, METRICS_JSON]
     return names + ([WARPED_LABEL] if pair.moving_label else []) + ([STEPS_DIR] if save_steps > 0 else [])
 
 

@@ -107,7 +107,7 @@ class CohortWorker:
             write_registration_outputs(result, self.output_dir / pair.name, given.moving, self.registrar.bundle.sdm,
                                        self.registrar.bundle.geometry, given.fixed, self.options.save_steps,
                                        title=f"{Path(pair.moving).name} to {Path(pair.fixed).name}",
-                                       step_limit=self.settings.steps)
+                                       step_limit=self.settings.steps, fixed_label=given.fixed_label)
         except Exception as err:  # noqa: BLE001 - any failure of one pair is reported, the others go on
             return PairReport(pair, FAILED, seconds=item.seconds + time.perf_counter() - start, message=failure_message(err),
                               warnings=list(item.notes))

@@ -4,9 +4,10 @@ For each pair it runs the agent (fuzzy action control) and, on the same translat
 pair, elastix B-spline e16 (elastix's default B-spline map, the GT/SDM control grid), and
 prints Dice before (translation only) / after, in the fixed image's own geometry, with seconds.
 Per pair it writes the registration outputs (warped image and mask, displacement, trajectory
-CSV and plot, metrics) and a figure of the fixed, moving and warped middle axial slices with
-the mask contours, each panel naming its slice (k of N) and its patient orientation (R/L, A/P from
-the direction matrix); a pair the agent made worse has a red WORSE title and a red frame, and the
+CSV and plot, the QA figure, metrics) and a figure of the fixed, moving and warped middle axial slices
+with the mask contours, each panel naming its slice (k of N) and its patient orientation (R/L, A/P from
+the direction matrix), drawn as the QA figure draws a slice (:func:`.qa_figure.show_slice`, grey range from
+the organ's neighbourhood); a pair the agent made worse has a red WORSE title and a red frame, and the
 printed summary names it. A 2-D model registers the volumes' middle axial slices.
 """
 
@@ -32,43 +33,13 @@ from AgentRegistrationLib.elastix.baselines import register_baseline
 from AgentRegistrationLib.model.bundle import load_bundle
 from AgentRegistrationLib.model.devices import resolve_device
 from AgentRegistrationLib.stages.outputs import write_registration_outputs
+from AgentRegistrationLib.stages.qa_figure import label_box, organ_window, orientation_labels, show_slice
 from AgentRegistrationLib.stages.registration import Registrar
 
 
 def demo_pairs(names: list[str], count: int) -> list[tuple[str, str]]:
     """(moving, fixed) pairs of neighbouring validation subjects: (v1 -> v0), (v2 -> v1), ..."""
     return [(names[i + 1], names[i]) for i in range(min(count, len(names) - 1))]
-
-
-# LPS, as ITK stores it: the letter at the + end and at the - end of each physical axis.
-_LPS_LETTERS = (("L", "R"), ("P", "A"), ("S", "I"))
-
-
-def _toward(vector) -> str:
-    """The anatomical letter a physical direction points to: its largest LPS component, by sign."""
-    v = np.asarray(vector, dtype=float)
-    axis = int(np.argmax(np.abs(v)))
-    return _LPS_LETTERS[axis][0 if v[axis] > 0 else 1]
-
-
-def orientation_labels(direction, origin: str = "upper") -> dict[str, str]:
-    """Anatomical letters at the left, right, top and bottom edges of an axial slice ``array[k]`` of an image with
-    this direction matrix (SimpleITK's ``GetDirection()``, row-major, 2-D or 3-D, LPS), drawn with
-    ``imshow(array[k], origin=origin)``.
-
-    Columns of the drawn array follow index axis i (column 0 of the matrix), rows index axis j (column 1);
-    ``origin="upper"`` puts row 0 at the top, ``"lower"`` at the bottom. Identity direction (+x = L, +y = P)
-    with ``"upper"`` reads R left, L right, A top, P bottom: the radiological axial view. An oblique axis takes
-    the letter of its largest component."""
-    n = int(round(np.sqrt(len(direction))))
-    if n * n != len(direction) or n not in (2, 3):
-        raise ValueError(f"direction must be a 2x2 or 3x3 matrix, got {len(direction)} values")
-    if origin not in ("upper", "lower"):
-        raise ValueError(f"origin must be 'upper' or 'lower', got {origin!r}")
-    matrix = np.asarray(direction, dtype=float).reshape(n, n)
-    columns, rows = matrix[:, 0], matrix[:, 1]
-    row_up = -rows if origin == "upper" else rows  # physical direction toward the top of the panel
-    return {"left": _toward(-columns), "right": _toward(columns), "top": _toward(row_up), "bottom": _toward(-row_up)}
 
 
 def slice_caption(image: sitk.Image, source_slices: int | None = None) -> str:
@@ -115,25 +86,19 @@ def pair_figure(fixed, moving, warped, fixed_label, moving_label, warped_label, 
                [(fixed_c, "lime"), (_slice(warped_label), "red")])]
     fig = Figure(figsize=(12, 4.8))
     axes = fig.subplots(1, 3)
-    for ax, (name, caption, image, contours) in zip(axes, panels, strict=True):
-        ax.imshow(_slice(image), cmap="gray", origin=ORIGIN)
-        for mask, colour in contours:
-            if mask.any():  # default contour coordinates: element [j, i] at (i, j), the pixel centres imshow uses
-                ax.contour(mask > 0, levels=[0.5], colors=colour, linewidths=1.2)
+    fixed_box = label_box(fixed_label)  # grey range of each image: its organ's neighbourhood (the fixed one's when warped)
+    regions = (fixed_box, label_box(moving_label), fixed_box)
+    for ax, (name, caption, image, contours), region in zip(axes, panels, regions, strict=True):
+        array = sitk.GetArrayFromImage(image)
+        show_slice(ax, _slice(image), organ_window(array, region), contours,
+                   orientation_labels(image.GetDirection(), ORIGIN), ORIGIN)
         ax.set_title(f"{name}\n{caption}", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for edge, letter in orientation_labels(image.GetDirection(), ORIGIN).items():
-            x, y, ha, va = {"left": (0.02, 0.5, "left", "center"), "right": (0.98, 0.5, "right", "center"),
-                            "top": (0.5, 0.98, "center", "top"), "bottom": (0.5, 0.02, "center", "bottom")}[edge]
-            ax.text(x, y, letter, transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=11,
-                    fontweight="bold", gid=f"orientation-{edge}")
     worse = made_worse(dice_before, dice_after)
     fig.suptitle(pair_headline(moving_name, fixed_name, dice_before, dice_after), fontsize=12,
                  color="red" if worse else "black", fontweight="bold" if worse else "normal")
     fig.text(0.5, 0.015, "contours: fixed mask green, moving mask orange, warped moving mask red; "
-             "letters: patient Right/Left, Anterior/Posterior from the image's direction matrix", ha="center",
-             fontsize=8)
+             "letters: patient Right/Left, Anterior/Posterior from the image's direction matrix; grey: percentiles "
+             "1-95 around each mask", ha="center", fontsize=8)
     fig.tight_layout(rect=(0.01, 0.04, 0.99, 0.97))
     if worse:
         fig.patches.append(Rectangle((0.003, 0.003), 0.994, 0.994, transform=fig.transFigure, fill=False,
@@ -219,7 +184,8 @@ def run_demo(data: str | Path, model: str | Path, out: str | Path = "demo_output
         result = registrar.register(fixed, [moving], settings, fixed_label, [moving_label])[0]
         pair_out = out / f"{moving_name}_to_{fixed_name}"
         write_registration_outputs(result, pair_out, moving, bundle.sdm, bundle.geometry, fixed,
-                                   title=f"{moving_name} to {fixed_name}", step_limit=settings.steps)
+                                   title=f"{moving_name} to {fixed_name}", step_limit=settings.steps,
+                                   fixed_label=fixed_label)
         e16_label, e16_seconds = elastix_e16(result, fixed, moving_label, bundle.geometry)
         m = result.metrics
         plot_pair(pair_out / "figure.png", fixed, moving, result.warped, fixed_label, moving_label, result.warped_label,
@@ -228,6 +194,6 @@ def run_demo(data: str | Path, model: str | Path, out: str | Path = "demo_output
                      m["seconds_agent"] + m["seconds_outputs"], dice(sitk.GetArrayFromImage(e16_label),
                                                                      sitk.GetArrayFromImage(fixed_label)), e16_seconds))
     echo("\n".join(summary_lines(rows, bundle.geometry.control_spacing, bundle.geometry.localised)))
-    echo("Outputs per pair (warped image and mask, displacement, trajectory.csv/.png, metrics.json, figure.png with "
+    echo("Outputs per pair (warped image and mask, displacement, trajectory.csv/.png, qa.png, metrics.json, figure.png with "
          f"slice index and orientation letters) in {out}/")
     return 0
