@@ -13,10 +13,12 @@ ones they do not use.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shlex
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -151,6 +153,7 @@ def cmd_localiser(args) -> int:
         save_localiser,
     )
     from AgentRegistrationLib.data.localiser_training import TrainingLog, organ_slices, train_localiser
+    from AgentRegistrationLib.data.orientation import canonical
 
     if args.minutes <= 0 or args.iterations < 0 or (args.iterations == 0 and not args.init):
         raise ValueError(f"--minutes and --iterations must be positive (--iterations 0 only with --init), not "
@@ -172,7 +175,7 @@ def cmd_localiser(args) -> int:
     subjects = find_subjects(args.data, _subject_names(args))
     images, labels = [], []
     for s, label in zip(subjects, _labels_of(subjects), strict=True):
-        image = read_image(s.image, f"image of {s.name}")
+        image, label = canonical(read_image(s.image, f"image of {s.name}")), canonical(label)  # as registration sees it
         if image.GetDimension() < args.dim:
             raise ValueError(f"{s.name} is a {image.GetDimension()}-D image: a {args.dim}-D localiser needs "
                              f"{args.dim}-D images (use --dim {image.GetDimension()})")
@@ -278,8 +281,11 @@ def cmd_register(args) -> int:
                                         args.resample_labels, on_read=lambda done, total: rep.update(done))
     from AgentRegistrationLib.model.bundle import load_bundle
     from AgentRegistrationLib.model.devices import resolve_device
-    from AgentRegistrationLib.stages.outputs import write_registration_outputs
     from AgentRegistrationLib.stages.registration import Registrar
+
+    # the writer's figures (matplotlib) are imported on the other core while torch computes the agent's steps
+    writer = threading.Thread(target=importlib.import_module, args=("AgentRegistrationLib.stages.outputs",),
+                              daemon=True)
 
     _torch_threads(args.threads)
     device = resolve_device(args.device)
@@ -305,9 +311,13 @@ def cmd_register(args) -> int:
         if step == total:
             rep.begin("resample", 0)
 
+    writer.start()
     result = registrar.register(given.fixed, [given.moving], settings, given.fixed_label, [given.moving_label],
                                 callback=agent_step, fixed_point=fixed_point)[0]
     rep.begin("write", 0)
+    writer.join()
+    from AgentRegistrationLib.stages.outputs import write_registration_outputs
+
     write_registration_outputs(result, output_dir, given.moving, bundle.sdm, bundle.geometry, given.fixed,
                                args.save_steps, title=f"{Path(args.moving).name} to {Path(args.fixed).name}",
                                step_limit=settings.steps, fixed_label=given.fixed_label)

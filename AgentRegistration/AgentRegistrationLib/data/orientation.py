@@ -11,9 +11,10 @@ results go back to the user's own fixed grid (:func:`on_grid_of`).
 
 from __future__ import annotations
 
+from itertools import permutations
+
 import numpy as np
 import SimpleITK as sitk
-from scipy.optimize import linear_sum_assignment
 
 
 def _direction(image: sitk.Image) -> np.ndarray:
@@ -24,8 +25,8 @@ def _direction(image: sitk.Image) -> np.ndarray:
 def canonical_order(direction: np.ndarray) -> tuple[list[int], list[bool]]:
     """For a direction matrix (columns: image axes in physical space), which image axis runs along each physical
     axis (``order[p]``), and whether it runs against it (``flip[p]``)."""
-    _, order = linear_sum_assignment(-np.abs(direction))  # the image axis nearest each physical axis
-    order = [int(a) for a in order]
+    weight = np.abs(direction)  # the image axis nearest each physical axis, one each (at most 3! = 6 choices)
+    order = list(max(permutations(range(len(direction))), key=lambda o: sum(weight[p, a] for p, a in enumerate(o))))
     flip = [bool(direction[p, a] < 0) for p, a in enumerate(order)]
     return order, flip
 

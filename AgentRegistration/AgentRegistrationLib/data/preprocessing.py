@@ -23,7 +23,6 @@ from AgentRegistrationLib.core.bspline import ControlGrid, dense_displacement
 from AgentRegistrationLib.core.geometry import ModelGeometry
 from AgentRegistrationLib.data.organ_box import Localisation
 from AgentRegistrationLib.data.orientation import canonical, on_grid_of
-from AgentRegistrationLib.elastix import wrapper as elastix
 
 
 @dataclass
@@ -178,6 +177,8 @@ def prealign_translation(fixed: sitk.Image, moving: sitk.Image, geometry: ModelG
     runaway when one of its components exceeds :data:`PREALIGN_MAX_FRACTION` of the fixed image's extent along
     that axis.
     """
+    from AgentRegistrationLib.elastix import wrapper as elastix  # itk: slow to import, and only the paper's crop needs it
+
     dim = fixed.GetDimension()
     try:
         t = elastix.translation(_normalised(crop_roi(fixed, geometry.crop_fraction)), _normalised(moving))
