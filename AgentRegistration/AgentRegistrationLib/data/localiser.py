@@ -282,7 +282,8 @@ class LocalisationConfidence:
     whatever the voxel size): ``compactness`` (the volume where p > 0.5 over that of the solid ellipsoid of the map's
     own spread: an organ-shaped blob is near 1, scattered hits far below), ``peak`` (the map's highest probability),
     ``pass_shift`` (how far the second, finer pass moved the centre, in the organ's spreads) and, given the
-    model's typical organ, ``size_ratio`` (the found organ's volume over the typical one's). ``score`` is 0..1."""
+    model's typical organ, ``size_ratio`` (the found organ's volume over the typical one's). ``score`` is 0..1, below
+    :data:`CONFIDENCE_THRESHOLD` whenever there is a reason to warn."""
 
     score: float
     compactness: float
@@ -330,6 +331,10 @@ def map_confidence(p: np.ndarray, grid: sitk.Image, found: Localisation, pass_sh
         reasons.append(f"its organ map is {'scattered' if compactness < 0.7 else 'weak or unstable'} "
                        f"(compactness {compactness:.2f}, peak {p.max():.2f}, the second pass moved "
                        f"{pass_shift:.1f} organ spreads)")
+    if reasons:  # a size out of range lowers the score below the threshold too: the score and the warning agree
+        low, high = SIZE_RANGE
+        fit = min(size_ratio / low, high / size_ratio, 1.0) if size_ratio is not None else 1.0
+        score = min(score, 0.99 * CONFIDENCE_THRESHOLD * fit)
     return LocalisationConfidence(score, compactness, float(p.max()), pass_shift, size_ratio, tuple(reasons))
 
 
