@@ -283,7 +283,8 @@ def cmd_register(args) -> int:
     from AgentRegistrationLib.model.devices import resolve_device
     from AgentRegistrationLib.stages.registration import Registrar
 
-    # the writer's figures (matplotlib) are imported on the other core while torch computes the agent's steps
+    # the writer's figures (matplotlib) are imported on the other core while torch computes the agent's steps (the
+    # thread starts with the first step: imports during the localisation would contend for the interpreter)
     writer = threading.Thread(target=importlib.import_module, args=("AgentRegistrationLib.stages.outputs",),
                               daemon=True)
 
@@ -307,14 +308,17 @@ def cmd_register(args) -> int:
     def agent_step(step: int, total: int) -> None:
         if rep.stage != "register":
             rep.begin("register", total)
+        if writer.ident is None:
+            writer.start()
         rep.update(step)
         if step == total:
             rep.begin("resample", 0)
 
-    writer.start()
     result = registrar.register(given.fixed, [given.moving], settings, given.fixed_label, [given.moving_label],
                                 callback=agent_step, fixed_point=fixed_point)[0]
     rep.begin("write", 0)
+    if writer.ident is None:  # the agent took no step
+        writer.start()
     writer.join()
     from AgentRegistrationLib.stages.outputs import write_registration_outputs
 
