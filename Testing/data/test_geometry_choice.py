@@ -28,12 +28,14 @@ CHOSEN = ModelGeometry((64, 64), (8.5, 8.5), box_spreads=BOX_SPREADS[2], choice=
 def test_auto_geometry_of_real_masks(grid128, dim):
     labels = [grid128 / f"case{i:02d}_label.nii.gz" for i in (0, 2, 4, 6, 9, 13, 26)]
     geometry = model_geometry(dim, None, "auto", labels)
-    assert geometry.choice == "auto" and geometry.localised and geometry.box_spreads == BOX_SPREADS[dim]
+    assert geometry.choice == "auto" and geometry.localised
+    # the default box, or where it would pad more than 10 % of these images' crops, a smaller one on their field of view
+    assert all(b <= d for b, d in zip(geometry.box_spreads, BOX_SPREADS[dim], strict=True))
     paper = ModelGeometry.paper(dim)
     # about the paper's voxel budget, isotropic voxels (up to rounding the size to whole voxels)
     assert 0.85 < math.prod(geometry.size) / math.prod(paper.size) < 1.15
     spreads = np.median([_spread(path)[:dim] for path in labels], axis=0)
-    voxel = np.array(BOX_SPREADS[dim]) * spreads / (np.array(geometry.size) - 1)
+    voxel = np.array(geometry.box_spreads) * spreads / (np.array(geometry.size) - 1)
     assert voxel.max() / voxel.min() < 1.1
     # at least two control intervals per axis, and about the paper's number of them over the box
     intervals = (np.array(geometry.size) - 1) / np.array(geometry.control_spacing)
@@ -249,3 +251,56 @@ def test_evaluate_takes_a_model_without_a_localiser_with_the_fixed_labels_placin
     assert "the fixed one by the fixed label (an oracle start" in report
     assert "translation pre-alignment was rejected" not in report  # no pre-alignment on organ crops
     assert "| pairs | 2 | 2 | 2 |" in report
+
+
+# ----------------------------------------------------------------------------------------- crops that stay on the images
+TIGHT = ["case00", "case04", "case06", "case07", "case08", "case11", "case12", "case14"]
+
+
+def _tight(grid128, case: str, margin: float, kind: str = "label") -> sitk.Image:
+    """A real grid128 subject cut to its organ's bounding box widened by ``margin`` of the box's size on each side
+    (a small volume tight around the organ)."""
+    label = sitk.ReadImage(str(grid128 / f"{case}_label.nii.gz"))
+    where = np.argwhere(sitk.GetArrayViewFromImage(label) > 0)[:, ::-1]  # x, y, z
+    low, high = where.min(axis=0), where.max(axis=0)
+    pad = np.ceil(margin * (high - low + 1)).astype(int)
+    low, high = np.maximum(low - pad, 0), np.minimum(high + pad, np.array(label.GetSize()) - 1)
+    image = label if kind == "label" else sitk.ReadImage(str(grid128 / f"{case}_{kind}.nii.gz"))
+    return sitk.RegionOfInterest(image, (high - low + 1).tolist(), low.tolist())
+
+
+def test_auto_keeps_the_crop_on_small_volumes_tight_around_the_organ(grid128):
+    """Volumes two organ sizes across: the default 10x10x7 spreads reach past them; auto shrinks the box where the field
+    of view is smaller, to at most MAX_PADDING of the crop off the images, and says so."""
+    from AgentRegistrationLib.data.geometry_choice import MAX_PADDING, crop_padding, crop_padding_lines
+
+    labels = [_tight(grid128, case, 0.5) for case in TIGHT]
+    unfitted = model_geometry(3, None, "auto", labels, box_spreads=BOX_SPREADS[3])
+    assert crop_padding(unfitted, labels)["mean"] > MAX_PADDING  # the premise: the default box pads more
+    chosen = model_geometry(3, None, "auto", labels)
+    padding = crop_padding(chosen, labels)
+    assert chosen.choice == "auto" and padding["mean"] <= MAX_PADDING
+    assert all(b <= d for b, d in zip(chosen.box_spreads, BOX_SPREADS[3], strict=True)) and chosen.box_spreads != BOX_SPREADS[3]
+    lines = crop_padding_lines(chosen, padding)
+    assert lines[0].startswith(f"--geometry auto shrank the crop box from {list(BOX_SPREADS[3])} to "
+                               f"{list(chosen.box_spreads)}")
+    assert not any(line.startswith("warning") for line in lines)
+
+
+def test_a_crop_mostly_off_its_training_images_is_warned_about_at_groundtruth(grid128, tmp_path, capsys):
+    """The user's own box on volumes tight around the organ: agentreg groundtruth warns, names the share and what to
+    do, and records the padding in its summary."""
+    data = tmp_path / "tight"
+    data.mkdir()
+    for case in TIGHT[:3]:
+        for kind in ("image", "label"):
+            sitk.WriteImage(_tight(grid128, case, 0.3, kind), str(data / f"{case}_{kind}.nii.gz"))
+    argv = ["groundtruth", data, "--dim", "3", "--box-spreads", "10,10,7", "--max-pairs", "1", "--iterations", "5",
+            "--resolutions", "1", "--workers", "1", "--out", tmp_path / "gt"]
+    assert main([str(a) for a in argv]) == 0
+    err = capsys.readouterr().err
+    warning = next(line for line in err.splitlines() if line.startswith("warning: the crop pads"))
+    assert "give a smaller --box-spreads" in warning
+    padding = GroundTruthSummary.load(tmp_path / "gt").crop_padding
+    assert padding["mean"] > 0.10 and sorted(padding["per_subject"]) == TIGHT[:3]
+    assert f"{100 * padding['mean']:.0f} %" in warning

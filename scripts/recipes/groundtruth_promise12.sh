@@ -11,8 +11,8 @@ SHIP=${SHIP:-0}
 SPLIT=Resources/promise12_split.json
 # The shipped models' ground truth: crops on each subject's prostate; 2-D with the paper's metric (points), 3-D
 # with the masks' signed distance maps (results/groundtruth_metric.md)
-agentreg groundtruth "$DATA" --split $SPLIT --geometry paper --crop organ --dim 2 --iterations 200 --max-pairs 542 --seed 0 --out "$WORK/gt2d"
-agentreg groundtruth "$DATA" --split $SPLIT --geometry paper --crop organ --dim 3 --metric distance --iterations 200 --resolutions 2 --max-pairs 300 --seed 0 --out "$WORK/gt3d"
+agentreg groundtruth "$DATA" --split $SPLIT --geometry paper --crop organ --organ prostate --dim 2 --iterations 200 --max-pairs 542 --seed 0 --out "$WORK/gt2d"
+agentreg groundtruth "$DATA" --split $SPLIT --geometry paper --crop organ --organ prostate --dim 3 --metric distance --iterations 200 --resolutions 2 --max-pairs 300 --seed 0 --out "$WORK/gt3d"
 agentreg sdm "$WORK/gt2d" --modes 15 --out "$WORK/sdm2d.npz" --report-modes 5,10,15,25,40 --report "$WORK/gt2d/report.md"
 agentreg sdm "$WORK/gt3d" --modes 25 --out "$WORK/sdm3d.npz" --report-modes 5,10,15,25,40 --report "$WORK/gt3d/report.md"
 { echo "# Ground truth and statistical deformation model on PROMISE12 (training split)"; echo;

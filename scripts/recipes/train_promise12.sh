@@ -21,7 +21,7 @@ NAME=prostate-${DIM}d
 OUT="$WORK/models"
 mkdir -p "$OUT" "$WORK/train${DIM}d"
 agentreg train --groundtruth "$WORK/gt${DIM}d" --sdm "$WORK/sdm${DIM}d.npz" \
-  --data "$DATA" --split Resources/promise12_split.json \
+  --data "$DATA" --split Resources/promise12_split.json --organ prostate \
   --checkpoint "$WORK/train${DIM}d/checkpoint.pt" --out "$OUT/$NAME.pt" "$@"
 cp "$WORK/train${DIM}d/loss.csv" "$OUT/$NAME.loss.csv"
 agentreg info "$OUT/$NAME.pt" --name "$NAME" --card "$OUT/$NAME.md" > /dev/null

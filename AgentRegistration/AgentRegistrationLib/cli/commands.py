@@ -76,7 +76,7 @@ def _listed(values) -> str:
 # ----------------------------------------------------------------------------------------- groundtruth
 def cmd_groundtruth(args) -> int:
     from AgentRegistrationLib.data.dataset import find_subjects
-    from AgentRegistrationLib.data.geometry_choice import model_geometry, model_voxel_size
+    from AgentRegistrationLib.data.geometry_choice import crop_padding, crop_padding_lines, model_geometry, model_voxel_size
     from AgentRegistrationLib.stages import groundtruth
 
     subjects = find_subjects(args.data, _subject_names(args))
@@ -87,6 +87,9 @@ def cmd_groundtruth(args) -> int:
     print(f"model {geometry.description()}; a model voxel spans {_listed(voxel)} and the control spacing "
           f"{_listed(np.multiply(voxel, geometry.control_spacing))} in the images' physical units (median over the "
           f"{len(labels)} training masks)", file=sys.stderr)
+    padding = crop_padding(geometry, labels, [s.name for s in subjects])  # crops off the images: said, and recorded
+    for line in crop_padding_lines(geometry, padding):
+        print(line, file=sys.stderr)
     template = next((s for s in subjects if s.name == args.template), subjects[0]) if args.template else subjects[0]
     pairs = ordered_pairs([s.name for s in subjects], args.max_pairs, args.seed)
     rep = Reporter("preprocess", len(subjects), args.progress_json)
@@ -106,7 +109,7 @@ def cmd_groundtruth(args) -> int:
         max_pairs=args.max_pairs,
         seed=args.seed, source=groundtruth.data_record(args.data, args.subjects, args.split, args.subset),
         max_failed_fraction=MAX_FAILED_FRACTION, on_subject=rep.update, on_pair=pair_done, scheduler=args.scheduler,
-        compare_elastix=args.compare_elastix)
+        compare_elastix=args.compare_elastix, organ=args.organ or "", crop_padding=padding)
     rep.close()
     lines, error = groundtruth.run_report(summary, out)
     print("\n".join(lines), file=sys.stderr)
@@ -245,7 +248,7 @@ def cmd_train(args) -> int:
             "each)")
 
     note = finish_bundle(bundle, training_set, step_pairs=args.step_pairs, device=device, localisers=args.localiser,
-                         data=args.data, split=args.split, on_step_choice=step_choice)
+                         data=args.data, split=args.split, on_step_choice=step_choice, organ=args.organ)
     bundle.save(args.out)  # once, finished
     if note:
         print(note, file=sys.stderr)
@@ -303,7 +306,7 @@ def cmd_register(args) -> int:
                                      similarity_guard=not args.no_similarity_guard,
                                      fuzzy_action_control=not args.no_fuzzy)
     registrar = Registrar(bundle, device)
-    rep.begin("localise" if bundle.geometry.localised else "prealign", 0)
+    rep.begin("localise" if bundle.geometry.localised else "prealign", 0, organ=bundle.organ)
 
     def agent_step(step: int, total: int) -> None:
         if rep.stage != "register":
@@ -439,7 +442,7 @@ def cmd_evaluate(args) -> int:
     steps = args.steps or (bundle.agent_settings().steps if bundle else 200)  # without ours / nfc: not used
     gt_metric = args.gt_metric or (bundle.groundtruth_metric if bundle else "points")
     settings = evaluation.EvaluationSettings(steps=steps, seed=args.agent_seed, iterations=args.iterations,
-                                             gt_iterations=args.gt_iterations, gt_metric=gt_metric,
+                                             **evaluation.gt_settings(args.gt_iterations, bundle), gt_metric=gt_metric,
                                              batch_size=args.batch_size,
                                              similarity_guard=not args.no_similarity_guard)
     device = resolve_device(args.device)

@@ -23,11 +23,19 @@ from AgentRegistrationLib.contract.paths import repo_file
 
 
 # ----------------------------------------------------------------------------------------- main
+def _organ(text: str) -> str:
+    """An argparse type: :func:`training_folder.organ_name`, naming ``--organ`` when wrong."""
+    try:
+        return training_folder.organ_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_agent_options(p: argparse.ArgumentParser) -> None:
     """The agent's settings, the same for ``register`` and ``register-many``."""
     p.add_argument("--steps", type=int,
                    help="agent steps (MDP steps); default and 0: the model's own, chosen on its training pairs "
-                        "(66 for prostate-2d, 122 for prostate-3d; 'agentreg info MODEL' shows it); the paper used 200")
+                        "('agentreg info MODEL' shows it); the paper used 200")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the agent's random choices (exploration and fuzzy action control); the same seed "
                         "gives the same result")
@@ -75,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Dask distributed scheduler (e.g. tcp://host:8786, of dask-jobqueue on a cluster): its "
                         "workers register the pairs instead of --workers local processes; they need this package and "
                         "OUT at the same path (a shared file system)")
-    p.add_argument("--iterations", type=int, default=250, help="elastix iterations per resolution")
-    p.add_argument("--resolutions", type=int, default=3, help="elastix resolutions (image pyramid levels)")
+    p.add_argument("--iterations", type=int, default=training_folder.GT_ITERATIONS,
+                   help=f"elastix iterations per resolution (default {training_folder.GT_ITERATIONS})")
+    p.add_argument("--resolutions", type=int, default=training_folder.GT_RESOLUTIONS,
+                   help=f"elastix resolutions (image pyramid levels; default {training_folder.GT_RESOLUTIONS})")
     p.add_argument("--metric", choices=training_folder.GT_METRICS,
                    help="what drives the constrained registration: 'points', the paper's (mutual information of the "
                         "images, bending energy and corresponding points on the mask surfaces), or 'distance' (mean "
@@ -104,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--box-spreads", type=_numbers(float, "--box-spreads"), metavar="BX,BY[,BZ]",
                    help="crop box per axis in standard deviations of the organ (crops on the organ; default "
                         "10,10(,7))")
+    p.add_argument("--organ", type=_organ, metavar="NAME",
+                   help="the organ's name (e.g. hippocampus), recorded for the model: its messages, reports and "
+                        "model card use it (default: 'organ')")
     p.add_argument("--compare-elastix", type=int, default=0, metavar="N",
                    help="also register a seeded sample of N of the pairs with plain elastix B-spline (e8 and e16 of "
                         "'agentreg evaluate') and report their Dice beside the ground truth's: the ground truth must "
@@ -170,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="MODEL.pt",
                    help="fine-tune: start from this model's network (same architecture, model grid and SDM) instead of "
                         "random weights; a checkpoint to resume takes precedence")
+    p.add_argument("--organ", type=_organ, metavar="NAME",
+                   help="the organ's name, stored in the model and its card and used in its messages (default: the "
+                        "ground truth's --organ, else 'organ')")
     p.add_argument("--localiser", action="append",
                    help="organ localiser file (agentreg localiser) to put in the model, one per image dimension "
                         "(repeatable); for ground truth made with --crop organ, it places the fixed crop of a new image")
@@ -183,20 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "trajectory, metrics) are written to --output-dir only once all are complete, on the fixed "
                     "image's grid. Exit status: 0 done, 1 an input or setting to correct (one line says which).")
     p.add_argument("--fixed", required=True, metavar="IMAGE",
-                   help="the fixed (reference) image: any file SimpleITK reads (NIfTI, NRRD, MHA, ...), 2-D or 3-D, "
-                        "one grey value per voxel; the outputs are on its grid")
-    p.add_argument("--moving", required=True, metavar="IMAGE", help="the moving image, warped onto the fixed image")
+                   help="the fixed (reference) image: any file SimpleITK reads (NIfTI, NRRD, MHA, ...) or a folder of "
+                        "one DICOM series (FOLDER@SeriesInstanceUID when it holds several), 2-D or 3-D, one grey value "
+                        "per voxel; the outputs are on its grid")
+    p.add_argument("--moving", required=True, metavar="IMAGE",
+                   help="the moving image (a file or a DICOM series folder, as --fixed), warped onto the fixed image")
     p.add_argument("--model", required=True,
-                   help="model bundle (.pt), e.g. Resources/Models/prostate-3d.pt; its dimension must be the images'")
+                   help="model bundle (.pt) of 'agentreg train' or of Resources/Models; its dimension must be the "
+                        "images'")
     p.add_argument("--output-dir", required=True, metavar="FOLDER",
                    help="folder for warped.nii.gz, displacement.nii.gz, trajectory.csv/.png and metrics.json (made "
                         "if missing; files of an earlier run there are replaced)")
     p.add_argument("--fixed-label", metavar="LABEL",
-                   help="prostate mask of the fixed image, on its grid: gives Dice and surface distances before and "
-                        "after registration in metrics.json")
+                   help="label map of the organ in the fixed image (the model's organ; several label values allowed), "
+                        "on its grid: gives Dice and surface distances before and after registration in metrics.json")
     p.add_argument("--moving-label", metavar="LABEL",
-                   help="prostate mask of the moving image, on its grid: warped too (warped_label.nii.gz); with "
-                        "--fixed-label, Dice at every agent step")
+                   help="label map of the organ in the moving image, on its grid: warped too (warped_label.nii.gz); "
+                        "with --fixed-label, Dice at every agent step")
     p.add_argument("--resample-labels", action="store_true",
                    help="resample a label that is not on its image's grid onto it (nearest neighbour) instead of "
                         "refusing it")
@@ -242,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the atlas's label, warped onto every patient (with several atlases: one each, in order)")
     p.add_argument("--patients", metavar="FOLDER",
                    help="folder of patient images (the fixed images: NIfTI, NRRD, MHA), <name>.<ext> or "
-                        "<name>_image.<ext>; a <name>_label.<ext> beside one gives Dice and distances")
+                        "<name>_image.<ext>, or subfolders of one DICOM series each (named after the subfolder); a "
+                        "<name>_label.<ext> beside one gives Dice and distances")
     p.add_argument("--workers", type=int, default=1,
                    help="processes that read, check and prepare the pairs and write their results while the agent "
                         "runs (default 1: all in this process; 0: one per core)")
@@ -293,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="pairs per agent batch")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the agent's torch (default: torch's choice)")
     p.add_argument("--iterations", type=int, default=500, help="elastix iterations per resolution for e8/e16")
-    p.add_argument("--gt-iterations", type=int, default=300, help="elastix iterations per resolution for gt")
+    p.add_argument("--gt-iterations", type=int,
+                   help="elastix iterations per resolution for gt (default: those of the model's ground truth, with "
+                        f"its resolutions; {training_folder.GT_ITERATIONS} x {training_folder.GT_RESOLUTIONS} where "
+                        "the model did not record them). gt registers every pair once more with both masks: about as "
+                        "long as the ground truth per pair")
     p.add_argument("--gt-metric", choices=training_folder.GT_METRICS,
                    help="metric of the gt reference (default: that of the model's ground truth; points without a model)")
     common(p)

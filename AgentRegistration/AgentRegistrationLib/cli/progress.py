@@ -17,18 +17,20 @@ class Reporter:
         self.bar = None
         self.begin(stage, total, announce=False)
 
-    def begin(self, stage: str, total: int, announce: bool = True) -> None:
-        """Start reporting ``stage`` (``total`` units; 0: one piece of work of unknown length, shown as busy)."""
+    def begin(self, stage: str, total: int, announce: bool = True, organ: str | None = None) -> None:
+        """Start reporting ``stage`` (``total`` units; 0: one piece of work of unknown length, shown as busy); its
+        title names the model's ``organ`` where it speaks of the organ (:func:`messages.stage_title`)."""
         self.close()
         self.stage, self.total = stage, total
         if self.json_lines:
             if announce:
-                print(messages.encode(messages.progress_message(stage, 0, total)), flush=True)
+                print(messages.encode(messages.progress_message(stage, 0, total, **({"organ": organ} if organ else {}))),
+                      flush=True)
         elif total > 0:
             from tqdm import tqdm  # only for a bar on a terminal (not for the Slicer worker's JSON lines)
             self.bar = tqdm(total=total, desc=stage, file=sys.stderr, dynamic_ncols=True, delay=self.delay)
         elif announce:
-            print(f"{messages.STAGE_TITLES.get(stage, stage)} ...", file=sys.stderr, flush=True)
+            print(f"{messages.stage_title(stage, organ)} ...", file=sys.stderr, flush=True)
 
     def update(self, done: int, **info) -> None:
         if self.json_lines:

@@ -21,7 +21,7 @@ STAGE_LOG = "log"
 
 STAGE_TITLES = {
     "read": "Reading the images and the model",
-    "localise": "Finding the prostate and cropping",
+    "localise": "Finding the organ and cropping",
     "prealign": "Pre-aligning (translation) and cropping",
     "register": "Registering",
     "resample": "Warping onto the fixed image",
@@ -37,6 +37,16 @@ STAGE_TITLES = {
 """What the status line calls each stage; a stage not listed shows its own name. ``agentreg register`` reports
 read, localise (a model that crops on the organ) or prealign (the paper's), register (agent steps), resample and
 write, in this order; a stage with ``total`` 0 is one piece of work of unknown length (a busy indicator)."""
+
+
+def stage_title(stage: str, organ: str | None = None) -> str:
+    """What the status line calls ``stage`` (:data:`STAGE_TITLES`), naming the model's ``organ`` where the title
+    speaks of the organ (``localise`` with ``organ="prostate"`` -> ``Finding the prostate and cropping``); a progress
+    message may carry the organ as ``"organ"``."""
+    title = STAGE_TITLES.get(stage, stage)
+    return title.replace("the organ", f"the {organ}") if organ else title
+
+
 REGISTER_STAGES = ("read", "localise", "prealign", "register", "resample", "write")
 """The stages of ``agentreg register`` (localise and prealign are alternatives)."""
 
@@ -120,7 +130,7 @@ def progress_text(message: dict[str, Any]) -> str:
         return "Done"
     if stage == STAGE_LOG:
         return str(message.get("message", ""))
-    title = STAGE_TITLES.get(stage, stage)
+    title = stage_title(stage, message.get("organ") if isinstance(message.get("organ"), str) else None)
     if "message" in message:
         return f"{title}: {message['message']}"
     parts = []

@@ -36,6 +36,16 @@ def parse_numbers(text: str | Sequence[float], kind: type, option: str, counts: 
     if len(values) not in counts or min(values) <= 0:
         raise ValueError(f"{option} {text!r}: give {how_many} comma-separated positive numbers")
     return values
+def organ_name(text: str) -> str:
+    """``--organ``: the organ's name as messages write it (letters, digits, spaces, ``-`` and ``_``; 1 to 40
+    characters); ``ValueError`` naming the option and the value otherwise."""
+    name = " ".join(str(text).split())
+    if not name or len(name) > 40 or not all(c.isalnum() or c in " -_" for c in name):
+        raise ValueError(f"--organ {text!r}: give the organ's name in words (letters, digits, spaces, '-'), e.g. "
+                         "hippocampus")
+    return name
+
+
 LOCALISER_WEIGHTINGS = ("p", "p2", "largest", "ellipsoid")
 """How the learned localiser turns its organ map into a centre and a size (``agentreg localiser --weighting``)."""
 
@@ -45,6 +55,13 @@ GT_METRICS = ("points", "distance")
 """What drives the ground-truth registration (``agentreg groundtruth --metric``): ``points``, the paper's (mutual
 information of the images and corresponding points on the mask surfaces), or ``distance`` (the masks' signed distance
 maps): :func:`groundtruth.register_constrained`."""
+
+
+GT_ITERATIONS = 250
+"""elastix iterations per resolution of ``agentreg groundtruth`` unless told (and of ``agentreg evaluate``'s gt
+reference for a model whose ground truth did not record its own)."""
+GT_RESOLUTIONS = 3
+"""elastix resolutions (pyramid levels) of ``agentreg groundtruth`` unless told."""
 
 
 def default_gt_metric(geometry_choice: str) -> str:

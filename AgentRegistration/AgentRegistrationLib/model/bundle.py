@@ -30,6 +30,13 @@ FORMAT = "agentreg-model-bundle"
 FORMAT_VERSION = 1
 
 
+DEFAULT_ORGAN = "organ"
+"""What messages call the organ of a model trained without ``--organ``."""
+UNNAMED_MODEL_ORGAN = "prostate"
+"""The organ of a bundle that records none: those made before the organ was recorded are the prostate models
+(``Resources/Models``)."""
+
+
 class BundleError(ValueError):
     """A model bundle that cannot be used."""
 
@@ -46,6 +53,12 @@ class ModelBundle:
     package_version: str = __version__
     localisers: dict = field(default_factory=dict)  # {"2"|"3": organ localiser payload for images of that dimension}
     organ_spread: dict = field(default_factory=dict)  # {"2"|"3": median organ spread of the training subjects}
+    organ: str = UNNAMED_MODEL_ORGAN  # the organ's name (agentreg groundtruth/train --organ), in every message
+
+    def organ_words(self, what: str = "") -> str:
+        """The organ's name for a message (``"prostate"``, ``"hippocampus"``; ``"organ"`` when not named), followed
+        by ``what`` (``organ_words("mask")`` -> ``"prostate mask"``)."""
+        return f"{self.organ or DEFAULT_ORGAN} {what}".strip()
 
     @property
     def dim(self) -> int:
@@ -55,6 +68,13 @@ class ModelBundle:
     def groundtruth_metric(self) -> str:
         """The metric of the ground truth the model was trained on (``points``, the paper's, where not recorded)."""
         return (self.training.get("data") or {}).get("groundtruth_metric", "points")
+
+    @property
+    def groundtruth_settings(self) -> dict[str, int]:
+        """The elastix ``iterations`` and ``resolutions`` of the ground truth the model was trained on, those recorded
+        (none in models made before they were)."""
+        data = self.training.get("data") or {}
+        return {k: int(data[f"groundtruth_{k}"]) for k in ("iterations", "resolutions") if data.get(f"groundtruth_{k}")}
 
     def agent(self, device: torch.device | str = "cpu") -> Agent:
         """The agent of this bundle on ``device``."""
@@ -94,6 +114,7 @@ class ModelBundle:
             "validation": self.validation,
             "localisers": dict(self.localisers),
             "organ_spread": {k: [float(x) for x in v] for k, v in self.organ_spread.items()},
+            "organ": str(self.organ),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -153,7 +174,7 @@ def bundle_from_payload(payload, source: str = "bundle") -> ModelBundle:
     return ModelBundle(network, sdm, geometry, action_steps, dict(payload.get("agent_defaults", {})),
                        dict(payload.get("training", {})), dict(payload.get("validation", {})),
                        str(payload.get("package_version", "unknown")), localisers,
-                       dict(payload.get("organ_spread", {})))
+                       dict(payload.get("organ_spread", {})), str(payload.get("organ", UNNAMED_MODEL_ORGAN)))
 
 
 PROJECT_SPLIT = "Resources/promise12_split.json"  # the project's PROMISE12 split, as a model records it

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from AgentRegistrationLib.model.bundle import LOCALISER_WEIGHTING_TEXT, PROJECT_SPLIT, ModelBundle
+from AgentRegistrationLib.model.bundle import DEFAULT_ORGAN, LOCALISER_WEIGHTING_TEXT, PROJECT_SPLIT, ModelBundle
 
 
 def _project_split_subjects(subset: str) -> list[str] | None:
@@ -67,6 +67,15 @@ def _localisers_text(bundle: ModelBundle) -> str:
             + "; ".join(how))
 
 
+def config_text(config: dict, dim: int) -> str:
+    """A training configuration as the card lists it, the batch size as trained (``batch_size`` 0 stands for the
+    paper's: :meth:`TrainingConfig.batch`)."""
+    shown = dict(config)
+    if not shown.get("batch_size"):
+        shown["batch_size"] = f"{65 if dim == 2 else 30} (the paper's)"
+    return ", ".join(f"{k}={val}" for k, val in shown.items())
+
+
 def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -> str:
     """A markdown model card: data, split, configuration, training time and device, validation.
 
@@ -77,13 +86,14 @@ def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -
     t, v = bundle.training, bundle.validation
     config = t.get("config", {})
     promise12 = trained_on_promise12(t)
-    organ = "prostate" if promise12 else "organ"
+    organ = bundle.organ_words()
     size_mb = sum(p.numel() * p.element_size() for p in bundle.network.state_dict().values()) / 2**20
     lines = [
         f"# Model card: {name}",
         "",
         f"- **Task**: {bundle.dim}-D inter-subject non-rigid registration "
-        + ("of prostate T2w MR" if promise12 else "of images like its training data (below)")
+        + ("of prostate T2w MR" if promise12 and organ == "prostate" else
+           f"of {organ} images like its training data (below)")
         + " (Krebs et al., MICCAI 2017).",
         f"- **Network**: dual-stream Q-network, architecture `{bundle.network.config.architecture}`, "
         f"{sum(p.numel() for p in bundle.network.parameters()):,} parameters ({size_mb:.1f} MB of weights).",
@@ -99,7 +109,9 @@ def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -
            f"crop box {list(bundle.geometry.crop_fraction)} of the fixed image's extent, centred, after elastix "
            "translation pre-alignment.") + f" Model {bundle.geometry.description()}.",
         f"- **Data**: {_data_line(t)}",
-        f"- **Training configuration** `{config.get('name', '?')}`: " + ", ".join(f"{k}={val}" for k, val in config.items()),
+        f"- **Organ**: {organ} (" + ("recorded by agentreg groundtruth/train --organ" if bundle.organ != DEFAULT_ORGAN
+                                     else "not named: train with --organ NAME") + ").",
+        f"- **Training configuration** `{config.get('name', '?')}`: " + config_text(config, bundle.dim),
         f"- **Training**: {t.get('iterations', '?')} batches in {t.get('seconds', 0) / 60:.1f} min on {t.get('device', '?')}"
         + (f", fine-tuning `{Path(t['initialised_from']['model']).name}` ({t['initialised_from'].get('config')}, "
            f"{t['initialised_from'].get('iterations')} batches)" if t.get("initialised_from") else "") + "; "
@@ -131,10 +143,13 @@ def model_card(bundle: ModelBundle, name: str, evaluation: dict | None = None) -
         s = evaluation["summary"]
         lines += ["", f"## Validation: the paper's Table 1 protocol on {len(evaluation['pairs'])} ordered pairs of the "
                   f"validation subjects (`{evaluation['source']}`)", "",
-                  "| method | Dice median | Dice mean | Hausdorff median (voxels) | % folding | seconds per pair |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| method | Dice median (model grid) | Dice mean (model grid) | Dice median (fixed image's space) "
+                  "| Hausdorff median (model-grid voxels) | % folding | seconds per pair |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for m in evaluation["methods"]:
+            fixed = s[m].get("dice_fixed", {"n": 0})
             lines.append(f"| {m} | {s[m]['dice']['median']:.3f} | {s[m]['dice']['mean']:.3f} | "
+                         + (f"{fixed['median']:.3f}" if fixed["n"] else "not measured") + " | "
                          f"{s[m]['hausdorff']['median']:.1f} | {s[m]['folding_percent']['mean']:.2f} | "
                          f"{s[m]['seconds']['mean']:.2f} |")
     lines += ["", "Full evaluation (Table 1 protocol): see `results/`." if promise12 else

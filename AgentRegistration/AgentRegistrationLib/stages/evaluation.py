@@ -18,7 +18,9 @@ For every ordered pair (moving m -> fixed n) of the validation subjects:
      energy + corresponding mask-surface points), which sees both masks: an upper bound.
 
 3. Figures in model space (the fixed image's model grid): Dice of the warped moving mask with the
-   fixed mask, Hausdorff distance in model-grid voxels, % of voxels with det J <= 0, seconds.
+   fixed mask, Hausdorff distance in model-grid voxels, % of voxels with det J <= 0, seconds; and, for a 3-D model,
+   Dice in the fixed image's own space (``dice_fixed``: the moving label warped onto the fixed image's grid by the
+   same deformation, as ``agentreg register`` writes it; the warped label is written beside the results).
 
 Each (pair, method) result is cached as one JSON file with the settings that made it; a rerun
 loads what matches and computes only the rest. The shared preprocessing is :mod:`.evaluation_pairs`'s, the report
@@ -45,6 +47,7 @@ import torch
 
 from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.contract.paths import how_to_get_a_model, shipped_model
+from AgentRegistrationLib.contract.training_folder import GT_ITERATIONS, GT_RESOLUTIONS
 from AgentRegistrationLib.core.bspline import bspline_field
 from AgentRegistrationLib.core.geometry import ModelGeometry
 from AgentRegistrationLib.core.metrics import dice, jacobian_statistics, per_label, surface_distances
@@ -55,6 +58,9 @@ from AgentRegistrationLib.elastix.constrained import register_constrained
 from AgentRegistrationLib.model.bundle import ModelBundle, load_bundle
 from AgentRegistrationLib.model.devices import synchronize
 from AgentRegistrationLib.stages.evaluation_pairs import (
+    WARPED_LABEL,
+    fixed_space,
+    fixed_space_figures,
     load_elastix,
     load_prepared,
     localiser_hash,
@@ -79,7 +85,8 @@ class EvaluationSettings:
     steps: int = 200  # agent steps (ours, nfc)
     seed: int = 0  # agent seed
     iterations: int = BASELINE_ITERATIONS  # elastix iterations per resolution for e8 / e16
-    gt_iterations: int = 300  # for gt (as the training GT)
+    gt_iterations: int = GT_ITERATIONS  # for gt: those of the model's ground truth (gt_settings)
+    gt_resolutions: int = GT_RESOLUTIONS
     gt_metric: str = "points"  # for gt: the metric of the model's ground truth (GT_METRICS)
     batch_size: int = 16  # pairs per agent batch
     similarity_guard: bool = True  # ours / nfc: keep the start when the end is no more alike (AgentSettings)
@@ -131,19 +138,27 @@ def figures(warped_label: np.ndarray, fixed_label: np.ndarray, displacement: np.
     return out
 
 
-def run_elastix_method(method: str, pair: dict, geometry: ModelGeometry, settings: EvaluationSettings) -> dict:
-    """e8 / e16 (:mod:`.baselines`) / gt on one prepared pair (model-space arrays)."""
+def run_elastix_method(method: str, pair: dict, geometry: ModelGeometry, settings: EvaluationSettings,
+                       labels: tuple[str, str, Path] | None = None) -> dict:
+    """e8 / e16 (:mod:`.baselines`) / gt on one prepared pair (model-space arrays); with ``labels`` (the fixed and
+    the moving label files and the pair's folder), also the figures in the fixed image's space
+    (:func:`evaluation_pairs.fixed_space_figures`)."""
     load_elastix()
     start = time.perf_counter()
     if method == "gt":
         coefficients = register_constrained(pair["fixed"], pair["moving"], pair["fixed_label"], pair["moving_label"],
-                                            geometry, iterations=settings.gt_iterations, metric=settings.gt_metric)
+                                            geometry, iterations=settings.gt_iterations,
+                                            resolutions=settings.gt_resolutions, metric=settings.gt_metric)
         grid = geometry.control_grid()
     else:
         coefficients, grid = register_baseline(method, pair["fixed"], pair["moving"], geometry, settings.iterations)
     seconds = time.perf_counter() - start
     u = bspline_field(coefficients, grid, grid.image_bases(geometry.size, dtype=torch.float64))
-    return {**figures(warp_label(pair["moving_label"], u), pair["fixed_label"], u.numpy()), "seconds": seconds}
+    out = {**figures(warp_label(pair["moving_label"], u), pair["fixed_label"], u.numpy()), "seconds": seconds}
+    if labels is not None and fixed_space(pair, geometry):
+        out.update(fixed_space_figures(labels[0], labels[1], pair, coefficients, grid,
+                                       Path(labels[2]) / WARPED_LABEL.format(method=method)))
+    return out
 
 
 def method_signature(method: str, geometry: ModelGeometry, settings: EvaluationSettings, model_hash: str | None,
@@ -156,6 +171,8 @@ def method_signature(method: str, geometry: ModelGeometry, settings: EvaluationS
         sig.update(spacing=list(baseline_spacing(method, geometry)), iterations=settings.iterations)
     elif method == "gt":
         sig.update(iterations=settings.gt_iterations)
+        if settings.gt_resolutions != 3:  # results cached before the choice ran 3
+            sig.update(resolutions=settings.gt_resolutions)
         if settings.gt_metric != "points":  # results cached before the choice are the paper's metric's
             sig.update(metric=settings.gt_metric)
     elif method in AGENT_METHODS:
@@ -186,13 +203,13 @@ def _prepare_job(args) -> tuple[str, str, dict]:
 
 
 def _elastix_job(args) -> dict:
-    method, prepared_path, geometry_dict, settings_dict = args
+    method, prepared_path, geometry_dict, settings_dict, labels = args
     from AgentRegistrationLib.elastix.wrapper import single_threaded_worker  # itk (see the module's docstring)
 
     single_threaded_worker()
     geometry = ModelGeometry.from_dict(geometry_dict)
     pair = load_prepared(Path(prepared_path), geometry)
-    return run_elastix_method(method, pair, geometry, EvaluationSettings(**settings_dict))
+    return run_elastix_method(method, pair, geometry, EvaluationSettings(**settings_dict), labels)
 
 
 def _run_jobs(function, jobs: list, workers: int, on_done: Callable[[object, object, str | None], None]) -> None:
@@ -250,7 +267,7 @@ def evaluate(
         if model is None:
             raise ValueError("methods ours/nfc need a model bundle (--model)")
         run_agent_methods(agent_todo, run.prepared_path, geometry, model, device or torch.device("cpu"), settings,
-                          run.store, run.progress)
+                          run.store, run.progress, run.fixed_space_figures)
     ordered = [run.results[(m, f, method)] for m, f in pairs for method in methods if (m, f, method) in run.results]
     return ordered, run.failures
 
@@ -266,13 +283,16 @@ class _EvaluationRun:
         self.model_hash: str | None = None
         self.prepared_path = {p: pair_dir(out, *p) / "prepared.npz" for p in pairs}
         self.ready: list[tuple[str, str]] = []
+        self.subjects: dict[str, Subject] = {}
+        self.fixed_space = geometry.dim == 3  # Dice in the fixed image's own space too (a 3-D model)
         self.results: dict[tuple[str, str, str], dict] = {}
         self.failures: list[dict] = []
 
     def prepare(self, subjects: dict[str, Subject], localiser: str | None, workers: int) -> None:
         """The shared preprocessing of every pair not cached yet; ``ready``: the pairs whose preparation exists."""
-        pairs = self.pairs
-        todo = [p for p in pairs if load_prepared(self.prepared_path[p], self.geometry, self.placed_by) is None]
+        pairs, self.subjects = self.pairs, subjects
+        cached = {p: load_prepared(self.prepared_path[p], self.geometry, self.placed_by) for p in pairs}
+        todo = [p for p in pairs if cached[p] is None or (self.fixed_space and not fixed_space(cached[p], self.geometry))]
         done = len(pairs) - len(todo)
         self.progress("preprocess", done, len(pairs))
 
@@ -298,7 +318,7 @@ class _EvaluationRun:
             sig = self.signature(method)
             for m, f in self.ready:
                 cached = _load_result(pair_dir(self.out, m, f) / f"{method}.json", sig)
-                if cached is not None:
+                if cached is not None and (not self.fixed_space or "dice_fixed" in cached):
                     self.results[(m, f, method)] = cached
                 else:
                     todo.setdefault(method, []).append((m, f))
@@ -309,6 +329,22 @@ class _EvaluationRun:
         _save_result(pair_dir(self.out, m, f) / f"{method}.json", r)
         self.results[(m, f, method)] = r
 
+    def labels(self, m: str, f: str) -> tuple[str, str, str] | None:
+        """The fixed and moving label files of the pair and its folder, for the figures in the fixed image's space
+        (``None`` where they are not measured)."""
+        if not self.fixed_space:
+            return None
+        return str(self.subjects[f].label), str(self.subjects[m].label), str(pair_dir(self.out, m, f))
+
+    def fixed_space_figures(self, m: str, f: str, method: str, pair: dict, coefficients: np.ndarray | None,
+                            grid) -> dict:
+        """:func:`evaluation_pairs.fixed_space_figures` of one pair and method (``{}`` where not measured)."""
+        labels = self.labels(m, f)
+        if labels is None or not fixed_space(pair, self.geometry):
+            return {}
+        return fixed_space_figures(labels[0], labels[1], pair, coefficients, grid,
+                                   Path(labels[2]) / WARPED_LABEL.format(method=method))
+
     def start_methods(self, todo: dict[str, list[tuple[str, str]]]) -> None:
         """none, and T / localised: the preprocessed pair itself (its time is the pre-alignment's or
         localisation's)."""
@@ -316,13 +352,16 @@ class _EvaluationRun:
             for m, f in todo.get(method, []):
                 pair = load_prepared(self.prepared_path[(m, f)], self.geometry)
                 label = pair["unregistered_label"] if method == "none" else pair["moving_label"]
+                grid = self.geometry.control_grid()
+                start = None if method == "none" else np.zeros(grid.num_coefficients)  # the crops alone
                 self.store(m, f, method, {**figures(label, pair["fixed_label"], None),
-                                          "seconds": 0.0 if method == "none" else pair["seconds"]},
+                                          "seconds": 0.0 if method == "none" else pair["seconds"],
+                                          **self.fixed_space_figures(m, f, method, pair, start, grid)},
                            {"prealignment": pair["prealignment"]})
 
     def elastix_methods(self, todo: dict[str, list[tuple[str, str]]], workers: int) -> None:
         """e8, e16 and gt, in a process pool."""
-        jobs = [(method, str(self.prepared_path[p]), self.geometry.to_dict(), asdict(self.settings))
+        jobs = [(method, str(self.prepared_path[p]), self.geometry.to_dict(), asdict(self.settings), self.labels(*p))
                 for method in ELASTIX_METHODS for p in todo.get(method, [])]
         if not jobs:
             return
@@ -345,9 +384,10 @@ class _EvaluationRun:
 
 def run_agent_methods(todo: list[tuple[str, tuple[str, str]]], prepared_path: dict, geometry: ModelGeometry,
                       model: str | Path, device: torch.device, settings: EvaluationSettings,
-                      store: Callable, progress: Progress) -> None:
+                      store: Callable, progress: Progress, fixed_space_of: Callable | None = None) -> None:
     """ours / nfc in batches of ``settings.batch_size`` pairs; seconds per pair = the batch's
-    agent time / the number of pairs in the batch."""
+    agent time / the number of pairs in the batch. ``fixed_space_of(moving, fixed, method, pair, coefficients, grid)``:
+    the figures in the fixed image's space, added to each result."""
     bundle = load_bundle(model)
     if bundle.geometry != geometry:
         raise ValueError(f"{model} was trained on model geometry {bundle.geometry.to_dict()}, but the evaluation uses "
@@ -371,10 +411,21 @@ def run_agent_methods(todo: list[tuple[str, tuple[str, str]]], prepared_path: di
             u = result.displacement.double().cpu()
             for i, ((m, f), pair) in enumerate(zip(batch, pairs, strict=True)):
                 figs = figures(warp_label(pair["moving_label"], u[i]), pair["fixed_label"], u[i].numpy())
+                if fixed_space_of is not None:
+                    figs.update(fixed_space_of(m, f, method, pair, bundle.sdm.deformation(result.theta[i]),
+                                               geometry.control_grid()))
                 store(m, f, method, {**figs, "seconds": seconds},
                       {"batch_size": len(batch), "device": str(device), "steps": int(result.steps_taken[i])})
             done += len(batch)
             progress("agent", done, len(todo))
+
+
+def gt_settings(iterations: int | None, bundle: ModelBundle | None) -> dict[str, int]:
+    """The gt reference's elastix ``iterations`` and ``resolutions``: ``iterations`` when given, else those of the
+    model's ground truth (recorded in the model), else ``agentreg groundtruth``'s defaults."""
+    recorded = bundle.groundtruth_settings if bundle is not None else {}
+    return {"gt_iterations": iterations or recorded.get("iterations", GT_ITERATIONS),
+            "gt_resolutions": recorded.get("resolutions", GT_RESOLUTIONS)}
 
 
 def model_to_evaluate(model: str | Path | None, dim: int, crop: str | None, methods: list[str],

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from AgentRegistrationLib.contract.files import atomic_write
+from AgentRegistrationLib.core.bspline import ControlGrid
 from AgentRegistrationLib.core.geometry import ModelGeometry
+from AgentRegistrationLib.core.metrics import dice
 
 if TYPE_CHECKING:
     from AgentRegistrationLib.data.dataset import Subject
@@ -84,11 +86,51 @@ def prepare_evaluation_pair(fixed: Subject, moving: Subject, geometry: ModelGeom
         "moving_label": on_grid(moving_label, moving_frame, label=True),
         "unregistered_label": on_grid(moving_label, frame, label=True),
         "translation": moving_frame.origin - frame.origin,
+        **{f"{name}_{key}": np.asarray(getattr(box, key), dtype=np.float64) for name, box in
+           (("frame", frame), ("moving_frame", moving_frame)) for key in ("origin", "spacing", "direction")},
         "prealignment": status,
         "seconds": seconds,
         "geometry": json.dumps(geometry.to_dict()),
         "localiser": localiser_hash(localiser_path, fixed_image.GetDimension()),
     }
+
+
+FRAME_KEYS = tuple(f"{name}_{key}" for name in ("frame", "moving_frame") for key in ("origin", "spacing", "direction"))
+"""The two crop boxes of a prepared pair (:class:`preprocessing.ModelFrame`), absent in pairs cached before the
+figures in the fixed image's space."""
+WARPED_LABEL = "warped_label_{method}.nii.gz"
+"""The moving label warped onto the fixed image's own grid by a method, in the pair's folder (:func:`pair_dir`)."""
+
+
+def fixed_space(pair: dict, geometry: ModelGeometry) -> bool:
+    """Whether the figures in the fixed image's own space can be measured for ``pair`` (a 3-D model, a pair prepared
+    with its crop boxes recorded)."""
+    return geometry.dim == 3 and all(k in pair for k in FRAME_KEYS)
+
+
+def fixed_space_figures(fixed_label: str | Path, moving_label: str | Path, pair: dict,
+                        coefficients: np.ndarray | None, grid: ControlGrid | None, out: Path | None = None) -> dict:
+    """Dice in the fixed image's own space (``dice_fixed``): the moving label (file ``moving_label``) warped onto the
+    fixed label's grid by a method's deformation (``coefficients`` on ``grid``, model voxels of ``pair``'s crop boxes;
+    ``None``: no registration, the label where it lies) with nearest neighbour, as ``agentreg register`` writes its
+    warped label, against the fixed label (file ``fixed_label``); every non-zero voxel is organ. ``out``: also
+    write the warped label there (a NIfTI a user can check)."""
+    import SimpleITK as sitk  # (see the module's docstring)
+
+    from AgentRegistrationLib.data.image_io import read_label
+    from AgentRegistrationLib.data.preprocessing import ModelFrame, displacement_in_fixed_geometry, warp_to_fixed
+
+    fixed, moving = read_label(fixed_label, "fixed label"), read_label(moving_label, "moving label")
+    if coefficients is None:
+        warped = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0, moving.GetPixelID())
+    else:
+        frame, moving_frame = (ModelFrame(pair[f"{name}_origin"], pair[f"{name}_spacing"], pair[f"{name}_direction"],
+                                          ()) for name in ("frame", "moving_frame"))  # the size is not needed
+        displacement = displacement_in_fixed_geometry(coefficients, grid, frame, fixed, moving_frame)
+        warped = warp_to_fixed(moving, displacement, label=True)
+    if out is not None:
+        atomic_write(out, lambda tmp: sitk.WriteImage(warped, str(tmp), True))
+    return {"dice_fixed": dice(sitk.GetArrayViewFromImage(warped) > 0, sitk.GetArrayViewFromImage(fixed) > 0)}
 
 
 def _localiser(path: str, dim: int):

@@ -150,15 +150,19 @@ def make_groundtruth(subjects: list, template, geometry: ModelGeometry, out: Pat
                      workers: int, settings: dict, max_pairs: int, seed: int, source: dict[str, str],
                      max_failed_fraction: float, on_subject: Callable[[int], None] | None = None,
                      on_pair: Callable[[int, int, PairResult | None, str | None], None] | None = None,
-                     scheduler: str | None = None, compare_elastix: int = 0,
+                     scheduler: str | None = None, compare_elastix: int = 0, organ: str = "",
+                     crop_padding: dict | None = None,
                      ) -> tuple[GroundTruthSummary, list[PairResult], list[tuple[str, str, str]]]:
     """The whole ``agentreg groundtruth`` stage: ``subjects`` (:class:`dataset.Subject`) prepared onto the model
     grid (``out/subjects``; translated onto ``template`` with the paper's geometry), the constrained registration of
     ``pairs`` (:func:`run_groundtruth`), then ``out/gt_dice.csv`` and ``out/summary.json`` written. ``on_subject(done)``
     after each subject; ``on_pair`` as :func:`run_groundtruth`'s ``progress``. ``compare_elastix``: also register that
-    many of the pairs (a seeded sample) with plain elastix (:func:`elastix_comparison`), for the summary."""
+    many of the pairs (a seeded sample) with plain elastix (:func:`elastix_comparison`), for the summary. ``organ``:
+    the organ's name (``--organ``), recorded for the model; ``crop_padding``: how much of the crops lies off the
+    training images (:func:`geometry_choice.crop_padding`; measured here when not given)."""
     # SimpleITK (see register_constrained)
     from AgentRegistrationLib.data.dataset import prepare_subject
+    from AgentRegistrationLib.data.geometry_choice import crop_padding as padding_of
     from AgentRegistrationLib.data.image_io import read_image
 
     out = Path(out)
@@ -187,6 +191,8 @@ def make_groundtruth(subjects: list, template, geometry: ModelGeometry, out: Pat
         geometry, template.name, names, pairs, results, failures, settings=settings, workers=workers,
         max_pairs=max_pairs, seed=seed, wall_seconds=time.perf_counter() - start,
         max_failed_fraction=max_failed_fraction, source=source)
+    summary.organ = organ
+    summary.crop_padding = crop_padding or padding_of(geometry, [s.label for s in subjects], names)
     if compare_elastix:
         summary.elastix = elastix_comparison(subject_dir, results, geometry, compare_elastix, seed, settings)
     summary.save(out)
@@ -258,8 +264,10 @@ def run_report(summary: GroundTruthSummary, out: Path) -> tuple[list[str], str |
                  f"(before: median {summary.dice_before['median']:.3f})" if done else "no pair succeeded")
     counted = (f"{done} of {requested} pairs done, {failed_count} failed" if failed_count
                else f"{done} pairs ({failed_count} failed)")
+    from AgentRegistrationLib.data.geometry_choice import crop_padding_lines  # SimpleITK (see register_constrained)
+
     lines = [f"ground truth: {counted}; {dice_text}; written to {out}", f"model {summary.geometry.description()}; "
-             f"ground-truth metric '{summary.metric}'"]
+             f"ground-truth metric '{summary.metric}'", *crop_padding_lines(summary.geometry, summary.crop_padding)]
     if summary.label_dice:
         lines.append("Dice per label after GT registration (median): " + ", ".join(
             f"label {v} {d['after']['median']:.3f} (before {d['before']['median']:.3f})"
@@ -379,6 +387,8 @@ class GroundTruthSummary:
     elastix: dict | None = None  # elastix_comparison, when asked for
     label_dice: dict | None = None  # labels with several values: {value: {"before": ..., "after": ...}} (dice_summary)
     metric: str = "points"  # GT_METRICS; absent (the paper's) in folders made before the choice
+    organ: str = ""  # the organ's name (--organ); empty: not given (absent in folders made before it was recorded)
+    crop_padding: dict | None = None  # geometry_choice.crop_padding of the training images (crops on the organ)
 
     @classmethod
     def of_run(cls, geometry: ModelGeometry, template: str, subjects: list[str], pairs: list[tuple[str, str]],
@@ -417,6 +427,10 @@ class GroundTruthSummary:
             d["label_dice"] = self.label_dice
         if self.metric != "points":
             d["metric"] = self.metric
+        if self.organ:
+            d["organ"] = self.organ
+        if self.crop_padding is not None:
+            d["crop_padding"] = self.crop_padding
         return d
 
     @classmethod
@@ -428,7 +442,7 @@ class GroundTruthSummary:
         return cls(geometry=ModelGeometry.from_dict(d["geometry"]), resolutions=d.get("resolutions"),
                    source={k: d[k] for k in SOURCE_KEYS if k in d}, failed=d.get("failed"),
                    elastix=d.get("elastix"), label_dice=d.get("label_dice"), metric=d.get("metric", "points"),
-                   **fields)
+                   organ=str(d.get("organ", "")), crop_padding=d.get("crop_padding"), **fields)
 
     @classmethod
     def path(cls, folder: str | Path) -> Path:

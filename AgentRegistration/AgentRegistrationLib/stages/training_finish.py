@@ -14,17 +14,19 @@ import torch
 from AgentRegistrationLib.contract.paths import recorded_path
 from AgentRegistrationLib.contract.training_config import TrainingConfig
 from AgentRegistrationLib.core.agent import STOP_MARGINS, choose_stop_margin
-from AgentRegistrationLib.model.bundle import ModelBundle
+from AgentRegistrationLib.model.bundle import DEFAULT_ORGAN, ModelBundle
 from AgentRegistrationLib.stages.training_set import TrainingSet
 
 
 def finish_bundle(bundle: ModelBundle, training_set: TrainingSet, *, step_pairs: int, device: torch.device,
                   localisers: list[str] | None = None, data: str | Path | None = None, split: str | Path | None = None,
-                  on_step_choice: Callable[[int], None] | None = None) -> str | None:
+                  on_step_choice: Callable[[int], None] | None = None, organ: str | None = None) -> str | None:
     """Make the bundle of :func:`.training.train` the model ``agentreg train`` saves: its validation records ``data``
     and ``split``; with ``step_pairs``, its default steps (and stop margin) are chosen on that many real training
     pairs (``on_step_choice(pairs)`` first); a model that crops on the organ gets ``localisers`` and the organ spread
-    of the training subjects in ``data``. Returns a note for the user, or ``None``; saves nothing."""
+    of the training subjects in ``data``. ``organ``: the organ's name (default: the ground truth's ``--organ``, else
+    :data:`bundle.DEFAULT_ORGAN`). Returns a note for the user, or ``None``; saves nothing."""
+    bundle.organ = organ or training_set.source.get("organ") or DEFAULT_ORGAN
     if bundle.validation:
         bundle.validation.update(data=recorded_path(data), split=recorded_path(split))
     if step_pairs:

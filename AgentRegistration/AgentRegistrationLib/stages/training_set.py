@@ -42,7 +42,10 @@ class TrainingSet:
         pairs (3 or more) and its subjects."""
         summary = GroundTruthSummary.load(gt_dir)
         results = load_pairs(gt_dir)
-        source = {"groundtruth": str(Path(gt_dir).resolve()), "groundtruth_metric": summary.metric, **summary.source}
+        source = {"groundtruth": str(Path(gt_dir).resolve()), "groundtruth_metric": summary.metric, **summary.source,
+                  **({"organ": summary.organ} if summary.organ else {}),
+                  **{f"groundtruth_{k}": v for k, v in (("iterations", summary.iterations),
+                                                         ("resolutions", summary.resolutions)) if v}}
         names = sorted({r.moving for r in results} | {r.fixed for r in results})
         images, labels = [], []
         for n in names:
