@@ -70,7 +70,7 @@ import sys
 from pathlib import Path
 
 work, src = Path(sys.argv[1]), sys.argv[2]
-out = ["# Second organ (issue 15): the own-organ guide on a proxy data set", "",
+out = ["# Second organ (issues 15 and 30): the own-organ guide on a proxy data set", "",
        f"Made by `bash scripts/experiments/second_organ_check.sh` (data: `scripts/experiments/make_second_organ.py --src {src}`; work folder "
        f"`{work}`).", "", "## Commands and wall times", "", "| step | wall s | exit | command |",
        "| --- | ---: | ---: | --- |"]
