@@ -67,6 +67,7 @@ class AgentRegistrationTrainingParameterNode:
     dataFolder: Path
     outputFolder: Path
     modelName: str = "my-prostate"
+    organ: str = ""  # the organ's name for the model's messages and card; empty: 'organ'
     dimension: Annotated[str, Choice(list(DIMENSIONS))] = "3-D"
     configuration: Annotated[str, Choice(CONFIGURATIONS)] = training_config.DEFAULT_TRAINING_CONFIGURATION
     device: Annotated[str, Choice(list(worker_commands.DEVICE_CHOICES))] = "Auto"
@@ -105,6 +106,7 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         # Tooltips from the engine's definitions (definitions.py), so they say what the engine does.
         self.ui.configurationComboBox.toolTip = _("Training configuration: ") + training_config.configurations_text()
         self.ui.deviceComboBox.toolTip = definitions.device_tooltip()
+        self.ui.organLineEdit.toolTip = _("The organ: ") + training_folder.ORGAN_HELP
         self.ui.dataDirectoryButton.toolTip = definitions.training_data_tooltip()
         self.logic = AgentRegistrationTrainingLogic()
         self._panel = job_panel.JobPanel(
@@ -167,7 +169,7 @@ class AgentRegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
             p = self._parameterNode
             volumes = list(self.ui.volumesSelector.checkedNodes())
             pipeline = self.logic.startTraining(volumes, p.dataFolder, p.outputFolder, p.modelName,
-                                                p.configuration, p.device, p.resume,
+                                                p.configuration, p.device, p.resume, organ=p.organ,
                                                 dim=DIMENSIONS[p.dimension],
                                                 maxMinutes=p.timeLimitMinutes or None, geometry=p.geometry,
                                                 geometryOverrides={"grid_size": p.gridSize,
@@ -236,13 +238,14 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
                       resume: bool = True,
                       dim: int = 3, maxMinutes: float | None = None, geometry: str = "auto",
                       geometryOverrides: dict | None = None, metric: str | None = None,
-                      augment: float = 0.0, virtualSubjects: float = 0.0) -> jobs.WorkerJob:
+                      augment: float = 0.0, virtualSubjects: float = 0.0, organ: str = "") -> jobs.WorkerJob:
         """Check inputs and start ground truth -> SDM -> organ localiser (crops on the organ) -> training.
 
         ``geometry``, ``geometryOverrides`` and the ground-truth ``metric``: the model geometry and what drives the
         ground truth (:func:`worker_commands.training_commands`). ``augment`` and ``virtualSubjects``: the shares of
         training images with random intensity changes and of intra-subject pairs from virtual subjects (for few
-        subjects; the training configuration's ``augment`` and ``new_subjects``).
+        subjects; the training configuration's ``augment`` and ``new_subjects``). ``organ``: the organ's name the
+        model carries into its messages and card (empty: 'organ').
 
         ``maxMinutes`` ends the training stage after that many minutes (checkpointed: Train again goes on).
 
@@ -266,7 +269,7 @@ class AgentRegistrationTrainingLogic(ScriptedLoadableModuleLogic):
         commands = worker_commands.training_commands(slicer_setup.worker_python(), dataFolder, files, dim=dim,
                                               configuration=configuration, device=device, max_minutes=maxMinutes,
                                               geometry=geometry, geometry_overrides=geometryOverrides, metric=metric,
-                                              augment=augment, new_subjects=virtualSubjects)
+                                              augment=augment, new_subjects=virtualSubjects, organ=organ)
         if not resume:
             files.checkpoint.unlink(missing_ok=True)
             files.loss.unlink(missing_ok=True)

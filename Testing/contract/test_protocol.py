@@ -145,6 +145,18 @@ def test_training_commands_parse_with_the_engine_parser(tmp_path):
     assert parser.build_parser().parse_args(plain[3:]).set is None  # none given: the named configuration as it is
 
 
+def test_the_organ_of_the_training_module_reaches_the_ground_truth_and_the_model(tmp_path):
+    files = training_folder.TrainingFiles(tmp_path, "mine")
+    named = worker_commands.training_commands("python", tmp_path / "data", files, dim=3, organ="  left  hippocampus ")
+    gt, *_, train = (parser.build_parser().parse_args(c[3:]) for c in named)
+    assert gt.organ == train.organ == "left hippocampus"
+    unnamed = worker_commands.training_commands("python", tmp_path / "data", files, dim=3, organ=" ")
+    gt, *_, train = (parser.build_parser().parse_args(c[3:]) for c in unnamed)
+    assert gt.organ is None and train.organ is None  # the engine's default, 'organ'
+    with pytest.raises(ValueError, match="--organ 'lung/heart'"):
+        worker_commands.training_commands("python", tmp_path / "data", files, dim=3, organ="lung/heart")
+
+
 def test_every_training_configuration_is_described_in_the_help_and_the_module_tooltip(capsys):
     text = training_config.configurations_text()
     assert all(f"{name} (" in text for name in training_config.TRAINING_CONFIGURATIONS)

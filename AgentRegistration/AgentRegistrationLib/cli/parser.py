@@ -114,9 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--box-spreads", type=_numbers(float, "--box-spreads"), metavar="BX,BY[,BZ]",
                    help="crop box per axis in standard deviations of the organ (crops on the organ; default "
                         "10,10(,7))")
-    p.add_argument("--organ", type=_organ, metavar="NAME",
-                   help="the organ's name (e.g. hippocampus), recorded for the model: its messages, reports and "
-                        "model card use it (default: 'organ')")
+    p.add_argument("--organ", type=_organ, metavar="NAME", help=training_folder.ORGAN_HELP)
     p.add_argument("--compare-elastix", type=int, default=0, metavar="N",
                    help="also register a seeded sample of N of the pairs with plain elastix B-spline (e8 and e16 of "
                         "'agentreg evaluate') and report their Dice beside the ground truth's: the ground truth must "

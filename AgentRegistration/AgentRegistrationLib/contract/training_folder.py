@@ -36,6 +36,11 @@ def parse_numbers(text: str | Sequence[float], kind: type, option: str, counts: 
     if len(values) not in counts or min(values) <= 0:
         raise ValueError(f"{option} {text!r}: give {how_many} comma-separated positive numbers")
     return values
+ORGAN_HELP = ("the organ's name (e.g. prostate, hippocampus), stored in the model and its card and used in its messages "
+              "and reports (default: 'organ')")
+"""What ``--organ`` and the training module's Organ field are for."""
+
+
 def organ_name(text: str) -> str:
     """``--organ``: the organ's name as messages write it (letters, digits, spaces, ``-`` and ``_``; 1 to 40
     characters); ``ValueError`` naming the option and the value otherwise."""

@@ -18,6 +18,7 @@ from AgentRegistrationLib.contract.training_folder import (
     GT_METRICS,
     PAPER_MODES,
     TrainingFiles,
+    organ_name,
     parse_numbers,
 )
 
@@ -116,7 +117,8 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
                       split: str | Path | None = None, max_minutes: float | None = None,
                       geometry: str | None = None, geometry_overrides: dict[str, Any] | None = None,
                       metric: str | None = None, augment: float = 0.0, new_subjects: float = 0.0,
-                      stage_options: dict[str, dict[str, Any]] | None = None) -> list[list[str]]:
+                      stage_options: dict[str, dict[str, Any]] | None = None, organ: str | None = None
+                      ) -> list[list[str]]:
     """Worker command lines of the stages: ``agentreg groundtruth``, ``sdm``, ``localiser`` (a model that crops on
     the organ: the ``auto`` geometry) and ``train`` (given that localiser, so that its users need no point on the
     fixed image).
@@ -131,6 +133,7 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
     geometry's default, :func:`default_gt_metric`). ``augment`` and ``new_subjects``: the shares of training images
     given random intensity changes and of intra-subject pairs made from a virtual subject (the training
     configuration's fields of those names; for few subjects: they teach the network less of each one).
+    ``organ``: the organ's name for the model (:data:`.training_folder.ORGAN_HELP`; ``None`` or empty: 'organ').
     """
     extra = {stage: dict(options) for stage, options in (stage_options or {}).items()}
     unknown = set(extra) - {"groundtruth", "sdm", "localiser", "train"}
@@ -142,6 +145,7 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
     if configuration not in TRAINING_CONFIGURATIONS:
         raise ValueError(f"training configuration must be one of {TRAINING_CONFIGURATIONS}, got {configuration!r}")
     engine_device = _device(device)
+    organ = organ_name(organ) if organ and organ.strip() else None
     shares = {"augment": augment, "new_subjects": new_subjects}
     for name, share in shares.items():
         if not 0.0 <= float(share) <= 1.0:
@@ -167,7 +171,7 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
                                                    **extra.get("localiser", {})}, positional=[data])]
     return [
         cli_command(python, "groundtruth", {"out": files.groundtruth, "dim": dim, "split": split,
-                                            "geometry": geometry, "metric": metric, **overrides,
+                                            "geometry": geometry, "metric": metric, "organ": organ, **overrides,
                                             **extra.get("groundtruth", {})},
                     positional=[data]),
         cli_command(python, "sdm", {"modes": modes, "out": files.sdm, **extra.get("sdm", {})},
@@ -176,7 +180,7 @@ def training_commands(python: str, data: str | Path, files: TrainingFiles, *, di
         cli_command(python, "train", {"groundtruth": files.groundtruth, "sdm": files.sdm, "out": files.bundle,
                                       "config": configuration, "checkpoint": files.checkpoint,
                                       "device": engine_device, "max_minutes": max_minutes or None,
-                                      "localiser": files.localiser if on_the_organ else None,
+                                      "localiser": files.localiser if on_the_organ else None, "organ": organ,
                                       **extra.get("train", {})}),
     ]
 
