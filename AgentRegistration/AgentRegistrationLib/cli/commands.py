@@ -13,12 +13,10 @@ ones they do not use.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import shlex
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -284,12 +282,8 @@ def cmd_register(args) -> int:
                                         args.resample_labels, on_read=lambda done, total: rep.update(done))
     from AgentRegistrationLib.model.bundle import load_bundle
     from AgentRegistrationLib.model.devices import resolve_device
+    from AgentRegistrationLib.stages.outputs import write_registration_outputs
     from AgentRegistrationLib.stages.registration import Registrar
-
-    # the writer's figures (matplotlib) are imported on the other core while torch computes the agent's steps (the
-    # thread starts with the first step: imports during the localisation would contend for the interpreter)
-    writer = threading.Thread(target=importlib.import_module, args=("AgentRegistrationLib.stages.outputs",),
-                              daemon=True)
 
     _torch_threads(args.threads)
     device = resolve_device(args.device)
@@ -311,8 +305,6 @@ def cmd_register(args) -> int:
     def agent_step(step: int, total: int) -> None:
         if rep.stage != "register":
             rep.begin("register", total)
-        if writer.ident is None:
-            writer.start()
         rep.update(step)
         if step == total:
             rep.begin("resample", 0)
@@ -320,11 +312,6 @@ def cmd_register(args) -> int:
     result = registrar.register(given.fixed, [given.moving], settings, given.fixed_label, [given.moving_label],
                                 callback=agent_step, fixed_point=fixed_point)[0]
     rep.begin("write", 0)
-    if writer.ident is None:  # the agent took no step
-        writer.start()
-    writer.join()
-    from AgentRegistrationLib.stages.outputs import write_registration_outputs
-
     write_registration_outputs(result, output_dir, given.moving, bundle.sdm, bundle.geometry, given.fixed,
                                args.save_steps, title=f"{Path(args.moving).name} to {Path(args.fixed).name}",
                                step_limit=settings.steps, fixed_label=given.fixed_label)
