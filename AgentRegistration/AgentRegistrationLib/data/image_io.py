@@ -49,6 +49,11 @@ def image_exists(path: str | Path) -> bool:
     return path.is_file() or path.is_dir()
 
 
+def holds_dicom_series(folder: str | Path) -> bool:
+    """Whether ``folder`` holds at least one DICOM series (without reading the series' headers)."""
+    return Path(folder).is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
 def dicom_series(folder: str | Path) -> list[DicomSeries]:
     """The DICOM series in ``folder`` (not its subfolders), as GDCM sorts their slices."""
     folder = str(folder)

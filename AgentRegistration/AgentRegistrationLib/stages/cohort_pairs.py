@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from AgentRegistrationLib.contract.points import parse_point
-from AgentRegistrationLib.data.image_io import SERIES_SEPARATOR, dicom_series, image_exists
+from AgentRegistrationLib.data.image_io import SERIES_SEPARATOR, holds_dicom_series, image_exists
 
 CSV_COLUMNS = ("fixed", "moving", "fixed_label", "moving_label", "fixed_point", "name")
 """Columns of a CSV of pairs: ``fixed`` and ``moving`` are required; a relative path is relative to the CSV."""
@@ -107,7 +107,7 @@ def patient_images(folder: str | Path) -> list[tuple[str, Path, Path | None]]:
                                 f"optional <name>{LABEL_SUFFIX} file beside it)")
     images, labels = {}, {}
     for path in sorted(folder.iterdir()):
-        dicom = path.is_dir() and not path.name.startswith(".") and bool(dicom_series(path))  # a DICOM series folder
+        dicom = not path.name.startswith(".") and holds_dicom_series(path)  # a DICOM series folder
         if not dicom and (path.name.startswith(".") or not path.is_file()
                           or not path.name.lower().endswith(IMAGE_SUFFIXES)):
             continue
