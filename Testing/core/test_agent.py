@@ -89,8 +89,11 @@ class _NoisyQ(torch.nn.Module):
         self.bias = torch.tensor([bias, 0.0] * (num_actions // 2))
         self.generator = torch.Generator().manual_seed(seed)
 
-    def forward(self, fixed, moving):
-        return self.bias + torch.randn(fixed.shape[0], self.bias.numel(), generator=self.generator)
+    def fixed_features(self, fixed):  # the agent's interface of a Q-network (DualStreamQNetwork)
+        return fixed
+
+    def q_values(self, fixed_features, moving):
+        return self.bias + torch.randn(fixed_features.shape[0], self.bias.numel(), generator=self.generator)
 
 
 def _stub_agent(tiny_2d_bundle, **stub) -> Agent:
@@ -226,8 +229,11 @@ class _ShiftedQ(torch.nn.Module):
         super().__init__()
         self.network, self.shift = network, shift
 
-    def forward(self, fixed, moving):
-        return self.network(fixed, moving) - self.shift
+    def fixed_features(self, fixed):  # the agent's interface of a Q-network (DualStreamQNetwork)
+        return self.network.fixed_features(fixed)
+
+    def q_values(self, fixed_features, moving):
+        return self.network.q_values(fixed_features, moving) - self.shift
 
 
 def test_the_stop_rule_stops_a_pair_once_no_allowed_action_is_predicted_to_help(agent, tiny_2d_bundle, pairs):

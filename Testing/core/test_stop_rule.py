@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from AgentRegistrationLib.core.agent import Agent, AgentSettings, choose_stop_margin, dice_by_margin, stop_steps
+from AgentRegistrationLib.core.metrics import dice_batch
+from AgentRegistrationLib.core.warp import warp
 from AgentRegistrationLib.data.preprocessing import middle_slice, prepare_pair
 from AgentRegistrationLib.model.bundle import load_bundle
 
@@ -21,14 +23,30 @@ def tiny_2d_bundle(tiny_pipeline):
 
 
 @pytest.fixture(scope="module")
-def pairs(tiny_2d_bundle, load_case):
+def prepared(tiny_2d_bundle, load_case):
+    """The four pairs on the model grid: ``(fixed, moving, fixed_label, moving_label)``, each ``(4, 1, *spatial)``."""
     prepared = []
     for fixed_name, moving_name in PAIRS:
         fixed, fixed_label = (middle_slice(im) for im in load_case(fixed_name))
         moving, moving_label = (middle_slice(im) for im in load_case(moving_name))
         prepared.append(prepare_pair(fixed, moving, tiny_2d_bundle.geometry, fixed_label, moving_label, prealign=False))
     return [torch.as_tensor(np.stack([getattr(p, key) for p in prepared]))[:, None]
-            for key in ("fixed", "moving")]
+            for key in ("fixed", "moving", "fixed_label", "moving_label")]
+
+
+@pytest.fixture(scope="module")
+def pairs(prepared):
+    """``(fixed, moving)``."""
+    return prepared[:2]
+
+
+def _spread_margin(best_q: np.ndarray) -> float:
+    """A margin chosen from a run itself so that the pairs stop at different steps: among every value the run
+    reached, the one whose stop steps spread most (a run whose pairs' Q-values differ always has one)."""
+    margin = max((float(m) for m in np.unique(best_q.clip(min=0.0))),
+                 key=lambda m: np.ptp(stop_steps(best_q, m, STEPS)))
+    assert np.ptp(stop_steps(best_q, margin, STEPS)) > 0, "the four pairs' Q-values are identical"
+    return margin
 
 
 def test_a_run_with_a_margin_is_the_run_without_the_rule_cut_where_the_rule_stops(tiny_2d_bundle, pairs):
@@ -86,19 +104,17 @@ class _CountingNetwork(torch.nn.Module):
         super().__init__()
         self.network, self.sizes = network, []
 
-    def forward(self, fixed, moving):
-        self.sizes.append(fixed.shape[0])
-        return self.network(fixed, moving)
+    def fixed_features(self, fixed):  # the agent's interface of a Q-network (DualStreamQNetwork)
+        return self.network.fixed_features(fixed)
+
+    def q_values(self, fixed_features, moving):
+        self.sizes.append(fixed_features.shape[0])
+        return self.network.q_values(fixed_features, moving)
 
 
 def test_stopped_pairs_leave_the_batch_and_each_pair_ends_as_it_would_alone(tiny_2d_bundle, pairs):
     free = tiny_2d_bundle.agent("cpu").run(*pairs, AgentSettings(steps=STEPS, seed=3))
-    best_q = free.trajectory.best_allowed_q().numpy()  # (steps, pairs)
-    # the margin is chosen from the run itself so that the pairs stop at different steps: among every value the run
-    # reached, the one whose stop steps spread most (a run whose pairs' Q-values differ always has one)
-    margin = max((float(m) for m in np.unique(best_q.clip(min=0.0))),
-                 key=lambda m: np.ptp(stop_steps(best_q, m, STEPS)))
-    assert np.ptp(stop_steps(best_q, margin, STEPS)) > 0, "the four pairs' Q-values are identical"
+    margin = _spread_margin(free.trajectory.best_allowed_q().numpy())
     settings = AgentSettings(steps=STEPS, seed=3, stop_when_no_action_helps=True, stop_margin=margin)
     counting = _CountingNetwork(tiny_2d_bundle.network)
     agent = Agent(counting, tiny_2d_bundle.sdm, tiny_2d_bundle.geometry.size, tiny_2d_bundle.action_steps, "cpu")
@@ -111,3 +127,21 @@ def test_stopped_pairs_leave_the_batch_and_each_pair_ends_as_it_would_alone(tiny
         assert alone.steps_taken[0] == batch.steps_taken[i]
         np.testing.assert_allclose(alone.theta[0], batch.theta[i], atol=1e-5)
         assert torch.allclose(alone.displacement[0], batch.displacement[i], atol=1e-4)
+
+
+def test_the_dice_of_each_step_is_that_of_its_parameters_and_a_stopped_pair_keeps_its_last(tiny_2d_bundle, prepared):
+    """The Dice after each step (computed by a second thread beside the steps) is the Dice of the moving label
+    warped by that step's parameters; once a pair has stopped, its Dice stays."""
+    fixed, moving, fixed_label, moving_label = prepared
+    agent = tiny_2d_bundle.agent("cpu")
+    margin = _spread_margin(agent.run(fixed, moving, AgentSettings(steps=STEPS, seed=3)).trajectory.best_allowed_q().numpy())
+    run = agent.run(fixed, moving, AgentSettings(steps=STEPS, seed=3, stop_when_no_action_helps=True, stop_margin=margin),
+                    moving_label, fixed_label)
+    dice, thetas = torch.stack(run.trajectory.dice), torch.stack(run.trajectory.theta)  # (T, pairs), (T, pairs, d)
+    assert dice.shape == thetas.shape[:2] and run.steps_taken.min() < len(dice)  # a pair stopped before the end
+    for step in range(len(dice)):  # the parameters' field, from all modes (the run's is updated one mode at a time)
+        expected = dice_batch(warp(moving_label, agent.displacement(thetas[step]), mode="nearest"), fixed_label)
+        assert torch.allclose(dice[step], expected, atol=5e-3)
+    assert dice.std(dim=0).max() > 0.01  # the Dice changed along the way
+    for i, taken in enumerate(run.steps_taken):
+        assert (dice[max(int(taken) - 1, 0):, i] == dice[max(int(taken) - 1, 0), i]).all()

@@ -105,8 +105,11 @@ class _AlwaysFirstAction(torch.nn.Module):
         super().__init__()
         self.q = torch.tensor([1.0] + [0.0] * (num_actions - 1))
 
-    def forward(self, fixed, moving):
-        return self.q.expand(fixed.shape[0], -1)
+    def fixed_features(self, fixed):  # the agent's interface of a Q-network (DualStreamQNetwork)
+        return fixed
+
+    def q_values(self, fixed_features, moving):
+        return self.q.expand(fixed_features.shape[0], -1)
 
 
 def test_the_guard_keeps_the_start_when_the_end_is_no_more_alike(load_case):

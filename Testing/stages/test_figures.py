@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from AgentRegistrationLib.stages.demo import made_worse, orientation_labels, pair_figure, slice_caption, summary_lines
-from AgentRegistrationLib.stages.outputs import trajectory_figure
+from AgentRegistrationLib.stages.trajectory_figure import trajectory_figure
 
 IDENTITY3 = (1, 0, 0, 0, 1, 0, 0, 0, 1)
 FLIPPED3 = (-1, 0, 0, 0, -1, 0, 0, 0, 1)  # index x toward R, index y toward A

@@ -276,6 +276,16 @@ def cmd_register(args) -> int:
         inputs.agent_steps(args.steps, 0)  # the message; the model's default is added once it is loaded
     output_dir = inputs.check_output_dir(args.output_dir)
     fixed_point = _point(args.fixed_point)
+    from AgentRegistrationLib.stages.figures import FigureProcess
+
+    with FigureProcess() as figures:  # first: matplotlib's import runs on another core while torch's runs here
+        return _register(args, output_dir, fixed_point, figures)
+
+
+def _register(args, output_dir: Path, fixed_point: np.ndarray | None, figures) -> int:
+    """:func:`cmd_register` once its arguments are checked; ``figures``: the :class:`.FigureProcess` that draws."""
+    from AgentRegistrationLib.data import inputs
+
     rep = Reporter("read", 3 + bool(args.fixed_label) + bool(args.moving_label), args.progress_json, delay=1.0)
     rep.update(0)
     given = inputs.read_register_inputs(args.fixed, args.moving, args.fixed_label, args.moving_label,
@@ -314,7 +324,7 @@ def cmd_register(args) -> int:
     rep.begin("write", 0)
     write_registration_outputs(result, output_dir, given.moving, bundle.sdm, bundle.geometry, given.fixed,
                                args.save_steps, title=f"{Path(args.moving).name} to {Path(args.fixed).name}",
-                               step_limit=settings.steps, fixed_label=given.fixed_label)
+                               step_limit=settings.steps, fixed_label=given.fixed_label, figures=figures)
     rep.close()
     m = result.metrics
     summary = f"registered in {m['seconds_total']:.2f} s (agent {m['seconds_agent']:.2f} s, {m['steps']} steps on {device})"

@@ -21,6 +21,7 @@ as one batch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -160,6 +161,46 @@ def signed_steps(action_steps: torch.Tensor) -> torch.Tensor:
     return torch.stack([action_steps, -action_steps], dim=1).reshape(-1)
 
 
+class StepDice:
+    """The Dice after each step, computed beside the steps: a second thread warps the moving labels by each step's
+    displacement while the loop runs the network. torch releases the interpreter's lock inside its operators, so
+    on a CPU the two use two cores and the Dice costs the steps almost nothing (it was a third of each step); the
+    values are those computed in the loop. A pair that has stopped keeps its last Dice."""
+
+    PENDING = 8
+    """Steps the thread may lag behind before :meth:`add` waits (each holds a copy of the displacement)."""
+
+    def __init__(self, moving_label: torch.Tensor, fixed_label: torch.Tensor):
+        self.moving_label, self.fixed_label = moving_label, fixed_label
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-dice")
+        self._futures: list[Future] = []
+        self._last: torch.Tensor | None = None
+
+    def add(self, u: torch.Tensor, active: torch.Tensor) -> None:
+        """Queue the Dice of displacement ``u`` ``(B, dim, *spatial)``; ``active``: the pairs that moved."""
+        if len(self._futures) > self.PENDING:
+            self._futures[-self.PENDING - 1].result()
+        self._futures.append(self._pool.submit(self._dice, u.clone(), active.clone()))
+
+    @torch.no_grad()
+    def _dice(self, u: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        if self._last is None or bool(active.all()):
+            dice = dice_batch(warp(self.moving_label, u, mode="nearest"), self.fixed_label)
+        else:
+            rows = active.nonzero()[:, 0]
+            dice = self._last.clone()
+            dice[rows] = dice_batch(warp(self.moving_label[rows], u[rows], mode="nearest"), self.fixed_label[rows])
+        self._last = dice
+        return dice
+
+    def results(self) -> list[torch.Tensor]:
+        """``(B,)`` per step, in order (waits for the thread)."""
+        return [future.result() for future in self._futures]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class Agent:
     """Runs the MDP for a batch of pairs on one device."""
 
@@ -186,25 +227,17 @@ class Agent:
         start = self.displacement(self.theta_start[None].expand(moving_label.shape[0], -1))
         return dice_batch(warp(moving_label.to(self.device), start, mode="nearest"), fixed_label.to(self.device))
 
-    def q_values(self, fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """``(B, 2d)`` Q-values of the current states; once some pairs have stopped, the network runs on the others
-        only (a stopped pair's row is 0: it takes no more steps, and its trajectory ends where it stopped)."""
+    def q_values(self, fixed_features: torch.Tensor, moving: torch.Tensor, u: torch.Tensor,
+                 active: torch.Tensor) -> torch.Tensor:
+        """``(B, 2d)`` Q-values of the current states, from the fixed stream's features (computed once per run); once
+        some pairs have stopped, the network runs on the others only (a stopped pair's row is 0: it takes no more
+        steps, and its trajectory ends where it stopped)."""
         if bool(active.all()):
-            return self.network(fixed, warp(moving, u))
+            return self.network.q_values(fixed_features, warp(moving, u))
         rows = active.nonzero()[:, 0]
-        q = torch.zeros(fixed.shape[0], self.deltas.numel(), device=self.device)
-        q[rows] = self.network(fixed[rows], warp(moving[rows], u[rows]))
+        q = torch.zeros(fixed_features.shape[0], self.deltas.numel(), device=self.device)
+        q[rows] = self.network.q_values(fixed_features[rows], warp(moving[rows], u[rows]))
         return q
-
-    def step_dice(self, moving_label: torch.Tensor, fixed_label: torch.Tensor, u: torch.Tensor, active: torch.Tensor,
-                  previous: list[torch.Tensor]) -> torch.Tensor:
-        """``(B,)`` Dice after a step: recomputed for the pairs that moved, kept for those that have stopped."""
-        if bool(active.all()) or not previous:
-            return dice_batch(warp(moving_label, u, mode="nearest"), fixed_label)
-        rows = active.nonzero()[:, 0]
-        dice = previous[-1].clone()
-        dice[rows] = dice_batch(warp(moving_label[rows], u[rows], mode="nearest"), fixed_label[rows])
-        return dice
 
     @torch.no_grad()
     def run(self, fixed: torch.Tensor, moving: torch.Tensor, settings: AgentSettings,
@@ -220,12 +253,6 @@ class Agent:
         fixed = fixed.to(self.device, torch.float32)
         moving = moving.to(self.device, torch.float32)
         batch = fixed.shape[0]
-        # One random stream seeded by settings.seed, drawn on the CPU and shared by every pair of the batch: a pair's
-        # draws do not depend on the batch (size or position) nor on the device, so a batch equals each pair alone.
-        # Per step: 2d uniforms for fuzzy action control, 1 for exploration, 2d for the random action.
-        n = self.deltas.numel()
-        draws = torch.rand(settings.steps, 2 * n + 1, generator=torch.Generator().manual_seed(settings.seed))
-        draws = draws.to(self.device)
         theta = self.theta_start.expand(batch, -1).clone()
         u = self.displacement(theta)
         active = torch.ones(batch, dtype=torch.bool, device=self.device)
@@ -235,9 +262,35 @@ class Agent:
             moving_label = moving_label.to(self.device)
             fixed_label = fixed_label.to(self.device)
         trajectory = Trajectory()
+        step_dice = StepDice(moving_label, fixed_label) if labels else None
+        try:
+            self._walk(fixed, moving, settings, theta, u, active, steps_taken, trajectory, step_dice, callback)
+            if step_dice is not None:
+                trajectory.dice = step_dice.results()
+        finally:
+            if step_dice is not None:
+                step_dice.close()
+        result = AgentResult(theta.cpu().double().numpy(), self.theta_start.cpu().double().numpy(), u, trajectory,
+                             steps_taken.cpu().numpy())
+        if settings.similarity_guard:
+            self._keep_start_unless_more_alike(fixed, moving, result)
+        return result
+
+    def _walk(self, fixed: torch.Tensor, moving: torch.Tensor, settings: AgentSettings, theta: torch.Tensor,
+              u: torch.Tensor, active: torch.Tensor, steps_taken: torch.Tensor, trajectory: Trajectory,
+              step_dice: StepDice | None, callback: Callable[[int, int], bool | None] | None) -> None:
+        """The steps of :meth:`run`, updating ``theta``, ``u``, ``active``, ``steps_taken`` and ``trajectory`` in
+        place."""
+        batch, n = fixed.shape[0], self.deltas.numel()
+        # One random stream seeded by settings.seed, drawn on the CPU and shared by every pair of the batch: a pair's
+        # draws do not depend on the batch (size or position) nor on the device, so a batch equals each pair alone.
+        # Per step: 2d uniforms for fuzzy action control, 1 for exploration, 2d for the random action.
+        draws = torch.rand(settings.steps, 2 * n + 1, generator=torch.Generator().manual_seed(settings.seed))
+        draws = draws.to(self.device)
+        fixed_features = self.network.fixed_features(fixed)  # the fixed image never changes: its stream runs once
         rows = torch.arange(batch, device=self.device)
         for step in range(settings.steps):
-            q = self.q_values(fixed, moving, u, active)
+            q = self.q_values(fixed_features, moving, u, active)
             uniform = draws[step].expand(batch, -1)
             if settings.fuzzy_action_control:
                 p = fuzzy_acceptance(theta, self.deltas, self.mu, self.sigma, settings.fuzzy_k)
@@ -263,8 +316,8 @@ class Agent:
             trajectory.q_values.append(q)
             trajectory.rejected.append(rejected)
             trajectory.theta.append(theta.clone())
-            if labels:
-                trajectory.dice.append(self.step_dice(moving_label, fixed_label, u, active, trajectory.dice))
+            if step_dice is not None:
+                step_dice.add(u, active)
             if settings.stop_on_convergence and step + 1 >= settings.convergence_window:
                 past = trajectory.theta[-settings.convergence_window]
                 # converged: no mode moved by more than one step over the window (the agent oscillates)
@@ -275,11 +328,6 @@ class Agent:
                 if callback is not None and step + 1 < settings.steps:
                     callback(settings.steps, settings.steps)  # every pair stopped: the run is done, say so once
                 break
-        result = AgentResult(theta.cpu().double().numpy(), self.theta_start.cpu().double().numpy(), u, trajectory,
-                             steps_taken.cpu().numpy())
-        if settings.similarity_guard:
-            self._keep_start_unless_more_alike(fixed, moving, result)
-        return result
 
     def _keep_start_unless_more_alike(self, fixed: torch.Tensor, moving: torch.Tensor, result: AgentResult) -> None:
         """First, do no harm: where the agent's end makes the crops no more alike over the organ region than its

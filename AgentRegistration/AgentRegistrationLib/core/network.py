@@ -93,9 +93,16 @@ class DualStreamQNetwork(nn.Module):
         self.head = nn.Sequential(*layers)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        f = self.fixed_stream(fixed).flatten(1)
-        m = self.moving_stream(moving).flatten(1)
-        return self.head(torch.cat([f, m], dim=1))
+        return self.q_values(self.fixed_features(fixed), moving)
+
+    def fixed_features(self, fixed: torch.Tensor) -> torch.Tensor:
+        """``(B, features)``: the fixed stream's output. The fixed image does not change during a registration, so
+        the agent computes this once and gives it to :meth:`q_values` at every step (half of each step's work)."""
+        return self.fixed_stream(fixed).flatten(1)
+
+    def q_values(self, fixed_features: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """``(B, num_actions)`` from the fixed stream's features (:meth:`fixed_features`) and the moving image."""
+        return self.head(torch.cat([fixed_features, self.moving_stream(moving).flatten(1)], dim=1))
 
 
 def count_parameters(model: nn.Module) -> int:

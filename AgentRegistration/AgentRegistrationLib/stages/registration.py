@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -96,6 +97,17 @@ class Registrar:
                              + ("" if what == "fixed image" else " or a moving label"))
         return found
 
+    def localiser_answer(self, image: sitk.Image, what: str) -> Localisation | None:
+        """:meth:`localise` without a label or a point: where the bundle's localiser finds the organ (``None`` for
+        the paper's crop)."""
+        return self.localise(image, what=what)
+
+    def _answer_needed(self, moving: sitk.Image, moving_label: sitk.Image | None, fixed_point) -> bool:
+        """Whether :meth:`prepare` asks the localiser about ``moving``: without its label, or with it when the
+        localiser also places the fixed crop (the one-rule check for aligned images)."""
+        return (self.bundle.geometry.localised and moving.GetDimension() in self.localisers
+                and (moving_label is None or fixed_point is None))
+
     def _whole_map(self, localiser, image: sitk.Image) -> tuple[np.ndarray, sitk.Image]:
         """The localiser's map of the whole ``image``, computed once for the images of the last pair: the first
         pass of the localisation and the label check share it."""
@@ -142,9 +154,15 @@ class Registrar:
         t0 = time.perf_counter()
         moving_labels = moving_labels or [None] * len(movings)
         translations = translations or [None] * len(movings)
-        fixed_place = self.localise(fixed, point=fixed_point, what="fixed image")
-        pairs = [self.prepare(fixed, m, fixed_label, ml, translation=t, fixed_localisation=fixed_place)
-                 for m, ml, t in zip(movings, moving_labels, translations, strict=True)]
+        # the localiser's answers for the moving images are computed beside the fixed image's, in a second thread
+        # (torch leaves the interpreter's lock inside its operators: two cores)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="localise") as pool:
+            found = [pool.submit(self.localiser_answer, m, "moving image") if self._answer_needed(m, ml, fixed_point)
+                     else None for m, ml in zip(movings, moving_labels, strict=True)]
+            fixed_place = self.localise(fixed, point=fixed_point, what="fixed image")
+            pairs = [self.prepare(fixed, m, fixed_label, ml, translation=t, fixed_localisation=fixed_place,
+                                  moving_found=f)
+                     for m, ml, t, f in zip(movings, moving_labels, translations, found, strict=True)]
         t_prep = time.perf_counter()
         outcomes = self.run_agent(pairs, settings, callback)
         t_agent = time.perf_counter()
@@ -160,22 +178,26 @@ class Registrar:
     def prepare(self, fixed: sitk.Image, moving: sitk.Image, fixed_label: sitk.Image | None = None,
                 moving_label: sitk.Image | None = None, translation: np.ndarray | None = None,
                 fixed_point: np.ndarray | None = None,
-                fixed_localisation: Localisation | None = None) -> PreparedPair:
+                fixed_localisation: Localisation | None = None,
+                moving_found: Future | None = None) -> PreparedPair:
         """One pair on the model grid, as :meth:`register` prepares it: the fixed crop on ``fixed_localisation``
         (else localised here, at ``fixed_point`` or by the localiser), the moving crop on its label or localiser
         (or the paper's translation pre-alignment). The crops are taken from the images in the canonical voxel
-        order, so the agent sees the same crops however the images are stored."""
+        order, so the agent sees the same crops however the images are stored. ``moving_found``: the
+        :meth:`localiser_answer` for ``moving``, computed ahead (else here, when it is needed)."""
+        found_moving = moving_found.result if moving_found is not None else (
+            lambda: self.localiser_answer(moving, "moving image"))
         fixed, moving, fixed_label, moving_label = (canonical(i) for i in (fixed, moving, fixed_label, moving_label))
         if fixed_localisation is None:
             fixed_localisation = self.localise(fixed, point=fixed_point, what="fixed image")
-        moving_localisation = self.localise(moving, label=moving_label, what="moving image")
+        moving_localisation = (self.localise(moving, label=moving_label, what="moving image")
+                               if moving_label is not None or not self.bundle.geometry.localised else found_moving())
         correlation = None
         if (moving_label is not None and fixed_localisation is not None and fixed_localisation.source == "localiser"
                 and moving.GetDimension() in self.localisers):
             # one rule for both crops when the images are already aligned anatomy (the same image, anywhere)
             moving_localisation, correlation = one_rule_for_aligned_images(
-                fixed, moving, self.bundle.geometry, fixed_localisation, moving_localisation,
-                self.localise(moving, what="moving image"))
+                fixed, moving, self.bundle.geometry, fixed_localisation, moving_localisation, found_moving())
         pair = prepare_pair(fixed, moving, self.bundle.geometry, fixed_label, moving_label, translation=translation,
                             fixed_localisation=fixed_localisation, moving_localisation=moving_localisation)
         if correlation is not None:
