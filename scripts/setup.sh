@@ -8,3 +8,6 @@ python3 -m venv .venv
 python -m pip install -q --upgrade pip
 python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 python -m pip install -q -e ".[test]"
+# Bytecode for the engine, as a non-editable pip install writes it: a command's start-up then skips compiling the
+# modules (the environment may forbid Python to write it on its own, PYTHONDONTWRITEBYTECODE).
+python -m compileall -q AgentRegistration >/dev/null

@@ -6,7 +6,7 @@ import torch
 from AgentRegistrationLib.core.bspline import dense_displacement
 from AgentRegistrationLib.core.geometry import ModelGeometry
 from AgentRegistrationLib.core.metrics import dice
-from AgentRegistrationLib.core.warp import compose, warp
+from AgentRegistrationLib.core.warp import compose, grid_scale, sample, sampling_grid, warp
 
 
 def _known_field(shape_xyz, seed=0, amplitude=3.0):
@@ -62,3 +62,21 @@ def test_warp_rejects_bad_mode():
     import pytest
     with pytest.raises(ValueError, match="mode"):
         warp(torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4), mode="cubic")
+
+
+def test_a_sampling_grid_updated_one_change_at_a_time_warps_as_the_field_does(load_case):
+    """The agent updates the sampling grid with each step's change (the change times grid_scale), never rebuilding it
+    from the field: after many changes it still warps a real volume as the field it stands for does."""
+    image, _ = load_case("11")
+    arr = torch.as_tensor(sitk.GetArrayFromImage(image).astype(np.float32))[None, None]
+    spatial = tuple(arr.shape[2:])
+    changes = [_known_field(image.GetSize(), seed=s, amplitude=1.0).float() for s in range(5)]
+    field, grid = torch.zeros_like(changes[0]), sampling_grid(torch.zeros_like(changes[0])).contiguous()
+    scale = grid_scale(spatial, torch.device("cpu"), torch.float32).view(1, 3, 1, 1, 1)
+    for step in range(40):
+        change = (0.5 if step % 3 else -0.25) * changes[step % 5]
+        field += change
+        grid += (change * scale).movedim(1, -1)
+    assert field.abs().max() > 2.0  # the changes add up to a real deformation
+    assert torch.allclose(grid, sampling_grid(field), atol=1e-5)
+    assert torch.allclose(sample(arr, grid), warp(arr, field), atol=1e-3 * float(arr.max()))

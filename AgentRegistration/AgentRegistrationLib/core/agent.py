@@ -30,7 +30,7 @@ import torch
 from AgentRegistrationLib.core.metrics import dice_batch
 from AgentRegistrationLib.core.network import DualStreamQNetwork
 from AgentRegistrationLib.core.sdm import StatisticalDeformationModel
-from AgentRegistrationLib.core.warp import warp
+from AgentRegistrationLib.core.warp import grid_scale, sample, sampling_grid, warp
 
 REJECTED = -1.0e9
 
@@ -176,20 +176,21 @@ class StepDice:
         self._futures: list[Future] = []
         self._last: torch.Tensor | None = None
 
-    def add(self, u: torch.Tensor, active: torch.Tensor) -> None:
-        """Queue the Dice of displacement ``u`` ``(B, dim, *spatial)``; ``active``: the pairs that moved."""
+    def add(self, grid: torch.Tensor, active: torch.Tensor) -> None:
+        """Queue the Dice of the displacement whose :func:`.warp.sampling_grid` is ``grid``; ``active``: the pairs
+        that moved."""
         if len(self._futures) > self.PENDING:
             self._futures[-self.PENDING - 1].result()
-        self._futures.append(self._pool.submit(self._dice, u.clone(), active.clone()))
+        self._futures.append(self._pool.submit(self._dice, grid.clone(), active.clone()))
 
     @torch.no_grad()
-    def _dice(self, u: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def _dice(self, grid: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         if self._last is None or bool(active.all()):
-            dice = dice_batch(warp(self.moving_label, u, mode="nearest"), self.fixed_label)
+            dice = dice_batch(sample(self.moving_label, grid, mode="nearest"), self.fixed_label)
         else:
             rows = active.nonzero()[:, 0]
             dice = self._last.clone()
-            dice[rows] = dice_batch(warp(self.moving_label[rows], u[rows], mode="nearest"), self.fixed_label[rows])
+            dice[rows] = dice_batch(sample(self.moving_label[rows], grid[rows], mode="nearest"), self.fixed_label[rows])
         self._last = dice
         return dice
 
@@ -211,6 +212,10 @@ class Agent:
         self.sdm = sdm
         bases = sdm.grid.image_bases(image_size, device=self.device, dtype=torch.float32)
         self.mean_field, self.mode_fields = sdm.fields(bases)  # (dim, *sp), (d, dim, *sp)
+        # each mode's change of the sampling grid (warp.sampling_grid), which the steps update as they update the field
+        spatial = tuple(self.mode_fields.shape[2:])
+        scale = grid_scale(spatial, self.device, torch.float32).view(1, len(spatial), *([1] * len(spatial)))
+        self.mode_grids = (self.mode_fields * scale).movedim(1, -1).contiguous()  # (d, *sp, dim)
         self.action_steps = torch.as_tensor(action_steps, dtype=torch.float32, device=self.device)
         self.deltas = signed_steps(self.action_steps)
         self.mu = torch.as_tensor(sdm.mu, dtype=torch.float32, device=self.device)
@@ -227,16 +232,17 @@ class Agent:
         start = self.displacement(self.theta_start[None].expand(moving_label.shape[0], -1))
         return dice_batch(warp(moving_label.to(self.device), start, mode="nearest"), fixed_label.to(self.device))
 
-    def q_values(self, fixed_features: torch.Tensor, moving: torch.Tensor, u: torch.Tensor,
+    def q_values(self, fixed_features: torch.Tensor, moving: torch.Tensor, grid: torch.Tensor,
                  active: torch.Tensor) -> torch.Tensor:
-        """``(B, 2d)`` Q-values of the current states, from the fixed stream's features (computed once per run); once
-        some pairs have stopped, the network runs on the others only (a stopped pair's row is 0: it takes no more
-        steps, and its trajectory ends where it stopped)."""
+        """``(B, 2d)`` Q-values of the current states (``moving`` warped by the sampling ``grid`` of the current
+        displacement), from the fixed stream's features (computed once per run); once some pairs have stopped, the
+        network runs on the others only (a stopped pair's row is 0: it takes no more steps, and its trajectory ends
+        where it stopped)."""
         if bool(active.all()):
-            return self.network.q_values(fixed_features, warp(moving, u))
+            return self.network.q_values(fixed_features, sample(moving, grid))
         rows = active.nonzero()[:, 0]
         q = torch.zeros(fixed_features.shape[0], self.deltas.numel(), device=self.device)
-        q[rows] = self.network.q_values(fixed_features[rows], warp(moving[rows], u[rows]))
+        q[rows] = self.network.q_values(fixed_features[rows], sample(moving[rows], grid[rows]))
         return q
 
     @torch.no_grad()
@@ -288,9 +294,10 @@ class Agent:
         draws = torch.rand(settings.steps, 2 * n + 1, generator=torch.Generator().manual_seed(settings.seed))
         draws = draws.to(self.device)
         fixed_features = self.network.fixed_features(fixed)  # the fixed image never changes: its stream runs once
+        grid = sampling_grid(u).contiguous()  # updated with u, one mode at a time: never rebuilt from u
         rows = torch.arange(batch, device=self.device)
         for step in range(settings.steps):
-            q = self.q_values(fixed_features, moving, u, active)
+            q = self.q_values(fixed_features, moving, grid, active)
             uniform = draws[step].expand(batch, -1)
             if settings.fuzzy_action_control:
                 p = fuzzy_acceptance(theta, self.deltas, self.mu, self.sigma, settings.fuzzy_k)
@@ -311,13 +318,14 @@ class Agent:
             theta[rows, mode] += delta
             # index_select, not mode_fields[mode]: the same copy, but indexing was many times slower on busy cores
             u += delta.view(-1, *([1] * (u.dim() - 1))) * self.mode_fields.index_select(0, mode)
+            grid += delta.view(-1, *([1] * (grid.dim() - 1))) * self.mode_grids.index_select(0, mode)
             steps_taken += active.long()
             trajectory.actions.append(torch.where(active, action, torch.full_like(action, -1)))
             trajectory.q_values.append(q)
             trajectory.rejected.append(rejected)
             trajectory.theta.append(theta.clone())
             if step_dice is not None:
-                step_dice.add(u, active)
+                step_dice.add(grid, active)
             if settings.stop_on_convergence and step + 1 >= settings.convergence_window:
                 past = trajectory.theta[-settings.convergence_window]
                 # converged: no mode moved by more than one step over the window (the agent oscillates)

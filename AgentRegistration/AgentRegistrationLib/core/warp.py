@@ -25,13 +25,36 @@ def identity_grid(spatial: tuple[int, ...], device: torch.device, dtype: torch.d
     return grid
 
 
-def _sampling_grid(displacement: torch.Tensor) -> torch.Tensor:
+def grid_scale(spatial: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``(dim,)``: how much grid_sample's normalised coordinate (-1 .. 1 over the image) changes per voxel along each
+    axis, channel order (x, y[, z])."""
+    sizes = torch.tensor(spatial[::-1], device=device, dtype=dtype)
+    return 2.0 / (sizes - 1).clamp(min=1)
+
+
+def sampling_grid(displacement: torch.Tensor) -> torch.Tensor:
+    """The sampling grid of :func:`sample` for ``displacement`` ``(B, dim, *spatial)``: ``(B, *spatial, dim)``, the
+    positions ``x + u(x)`` in normalised coordinates, last axis (x, y[, z]) as grid_sample wants. It is linear in
+    the displacement, so a displacement's change changes it by :func:`grid_scale` times the change."""
     spatial = displacement.shape[2:]
     dim = len(spatial)
     pos = identity_grid(tuple(spatial), displacement.device, displacement.dtype) + displacement
     sizes = torch.tensor(spatial[::-1], device=displacement.device, dtype=displacement.dtype)
     norm = 2.0 * pos / (sizes - 1).clamp(min=1).view(dim, *([1] * dim)) - 1.0
-    return norm.movedim(1, -1)  # (B, *spatial, dim), last axis (x, y[, z]) as grid_sample wants
+    return norm.movedim(1, -1)
+
+
+def sample(image: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Resample ``image`` ``(B, C, *spatial)`` at a :func:`sampling_grid` (values outside: the border's)."""
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"warp mode must be 'bilinear' or 'nearest', not {mode!r}")
+    if image.shape[0] != grid.shape[0] and image.shape[0] != 1:
+        raise ValueError(f"batch sizes differ: image {image.shape[0]}, displacement {grid.shape[0]}")
+    src = image.to(grid.dtype)
+    if src.shape[0] == 1 and grid.shape[0] > 1:
+        src = src.expand(grid.shape[0], *src.shape[1:])
+    out = F.grid_sample(src, grid, mode=mode, padding_mode="border", align_corners=True)
+    return out.to(image.dtype) if not image.is_floating_point() else out
 
 
 def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
@@ -40,16 +63,7 @@ def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear"
     ``mode`` is ``"bilinear"`` (linear, also in 3-D) for intensities, ``"nearest"`` for labels.
     Labels keep their dtype.
     """
-    if mode not in ("bilinear", "nearest"):
-        raise ValueError(f"warp mode must be 'bilinear' or 'nearest', not {mode!r}")
-    if image.shape[0] != displacement.shape[0] and image.shape[0] != 1:
-        raise ValueError(f"batch sizes differ: image {image.shape[0]}, displacement {displacement.shape[0]}")
-    grid = _sampling_grid(displacement)
-    src = image.to(displacement.dtype)
-    if src.shape[0] == 1 and grid.shape[0] > 1:
-        src = src.expand(grid.shape[0], *src.shape[1:])
-    out = F.grid_sample(src, grid, mode=mode, padding_mode="border", align_corners=True)
-    return out.to(image.dtype) if not image.is_floating_point() else out
+    return sample(image, sampling_grid(displacement), mode)
 
 
 def warp_label(label: np.ndarray, displacement: torch.Tensor) -> np.ndarray:

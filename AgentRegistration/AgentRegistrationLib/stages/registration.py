@@ -266,12 +266,18 @@ class Registrar:
         """The agent's result in the fixed image's geometry: displacement, warped image and label, and the metrics
         (without the seconds, which the caller adds)."""
         geometry = self.bundle.geometry
-        coefficients = self.bundle.sdm.deformation(outcome.theta)
-        displacement = displacement_in_fixed_geometry(coefficients, geometry.control_grid(), pair.frame, fixed,
-                                                      pair.moving_frame)
-        warped = warp_to_fixed(moving, displacement)
-        warped_label = warp_to_fixed(moving_label, displacement, label=True) if moving_label is not None else None
-        jacobian = jacobian_statistics(np.moveaxis(sitk.GetArrayFromImage(displacement), -1, 0), fixed.GetSpacing())
+        measured = moving_label is not None and fixed_label is not None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="start") as pool:
+            # the moving label where the agent's start puts it (for Dice "start"), beside the result's own warping
+            start_label = pool.submit(self.start_label, pair, fixed, moving_label) if measured else None
+            coefficients = self.bundle.sdm.deformation(outcome.theta)
+            displacement = displacement_in_fixed_geometry(coefficients, geometry.control_grid(), pair.frame, fixed,
+                                                          pair.moving_frame)
+            warped = warp_to_fixed(moving, displacement)
+            warped_label = warp_to_fixed(moving_label, displacement, label=True) if moving_label is not None else None
+            jacobian = jacobian_statistics(np.moveaxis(sitk.GetArrayFromImage(displacement), -1, 0),
+                                           fixed.GetSpacing())
+            start_label = start_label.result() if measured else None
         metrics = {  # flat, as protocol.METRICS_SCHEMA documents it
             "steps": outcome.steps,
             "prealignment": pair.info.get("prealignment"),
@@ -281,13 +287,18 @@ class Registrar:
             **outcome.guard,
         }
         metrics.update(fixed_crop_metrics(pair))
-        if warped_label is not None and fixed_label is not None:
-            start = displacement_in_fixed_geometry(self.bundle.sdm.deformation(self.bundle.sdm.theta_identity),
-                                                   geometry.control_grid(), pair.frame, fixed, pair.moving_frame)
-            metrics.update(label_metrics(fixed_label, moving_label, warped_label,
-                                         warp_to_fixed(moving_label, start, label=True)))
+        if measured:
+            metrics.update(label_metrics(fixed_label, moving_label, warped_label, start_label))
         return RegistrationResult(outcome.theta, coefficients, pair.translation, displacement, warped, warped_label,
                                   outcome.trajectory, metrics, pair)
+
+
+    def start_label(self, pair: PreparedPair, fixed: sitk.Image, moving_label: sitk.Image) -> sitk.Image:
+        """``moving_label`` on the fixed image where the agent's start (no step) puts it."""
+        start = displacement_in_fixed_geometry(self.bundle.sdm.deformation(self.bundle.sdm.theta_identity),
+                                               self.bundle.geometry.control_grid(), pair.frame, fixed,
+                                               pair.moving_frame)
+        return warp_to_fixed(moving_label, start, label=True)
 
 
 def fixed_crop_metrics(pair: PreparedPair) -> dict:
