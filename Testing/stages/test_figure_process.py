@@ -1,7 +1,7 @@
 """The second process that draws a registration's figures (:mod:`AgentRegistrationLib.stages.figures`): started
 before the engine imports torch, it draws trajectory.png and qa.png while the first process writes the images.
 Its figures are the ones the first process would draw (byte for byte), a figure it cannot draw is an error with its
-reason, and an unused one ends when closed. Real grid128 subjects (validation subjects 09 and 02)."""
+reason, and an unused one ends at once when closed. Real grid128 subjects (validation subjects 09 and 02)."""
 
 from __future__ import annotations
 
@@ -64,10 +64,11 @@ def test_a_figure_that_cannot_be_drawn_is_an_error_with_its_reason(tmp_path, loa
     assert not (tmp_path / "qa.png").exists()
 
 
-def test_a_process_given_no_figures_ends_when_closed():
+def test_a_process_given_no_figures_ends_at_once_when_closed():
+    """A registration that fails before its figures does not wait for the second process's warm-up."""
     figures = FigureProcess()
     started = time.perf_counter()
     figures.close()
-    assert figures.returncode == 0 and time.perf_counter() - started < 10
+    assert figures.returncode is not None and time.perf_counter() - started < 0.5
     with pytest.raises(RuntimeError, match="no figures were submitted"):
         figures.wait()

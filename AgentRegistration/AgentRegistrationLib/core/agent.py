@@ -13,9 +13,10 @@ With ``stop_when_no_action_helps`` a pair stops as soon as no allowed action has
 in units of each mode's step stores a margin chosen on training pairs, since the predictions carry an
 error); the number of steps is then a cap.
 
-Speed: the loop stays on one device; one action changes one mode, so the dense displacement is
-updated by adding one precomputed mode field (never recomputed from all modes); many pairs run
-as one batch.
+Speed: the loop stays on one device; one action changes one mode, so the dense displacement and
+its sampling grid are updated by adding one precomputed mode field (never recomputed from all
+modes); the fixed image's stream of the network runs once per run, not at every step; the Dice
+after each step is computed by a second thread (:class:`StepDice`); many pairs run as one batch.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ import os
 import pickle
 import subprocess
 import sys
-import tempfile
 import threading
 import traceback
 from pathlib import Path
@@ -68,20 +67,19 @@ class FigureProcess:
             raise RuntimeError(f"drawing the figures failed: {lines[-1]}")
 
     def close(self) -> None:
-        """End the process: at once if it was never given jobs (it is only waiting), else when it is done."""
+        """End the process: at once if it was never given jobs (it writes nothing before it has them: a failed
+        registration does not wait for its warm-up), else when it is done."""
         if self._thread is None:
-            self._process.stdin.close()  # end of input without jobs: the process leaves at once
+            self._process.kill()
+            self._process.stdin.close()
         else:
             self._thread.join()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        self._process.wait()
 
     @property
     def returncode(self) -> int | None:
-        """The process's exit status once it has ended (0: drew its jobs, or had none), else ``None``."""
+        """The process's exit status once it has ended (0: drew its jobs; negative: ended by :meth:`close` without
+        jobs), else ``None``."""
         return self._process.poll()
 
     def __enter__(self) -> FigureProcess:
@@ -91,12 +89,17 @@ class FigureProcess:
         self.close()
 
 
-def warm_up_jobs(folder: Path) -> list[FigureJob]:
-    """Small stand-ins of a registration's two figures (a 32 x 32 x 8 image, five steps), to be drawn into
-    ``folder``: drawing them loads the fonts and runs matplotlib's code paths once, so that the real figures, drawn
-    next in the same process, take a half to two thirds of their first drawing's time."""
+def warm_up() -> None:
+    """Draw small stand-ins of a registration's two figures (a 32 x 32 x 8 image, five steps) into memory: the fonts
+    load and matplotlib's code paths run once, so that the real figures, drawn next in the same process, take a half
+    to two thirds of their first drawing's time. Nothing is written to disk."""
+    import io
+
     import numpy as np
     import SimpleITK as sitk
+
+    from AgentRegistrationLib.stages.qa_figure import qa_figure
+    from AgentRegistrationLib.stages.trajectory_figure import trajectory_figure
 
     image = sitk.GetImageFromArray(np.random.default_rng(0).random((8, 32, 32), dtype=np.float32))
     label = sitk.GetImageFromArray(np.pad(np.ones((4, 16, 16), np.uint8), ((2, 2), (8, 8), (8, 8))))
@@ -106,10 +109,9 @@ def warm_up_jobs(folder: Path) -> list[FigureJob]:
     trajectory = {"actions": np.zeros(steps, int), "q_values": np.zeros((steps, 2 * modes)),
                   "rejected": np.zeros((steps, 2 * modes), bool), "theta": np.zeros((steps, modes)),
                   "dice": np.linspace(0.6, 0.7, steps)}
-    return [("trajectory", folder / "trajectory.png", dict(trajectory=trajectory, title="warm-up", metrics=metrics,
-                                                          step_limit=10, start_dice=0.6)),
-            ("qa", folder / "qa.png", dict(fixed=image, warped=image, metrics=metrics, fixed_label=label,
-                                           warped_label=label, title="warm-up"))]
+    for figure in (trajectory_figure(trajectory, metrics, "warm-up", 10, 0.6),
+                   qa_figure(image, image, metrics, label, label, "warm-up")):
+        figure.savefig(io.BytesIO(), dpi=100, format="png")
 
 
 def draw_side_by_side(jobs: list[FigureJob]) -> None:
@@ -141,8 +143,7 @@ def draw_side_by_side(jobs: list[FigureJob]) -> None:
 def main() -> int:
     """The second process: import what drawing needs and warm it up, read the jobs, draw them."""
     try:
-        with tempfile.TemporaryDirectory() as folder:  # while the first process computes
-            draw(warm_up_jobs(Path(folder)))
+        warm_up()  # while the first process computes
         payload = sys.stdin.buffer.read()
         if payload:
             draw_side_by_side(pickle.loads(payload))
