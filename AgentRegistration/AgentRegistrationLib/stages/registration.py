@@ -112,11 +112,12 @@ class Registrar:
         """The localiser's map of the whole ``image``, computed once for the images of the last pair: the first
         pass of the localisation and the label check share it."""
         key = (id(localiser), id(image))
-        if key not in self._maps:
+        entry = self._maps.get(key)  # read once: the localising thread (register) may clear the cache meanwhile
+        if entry is None:
             if len(self._maps) >= 4:
                 self._maps.clear()
-            self._maps[key] = image, probability_map(localiser, image)  # the image kept: its id stays its own
-        return self._maps[key][1]
+            entry = self._maps[key] = image, probability_map(localiser, image)  # the image kept: its id stays its own
+        return entry[1]
 
     def _localise(self, localiser, image: sitk.Image, what: str) -> Localisation:
         """The localiser's answer, with its confidence and, below the threshold, a warning that names the remedy."""
