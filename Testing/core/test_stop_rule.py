@@ -142,6 +142,7 @@ def test_the_dice_of_each_step_is_that_of_its_parameters_and_a_stopped_pair_keep
     for step in range(len(dice)):  # the parameters' field, from all modes (the run's is updated one mode at a time)
         expected = dice_batch(warp(moving_label, agent.displacement(thetas[step]), mode="nearest"), fixed_label)
         assert torch.allclose(dice[step], expected, atol=5e-3)
-    assert dice.std(dim=0).max() > 0.01  # the Dice changed along the way
+    longest = int(np.argmax(run.steps_taken))
+    assert dice[:, longest].max() > dice[:, longest].min()  # the pair that walked furthest changed its Dice
     for i, taken in enumerate(run.steps_taken):
         assert (dice[max(int(taken) - 1, 0):, i] == dice[max(int(taken) - 1, 0), i]).all()

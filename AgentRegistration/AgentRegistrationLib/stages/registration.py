@@ -97,11 +97,6 @@ class Registrar:
                              + ("" if what == "fixed image" else " or a moving label"))
         return found
 
-    def localiser_answer(self, image: sitk.Image, what: str) -> Localisation | None:
-        """:meth:`localise` without a label or a point: where the bundle's localiser finds the organ (``None`` for
-        the paper's crop)."""
-        return self.localise(image, what=what)
-
     def _answer_needed(self, moving: sitk.Image, moving_label: sitk.Image | None, fixed_point) -> bool:
         """Whether :meth:`prepare` asks the localiser about ``moving``: without its label, or with it when the
         localiser also places the fixed crop (the one-rule check for aligned images)."""
@@ -158,7 +153,7 @@ class Registrar:
         # the localiser's answers for the moving images are computed beside the fixed image's, in a second thread
         # (torch leaves the interpreter's lock inside its operators: two cores)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="localise") as pool:
-            found = [pool.submit(self.localiser_answer, m, "moving image") if self._answer_needed(m, ml, fixed_point)
+            found = [pool.submit(self.localise, m, what="moving image") if self._answer_needed(m, ml, fixed_point)
                      else None for m, ml in zip(movings, moving_labels, strict=True)]
             fixed_place = self.localise(fixed, point=fixed_point, what="fixed image")
             pairs = [self.prepare(fixed, m, fixed_label, ml, translation=t, fixed_localisation=fixed_place,
@@ -185,9 +180,9 @@ class Registrar:
         (else localised here, at ``fixed_point`` or by the localiser), the moving crop on its label or localiser
         (or the paper's translation pre-alignment). The crops are taken from the images in the canonical voxel
         order, so the agent sees the same crops however the images are stored. ``moving_found``: the
-        :meth:`localiser_answer` for ``moving``, computed ahead (else here, when it is needed)."""
+        :meth:`localise` of ``moving`` without its label, computed ahead (else here, when it is needed)."""
         found_moving = moving_found.result if moving_found is not None else (
-            lambda: self.localiser_answer(moving, "moving image"))
+            lambda: self.localise(moving, what="moving image"))
         fixed, moving, fixed_label, moving_label = (canonical(i) for i in (fixed, moving, fixed_label, moving_label))
         if fixed_localisation is None:
             fixed_localisation = self.localise(fixed, point=fixed_point, what="fixed image")
