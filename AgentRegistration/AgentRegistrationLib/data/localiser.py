@@ -38,6 +38,7 @@ from torch import nn
 
 from AgentRegistrationLib.contract.files import atomic_write
 from AgentRegistrationLib.contract.training_folder import LOCALISER_WEIGHTINGS
+from AgentRegistrationLib.core.network import Conv3d
 from AgentRegistrationLib.data.organ_box import Localisation, localisation_from_weights
 
 PAYLOAD_KIND = "agentregistration.organ_localiser"
@@ -103,7 +104,7 @@ class LocaliserConfig:
 
 # -- the network -----------------------------------------------------------------------------------------------------
 def _block(dim: int, cin: int, cout: int) -> nn.Sequential:
-    conv = nn.Conv2d if dim == 2 else nn.Conv3d
+    conv = nn.Conv2d if dim == 2 else Conv3d
     return nn.Sequential(conv(cin, cout, 3, padding=1), nn.GroupNorm(min(4, cout), cout), nn.ReLU(inplace=True),
                          conv(cout, cout, 3, padding=1), nn.GroupNorm(min(4, cout), cout), nn.ReLU(inplace=True))
 
@@ -117,7 +118,7 @@ class OrganLocaliser(nn.Module):
         dim, ch = config.dim, config.channels
         self.down = nn.ModuleList([_block(dim, 1 if i == 0 else ch[i - 1], c) for i, c in enumerate(ch)])
         self.up = nn.ModuleList([_block(dim, ch[i] + ch[i + 1], ch[i]) for i in range(len(ch) - 1)])
-        self.head = (nn.Conv2d if dim == 2 else nn.Conv3d)(ch[0], 1, 1)
+        self.head = (nn.Conv2d if dim == 2 else Conv3d)(ch[0], 1, 1)
         self.pool = nn.MaxPool2d(2) if dim == 2 else nn.MaxPool3d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
