@@ -44,13 +44,15 @@ def localisation_from_weights(weights: np.ndarray, image: sitk.Image, source: st
 
     The spread is at least half a voxel per axis (a single slice has no spread across slices).
     """
-    weights = np.asarray(weights, dtype=np.float64)
-    total = weights.sum()
+    weights = np.asarray(weights)
+    where = np.nonzero(weights)  # the moments over the voxels that weigh (an organ is a small part of its image)
+    w = weights[where].astype(np.float64)
+    total = w.sum()
     if weights.shape != sitk.GetArrayViewFromImage(image).shape[: weights.ndim] or not total > 0:
         raise ValueError(f"cannot localise the organ from {source}: it is empty or not on the image's grid")
-    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in weights.shape], indexing="ij")
-    mean = np.array([(g * weights).sum() / total for g in grids])
-    var = np.array([((g - m) ** 2 * weights).sum() / total for g, m in zip(grids, mean, strict=True)])
+    coords = [axis.astype(np.float64) for axis in where]
+    mean = np.array([(c * w).sum() / total for c in coords])
+    var = np.array([((c - m) ** 2 * w).sum() / total for c, m in zip(coords, mean, strict=True)])
     index = mean[::-1]  # array order (z, y, x) -> index order (x, y, z)
     std_index = np.maximum(np.sqrt(var[::-1]), 0.5)
     centre = np.array(image.TransformContinuousIndexToPhysicalPoint(index.tolist()))
