@@ -39,6 +39,7 @@ def test_the_second_process_draws_the_figures_this_process_draws(tmp_path, load_
     with FigureProcess() as figures:
         figures.submit(_jobs(there, load_case))
         figures.wait()
+        assert figures.returncode == 0  # it ends without the interpreter's teardown, with its status
     for name in ("trajectory.png", "qa.png"):
         drawn = (there / name).read_bytes()
         assert drawn[:8] == b"\x89PNG\r\n\x1a\n" and len(drawn) > 20_000

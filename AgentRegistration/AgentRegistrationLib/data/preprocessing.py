@@ -336,13 +336,22 @@ def displacement_in_fixed_geometry(
         axes.append(q)
         bases.append(grid.basis(a, torch.from_numpy(q)))
     u = dense_displacement(torch.from_numpy(np.asarray(coefficients, dtype=np.float64))[None], grid, bases)[0]
-    u = u.numpy().reshape(dim, -1)  # model voxels, channel order (x, y, z)
-    q = np.stack([g.ravel() for g in np.meshgrid(*axes[::-1], indexing="ij")[::-1]])  # (dim, N), voxel order
-    # moving point - fixed point = (o_m - o_f) + D ((s_m - s_f) q + s_m u)
-    scale = (moving_frame.spacing - frame.spacing)[:, None] * q + moving_frame.spacing[:, None] * u
-    physical = frame.direction @ scale + (moving_frame.origin - frame.origin)[:, None]
-    arr = np.moveaxis(physical.reshape(dim, *fixed.GetSize()[::-1]), 0, -1)
-    out = sitk.GetImageFromArray(arr.astype(np.float64), isVector=True)
+    u = u.numpy()  # (dim, *array shape): model voxels, channel order (x, y, z)
+    # moving point - fixed point = (o_m - o_f) + D ((s_m - s_f) q + s_m u), one physical axis c at a time; the
+    # model coordinate q_a varies along image axis a only, so its term is a broadcast line, never a full grid
+    shift = moving_frame.origin - frame.origin
+    arr = np.empty((*u.shape[1:], dim))
+    term = np.empty(u.shape[1:])
+    for c in range(dim):
+        value = np.full(u.shape[1:], shift[c])
+        for a in range(dim):
+            np.multiply(u[a], frame.direction[c, a] * moving_frame.spacing[a], out=term)
+            value += term
+            line = [1] * dim
+            line[dim - 1 - a] = -1  # image axis a is array axis dim - 1 - a
+            value += (frame.direction[c, a] * (moving_frame.spacing[a] - frame.spacing[a]) * axes[a]).reshape(line)
+        arr[..., c] = value
+    out = sitk.GetImageFromArray(arr, isVector=True)
     out.CopyInformation(fixed)
     return out
 
