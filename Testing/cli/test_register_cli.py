@@ -7,6 +7,9 @@ anisotropic spacing, the fixed and moving images each in their own geometry. Use
 import csv
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from AgentRegistrationLib.contract import register_folder
 from AgentRegistrationLib.core.metrics import dice
 
 STEPS, SAVE_EVERY, MODES = 12, 5, 4
+SHIPPED_3D = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "prostate-3d.pt"
 ANGLE = math.radians(30)
 DIRECTION = (math.cos(ANGLE), -math.sin(ANGLE), math.sin(ANGLE), math.cos(ANGLE))
 
@@ -123,6 +127,22 @@ def test_displacement_field_reproduces_the_warped_label(run, inputs):
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(run / "warped_label.nii.gz")))
     assert written.sum() > 100
     assert dice(sitk.GetArrayFromImage(resampled), written) > 0.99
+
+
+# -- what the command loads ------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not SHIPPED_3D.is_file(), reason="the shipped 3-D model is missing")
+def test_a_registration_imports_no_scipy(native, tmp_path):
+    """Importing scipy.ndimage alone takes about 0.2 s: the register command's process (localiser, agent, metrics,
+    outputs) loads no scipy module, in a real run of the shipped 3-D model on native files with both labels."""
+    files = {f"--{key}": native / f"case{case}_{kind}.nii.gz" for key, case, kind in
+             (("fixed", 17, "image"), ("moving", 30, "image"), ("fixed-label", 17, "label"), ("moving-label", 30, "label"))}
+    argv = ["register", "--model", str(SHIPPED_3D), *(str(x) for item in files.items() for x in item), "--steps", "4",
+            "--device", "cpu", "--output-dir", str(tmp_path / "out")]
+    script = ("import sys\nfrom AgentRegistrationLib.cli import main\ncode = main(sys.argv[1:])\n"
+              "print('scipy modules:', sorted(m for m in sys.modules if m.partition('.')[0] == 'scipy'))\nsys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "scipy modules: []"
 
 
 # -- errors a user can cause ---------------------------------------------------------------------------------------

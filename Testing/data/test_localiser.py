@@ -12,6 +12,7 @@ import torch
 from AgentRegistrationLib.data.localiser import (
     LocaliserConfig,
     OrganLocaliser,
+    gaussian_smooth,
     load_localiser,
     localisation_from_probability,
     localise,
@@ -19,6 +20,7 @@ from AgentRegistrationLib.data.localiser import (
     localiser_grid,
     localiser_to_payload,
     resample_to_grid,
+    weights_from_probability,
 )
 from AgentRegistrationLib.data.localiser_training import train_localiser
 from AgentRegistrationLib.data.organ_box import BOX_SPREADS, localisation_from_label
@@ -83,6 +85,46 @@ def test_a_mask_mapped_through_the_localiser_grid_keeps_its_centre_and_spread(ge
     np.testing.assert_allclose(found.centre, true.centre, atol=0.1 * voxel.max())
     blur = np.sqrt(np.maximum(found.spread**2 - true.spread**2, 0))  # smoothing and interpolation add variance
     assert np.all(found.spread > 0.98 * true.spread) and np.all(blur < voxel), (found.spread, true.spread, voxel)
+
+
+def test_the_anti_aliasing_smoothing_is_scipys_gaussian_filter(native):
+    """``gaussian_smooth`` gives ``scipy.ndimage.gaussian_filter(mode="nearest")``'s values on a real image: an axis of
+    sigma 0 left alone, a kernel of radius 0, one wider than its axis (the edge value repeated beyond it)."""
+    from scipy.ndimage import gaussian_filter
+
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(native / "case30_image.nii.gz"))).astype(np.float64)
+    for array, sigma in ((image, (0.0, 1.24, 1.24)), (image, (0.52, 2.6, 0.1)), (image[11], (9.0, 0.7)),
+                         (image[:, 100], (30.0, 0.3))):
+        theirs = gaussian_filter(array, sigma, mode="nearest")
+        ours = gaussian_smooth(array, sigma)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12 * np.abs(theirs).max())
+        assert np.abs(ours - array).max() > 0.05 * np.abs(array).max()  # it did smooth
+
+
+def test_the_localisers_input_is_the_former_scipy_smoothed_resampling(native):
+    """``resample_to_grid`` of a real image onto the shipped 3-D localiser's fine grid: scipy's smoothing in float32
+    and ours in float64 give the same input to the network, to float32 rounding."""
+    from scipy.ndimage import gaussian_filter
+
+    image = sitk.ReadImage(str(native / "case30_image.nii.gz"))
+    grid = localiser_grid(image, (96, 96, 32))
+    ratio = np.array(grid.GetSpacing()) / np.array(image.GetSpacing())
+    sigma = 0.5 * np.sqrt(np.maximum(ratio**2 - 1.0, 0.0))
+    smooth = sitk.GetImageFromArray(gaussian_filter(sitk.GetArrayFromImage(image).astype(np.float32), sigma[::-1],
+                                                    mode="nearest"))
+    smooth.CopyInformation(image)
+    before = sitk.GetArrayFromImage(sitk.Resample(smooth, grid, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                  sitk.sitkFloat32))
+    np.testing.assert_allclose(resample_to_grid(image, grid), before, rtol=0, atol=1e-6 * np.abs(before).max())
+    assert sigma.max() > 1.0  # the grid is coarser than the image: there was smoothing to do
+
+
+def test_the_largest_weighting_keeps_the_heaviest_component():
+    p = np.zeros((6, 12))
+    p[1:3, 1:3] = 0.9  # 4 voxels of p 0.9
+    p[2:5, 6:10] = 0.6  # 12 of p 0.6: the heavier
+    np.testing.assert_array_equal(weights_from_probability(p, "largest"), np.where(p == 0.6, 0.6, 0.0))
+    np.testing.assert_array_equal(weights_from_probability(p * 0.5, "largest"), (p * 0.5) ** 2)  # none above 0.5
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)

@@ -422,7 +422,8 @@ def test_ground_truth_on_a_dask_cluster_gives_the_local_results(tiny_pipeline, d
 
 def test_surface_distances_on_the_masks_box_equal_those_on_the_whole_image(native):
     """The distances are computed on the box around both masks (what makes a pair's metrics cheap on a large
-    volume); they are those of the whole image, also for a mask that touches the image's edge."""
+    volume); they are those of the whole image, also for a mask that touches the image's edge (to the float32
+    arithmetic of SimpleITK's distance transform: within 5e-6 of scipy's on this anisotropic spacing)."""
     from AgentRegistrationLib.core.metrics import surface_distances
     from scipy import ndimage
 
@@ -439,4 +440,4 @@ def test_surface_distances_on_the_masks_box_equal_those_on_the_whole_image(nativ
     edge[:, :, -3:] = True
     spacing = (0.5, 0.6, 3.0)
     for x, y in ((a, shifted), (a, edge), (shifted, edge)):
-        assert surface_distances(x, y, spacing) == {k: float(v) for k, v in whole_image(x, y, spacing).items()}
+        assert surface_distances(x, y, spacing) == pytest.approx(whole_image(x, y, spacing), rel=5e-6)

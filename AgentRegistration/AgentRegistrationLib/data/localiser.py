@@ -33,7 +33,6 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import nn
 
 from AgentRegistrationLib.contract.files import atomic_write
@@ -148,6 +147,42 @@ def localiser_grid(image: sitk.Image, size: Sequence[int], lo=None, hi=None) -> 
     return grid
 
 
+def _correlate_nearest(x: np.ndarray, axis: int, weights: np.ndarray, block: int = 32) -> np.ndarray:
+    """``x`` (float64) correlated along ``axis`` with the odd, centred ``weights``, the edge value repeated beyond each
+    end (scipy.ndimage's mode ``"nearest"``). Each block of ``block`` outputs is one small banded matrix product with
+    its inputs and the kernel's radius more on each side: about the taps' work, done by BLAS (as fast as scipy's C
+    loop on a 256 x 256 x 47 MR volume, some 10 ms slower on a 160 x 160 x 20 one)."""
+    radius = len(weights) // 2
+    n = x.shape[axis]
+    block = min(block, n)
+    count = -(-n // block)
+    lines = x.reshape(math.prod(x.shape[:axis]), n, math.prod(x.shape[axis + 1:]))  # (before, axis, after)
+    padded = np.pad(lines, ((0, 0), (radius, radius + count * block - n), (0, 0)), mode="edge")
+    band = sum(w * np.eye(block, block + 2 * radius, k) for k, w in enumerate(weights))  # band[i, i + k] = weights[k]
+    out = np.empty((lines.shape[0], count * block, lines.shape[2]))
+    for start in range(0, count * block, block):
+        window = padded[:, start:start + block + 2 * radius]
+        if lines.shape[2] == 1:  # the last axis: its lines are rows
+            out[:, start:start + block, 0] = window[:, :, 0] @ band.T
+        else:
+            out[:, start:start + block] = band @ window
+    return out[:, :n].reshape(x.shape)
+
+
+def gaussian_smooth(array: np.ndarray, sigma: Sequence[float], truncate: float = 4.0) -> np.ndarray:
+    """``array`` smoothed by a Gaussian of standard deviation ``sigma`` (voxels, array order), in float64: the same
+    values as ``scipy.ndimage.gaussian_filter(array, sigma, mode="nearest", truncate=truncate)`` computed in float64
+    (the sampled kernel of radius ``int(truncate * sigma + 0.5)`` normalised to sum 1, one axis after the other, axes
+    of sigma 0 left alone), without importing scipy on the registration's path."""
+    out = np.asarray(array, dtype=np.float64)
+    for axis, s in enumerate(sigma):
+        if s > 1e-15:  # scipy's test for an axis to smooth
+            radius = int(truncate * float(s) + 0.5)
+            weights = np.exp(-0.5 / (s * s) * np.arange(-radius, radius + 1) ** 2)
+            out = _correlate_nearest(out, axis, weights / weights.sum())
+    return out
+
+
 def resample_to_grid(image: sitk.Image, grid: sitk.Image) -> np.ndarray:
     """``image`` smoothed against aliasing and linearly resampled onto ``grid`` (same direction), as an array."""
     array = sitk.GetArrayFromImage(image).astype(np.float32)
@@ -157,7 +192,7 @@ def resample_to_grid(image: sitk.Image, grid: sitk.Image) -> np.ndarray:
     ratio = np.array(grid.GetSpacing()) / np.array(image.GetSpacing())  # grid voxel in input voxels, ITK order
     sigma = 0.5 * np.sqrt(np.maximum(ratio**2 - 1.0, 0.0))
     if np.any(sigma > 0.2):
-        array = ndimage.gaussian_filter(array, sigma=sigma[::-1], mode="nearest")
+        array = gaussian_smooth(array, sigma[::-1]).astype(np.float32)
     smooth = sitk.GetImageFromArray(array)
     smooth.CopyInformation(image)
     return sitk.GetArrayFromImage(sitk.Resample(smooth, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
@@ -219,6 +254,8 @@ def weights_from_probability(p: np.ndarray, weighting: str) -> np.ndarray:
     if weighting == "p2":
         return p**2
     if weighting == "largest":
+        from scipy import ndimage  # here only: the default weightings import no scipy on the registration's path
+
         components, count = ndimage.label(p > 0.5)
         if count == 0:
             return p**2
