@@ -8,7 +8,6 @@ tensors on their device by :func:`dice_batch`.
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 
@@ -67,7 +66,10 @@ def _distance_to(surface: np.ndarray, spacing: tuple[float, ...] | None) -> np.n
     """The Euclidean distance (physical units of ``spacing``, ITK order; voxels without) of every voxel to the nearest
     voxel of ``surface``, in float64: Maurer's exact transform. Its float32 arithmetic is exact on unit spacing; with
     other spacings a distance is off by up to about 1e-5 (units of ``spacing``), and a surface voxel's own residue of
-    that size is set to 0."""
+    that size is set to 0. (SimpleITK is imported here: the learned core, which imports this module, runs on a GPU
+    machine without it.)"""
+    import SimpleITK as sitk
+
     image = sitk.GetImageFromArray(surface.astype(np.uint8))
     if spacing is not None:
         image.SetSpacing(tuple(float(s) for s in spacing))
